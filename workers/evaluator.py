@@ -1,0 +1,110 @@
+"""Evaluate a tile of population members on a shard of MNIST, from noise-table offsets.
+
+Plain torch, no Ray: the same object runs inside a Ray actor, in the driver's process (``--executor
+local``), on a GPU machine without Ray, and in unit tests. Perturbed weights are built on the
+evaluator's device from its cached noise table; only scalars go back.
+
+A member's results never depend on which other members share its tile: on CPU members run one at a
+time (small intermediates stay in cache, FINDINGS §7); on CUDA a tile runs as batched matmuls. Loss sums
+use exact summation (math.fsum), so a shard's sum does not depend on reduction order either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from es_service import network, noise
+
+
+def set_process_arithmetic(arithmetic: str) -> None:
+    """Process-wide float state for a mode. Call before the first parallel torch op of the process:
+    the CPU flush flag is per thread and torch's thread pool keeps the state it was created with."""
+    if arithmetic == "cpu-ftz" and not torch.set_flush_denormal(True):
+        raise RuntimeError("cpu-ftz: this CPU does not support flush-denormal (needs SSE3); use tf-ftz")
+
+
+class PopulationEvaluator:
+    def __init__(
+        self,
+        table: torch.Tensor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        arithmetic: str,
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
+        if arithmetic == "cpu-ftz" and self.device.type != "cpu":
+            raise ValueError("cpu-ftz is CPU only: torch.set_flush_denormal does nothing on CUDA; use tf-ftz")
+        network.flusher(arithmetic)  # validates the mode
+        self.arithmetic = arithmetic
+        self.table = table.to(self.device, dtype=torch.float32)
+        self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
+        self.labels = labels.to(self.device, dtype=torch.int64)
+
+    def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
+        return self.images.index_select(0, index).float() / 255.0, self.labels.index_select(0, index)
+
+    def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor) -> torch.Tensor:
+        """(n, NUM_PARAMS) perturbed parameters: theta + (sign * sigma) * slice, rounded in that order."""
+        rows = noise.slices(self.table, offsets)
+        rows.mul_(scales.unsqueeze(1))
+        return rows.add_(theta)
+
+    def evaluate(
+        self,
+        theta: torch.Tensor,
+        offsets: np.ndarray,
+        signs: np.ndarray,
+        noise_std: float,
+        image_indices: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Loss sums (float64) and correct counts (int64) of each member on the given images."""
+        theta = theta.to(self.device, dtype=torch.float32)
+        if theta.shape != (network.NUM_PARAMS,):
+            raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
+        x, y = self.batch(image_indices)
+        scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
+        if self.device.type == "cpu":
+            logits = torch.stack(
+                [self._member_logits(theta, offsets[j : j + 1], scales[j : j + 1], x) for j in range(len(offsets))]
+            )
+        else:
+            params = network.unflatten(self.perturbed(theta, offsets, scales))
+            logits = network.forward(x, params, self.arithmetic)
+        return self._score(logits, y)
+
+    def _member_logits(self, theta, offsets, scales, x) -> torch.Tensor:
+        params = network.unflatten(self.perturbed(theta, offsets, scales)[0])
+        return network.forward(x, params, self.arithmetic)
+
+    def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        members, batch = logits.shape[0], logits.shape[1]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(members * batch, -1), y.repeat(members), reduction="none"
+        )
+        losses = losses.reshape(members, batch).double().cpu().numpy()
+        correct = (logits.argmax(dim=-1) == y).sum(dim=1).cpu().numpy().astype(np.int64)
+        loss_sums = np.array([math.fsum(row) for row in losses], dtype=np.float64)
+        return loss_sums, correct
+
+    def predict(self, theta: torch.Tensor, image_indices: np.ndarray | None = None, chunk: int = 2000) -> np.ndarray:
+        """Predicted classes of the unperturbed network for the given (default: all) images."""
+        theta = theta.to(self.device, dtype=torch.float32)
+        params = network.unflatten(theta)
+        if image_indices is None:
+            image_indices = np.arange(self.images.shape[0])
+        predictions = []
+        for start in range(0, len(image_indices), chunk):
+            x, _ = self.batch(image_indices[start : start + chunk])
+            predictions.append(network.forward(x, params, self.arithmetic).argmax(dim=-1).cpu())
+        return torch.cat(predictions).numpy()
+
+    def accuracy(self, theta: torch.Tensor, image_indices: np.ndarray | None = None) -> float:
+        if image_indices is None:
+            image_indices = np.arange(self.images.shape[0])
+        labels = self.labels.cpu().numpy()[image_indices]
+        return float((self.predict(theta, image_indices) == labels).mean())
