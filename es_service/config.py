@@ -18,6 +18,7 @@ from typing import Any
 ARITHMETIC_MODES = ("tf-ftz", "linear", "cpu-ftz")
 FITNESS_KINDS = ("cross_entropy", "accuracy")
 EXECUTORS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -71,6 +72,8 @@ class NoiseConfig:
 class WorkersConfig:
     executor: str = "ray"
     """ray (stateless Ray actors) or local (the same evaluator in the driver's process)."""
+    device: str = "auto"
+    """Evaluator device for the local executor: auto (CUDA if present), cpu or cuda. Ray actors use CUDA iff they hold a GPU."""
     count: int = 0
     """Worker actors (0: one per GPU, else one per cpus_per_worker CPUs in the cluster)."""
     min_count: int = 1
@@ -230,6 +233,12 @@ def validate(config: Config) -> Config:
         f"noise.table_size: {config.noise.table_size}; at most 2**31 entries (8 GiB)",
     )
     _require(workers.executor in EXECUTORS, f"workers.executor: {workers.executor!r}; allowed: {', '.join(EXECUTORS)}")
+    _require(workers.device in DEVICES, f"workers.device: {workers.device!r}; allowed: {', '.join(DEVICES)}")
+    _require(
+        not (config.network.arithmetic == "cpu-ftz" and workers.device == "cuda"),
+        "network.arithmetic: 'cpu-ftz' with workers.device 'cuda': torch.set_flush_denormal does nothing "
+        "on CUDA; use tf-ftz (the portable FTZ semantics) or workers.device: cpu",
+    )
     _require(workers.count >= 0, f"workers.count: {workers.count}; use 0 (auto) or a positive integer")
     _require(workers.min_count >= 1, f"workers.min_count: {workers.min_count}; use an integer >= 1")
     _require(

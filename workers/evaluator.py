@@ -12,6 +12,7 @@ use exact summation (math.fsum), so a shard's sum does not depend on reduction o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ class PopulationEvaluator:
         self.device = torch.device(device)
         if arithmetic == "cpu-ftz" and self.device.type != "cpu":
             raise ValueError("cpu-ftz is CPU only: torch.set_flush_denormal does nothing on CUDA; use tf-ftz")
-        network.flusher(arithmetic)  # validates the mode
+        if arithmetic not in ("tf-ftz", "linear", "cpu-ftz"):
+            raise ValueError(f"unknown arithmetic {arithmetic!r}; allowed: tf-ftz, linear, cpu-ftz")
         self.arithmetic = arithmetic
         self.table = table.to(self.device, dtype=torch.float32)
         self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
@@ -91,20 +93,58 @@ class PopulationEvaluator:
         loss_sums = np.array([math.fsum(row) for row in losses], dtype=np.float64)
         return loss_sums, correct
 
-    def predict(self, theta: torch.Tensor, image_indices: np.ndarray | None = None, chunk: int = 2000) -> np.ndarray:
-        """Predicted classes of the unperturbed network for the given (default: all) images."""
-        theta = theta.to(self.device, dtype=torch.float32)
-        params = network.unflatten(theta)
-        if image_indices is None:
-            image_indices = np.arange(self.images.shape[0])
-        predictions = []
-        for start in range(0, len(image_indices), chunk):
-            x, _ = self.batch(image_indices[start : start + chunk])
-            predictions.append(network.forward(x, params, self.arithmetic).argmax(dim=-1).cpu())
-        return torch.cat(predictions).numpy()
+    def accuracy(self, theta: torch.Tensor) -> float:
+        """Accuracy of the unperturbed network on all of this evaluator's images."""
+        return accuracy(theta, self.images, self.labels, self.arithmetic)
 
-    def accuracy(self, theta: torch.Tensor, image_indices: np.ndarray | None = None) -> float:
-        if image_indices is None:
-            image_indices = np.arange(self.images.shape[0])
-        labels = self.labels.cpu().numpy()[image_indices]
-        return float((self.predict(theta, image_indices) == labels).mean())
+
+@dataclass(frozen=True)
+class TileTask:
+    """What a worker needs for one tile; scalars and indices only (asserted at the boundary)."""
+
+    generation: int
+    tile_id: int
+    offsets: np.ndarray
+    signs: np.ndarray
+    noise_std: float
+    image_indices: np.ndarray
+
+    def __post_init__(self):
+        assert self.offsets.dtype == np.int64 and self.offsets.ndim == 1, self.offsets.dtype
+        assert self.signs.dtype == np.float32 and self.signs.shape == self.offsets.shape, self.signs.dtype
+        assert self.image_indices.dtype == np.int64 and self.image_indices.ndim == 1, self.image_indices.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.signs.nbytes + self.image_indices.nbytes + 32
+
+
+@dataclass(frozen=True)
+class TileResult:
+    generation: int
+    tile_id: int
+    loss_sums: np.ndarray
+    correct: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.loss_sums.nbytes + self.correct.nbytes + 16
+
+
+def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
+    loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std, task.image_indices)
+    return TileResult(task.generation, task.tile_id, loss_sums, correct)
+
+
+def accuracy(
+    theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, chunk: int = 2000
+) -> float:
+    """Accuracy of the unperturbed network ``theta`` on uint8 ``images`` (computed on their device)."""
+    params = network.unflatten(theta.to(images.device, dtype=torch.float32))
+    images = images.reshape(-1, 784)
+    correct = 0
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].float() / 255.0
+        predicted = network.forward(x, params, arithmetic).argmax(dim=-1)
+        correct += int((predicted == labels[start : start + chunk].to(images.device)).sum())
+    return correct / images.shape[0]

@@ -1,0 +1,113 @@
+"""``es-service``: train, resume and evaluate ES runs; submit them to a Ray cluster.
+
+Exit codes: 0 done, 1 the run failed (e.g. no workers), 2 bad input (config, data, checkpoint,
+arguments), 130 interrupted (a checkpoint was written; `es-service resume RUN_DIR` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use an integer >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: use a number > 0")
+    return value
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set es.noise_std=0.01 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster address (default: a local embedded Ray, or $RAY_ADDRESS)")
+    parser.add_argument("--executor", choices=("ray", "local"), help="override workers.executor")
+    parser.add_argument("--data-dir", help="MNIST folder (raw or .gz files); overrides data_dir and $ES_DATA_DIR")
+    parser.add_argument("--stop-after", type=_positive_int, metavar="N",
+                        help="run at most N generations in this invocation, then checkpoint")
+    parser.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                        help="stop after the generation that passes this wall time, then checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="es-service", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="start a run from a YAML config")
+    train.add_argument("--config", required=True, help="YAML config file (see README: config reference)")
+    train.add_argument("--run-dir", help="where the run writes (default runs/<config>-<time>)")
+    train.add_argument("--force", action="store_true", help="replace an existing run directory")
+    _run_options(train)
+    resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
+    resume.add_argument("run_dir")
+    _run_options(resume)
+    evaluate = commands.add_parser("eval", help="train and test accuracy of a checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser
+
+
+def _overrides(args) -> list[str]:
+    overrides = list(args.overrides)
+    if args.executor:
+        overrides.append(f"workers.executor={args.executor}")
+    if args.data_dir:
+        overrides.append(f"data_dir={args.data_dir}")
+    return overrides
+
+
+def _dispatch(args) -> dict:
+    from es_service import runner
+    from es_service.config import load
+
+    if args.command == "train":
+        config = load(args.config, _overrides(args))
+        run_dir = Path(args.run_dir) if args.run_dir else runner.default_run_dir(args.config)
+        return runner.train(config, run_dir, args.force, args.address, args.stop_after, args.time_budget, args.quiet)
+    if args.command == "resume":
+        return runner.resume(Path(args.run_dir), _overrides(args), args.address, args.stop_after,
+                             args.time_budget, args.quiet)
+    if args.command == "eval":
+        return runner.evaluate_checkpoint(Path(args.checkpoint), args.data_dir, args.device)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from es_service.checkpoint import CheckpointError
+    from es_service.config import ConfigError
+    from es_service.data import DataError
+    from es_service.driver import Interrupted
+    from es_service.runner import UsageError
+
+    try:
+        result = _dispatch(args)
+    except (ConfigError, DataError, CheckpointError, UsageError) as err:
+        print(f"es-service: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Interrupted as err:
+        print(f"es-service: {err}; continue with `es-service resume`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if type(err).__name__ != "NoWorkersError":
+            raise
+        print(f"es-service: run failed: {err}; a checkpoint was written", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ES driver: one generation = plan -> dispatch/collect (executor) -> update -> record.
+
+Keeps the central theta and torch's Adam on the driver (Salimans et al. 2017; RLlib ES's loop). The
+executor returns only per-member scalars; the update reads the noise slices from the driver's own copy
+of the table. Fitness is maximised (see strategy.py for the sign convention).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from es_service import checkpoint, plan as planning, strategy
+from es_service.config import Config
+from es_service.metrics import MetricsLog
+from workers.evaluator import accuracy
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainState:
+    theta: torch.Tensor
+    optimizer_state: dict | None
+    generation: int
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written."""
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, data, table: torch.Tensor, noise_seed: int,
+                 executor, state: TrainState, device: str = "cpu", progress=None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.table = table
+        self.noise_seed = noise_seed
+        self.executor = executor
+        self.progress = progress
+        self.device = device
+        self.generation = state.generation
+        self.adam = strategy.AdamES(state.theta.to(device), config.es.learning_rate, config.es.weight_decay)
+        if state.optimizer_state is not None:
+            self.adam.load_state_dict(state.optimizer_state)
+        self.num_train = data.train_images.shape[0]
+        train_size = config.eval.train_size or self.num_train
+        self.eval_sets = {
+            "train": (data.train_images[:train_size].to(device), data.train_labels[:train_size].to(device)),
+            "test": (data.test_images.to(device), data.test_labels.to(device)),
+        }
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics.truncate_after(self.generation)
+        self._stop_signal = None
+        self.last_accuracy: dict[str, float] = {}
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.adam.theta.detach()
+
+    def checkpoint(self) -> None:
+        state = checkpoint.build(self.config, self.theta, self.adam.state_dict(), self.generation, self.noise_seed)
+        checkpoint.save(state, self.run_dir / CHECKPOINT_NAME)
+
+    def evaluate_center(self) -> dict[str, float]:
+        arithmetic = self.config.network.arithmetic
+        self.last_accuracy = {
+            f"{name}_accuracy": accuracy(self.theta, images, labels, arithmetic)
+            for name, (images, labels) in self.eval_sets.items()
+        }
+        return self.last_accuracy
+
+    def step(self) -> dict:
+        """Run one generation; returns its metrics record."""
+        started = time.perf_counter()
+        plan = planning.make_plan(self.config, self.generation, self.num_train)
+        outcome = self.executor.run_generation(self.theta, plan)
+        evaluated = time.perf_counter()
+        fitness = planning.member_fitness(
+            outcome.loss_sums, outcome.correct, len(plan.batch_indices), self.config.es.fitness
+        )
+        shaped = strategy.centered_ranks(fitness)
+        weights = strategy.slice_weights(shaped, self.config.es.antithetic)
+        grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness))
+        step_norm = self.adam.step(grad, plan.learning_rate)
+        self.generation += 1
+        finite = np.isfinite(fitness)
+        batch_accuracy = outcome.correct.sum(axis=1) / len(plan.batch_indices)
+        record = {
+            "generation": self.generation,
+            "wall_s": time.perf_counter() - started,
+            "eval_s": evaluated - started,
+            "fitness_max": float(fitness[finite].max()) if finite.any() else None,
+            "fitness_mean": float(fitness[finite].mean()) if finite.any() else None,
+            "fitness_min": float(fitness[finite].min()) if finite.any() else None,
+            "batch_accuracy_mean": float(batch_accuracy.mean()),
+            "batch_size": len(plan.batch_indices),
+            "noise_std": plan.noise_std,
+            "learning_rate": plan.learning_rate,
+            "step_norm": step_norm,
+            "theta_norm": float(torch.linalg.vector_norm(self.theta)),
+            "nonfinite": int((~finite).sum()),
+            "workers_alive": outcome.workers_alive,
+            "tiles_reissued": outcome.tiles_reissued,
+            "worker_failures": outcome.worker_failures,
+            "bytes_to_workers": outcome.bytes_to_workers,
+            "bytes_from_workers": outcome.bytes_from_workers,
+        }
+        if self.generation % self.config.eval.every == 0 or self.generation == self.config.generations:
+            record.update(self.evaluate_center())
+        record["time"] = time.time()
+        return record
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def run(self, stop_after: int | None = None, time_budget_s: float | None = None) -> dict:
+        """Train to config.generations (or stop_after more generations, or the time budget)."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        started = time.monotonic()
+        last_record: dict = {}
+        target = self.config.generations
+        if stop_after is not None:
+            target = min(target, self.generation + stop_after)
+        try:
+            while self.generation < target:
+                last_record = self.step()
+                self.metrics.append(last_record)
+                if self.progress:
+                    self.progress.update(last_record, self.last_accuracy)
+                if self.generation % self.config.checkpoint.every == 0:
+                    self.checkpoint()
+                if self._stop_signal is not None:
+                    self.checkpoint()
+                    raise Interrupted(f"stopped by signal {signal.Signals(self._stop_signal).name} "
+                                      f"at generation {self.generation}; checkpoint written")
+                if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                    break
+            self.checkpoint()
+        except Interrupted:
+            raise
+        except Exception:
+            self.checkpoint()  # theta only changes at a generation's end, so this state is consistent
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return last_record

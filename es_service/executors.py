@@ -1,0 +1,80 @@
+"""Executors run a generation's tiles and hand back per-(member, shard) results.
+
+``LocalExecutor`` runs the evaluator in the driver's process (no Ray needed: GPU machines without Ray,
+tests, debugging). ``RayExecutor`` (es_service/ray_executor.py) spreads tiles over Ray actors. Both
+fill the same ``GenerationOutcome``; the driver's update never knows which one ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from es_service.plan import GenerationPlan, Tile
+from workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile
+
+
+@dataclass
+class GenerationOutcome:
+    loss_sums: np.ndarray
+    """(pop_size, num_shards) float64 loss sums."""
+    correct: np.ndarray
+    """(pop_size, num_shards) int64 correct counts."""
+    workers_alive: int = 1
+    tiles_reissued: int = 0
+    worker_failures: int = 0
+    bytes_to_workers: int = 0
+    bytes_from_workers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, plan: GenerationPlan) -> "GenerationOutcome":
+        shape = (len(plan.member_offsets), len(plan.shard_bounds))
+        return cls(np.full(shape, np.nan), np.zeros(shape, dtype=np.int64))
+
+    def fill(self, tile: Tile, result: TileResult) -> None:
+        self.loss_sums[tile.member_start : tile.member_stop, tile.shard] = result.loss_sums
+        self.correct[tile.member_start : tile.member_stop, tile.shard] = result.correct
+
+
+def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
+    members = slice(tile.member_start, tile.member_stop)
+    return TileTask(
+        generation=plan.generation,
+        tile_id=tile.tile_id,
+        offsets=plan.member_offsets[members],
+        signs=plan.member_signs[members],
+        noise_std=float(plan.noise_std),
+        image_indices=plan.shard_indices(tile.shard),
+    )
+
+
+def resolve_device(preference: str) -> str:
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("workers.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return preference
+
+
+class LocalExecutor:
+    """The same evaluator, in this process, one tile after another."""
+
+    def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str):
+        self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device)
+        self.device = device
+
+    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:
+        outcome = GenerationOutcome.empty(plan)
+        theta = theta.to(self.evaluator.device)
+        for tile in plan.tiles:
+            outcome.fill(tile, run_tile(self.evaluator, theta, make_task(plan, tile)))
+        return outcome
+
+    def describe(self) -> str:
+        return f"local ({self.device})"
+
+    def close(self) -> None:
+        pass

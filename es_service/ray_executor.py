@@ -1,0 +1,204 @@
+"""Ray executor: a pull-style tile queue over an elastic pool of stateless worker actors.
+
+Per generation the driver puts theta in the object store once and hands tiles (offsets, signs, sigma,
+image indices) to whichever ready workers are alive; workers return loss sums and correct counts. A
+tile whose worker dies or times out goes back to the queue; late duplicates are ignored. The pool is
+kept at a target derived from the cluster's resources (GPUs, else CPUs) within the config's bounds;
+new actors join only once they report ready, so a slow start never stalls a generation.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from es_service.config import WorkersConfig
+from es_service.executors import GenerationOutcome, make_task
+from es_service.plan import GenerationPlan
+from workers.actor import PopulationWorker
+
+WAIT_S = 0.2
+POOL_CHECK_S = 1.0
+IN_FLIGHT_PER_WORKER = 2  # one running, one queued: hides the dispatch round trip
+
+
+class NoWorkersError(RuntimeError):
+    """No worker actor has been alive for longer than workers.no_worker_timeout_s."""
+
+
+@dataclass
+class _Worker:
+    handle: object
+    ready_ref: object
+    ready: bool = False
+    in_flight: int = 0
+
+
+class RayExecutor:
+    def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str,
+                 workers: WorkersConfig, autoscale: bool = False):
+        self.config = workers
+        self._requested = not autoscale  # an embedded local Ray has no autoscaler worth asking
+        self.arithmetic = arithmetic
+        self.refs = {
+            "table": ray.put(table.numpy()),
+            "images": ray.put(images.numpy()),
+            "labels": ray.put(labels.numpy()),
+        }
+        self.actor_class = ray.remote(PopulationWorker).options(
+            num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker, max_restarts=0, max_concurrency=1
+        )
+        self.workers: dict[int, _Worker] = {}
+        self.failures = 0
+        self._next_id = 0
+        self._last_pool_check = 0.0
+        self._maintain_pool(force=True)
+
+    # -- pool ---------------------------------------------------------------------------------------
+    def target_count(self) -> int:
+        cfg = self.config
+        if cfg.count:
+            return cfg.count
+        resources = ray.cluster_resources()
+        if cfg.gpus_per_worker > 0:
+            fit = int(resources.get("GPU", 0) // cfg.gpus_per_worker)
+        else:
+            fit = int(resources.get("CPU", 0) // cfg.cpus_per_worker)
+        return max(cfg.min_count, min(cfg.max_count, fit))
+
+    def _maintain_pool(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_pool_check < POOL_CHECK_S:
+            return
+        self._last_pool_check = now
+        if not self._requested and not self.config.count:
+            self._request_resources()
+        for _ in range(self.target_count() - len(self.workers)):
+            handle = self.actor_class.remote(self.refs, self.arithmetic, self.config.cpus_per_worker)
+            self.workers[self._next_id] = _Worker(handle, handle.ready.remote())
+            self._next_id += 1
+        pending = {w.ready_ref: wid for wid, w in self.workers.items() if not w.ready}
+        if pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in done:
+                wid = pending[ref]
+                try:
+                    ray.get(ref)
+                    self.workers[wid].ready = True
+                except (RayActorError, ActorDiedError, ActorUnavailableError):
+                    self._drop(wid)
+
+    def _request_resources(self) -> None:
+        """Ask the autoscaler for the configured maximum (a no-op without one)."""
+        from ray.autoscaler.sdk import request_resources
+
+        cfg = self.config
+        bundle = {"CPU": cfg.cpus_per_worker}
+        if cfg.gpus_per_worker > 0:
+            bundle["GPU"] = cfg.gpus_per_worker
+        try:
+            request_resources(bundles=[bundle] * cfg.max_count)
+        except Exception:  # clusters without an autoscaler (e.g. ray.init locally) reject this
+            pass
+        self._requested = True
+
+    def _drop(self, wid: int) -> None:
+        worker = self.workers.pop(wid, None)
+        if worker is not None:
+            self.failures += 1
+            ray.kill(worker.handle, no_restart=True)
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for w in self.workers.values() if w.ready)
+
+    # -- one generation -----------------------------------------------------------------------------
+    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:
+        outcome = GenerationOutcome.empty(plan)
+        theta_np = theta.detach().cpu().numpy()
+        theta_holder = [ray.put(theta_np)]
+        outcome.bytes_to_workers += theta_np.nbytes
+        queue = collections.deque(plan.tiles)
+        done: set[int] = set()
+        in_flight: dict = {}  # ref -> (tile, wid, started)
+        failures_before = self.failures
+        no_worker_since = None
+        while len(done) < len(plan.tiles):
+            self._maintain_pool()
+            self._dispatch(plan, queue, done, in_flight, theta_holder, outcome)
+            if not in_flight:
+                if self.alive:
+                    continue
+                no_worker_since = no_worker_since or time.monotonic()
+                if time.monotonic() - no_worker_since > self.config.no_worker_timeout_s:
+                    raise NoWorkersError(
+                        f"no worker alive for {self.config.no_worker_timeout_s:.0f}s "
+                        f"(generation {plan.generation}); check the cluster's resources (ray status)"
+                    )
+                time.sleep(WAIT_S)
+                continue
+            no_worker_since = None
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
+            for ref in ready:
+                self._collect(ref, in_flight, queue, done, outcome)
+            self._expire(in_flight, queue, done, outcome)
+        for ref, (_, wid, _) in in_flight.items():  # duplicates still running: let them finish
+            if wid in self.workers:
+                self.workers[wid].in_flight -= 1
+        outcome.workers_alive = self.alive
+        outcome.worker_failures = self.failures - failures_before
+        return outcome
+
+    def _dispatch(self, plan, queue, done, in_flight, theta_holder, outcome) -> None:
+        for wid, worker in list(self.workers.items()):
+            while worker.ready and worker.in_flight < IN_FLIGHT_PER_WORKER and queue:
+                tile = queue.popleft()
+                if tile.tile_id in done:
+                    continue
+                task = make_task(plan, tile)
+                ref = worker.handle.evaluate.remote(theta_holder, task)
+                in_flight[ref] = (tile, wid, time.monotonic())
+                worker.in_flight += 1
+                outcome.bytes_to_workers += task.nbytes
+
+    def _collect(self, ref, in_flight, queue, done, outcome) -> None:
+        tile, wid, _ = in_flight.pop(ref)
+        if wid in self.workers:
+            self.workers[wid].in_flight -= 1
+        try:
+            result = ray.get(ref)
+        except (RayActorError, ActorDiedError, ActorUnavailableError):
+            self._drop(wid)
+            if tile.tile_id not in done:
+                queue.appendleft(tile)
+                outcome.tiles_reissued += 1
+            return
+        outcome.bytes_from_workers += result.nbytes
+        if tile.tile_id in done or result.tile_id != tile.tile_id:
+            return  # a late duplicate of a tile handed out again
+        assert result.loss_sums.dtype == np.float64 and result.correct.dtype == np.int64
+        outcome.fill(tile, result)
+        done.add(tile.tile_id)
+
+    def _expire(self, in_flight, queue, done, outcome) -> None:
+        now = time.monotonic()
+        for ref, (tile, wid, started) in list(in_flight.items()):
+            if now - started > self.config.tile_timeout_s and tile.tile_id not in done:
+                in_flight.pop(ref)
+                self._drop(wid)  # hung or lost: replace it
+                queue.appendleft(tile)
+                outcome.tiles_reissued += 1
+
+    def describe(self) -> str:
+        cfg = self.config
+        return f"ray (workers of {cfg.cpus_per_worker} CPU / {cfg.gpus_per_worker:g} GPU)"
+
+    def close(self) -> None:
+        for wid in list(self.workers):
+            ray.kill(self.workers.pop(wid).handle, no_restart=True)

@@ -1,0 +1,188 @@
+"""Start, resume and evaluate runs: everything between the CLI's arguments and the Trainer.
+
+A run directory holds config.yaml (resolved), run.json (status, device, timings), metrics.jsonl,
+checkpoint.pt and learning_curve.png. It appears whole (built in a temporary sibling, then renamed)
+and is never replaced without ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from es_service import checkpoint, network, noise, plan as planning
+from es_service.config import Config, ConfigError, from_dict
+from es_service.data import load_mnist
+from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
+from es_service.executors import LocalExecutor, resolve_device
+from es_service.metrics import read as read_metrics
+from es_service.progress import Progress
+from workers.evaluator import accuracy, set_process_arithmetic
+
+RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
+
+
+class UsageError(RuntimeError):
+    """A bad argument or path, phrased with the fix."""
+
+
+def default_run_dir(config_path: str | Path) -> Path:
+    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    if run_dir.exists() and not force:
+        raise UsageError(
+            f"run directory {str(run_dir)!r} already exists; pick another --run-dir, "
+            f"resume it with `es-service resume {run_dir}`, or pass --force to replace it"
+        )
+    if run_dir.exists() and not (run_dir / "run.json").exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{str(run_dir)!r} exists and is not a run directory; refusing to replace it even with --force")
+
+
+def device_description(executor) -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return f"{executor.describe()}; driver CPU {cpu} x{os.cpu_count()}" + (f"; GPU {gpu}" if gpu else "")
+
+
+def write_run_info(run_dir: Path, **fields) -> None:
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    info.update(fields)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def create_run_dir(run_dir: Path, config: Config, state: dict, force: bool) -> None:
+    """Build the directory in a temporary sibling and rename it into place: never half-written."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
+    try:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_run_info(tmp, status="created", created=time.time(), torch=torch.__version__)
+        checkpoint.save(state, tmp / CHECKPOINT_NAME)
+        if run_dir.exists() and force:
+            shutil.rmtree(run_dir)
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_executor(config: Config, table, data, address: str | None):
+    arithmetic = config.network.arithmetic
+    if config.workers.executor == "local":
+        device = resolve_device(config.workers.device)
+        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device)
+    import ray
+
+    from es_service.ray_executor import RayExecutor
+
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"include_dashboard": False}
+        ray.init(logging_level="WARNING", log_to_driver=True, **kwargs)
+    autoscale = bool(address or os.environ.get("RAY_ADDRESS"))
+    return RayExecutor(table, data.train_images, data.train_labels, arithmetic, config.workers, autoscale)
+
+
+def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, data, address: str | None,
+           stop_after: int | None, time_budget_s: float | None, quiet: bool) -> dict:
+    table = noise.make_table(noise_seed, config.noise.table_size)
+    executor = build_executor(config, table, data, address)
+    device = "cuda" if config.workers.executor == "local" and getattr(executor, "device", "cpu") == "cuda" else "cpu"
+    progress = None if quiet else Progress(config.generations, start=state.generation)
+    trainer = Trainer(config, run_dir, data, table.to(device), noise_seed, executor, state, device, progress)
+    write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid())
+    try:
+        record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
+    except BaseException as err:
+        write_run_info(run_dir, status="failed" if not type(err).__name__ == "Interrupted" else "interrupted",
+                       error=str(err), generation=trainer.generation)
+        raise
+    finally:
+        executor.close()
+        _plot(run_dir)
+    finished = trainer.generation >= config.generations
+    if not any(key.endswith("_accuracy") for key in record):
+        record.update(trainer.evaluate_center())
+    write_run_info(run_dir, status="finished" if finished else "paused", generation=trainer.generation,
+                   final={k: record[k] for k in ("train_accuracy", "test_accuracy") if k in record},
+                   wall_s_total=sum(r["wall_s"] for r in read_metrics(run_dir / "metrics.jsonl")))
+    return {"generation": trainer.generation, "run_dir": str(run_dir), **trainer.last_accuracy}
+
+
+def _plot(run_dir: Path) -> None:
+    try:
+        from es_service.plot import plot_runs
+
+        plot_runs([(run_dir.name, read_metrics(run_dir / "metrics.jsonl"))], run_dir / "learning_curve.png")
+    except Exception as err:  # a plot must never cost a run
+        print(f"warning: could not draw the learning curve: {err}")
+
+
+def train(config: Config, run_dir: Path, force: bool = False, address: str | None = None,
+          stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
+    check_run_dir(run_dir, force)
+    set_process_arithmetic(config.network.arithmetic)
+    data = load_mnist(config.data_dir)
+    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
+    theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT))
+    from es_service.strategy import AdamES
+
+    adam = AdamES(theta, config.es.learning_rate, config.es.weight_decay)
+    state = checkpoint.build(config, theta, adam.state_dict(), 0, noise_seed)
+    create_run_dir(run_dir, config, state, force)
+    return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, address,
+                  stop_after, time_budget_s, quiet)
+
+
+def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
+           stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
+    path = run_dir / CHECKPOINT_NAME
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
+    state = checkpoint.load(path)
+    config: Config = state["config"]
+    for text in overrides:
+        if not text.startswith(RESUME_OVERRIDABLE):
+            raise ConfigError(
+                f"--set {text!r}: resume may change only {', '.join(RESUME_OVERRIDABLE)} "
+                "(other fields would change theta's path); start a new run instead"
+            )
+    config = from_dict(config.to_dict(), list(overrides))
+    if state["generation"] > config.generations:
+        raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    set_process_arithmetic(config.network.arithmetic)
+    data = load_mnist(config.data_dir)
+    train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
+    return _train(config, run_dir, train_state, state["noise"]["seed"], data, address, stop_after, time_budget_s, quiet)
+
+
+def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:
+    state = checkpoint.load(path)
+    config: Config = state["config"]
+    set_process_arithmetic(config.network.arithmetic)
+    data = load_mnist(data_dir or config.data_dir)
+    device = resolve_device(device)
+    if config.network.arithmetic == "cpu-ftz":
+        device = "cpu"
+    theta, arithmetic = state["theta"], config.network.arithmetic
+    return {
+        "checkpoint": str(path),
+        "generation": state["generation"],
+        "arithmetic": arithmetic,
+        "device": device,
+        "train_accuracy": accuracy(theta, data.train_images.to(device), data.train_labels.to(device), arithmetic),
+        "test_accuracy": accuracy(theta, data.test_images.to(device), data.test_labels.to(device), arithmetic),
+    }
