@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ FITNESS_KINDS = ("cross_entropy", "accuracy")
 EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -58,8 +62,6 @@ class ESConfig:
     """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
     shard_size: int = 0
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
-    members_per_tile: int = 8
-    """Population members evaluated together in one tile (one worker call)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class WorkersConfig:
     """ray (stateless Ray actors) or local (the same evaluator in the driver's process)."""
     device: str = "auto"
     """Evaluator device for the local executor: auto (CUDA if present), cpu or cuda. Ray actors use CUDA iff they hold a GPU."""
+    members_per_tile: int = 8
+    """Population members evaluated together in one tile (one worker call); never changes theta."""
     count: int = 0
     """Worker actors (0: one per GPU, else one per cpus_per_worker CPUs in the cluster)."""
     min_count: int = 1
@@ -152,6 +156,8 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads `1e-3` (no dot) as a string
         raise ConfigError(f"{path}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -220,7 +226,7 @@ def validate(config: Config) -> Config:
             f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
         )
     _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
-    _require(es.members_per_tile >= 1, f"es.members_per_tile: {es.members_per_tile}; use an integer >= 1")
+    _require(workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")
     from es_service.network import NUM_PARAMS
 
     _require(

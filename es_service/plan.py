@@ -100,7 +100,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         member_signs=member_signs,
         batch_indices=batch_indices,
         shard_bounds=bounds,
-        tiles=make_tiles(es.pop_size, es.members_per_tile, len(bounds)),
+        tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds)),
     )
 
 

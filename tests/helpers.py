@@ -1,0 +1,79 @@
+"""Plain helpers shared by the config, checkpoint and CLI tests (no fixtures: conftest.py owns those)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest config that still exercises every part of a run: 669,706 parameters need a table of at
+# least that many floats, so 2**20; pop 4 and a 32-image batch keep one generation well under a second.
+TINY: dict[str, Any] = {
+    "seed": 3,
+    "generations": 3,
+    "network": {"arithmetic": "tf-ftz"},
+    "es": {"pop_size": 4, "batch_size": 32, "noise_std": 0.02, "learning_rate": 0.01},
+    "noise": {"table_size": 1 << 20},
+    "workers": {"executor": "local", "device": "cpu"},
+    "eval": {"every": 2, "train_size": 500},
+    "checkpoint": {"every": 2},
+}
+
+
+def tiny_dict(**sections: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of TINY with some sections' fields replaced, e.g. ``tiny_dict(es={"pop_size": 6})``."""
+    data = copy.deepcopy(TINY)
+    for name, fields in sections.items():
+        if isinstance(fields, dict) and isinstance(data.get(name), dict):
+            data[name].update(fields)
+        else:
+            data[name] = fields
+    return data
+
+
+def write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def mnist_dir() -> Path:
+    """The real MNIST folder from ES_DATA_DIR, or skip (CI sets it; never hard-coded here)."""
+    env = os.environ.get("ES_DATA_DIR")
+    if not env or not Path(env).is_dir():
+        pytest.skip("ES_DATA_DIR is not set to a folder with the four MNIST files")
+    return Path(env)
+
+
+def cli_env(cache_home: Path) -> dict[str, str]:
+    """The subprocess environment: real ES_DATA_DIR, MNIST cache under the test's tmp dir, no cluster."""
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(cache_home)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m es_service.cli ARGS`` exactly as a user would run it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "es_service.cli", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``es-service: error: ...`` line of a refused command (asserting there is exactly one)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("es-service: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert lines[-1] == errors[0], f"the error should be the last thing printed:\n{result.stderr}"
+    return errors[0]

@@ -1,0 +1,76 @@
+"""The population evaluator: tile-independent, equal to the reference forward, scalars out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from es_service import network, noise
+from workers.evaluator import PopulationEvaluator, TileTask, accuracy
+
+
+@pytest.fixture(scope="module")
+def evaluator(mnist):
+    table = noise.make_table(7, 1 << 20)
+    return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")
+
+
+def _members(count, seed=0):
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, noise.max_offset(1 << 20) + 1, size=count).astype(np.int64)
+    signs = np.where(np.arange(count) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    return offsets, signs
+
+
+def test_member_results_do_not_depend_on_tile_mates(evaluator):
+    theta = network.init_theta(0)
+    offsets, signs = _members(6)
+    images = np.arange(100, 164, dtype=np.int64)
+    together = evaluator.evaluate(theta, offsets, signs, 0.02, images)
+    for j in range(6):
+        alone = evaluator.evaluate(theta, offsets[j : j + 1], signs[j : j + 1], 0.02, images)
+        assert alone[0][0] == together[0][j] and alone[1][0] == together[1][j]
+    shuffled = evaluator.evaluate(theta, offsets[::-1].copy(), signs[::-1].copy(), 0.02, images)
+    assert np.array_equal(shuffled[0][::-1], together[0])
+
+
+def test_results_match_the_reference_forward(evaluator, mnist):
+    theta = network.init_theta(0)
+    offsets, signs = _members(2)
+    images = np.arange(64, dtype=np.int64)
+    loss_sums, correct = evaluator.evaluate(theta, offsets, signs, 0.05, images)
+    table = evaluator.table
+    x = mnist.train_images[:64].reshape(-1, 784).float() / 255.0
+    y = mnist.train_labels[:64]
+    for j in range(2):
+        perturbed = theta + (signs[j] * np.float32(0.05)) * table[offsets[j] : offsets[j] + network.NUM_PARAMS]
+        logits = network.forward(x, network.unflatten(perturbed), "tf-ftz")
+        losses = torch.nn.functional.cross_entropy(logits, y, reduction="none").double().tolist()
+        assert loss_sums[j] == math.fsum(losses)
+        assert correct[j] == int((logits.argmax(1) == y).sum())
+    assert loss_sums.dtype == np.float64 and correct.dtype == np.int64
+
+
+def test_overflowing_members_give_nonfinite_loss(evaluator):
+    theta = network.init_theta(0) * 1e13  # logits overflow float32 after the 2**125 rescale
+    offsets, signs = _members(2)
+    loss_sums, _ = evaluator.evaluate(theta, offsets, signs, 0.02, np.arange(32, dtype=np.int64))
+    assert not np.isfinite(loss_sums).all()
+
+
+def test_tile_task_asserts_dtypes_at_the_boundary():
+    with pytest.raises(AssertionError):
+        TileTask(0, 0, np.array([1, 2], dtype=np.int32), np.ones(2, np.float32), 0.1, np.arange(3))
+
+
+def test_cpu_ftz_refused_on_cuda():
+    with pytest.raises(ValueError, match="does nothing on CUDA"):
+        PopulationEvaluator(torch.zeros(10), torch.zeros(1, 784, dtype=torch.uint8), torch.zeros(1), "cpu-ftz", "cuda")
+
+
+def test_center_accuracy_is_chance_level_at_init(mnist):
+    value = accuracy(network.init_theta(0), mnist.test_images, mnist.test_labels, "tf-ftz")
+    assert 0.0 <= value < 0.3

@@ -1,0 +1,80 @@
+"""ES math: centered ranks, the gradient estimate from noise slices, schedules, Adam's sign."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from es_service import noise, strategy
+
+
+def test_centered_ranks_span_and_order():
+    shaped = strategy.centered_ranks(np.array([3.0, -1.0, 10.0, 0.5]))
+    assert shaped.tolist() == pytest.approx([1 / 6, -0.5, 0.5, -1 / 6])
+    assert shaped.sum() == pytest.approx(0.0)
+
+
+def test_nonfinite_fitness_ranks_worst():
+    shaped = strategy.centered_ranks(np.array([np.nan, 1.0, -np.inf, np.inf, 0.0]))
+    assert shaped[1] == 0.5  # the best finite member
+    assert max(shaped[0], shaped[2], shaped[3]) < shaped[4]  # every non-finite ranks below all finite
+
+
+def test_slice_weights_antithetic_pairs():
+    shaped = np.array([0.5, -0.5, 0.1, 0.2])
+    assert strategy.slice_weights(shaped, antithetic=True).tolist() == pytest.approx([1.0, -0.1])
+    assert strategy.slice_weights(shaped, antithetic=False) is shaped
+
+
+def test_grad_estimate_equals_explicit_sum():
+    table = noise.make_table(0, noise.NUM_PARAMS + 5000)
+    offsets = np.array([0, 17, 4999, 17, 3], dtype=np.int64)
+    weights = np.array([0.5, -0.25, 0.125, 1.0, -1.0])
+    got = strategy.grad_estimate(table, offsets, weights, noise_std=0.1, pop_size=10)
+    expected = sum(w * table[o : o + noise.NUM_PARAMS].double() for w, o in zip(weights, offsets)) / (10 * 0.1)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_noise_windows_are_zero_copy_slices():
+    table = noise.make_table(1, noise.NUM_PARAMS + 10)
+    view = noise.windows(table)
+    assert view.data_ptr() == table.data_ptr() and view.shape == (11, noise.NUM_PARAMS)
+    assert torch.equal(view[7], table[7 : 7 + noise.NUM_PARAMS])
+    assert torch.equal(noise.make_table(1, 100), noise.make_table(1, 100))
+
+
+def test_sign_convention_on_a_quadratic():
+    """Fitness F(theta) = -|theta[:k] - target|^2 is maximised: ES + Adam must move theta[:k] to target."""
+    n, k = noise.NUM_PARAMS, 10
+    table = noise.make_table(2, n + 100_000)
+    target = torch.ones(k)
+    adam = strategy.AdamES(torch.zeros(n), learning_rate=0.05, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    start = float(torch.linalg.vector_norm(adam.theta.detach()[:k] - target))
+    for _ in range(30):
+        offsets = rng.integers(0, 100_001, size=8)
+        fitness = []
+        for offset in offsets:
+            eps = table[offset : offset + k]
+            for sign in (1.0, -1.0):
+                fitness.append(-float(((adam.theta.detach()[:k] + sign * 0.1 * eps - target) ** 2).sum()))
+        weights = strategy.slice_weights(strategy.centered_ranks(np.array(fitness)), antithetic=True)
+        grad = strategy.grad_estimate(table, offsets, weights, 0.1, 16)
+        assert float(grad[:k] @ (target - adam.theta.detach()[:k])) > 0  # an ascent direction
+        adam.step(grad, 0.05)
+    assert float(torch.linalg.vector_norm(adam.theta.detach()[:k] - target)) < 0.7 * start
+
+
+def test_weight_decay_shrinks_theta_when_gradient_is_zero():
+    adam = strategy.AdamES(torch.full((4,), 2.0), learning_rate=0.1, weight_decay=0.5)
+    adam.step(torch.zeros(4), 0.1)
+    assert (adam.theta.detach() < 2.0).all()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedules_move_from_start_to_final(schedule):
+    assert strategy.scheduled(1.0, 0.1, 0.0, schedule) == pytest.approx(1.0)
+    assert strategy.scheduled(1.0, 0.1, 1.0, schedule) == pytest.approx(0.1)
+    assert 0.1 < strategy.scheduled(1.0, 0.1, 0.5, schedule) < 1.0
+    assert strategy.scheduled(1.0, None, 0.7, schedule) == 1.0
