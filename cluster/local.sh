@@ -26,7 +26,9 @@
 #   same file, with RAY_AUTH_MODE=token set (ray.init() also picks it up by itself).
 #
 # Environment knobs: ES_LOCAL_HEAD_CPUS (2), ES_LOCAL_TEMP_DIR (/tmp/ray-es-local),
+# ES_LOCAL_DASHBOARD_PORT (8265; the GCS port stays 6379, which the fake provider assumes),
 # ES_LOCAL_STOP_GRACE_S (10), ES_LOCAL_STATE (state file), RAY (the ray CLI to use).
+# Needs bash >= 4 (mapfile) and a POSIX `ps`.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +36,7 @@ REPO="$(dirname "$HERE")"
 CONFIG="$HERE/local.yaml"
 HEAD_CPUS="${ES_LOCAL_HEAD_CPUS:-2}"
 TEMP_DIR="${ES_LOCAL_TEMP_DIR:-/tmp/ray-es-local}"
+DASHBOARD_PORT="${ES_LOCAL_DASHBOARD_PORT:-8265}"
 GRACE_S="${ES_LOCAL_STOP_GRACE_S:-10}"
 STATE="${ES_LOCAL_STATE:-${TMPDIR:-/tmp}/es-local-cluster-$(id -u).state}"
 
@@ -58,10 +61,15 @@ die() { echo "local.sh: $*" >&2; exit 1; }
 # --- state file: PGID=..., ADDRESS=..., TEMP_DIR=... ---------------------------------
 read_state() {
     PGID="" ADDRESS="" STATE_TEMP_DIR=""
-    [[ -f "$STATE" ]] || return 1
-    # shellcheck disable=SC1090
-    source "$STATE"
-    PGID="${PGID:-}" ADDRESS="${ADDRESS:-}" STATE_TEMP_DIR="${TEMP_DIR_USED:-}"
+    [[ -f "$STATE" && -O "$STATE" ]] || return 1
+    local key value
+    while IFS='=' read -r key value; do  # parsed, not sourced: it lives in a shared /tmp
+        case "$key" in
+            PGID) [[ "$value" =~ ^[0-9]+$ ]] && PGID="$value" ;;
+            ADDRESS) ADDRESS="$value" ;;
+            TEMP_DIR_USED) STATE_TEMP_DIR="$value" ;;
+        esac
+    done <"$STATE"
     [[ -n "$PGID" ]]
 }
 
@@ -79,13 +87,15 @@ cluster_pids() {
         }'
 }
 
-# Processes that mention the cluster's temp dir on their command line (a second net for
-# anything that escaped the process group).
+# Ray processes (binaries or modules of the ray package) that name the cluster's temp dir
+# on their command line: a second net for anything that escaped the process group. A
+# `tail -f $TEMP_DIR/...` of yours does not match.
 temp_dir_pids() {
     local dir="$1"
     [[ -n "$dir" ]] || return 0
-    ps -A -o pid= -o args= | awk -v d="$dir" 'index($0, d) > 0 && $2 != "awk" { print $1 }' \
-        | grep -vx "$$" || true
+    ps -A -o pid= -o args= | awk -v d="$dir" '
+        index($0, d) > 0 && (index($0, "/ray/") > 0 || index($0, "ray::") > 0) \
+            && $2 != "awk" { print $1 }'
 }
 
 alive() {  # list the given pids that still exist and are not zombies
@@ -106,6 +116,13 @@ wait_gone() {  # wait_gone SECONDS PID... ; returns 0 when all are gone
     [[ -z "$(alive "$@")" ]]
 }
 
+term_and_wait() {  # term_and_wait SECONDS PID...: SIGTERM, then wait up to SECONDS
+    local seconds="$1"; shift
+    (( $# )) || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    wait_gone "$seconds" "$@" || true
+}
+
 cmd_start() {
     if read_state; then
         if [[ -n "$(cluster_pids "$PGID")" ]]; then
@@ -124,7 +141,8 @@ cmd_start() {
     # fake autoscaler spawn shares one process-group id that `stop` can signal.
     if ! "$PYTHON" - "$pgid_file" env RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1 \
         "$RAY" start --head --num-cpus="$HEAD_CPUS" --autoscaling-config="$CONFIG" \
-        --temp-dir="$TEMP_DIR" --dashboard-host=127.0.0.1 --disable-usage-stats \
+        --temp-dir="$TEMP_DIR" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+        --disable-usage-stats \
         >"$log" 2>&1 <<'PY'
 import os, sys
 pgid_file, argv = sys.argv[1], sys.argv[2:]
@@ -158,7 +176,7 @@ Fake autoscaling cluster up: head with $HEAD_CPUS CPUs, up to 3 fake 1-CPU worke
   export RAY_ADDRESS=$address RAY_AUTH_MODE=token
   python -c "import ray; ray.init(); from ray.autoscaler.sdk import request_resources; request_resources(num_cpus=5)"
   $0 status                         # watch fake nodes join, then leave when idle
-  dashboard / job API: http://127.0.0.1:8265 (token: ~/.ray/auth_token)
+  dashboard / job API: http://127.0.0.1:$DASHBOARD_PORT (token: ~/.ray/auth_token)
   $0 stop
 EOF
 }
@@ -179,56 +197,41 @@ cmd_stop() {
         echo "not running (no state file $STATE)"
         return 0
     fi
-    local all raylets gcs others p name
-    all="$(cluster_pids "$PGID")"
-    # shellcheck disable=SC2086
-    all="$(printf '%s\n' $all $(temp_dir_pids "$STATE_TEMP_DIR") | sort -un)"
-    if [[ -n "$all" ]]; then
-        raylets="" gcs="" others=""
-        for p in $all; do
-            name="$(ps -o comm= -p "$p" 2>/dev/null || true)"
-            case "$name" in
-                raylet) raylets+=" $p" ;;
-                gcs_server) gcs+=" $p" ;;
-                "") ;;
-                *) others+=" $p" ;;
-            esac
-        done
-        # Same order as `ray stop`: raylets first (their agents fate-share with them),
-        # GCS last, each with a share of the grace period, then SIGKILL.
-        local share=$(( (GRACE_S + 2) / 3 ))
-        for group in "$raylets" "$others" "$gcs"; do
-            [[ -n "${group// }" ]] || continue
-            # shellcheck disable=SC2086
-            kill -TERM $group 2>/dev/null || true
-            # shellcheck disable=SC2086
-            wait_gone "$share" $group || true
-        done
-        # Anything left (including processes spawned meanwhile): SIGKILL.
-        # shellcheck disable=SC2086
-        all="$(printf '%s\n' $all $(cluster_pids "$PGID") | sort -un)"
-        # shellcheck disable=SC2086
-        local left; left="$(alive $all)"
-        if [[ -n "$left" ]]; then
-            echo "SIGKILL to $(echo $left | wc -w | tr -d ' ') process(es) still alive after ${GRACE_S}s"
-            # shellcheck disable=SC2086
-            kill -KILL $left 2>/dev/null || true
-            # shellcheck disable=SC2086
-            wait_gone 5 $left || true
-        fi
+    local -a all raylets=() gcs=() others=() left remaining
+    mapfile -t all < <({ cluster_pids "$PGID"; temp_dir_pids "$STATE_TEMP_DIR"; } | sort -un)
+    local p name share=$(( (GRACE_S + 2) / 3 ))
+    for p in "${all[@]}"; do
+        name="$(ps -o comm= -p "$p" 2>/dev/null || true)"
+        case "$name" in
+            raylet) raylets+=("$p") ;;
+            gcs_server) gcs+=("$p") ;;
+            "") ;;
+            *) others+=("$p") ;;
+        esac
+    done
+    # Same order as `ray stop`: raylets first (their agents fate-share with them), then
+    # the rest, GCS last; each step gets a third of the grace period.
+    term_and_wait "$share" "${raylets[@]}"
+    term_and_wait "$share" "${others[@]}"
+    term_and_wait "$share" "${gcs[@]}"
+    # Whatever is still alive (including processes spawned meanwhile) gets SIGKILL.
+    mapfile -t all < <({ printf '%s\n' "${all[@]}"; cluster_pids "$PGID"; } | sort -un)
+    mapfile -t left < <(alive "${all[@]}")
+    if (( ${#left[@]} )); then
+        echo "SIGKILL to ${#left[@]} process(es) still alive after ${GRACE_S}s"
+        kill -KILL "${left[@]}" 2>/dev/null || true
+        wait_gone 5 "${left[@]}" || true
     fi
     # Verify: nothing of the group, its descendants or its temp dir is left.
-    local remaining
-    # shellcheck disable=SC2086
-    remaining="$(alive $(cluster_pids "$PGID") $(temp_dir_pids "$STATE_TEMP_DIR"))"
-    if [[ -n "$remaining" ]]; then
+    # shellcheck disable=SC2046  # one pid per word is what we want here
+    mapfile -t remaining < <(alive $(cluster_pids "$PGID") $(temp_dir_pids "$STATE_TEMP_DIR"))
+    if (( ${#remaining[@]} )); then
         echo "local.sh: these processes of the cluster are still alive:" >&2
-        # shellcheck disable=SC2086
-        ps -o pid=,pgid=,args= -p "$(echo $remaining | tr ' ' ',')" >&2 || true
+        ps -o pid=,pgid=,args= -p "$(IFS=,; echo "${remaining[*]}")" >&2 || true
         return 1
     fi
-    # Forget the address, as `ray stop` does (only in our own temp dir).
-    rm -f "$STATE_TEMP_DIR/ray_current_cluster"
+    # Forget the address, as `ray stop` does (only in the cluster's own temp dir).
+    [[ -n "$STATE_TEMP_DIR" ]] && rm -f "$STATE_TEMP_DIR/ray_current_cluster"
     rm -f "$STATE"
     echo "stopped: no process of the cluster (process group $PGID, temp dir $STATE_TEMP_DIR) is left"
 }

@@ -30,10 +30,17 @@ def mnist():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the Ray layer: 4 logical CPUs so several 1-CPU actors fit on 2 cores."""
+def ray_cluster():
+    """One multi-node-capable local Ray cluster for the whole Ray layer (ray.cluster_utils.Cluster).
+
+    The head has 3 logical CPUs so several 1-CPU actors fit on this 2-core machine; tests that add
+    nodes remove them again.
+    """
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args={"num_cpus": 3, "include_dashboard": False})
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()

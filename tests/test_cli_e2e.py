@@ -1,0 +1,97 @@
+"""End to end through the real CLI in a subprocess, tiny budgets: train, resume, signals, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.e2e
+
+
+def write_config(path, **changes):
+    data = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        (data[section] if field else data)[field or section] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args, check=True, **kwargs):
+    result = subprocess.run([sys.executable, "-m", "es_service.cli", *map(str, args)],
+                            capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def theta_of(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["theta"]
+
+
+def test_train_on_embedded_ray_then_eval(tmp_path):
+    config = write_config(tmp_path / "c.yaml", generations=3, workers={"executor": "ray", "count": 2})
+    run = tmp_path / "run"
+    result = cli("train", "--config", config, "--run-dir", run, "--quiet")
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["generation"] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records] == [1, 2, 3]
+    assert records[-1]["workers_alive"] == 2 and records[-1]["bytes_to_workers"] > 4 * 669706
+    assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    evaluated = json.loads(cli("eval", run / "checkpoint.pt").stdout)
+    assert 0 <= evaluated["test_accuracy"] <= 1 and evaluated["generation"] == 3
+
+
+def test_resume_after_stop_is_bitwise_equal(tmp_path):
+    config = write_config(tmp_path / "c.yaml", generations=5)
+    cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
+    cli("train", "--config", config, "--run-dir", tmp_path / "part", "--stop-after", "3", "--quiet")
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["status"] == "paused"
+    cli("resume", tmp_path / "part", "--quiet")
+    assert torch.equal(theta_of(tmp_path / "full"), theta_of(tmp_path / "part"))
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["generation"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+def _start_and_wait(config, run_dir, min_lines):
+    proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", "train", "--config", str(config),
+                             "--run-dir", str(run_dir), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= min_lines:
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"run did not reach {min_lines} generations: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_driver_killed_mid_run_resumes_to_the_same_theta(tmp_path, sig):
+    generations = 12
+    config = write_config(tmp_path / "c.yaml", generations=generations, checkpoint={"every": 3})
+    cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
+    proc = _start_and_wait(config, tmp_path / "killed", min_lines=4)
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "checkpoint written" in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    generation = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["generation"]
+    assert 3 <= generation < generations
+    cli("resume", tmp_path / "killed", "--quiet")
+    assert torch.equal(theta_of(tmp_path / "full"), theta_of(tmp_path / "killed"))

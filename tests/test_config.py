@@ -1,0 +1,299 @@
+"""es_service.config (pure): YAML + --set loading, every validation rule's message, the trajectory digest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from es_service.config import Config, ConfigError, from_dict, load, parse_override, validate
+from es_service.network import NUM_PARAMS
+from tests.helpers import REPO, TINY, tiny_dict, write_yaml
+
+
+def refused(data: dict, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        from_dict(data, list(overrides))
+    return str(info.value)
+
+
+def assert_names(message: str, *parts: str) -> None:
+    for part in parts:
+        assert part in message, f"{part!r} missing from the message: {message}"
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+
+def test_defaults_validate_and_an_empty_mapping_means_defaults():
+    assert validate(Config()) == Config()
+    assert from_dict({}) == Config()
+
+
+def test_shipped_configs_load():
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert paths, "no configs/*.yaml shipped"
+    for path in paths:
+        assert isinstance(load(path), Config), path
+
+
+def test_yaml_file_with_overrides(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", TINY)
+    config = load(path, [
+        "es.noise_std=0.05",
+        "es.antithetic=false",
+        "es.learning_rate=1",  # an int where a float is wanted: widened, stays a float
+        "es.noise_std_final=null",
+        "generations=7",
+        "workers.count=3",
+        "checkpoint.every=5",
+        "seed=11",
+        "seed=12",  # the last --set of a key wins
+    ])
+    assert config.es.noise_std == 0.05 and type(config.es.noise_std) is float
+    assert config.es.antithetic is False
+    assert config.es.learning_rate == 1.0 and type(config.es.learning_rate) is float
+    assert config.es.noise_std_final is None
+    assert config.generations == 7 and type(config.generations) is int
+    assert config.workers.count == 3
+    assert config.checkpoint.every == 5
+    assert config.seed == 12
+    # Fields neither in the file's section nor overridden keep the file's values, then the defaults.
+    assert config.es.pop_size == TINY["es"]["pop_size"]
+    assert config.noise.table_size == TINY["noise"]["table_size"]
+    assert config.es.weight_decay == Config().es.weight_decay
+
+
+def test_override_creates_a_section_absent_from_the_file(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"generations": 2})
+    config = load(path, ["eval.train_size=500", "network.arithmetic=linear"])
+    assert config.eval.train_size == 500 and config.network.arithmetic == "linear"
+    assert config.generations == 2
+
+
+def test_an_empty_file_is_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert load(tmp_path / "empty.yaml") == Config()
+
+
+def test_config_is_frozen():
+    config = from_dict(TINY)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.es.noise_std = 1.0  # type: ignore[misc]
+
+
+def test_to_dict_round_trips():
+    config = from_dict(TINY, ["es.noise_std_final=0.01", "es.schedule=cosine"])
+    assert from_dict(config.to_dict()) == config
+
+
+# ---- file and --set problems ------------------------------------------------------------------------
+
+
+def test_nonexistent_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert_names(str(info.value), str(path), "does not exist", "--config")
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("es: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert_names(str(info.value), str(path), "not valid YAML")
+
+
+def test_top_level_list(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- seed: 1\n- generations: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert_names(str(info.value), str(path), "expected a mapping")
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("es.noise_std", ["--set 'es.noise_std'", "expected key=value"]),
+    ("=3", ["'=3'", "empty key"]),
+    ("es..noise_std=0.1", ["'es..noise_std=0.1'", "empty key"]),
+])
+def test_malformed_override(text, parts):
+    with pytest.raises(ConfigError) as info:
+        parse_override(text)
+    assert_names(str(info.value), *parts)
+    assert_names(refused(TINY, [text]), *parts)
+
+
+def test_override_into_a_scalar_is_refused():
+    assert_names(refused(TINY, ["seed.low=1"]), "seed.low=1", "seed is not a section")
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_override("es.antithetic=false") == (["es", "antithetic"], False)
+    assert parse_override("es.noise_std=0.5") == (["es", "noise_std"], 0.5)
+    assert parse_override("es.noise_std_final=null") == (["es", "noise_std_final"], None)
+    assert parse_override("es.noise_std_final=") == (["es", "noise_std_final"], None)
+    assert parse_override("data_dir=/a=b") == (["data_dir"], "/a=b")  # only the first '=' splits
+    assert parse_override("network.arithmetic=linear") == (["network", "arithmetic"], "linear")
+
+
+# ---- structure and types (_build) -------------------------------------------------------------------
+
+TYPE_CASES = {
+    "unknown top-level key": ({"sed": 1}, ["sed", "unknown field", "seed", "generations"]),
+    "unknown nested key": ({"es": {"noise_sd": 0.1}}, ["es.noise_sd", "unknown field", "noise_std"]),
+    "unknown section": ({"optimizer": {"lr": 1}}, ["optimizer", "unknown field", "es"]),
+    "section not a mapping": ({"es": 5}, ["es", "expected a mapping", "5"]),
+    "string for int": ({"es": {"pop_size": "eight"}}, ["es.pop_size", "expected an integer", "'eight'"]),
+    "bool for int": ({"es": {"pop_size": True}}, ["es.pop_size", "expected an integer", "True"]),
+    "float for int": ({"es": {"pop_size": 8.5}}, ["es.pop_size", "expected an integer", "8.5"]),
+    "integral float for int": ({"generations": 4.0}, ["generations", "expected an integer", "4.0"]),
+    "null for int": ({"seed": None}, ["seed", "expected an integer", "None"]),
+    "string for float": ({"es": {"noise_std": "big"}}, ["es.noise_std", "expected a number", "'big'"]),
+    "bool for float": ({"es": {"noise_std": True}}, ["es.noise_std", "expected a number", "True"]),
+    "string for optional float": ({"es": {"noise_std_final": "x"}}, ["es.noise_std_final", "expected a number", "'x'"]),
+    "string for bool": ({"es": {"antithetic": "yes"}}, ["es.antithetic", "expected true or false", "'yes'"]),
+    "int for bool": ({"es": {"antithetic": 1}}, ["es.antithetic", "expected true or false", "1"]),
+    "int for string": ({"network": {"arithmetic": 5}}, ["network.arithmetic", "expected a string", "5"]),
+    "list for string": ({"data_dir": ["a"]}, ["data_dir", "expected a string", "['a']"]),
+}
+
+
+@pytest.mark.parametrize("data, parts", TYPE_CASES.values(), ids=TYPE_CASES.keys())
+def test_structure_and_type_errors(data, parts):
+    merged = tiny_dict(**data) if all(isinstance(v, dict) for v in data.values()) else {**TINY, **data}
+    assert_names(refused(merged), *parts)
+
+
+def test_type_errors_through_set():
+    assert_names(refused(TINY, ["es.pop_size=eight"]), "es.pop_size", "expected an integer", "'eight'")
+    assert_names(refused(TINY, ["es.pop_size=8.0"]), "es.pop_size", "expected an integer", "8.0")
+    assert_names(refused(TINY, ["workers.count=true"]), "workers.count", "expected an integer", "True")
+    assert_names(refused(TINY, ["es.noise_sd=0.1"]), "es.noise_sd", "unknown field", "noise_std")
+
+
+# ---- value ranges and cross-field rules (validate) --------------------------------------------------
+
+RANGE_CASES = {
+    "negative seed": (["seed=-1"], ["seed", "-1", ">= 0"]),
+    "zero generations": (["generations=0"], ["generations", "0", ">= 1"]),
+    "unknown arithmetic": (["network.arithmetic=fast"], ["network.arithmetic", "'fast'", "tf-ftz", "linear", "cpu-ftz"]),
+    "cpu-ftz with gpus": (
+        ["network.arithmetic=cpu-ftz", "workers.gpus_per_worker=0.5"],
+        ["network.arithmetic", "cpu-ftz", "gpus_per_worker", "set_flush_denormal does nothing on CUDA", "tf-ftz"],
+    ),
+    "cpu-ftz on cuda": (
+        ["network.arithmetic=cpu-ftz", "workers.device=cuda"],
+        ["network.arithmetic", "cpu-ftz", "workers.device", "cuda", "set_flush_denormal does nothing on CUDA"],
+    ),
+    "pop of one": (["es.pop_size=1", "es.antithetic=false"], ["es.pop_size", "1", ">= 2"]),
+    "odd pop with antithetic": (["es.pop_size=7"], ["es.pop_size", "7", "odd", "antithetic", "even"]),
+    "zero sigma": (["es.noise_std=0"], ["es.noise_std", "0", "> 0"]),
+    "negative sigma": (["es.noise_std=-0.02"], ["es.noise_std", "-0.02", "> 0"]),
+    "zero final sigma": (["es.noise_std_final=0"], ["es.noise_std_final", "0", "> 0"]),
+    "zero learning rate": (["es.learning_rate=0"], ["es.learning_rate", "0", "> 0"]),
+    "negative final learning rate": (["es.learning_rate_final=-1"], ["es.learning_rate_final", "-1", "> 0"]),
+    "nan sigma": (["es.noise_std=.nan"], ["es.noise_std", "nan", "> 0"]),
+    "negative weight decay": (["es.weight_decay=-0.1"], ["es.weight_decay", "-0.1", ">= 0"]),
+    "unknown fitness": (["es.fitness=mse"], ["es.fitness", "'mse'", "cross_entropy", "accuracy"]),
+    "unknown schedule": (["es.schedule=exp"], ["es.schedule", "'exp'", "constant", "linear", "cosine"]),
+    "zero batch": (["es.batch_size=0"], ["es.batch_size", "0", "1 to 60000"]),
+    "batch above MNIST": (["es.batch_size=60001"], ["es.batch_size", "60001", "1 to 60000"]),
+    "final batch above MNIST": (["es.batch_size_final=70000"], ["es.batch_size_final", "70000", "1 to 60000"]),
+    "negative shard": (["es.shard_size=-8"], ["es.shard_size", "-8", "positive integer"]),
+    "zero members per tile": (["workers.members_per_tile=0"], ["members_per_tile", "0", ">= 1"]),
+    "table not above the parameter count": (
+        [f"noise.table_size={NUM_PARAMS}"], ["noise.table_size", str(NUM_PARAMS), "must exceed"],
+    ),
+    "table too large": ([f"noise.table_size={(1 << 31) + 1}"], ["noise.table_size", str((1 << 31) + 1), "at most"]),
+    "unknown executor": (["workers.executor=k8s"], ["workers.executor", "'k8s'", "ray", "local"]),
+    "unknown device": (["workers.device=tpu"], ["workers.device", "'tpu'", "auto", "cpu", "cuda"]),
+    "negative count": (["workers.count=-1"], ["workers.count", "-1", "0 (auto)"]),
+    "zero min count": (["workers.min_count=0"], ["workers.min_count", "0", ">= 1"]),
+    "max below min": (
+        ["workers.min_count=4", "workers.max_count=2"], ["workers.max_count", "2", "workers.min_count", "4"],
+    ),
+    "zero cpus per worker": (["workers.cpus_per_worker=0"], ["workers.cpus_per_worker", "0", ">= 1"]),
+    "negative gpus per worker": (["workers.gpus_per_worker=-1"], ["workers.gpus_per_worker", "-1", ">= 0"]),
+    "zero tile timeout": (["workers.tile_timeout_s=0"], ["workers.tile_timeout_s", "0", "> 0"]),
+    "zero no-worker timeout": (["workers.no_worker_timeout_s=0"], ["workers.no_worker_timeout_s", "0", "> 0"]),
+    "zero eval interval": (["eval.every=0"], ["eval.every", "0", ">= 1"]),
+    "eval train size above MNIST": (["eval.train_size=60001"], ["eval.train_size", "60001", "up to 60000"]),
+    "zero checkpoint interval": (["checkpoint.every=0"], ["checkpoint.every", "0", ">= 1"]),
+}
+
+
+@pytest.mark.parametrize("overrides, parts", RANGE_CASES.values(), ids=RANGE_CASES.keys())
+def test_range_errors(overrides, parts):
+    assert_names(refused(TINY, overrides), *parts)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["es.pop_size=7", "es.antithetic=false"],  # odd is fine without mirrored pairs
+    ["es.pop_size=2"],
+    [f"noise.table_size={NUM_PARAMS + 1}"],
+    ["noise.table_size=2147483648"],
+    ["es.batch_size=1", "es.batch_size_final=60000"],
+    ["eval.train_size=0", "eval.train_size=60000"],
+    ["network.arithmetic=cpu-ftz", "workers.device=cpu", "workers.gpus_per_worker=0"],
+    ["network.arithmetic=tf-ftz", "workers.device=cuda", "workers.gpus_per_worker=1"],
+    ["workers.min_count=3", "workers.max_count=3"],
+    ["seed=0", "es.weight_decay=0", "es.shard_size=0", "workers.count=0"],
+])
+def test_boundary_values_are_accepted(overrides):
+    config = from_dict(TINY, overrides)
+    assert isinstance(config, Config)
+
+
+def test_odd_population_without_antithetic_keeps_its_size():
+    config = from_dict(TINY, ["es.pop_size=7", "es.antithetic=false"])
+    assert config.es.pop_size == 7 and config.es.antithetic is False
+
+
+# ---- digest -----------------------------------------------------------------------------------------
+
+
+def digest(*overrides: str) -> str:
+    return from_dict(TINY, list(overrides)).digest()
+
+
+def test_digest_is_stable():
+    assert digest() == digest() == from_dict(TINY).digest()
+    assert len(digest()) == 16 and int(digest(), 16) >= 0
+
+
+@pytest.mark.parametrize("override", [
+    "seed=4",
+    "es.noise_std=0.03",
+    "es.noise_std_final=0.01",
+    "es.learning_rate=0.02",
+    "es.pop_size=6",
+    "es.antithetic=false",
+    "es.batch_size=64",
+    "es.fitness=accuracy",
+    "es.weight_decay=0.001",
+    "network.arithmetic=linear",
+    "noise.table_size=2097152",
+])
+def test_digest_changes_with_a_trajectory_field(override):
+    assert digest(override) != digest()
+
+
+@pytest.mark.parametrize("override", [
+    "generations=50",
+    "data_dir=/elsewhere",
+    "workers.executor=ray",
+    "workers.device=auto",
+    "workers.count=5",
+    "workers.members_per_tile=1",
+    "workers.gpus_per_worker=1",
+    "workers.tile_timeout_s=5",
+    "eval.every=1",
+    "eval.train_size=0",
+    "checkpoint.every=1",
+])
+def test_digest_ignores_where_and_how_often(override):
+    assert digest(override) == digest()
