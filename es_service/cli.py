@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from es_service import jobs
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    jobs.add_commands(commands)
     return parser
 
 
@@ -72,6 +75,8 @@ def _dispatch(args) -> dict:
     from es_service import runner
     from es_service.config import load
 
+    if args.command in jobs.COMMANDS:
+        return jobs.dispatch(args)
     if args.command == "train":
         config = load(args.config, _overrides(args))
         run_dir = Path(args.run_dir) if args.run_dir else runner.default_run_dir(args.config)

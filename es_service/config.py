@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -76,6 +77,8 @@ class WorkersConfig:
     """ray (stateless Ray actors) or local (the same evaluator in the driver's process)."""
     device: str = "auto"
     """Evaluator device for the local executor: auto (CUDA if present), cpu or cuda. Ray actors use CUDA iff they hold a GPU."""
+    fused: bool = True
+    """Compile each layer's elementwise work into one kernel (torch.compile; bitwise equal to eager)."""
     members_per_tile: int = 8
     """Population members evaluated together in one tile (one worker call); never changes theta."""
     count: int = 0
@@ -133,7 +136,10 @@ class Config:
         data.pop("data_dir")
         data["eval"] = None
         data["checkpoint"] = None
-        data.pop("generations")
+        es = self.es
+        scheduled = es.noise_std_final is not None or es.learning_rate_final is not None or es.batch_size_final is not None
+        if not scheduled:  # schedules stretch over `generations`; otherwise it only says when to stop
+            data.pop("generations")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -215,8 +221,8 @@ def validate(config: Config) -> Config:
     )
     for name in ("noise_std", "noise_std_final", "learning_rate", "learning_rate_final"):
         value = getattr(es, name)
-        _require(value is None or value > 0, f"es.{name}: {value}; use a number > 0")
-    _require(es.weight_decay >= 0, f"es.weight_decay: {es.weight_decay}; use a number >= 0")
+        _require(value is None or 0 < value < math.inf, f"es.{name}: {value}; use a finite number > 0")
+    _require(0 <= es.weight_decay < math.inf, f"es.weight_decay: {es.weight_decay}; use a finite number >= 0")
     _require(es.fitness in FITNESS_KINDS, f"es.fitness: {es.fitness!r}; allowed: {', '.join(FITNESS_KINDS)}")
     _require(es.schedule in SCHEDULES, f"es.schedule: {es.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     for name in ("batch_size", "batch_size_final"):
@@ -277,7 +283,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
-    data = json.loads(json.dumps(data))  # deep copy; also rejects non-plain values early
+    try:
+        data = json.loads(json.dumps(data))  # deep copy; also rejects non-plain values early
+    except TypeError as err:
+        raise ConfigError(f"the config holds a value that is not a plain number, string, list or mapping ({err}); "
+                          "quote dates and other special YAML values") from None
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -299,7 +309,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of fields at the top level")
     return from_dict(data, overrides)

@@ -70,7 +70,7 @@ class Trainer:
     def evaluate_center(self) -> dict[str, float]:
         arithmetic = self.config.network.arithmetic
         self.last_accuracy = {
-            f"{name}_accuracy": accuracy(self.theta, images, labels, arithmetic)
+            f"{name}_accuracy": accuracy(self.theta, images, labels, arithmetic, fused=self.config.workers.fused)
             for name, (images, labels) in self.eval_sets.items()
         }
         return self.last_accuracy

@@ -62,8 +62,9 @@ def resolve_device(preference: str) -> str:
 class LocalExecutor:
     """The same evaluator, in this process, one tile after another."""
 
-    def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str):
-        self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device)
+    def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str,
+                 fused: bool = False):
+        self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused)
         self.device = device
 
     def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:

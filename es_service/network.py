@@ -18,6 +18,9 @@ No Ray and no I/O here.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -95,7 +98,74 @@ def _bias(b: torch.Tensor, batched: bool) -> torch.Tensor:
     return b.unsqueeze(-2) if batched else b
 
 
-def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str) -> torch.Tensor:
+def tf_ftz_hidden1(z1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """Layer 1 epilogue, scaled frame: flush(flush(flush(z1) + flush(b1)) / s) * s."""
+    return flush_divide(flush(flush(z1) + flush(b1)))
+
+
+def tf_ftz_hidden(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Layer 2 epilogue, scaled frame: flush(flush(z) + flush(flush(b) / s)) with z carried s higher."""
+    return flush_scaled(flush_scaled(z) + flush_divide(b))
+
+
+def tf_ftz_logits(z3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+    """Layer 3 epilogue: flush((flush(z3) + flush(flush(b3) / s)) * s); the frame's s is the final * s."""
+    return flush(tf_ftz_hidden(z3, b3))
+
+
+def add_bias(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return z + b
+
+
+@dataclass(frozen=True)
+class Epilogues:
+    """The elementwise work after each matmul. Only exact ops (add, abs, compare, select, copysign):
+    fusing them into one kernel per layer (torch.compile) cannot change a single bit."""
+
+    hidden1: Callable
+    hidden2: Callable
+    logits: Callable
+
+
+EAGER = {
+    "tf-ftz": Epilogues(tf_ftz_hidden1, tf_ftz_hidden, tf_ftz_logits),
+    "linear": Epilogues(add_bias, add_bias, add_bias),
+}
+_COMPILED: dict[str, Epilogues] = {}
+
+
+def epilogues(arithmetic: str, fused: bool = False) -> Epilogues:
+    """Eager epilogues, or the same functions compiled into one fused kernel per layer."""
+    if arithmetic not in EAGER:
+        raise ValueError(f"unknown arithmetic {arithmetic!r} for the scaled frame; allowed: tf-ftz, linear")
+    if not fused:
+        return EAGER[arithmetic]
+    if arithmetic not in _COMPILED:
+        eager = EAGER[arithmetic]
+        _COMPILED[arithmetic] = Epilogues(*(_Compiled(fn) for fn in (eager.hidden1, eager.hidden2, eager.logits)))
+    return _COMPILED[arithmetic]
+
+
+class _Compiled:
+    """torch.compile'd epilogue that falls back to eager (same bits, slower) where compiling fails,
+    e.g. on a machine without a C++ compiler."""
+
+    def __init__(self, fn: Callable):
+        self.eager = fn
+        self.compiled = torch.compile(fn, dynamic=None)
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # inductor raises many types; eager is always correct
+                warnings.warn(f"torch.compile failed ({type(err).__name__}); using eager epilogues")
+                self.failed = True
+        return self.eager(*args)
+
+
+def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:
     """Logits for images ``x`` (B, 784). ``params`` may carry a leading member dimension (P, ...),
     in which case the result is (P, B, 10) from batched matmuls.
 
@@ -109,19 +179,12 @@ def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str) -> tor
     """
     if arithmetic == "cpu-ftz":
         return forward_native(x, params, arithmetic)
+    ops = epilogues(arithmetic, fused)
     w1, b1, w2, b2, w3, b3 = params
     batched = w1.dim() == 3
-    if arithmetic == "linear":
-        h1 = torch.matmul(x, w1) + _bias(b1, batched)
-        h2 = torch.matmul(h1, w2) + _bias(b2, batched)
-        return torch.matmul(h2, w3) + _bias(b3, batched)
-    if arithmetic != "tf-ftz":
-        raise ValueError(f"unknown arithmetic {arithmetic!r}; allowed: tf-ftz, linear, cpu-ftz")
-    g = flush_scaled
-    h1 = flush_divide(flush(flush(torch.matmul(x, w1)) + flush(_bias(b1, batched))))
-    h2 = g(g(torch.matmul(h1, w2)) + flush_divide(_bias(b2, batched)))
-    a3 = g(g(torch.matmul(h2, w3)) + flush_divide(_bias(b3, batched)))
-    return flush(a3)
+    h1 = ops.hidden1(torch.matmul(x, w1), _bias(b1, batched))
+    h2 = ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))
+    return ops.logits(torch.matmul(h2, w3), _bias(b3, batched))
 
 
 def forward_native(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str) -> torch.Tensor:

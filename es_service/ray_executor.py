@@ -80,7 +80,7 @@ class RayExecutor:
         if not self._requested and not self.config.count:
             self._request_resources()
         for _ in range(self.target_count() - len(self.workers)):
-            handle = self.actor_class.remote(self.refs, self.arithmetic, self.config.cpus_per_worker)
+            handle = self.actor_class.remote(self.refs, self.arithmetic, self.config.cpus_per_worker, self.config.fused)
             self.workers[self._next_id] = _Worker(handle, handle.ready.remote())
             self._next_id += 1
         pending = {w.ready_ref: wid for wid, w in self.workers.items() if not w.ready}

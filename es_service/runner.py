@@ -82,8 +82,8 @@ def create_run_dir(run_dir: Path, config: Config, state: dict, force: bool) -> N
 def build_executor(config: Config, table, data, address: str | None):
     arithmetic = config.network.arithmetic
     if config.workers.executor == "local":
-        device = resolve_device(config.workers.device)
-        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device)
+        device = "cpu" if arithmetic == "cpu-ftz" else resolve_device(config.workers.device)
+        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused)
     import ray
 
     from es_service.ray_executor import RayExecutor
@@ -160,6 +160,11 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
                 "(other fields would change theta's path); start a new run instead"
             )
     config = from_dict(config.to_dict(), list(overrides))
+    if config.digest() != state["config"].digest():
+        raise ConfigError(
+            "--set generations: this run's schedules (es.*_final) stretch over `generations`, so changing it "
+            "would change theta's path; resume without it or start a new run"
+        )
     if state["generation"] > config.generations:
         raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

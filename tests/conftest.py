@@ -11,7 +11,7 @@ TINY = {
     "generations": 4,
     "es": {"pop_size": 8, "batch_size": 64, "noise_std": 0.02, "learning_rate": 0.01},
     "noise": {"table_size": 1 << 20},
-    "workers": {"executor": "local", "device": "cpu", "members_per_tile": 3},
+    "workers": {"executor": "local", "device": "cpu", "members_per_tile": 3, "fused": False},
     "eval": {"every": 2, "train_size": 500},
     "checkpoint": {"every": 2},
 }

@@ -22,7 +22,7 @@ TINY: dict[str, Any] = {
     "network": {"arithmetic": "tf-ftz"},
     "es": {"pop_size": 4, "batch_size": 32, "noise_std": 0.02, "learning_rate": 0.01},
     "noise": {"table_size": 1 << 20},
-    "workers": {"executor": "local", "device": "cpu"},
+    "workers": {"executor": "local", "device": "cpu", "fused": False},
     "eval": {"every": 2, "train_size": 500},
     "checkpoint": {"every": 2},
 }

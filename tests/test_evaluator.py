@@ -74,3 +74,20 @@ def test_cpu_ftz_refused_on_cuda():
 def test_center_accuracy_is_chance_level_at_init(mnist):
     value = accuracy(network.init_theta(0), mnist.test_images, mnist.test_labels, "tf-ftz")
     assert 0.0 <= value < 0.3
+
+
+def test_fused_epilogues_are_bitwise_equal_to_the_reference(mnist):
+    """torch.compile'd layer epilogues (one kernel per layer) against eager reference ops, on CPU."""
+    table = noise.make_table(7, 1 << 20)
+    eager = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=False)
+    fused = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=True)
+    theta = network.init_theta(0)
+    offsets, signs = _members(4, seed=3)
+    images = np.arange(200, 328, dtype=np.int64)
+    expected = eager.evaluate(theta, offsets, signs, 0.02, images)
+    got = fused.evaluate(theta, offsets, signs, 0.02, images)
+    assert not any(fn.failed for fn in vars(network.epilogues("tf-ftz", fused=True)).values())
+    assert np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
+    x = mnist.test_images[:500].reshape(-1, 784).float() / 255.0
+    params = network.unflatten(theta)
+    assert torch.equal(network.forward(x, params, "tf-ftz", fused=True), network.forward(x, params, "tf-ftz"))

@@ -23,7 +23,7 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class PopulationWorker:
-    def __init__(self, refs: dict, arithmetic: str, threads: int):
+    def __init__(self, refs: dict, arithmetic: str, threads: int, fused: bool = False):
         set_process_arithmetic(arithmetic)  # before any parallel torch op: the flag is per thread
         torch.set_num_threads(threads)
         import ray
@@ -31,7 +31,9 @@ class PopulationWorker:
         table, images, labels = ray.get([refs["table"], refs["images"], refs["labels"]])
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
-        self.evaluator = PopulationEvaluator(_tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device)
+        self.evaluator = PopulationEvaluator(
+            _tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device, fused
+        )
         self.node_id = ray.get_runtime_context().get_node_id()
         self._generation = -1
         self._theta: torch.Tensor | None = None

@@ -28,6 +28,12 @@ def set_process_arithmetic(arithmetic: str) -> None:
 
 
 class PopulationEvaluator:
+    """Holds the noise table and MNIST on one device; evaluates members given only offsets and signs.
+
+    ``fused`` compiles each layer's elementwise epilogue into one kernel (bitwise equal to eager,
+    see network.Epilogues). On CUDA a tile runs as batched matmuls in chunks sized from free memory.
+    """
+
     def __init__(
         self,
         table: torch.Tensor,
@@ -35,6 +41,8 @@ class PopulationEvaluator:
         labels: torch.Tensor,
         arithmetic: str,
         device: str | torch.device = "cpu",
+        fused: bool = False,
+        memory_fraction: float = 0.6,
     ):
         self.device = torch.device(device)
         if arithmetic == "cpu-ftz" and self.device.type != "cpu":
@@ -42,19 +50,40 @@ class PopulationEvaluator:
         if arithmetic not in ("tf-ftz", "linear", "cpu-ftz"):
             raise ValueError(f"unknown arithmetic {arithmetic!r}; allowed: tf-ftz, linear, cpu-ftz")
         self.arithmetic = arithmetic
+        self.fused = fused and arithmetic != "cpu-ftz"
+        self.memory_fraction = memory_fraction
         self.table = table.to(self.device, dtype=torch.float32)
+        self.windows = noise.windows(self.table)
         self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
         self.labels = labels.to(self.device, dtype=torch.int64)
+        self._scratch: torch.Tensor | None = None  # perturbed parameters, reused across generations
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
         return self.images.index_select(0, index).float() / 255.0, self.labels.index_select(0, index)
 
+    def _scratch_rows(self, rows: int) -> torch.Tensor:
+        if self._scratch is None or self._scratch.shape[0] < rows:
+            self._scratch = torch.empty(rows, network.NUM_PARAMS, device=self.device)
+        return self._scratch[:rows]
+
     def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor) -> torch.Tensor:
-        """(n, NUM_PARAMS) perturbed parameters: theta + (sign * sigma) * slice, rounded in that order."""
-        rows = noise.slices(self.table, offsets)
+        """(n, NUM_PARAMS) perturbed parameters: theta + (sign * sigma) * slice, rounded in that order.
+        Built on this device from the cached table; the result lives in a reused scratch buffer."""
+        index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
+        rows = torch.index_select(self.windows, 0, index, out=self._scratch_rows(len(offsets)))
         rows.mul_(scales.unsqueeze(1))
         return rows.add_(theta)
+
+    def chunk_size(self, batch_size: int) -> int:
+        """Members per batched pass on CUDA, from the device's free memory."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_member = 4 * (network.NUM_PARAMS + batch_size * (4 * 512 + 2 * 10))
+        return max(1, int(free * self.memory_fraction // per_member))
+
+    def logits(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, x: torch.Tensor):
+        params = network.unflatten(self.perturbed(theta, offsets, scales))
+        return network.forward(x, params, self.arithmetic, self.fused)
 
     def evaluate(
         self,
@@ -70,20 +99,17 @@ class PopulationEvaluator:
             raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
-        if self.device.type == "cpu":
-            logits = torch.stack(
-                [self._member_logits(theta, offsets[j : j + 1], scales[j : j + 1], x) for j in range(len(offsets))]
-            )
-        else:
-            params = network.unflatten(self.perturbed(theta, offsets, scales))
-            logits = network.forward(x, params, self.arithmetic)
-        return self._score(logits, y)
-
-    def _member_logits(self, theta, offsets, scales, x) -> torch.Tensor:
-        params = network.unflatten(self.perturbed(theta, offsets, scales)[0])
-        return network.forward(x, params, self.arithmetic)
+        # CPU: one member at a time (its intermediates stay in cache); CUDA: batched chunks.
+        step = 1 if self.device.type == "cpu" else self.chunk_size(len(y))
+        results = [
+            self._score(self.logits(theta, offsets[start : start + step], scales[start : start + step], x), y)
+            for start in range(0, len(offsets), step)
+        ]
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(0)
         members, batch = logits.shape[0], logits.shape[1]
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(members * batch, -1), y.repeat(members), reduction="none"
@@ -95,7 +121,7 @@ class PopulationEvaluator:
 
     def accuracy(self, theta: torch.Tensor) -> float:
         """Accuracy of the unperturbed network on all of this evaluator's images."""
-        return accuracy(theta, self.images, self.labels, self.arithmetic)
+        return accuracy(theta, self.images, self.labels, self.arithmetic, fused=self.fused)
 
 
 @dataclass(frozen=True)
@@ -137,7 +163,8 @@ def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask
 
 
 def accuracy(
-    theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, chunk: int = 2000
+    theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, chunk: int = 2000,
+    fused: bool = False,
 ) -> float:
     """Accuracy of the unperturbed network ``theta`` on uint8 ``images`` (computed on their device)."""
     params = network.unflatten(theta.to(images.device, dtype=torch.float32))
@@ -145,6 +172,6 @@ def accuracy(
     correct = 0
     for start in range(0, images.shape[0], chunk):
         x = images[start : start + chunk].float() / 255.0
-        predicted = network.forward(x, params, arithmetic).argmax(dim=-1)
+        predicted = network.forward(x, params, arithmetic, fused).argmax(dim=-1)
         correct += int((predicted == labels[start : start + chunk].to(images.device)).sum())
     return correct / images.shape[0]

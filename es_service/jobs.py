@@ -1,0 +1,382 @@
+"""``es-service submit/status/logs/stop/list``: ES runs as Ray jobs on a running cluster.
+
+A submitted job runs ``es-service train --config CONFIG --run-dir DIR --quiet [--set ...]`` on the
+cluster's head node (``es-service`` must be installed there), with its own run directory and its own
+worker actors. The config is checked here first: a bad config fails with exit code 2 before the
+cluster is contacted.
+
+The commands talk to the Ray jobs API (the dashboard, ``http://HEAD:8265``) through
+:class:`ray.job_submission.JobSubmissionClient`. Ray 2.60 clusters started with ``ray start --head``
+or ``ray.init()`` require a bearer token (token authentication). Ray's client attaches one only when
+``RAY_AUTH_MODE=token`` is set in the client's environment, so these commands read the token
+themselves and always send it as ``Authorization: Bearer <token>``. Where it comes from, first
+match wins: ``--token-file FILE``, ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token`` (Ray's own order, with ``--token-file`` on top). With none of them no token is
+sent, which only a cluster with ``RAY_AUTH_MODE=disabled`` accepts.
+
+Exit codes: 0 done; 1 the cluster cannot be reached, a request failed or a waited-for job did not
+succeed; 2 bad input (config, address, token, job id); 130 interrupted while waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+COMMANDS = ("submit", "status", "logs", "stop", "list")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+STOP_GRACE_S = 60
+"""Seconds Ray waits after SIGTERM before it SIGKILLs a stopped job (Ray's default is 3): time for
+the run to finish its generation and write a checkpoint. Sent as RAY_JOB_STOP_WAIT_TIME_S."""
+PASSED_ENV = ("ES_DATA_DIR",)
+"""Variables copied from the submitting shell into the job's environment when they are set."""
+META_PREFIX = "es_service."
+
+
+class JobsError(Exception):
+    """A problem phrased for the user, with the fix; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_commands(commands) -> None:
+    """Add submit/status/logs/stop/list to the CLI's subparsers."""
+    submit = commands.add_parser("submit", help="run a config as a Ray job on a running cluster")
+    submit.add_argument("config", help="YAML config file (checked here before anything is sent)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable); passed on to the job")
+    submit.add_argument("--run-dir", help="the job's run directory: absolute, or relative to the job's working "
+                                          "directory on the head (default runs/<config stem>-<submission id>)")
+    submit.add_argument("--working-dir", help="directory uploaded as the job's working directory; it must hold "
+                                              "the config (default: a fresh directory holding only the config)")
+    submit.add_argument("--data-dir", help="MNIST folder on the head node, passed to `train --data-dir`")
+    submit.add_argument("--submission-id", help="job id to use (default es-<random>); must be new on the cluster")
+    submit.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
+    _connection_options(submit)
+
+    status = commands.add_parser("status", help="status of a submitted job (JSON)")
+    status.add_argument("job_id", metavar="JOB_ID")
+    _connection_options(status)
+
+    logs = commands.add_parser("logs", help="driver output of a submitted job")
+    logs.add_argument("job_id", metavar="JOB_ID")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    _connection_options(logs)
+
+    stop = commands.add_parser("stop", help="stop a submitted job (SIGTERM: it checkpoints, then exits)")
+    stop.add_argument("job_id", metavar="JOB_ID")
+    stop.add_argument("--no-wait", action="store_true", help="return without waiting for the job to end")
+    _connection_options(stop)
+
+    listing = commands.add_parser("list", help="jobs submitted to the cluster (JSON)")
+    _connection_options(listing)
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: "
+                                          f"$RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or {DEFAULT_ADDRESS})")
+    parser.add_argument("--token-file", help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
+                                             "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)")
+
+
+def resolve_address(address: str | None) -> str:
+    """The jobs API URL: --address, $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, the local default."""
+    source = "--address"
+    if not address:
+        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            value = os.environ.get(name, "").strip()
+            # RAY_ADDRESS often holds a GCS address (HOST:6379, auto) for ray.init: only a URL fits here
+            if value and (name == "RAY_API_SERVER_ADDRESS" or value.startswith(("http://", "https://"))):
+                address, source = value, f"${name}"
+                break
+        else:
+            return DEFAULT_ADDRESS
+    address = address.strip().rstrip("/")
+    if address == "auto" or address.startswith("ray://") or ("://" in address and not address.startswith(
+            ("http://", "https://"))):
+        raise JobsError(f"{source} {address!r}: expected the jobs API URL of the head's dashboard, "
+                        "e.g. --address http://HEAD:8265 (not a ray:// or GCS address)", EXIT_BAD_INPUT)
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def resolve_token(token_file: str | None) -> tuple[str | None, str]:
+    """(token or None, where it came from), in Ray's order with --token-file first."""
+    if token_file:
+        return _read_token(Path(token_file).expanduser(), "--token-file"), f"--token-file {token_file}"
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = os.environ["RAY_AUTH_TOKEN_PATH"]
+        return _read_token(Path(path).expanduser(), "$RAY_AUTH_TOKEN_PATH"), f"$RAY_AUTH_TOKEN_PATH {path}"
+    default = DEFAULT_TOKEN_FILE.expanduser()
+    if default.is_file():
+        return _read_token(default, str(DEFAULT_TOKEN_FILE)), str(DEFAULT_TOKEN_FILE)
+    return None, "no token"
+
+
+def _read_token(path: Path, source: str) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as err:
+        raise JobsError(f"{source} {str(path)!r} cannot be read ({err.strerror or err}); copy the cluster's token "
+                        "(`ray get-auth-token` on the head) into a readable file", EXIT_BAD_INPUT) from None
+    if not token:
+        raise JobsError(f"{source} {str(path)!r} is empty; put the cluster's token in it "
+                        "(`ray get-auth-token` on the head prints it)", EXIT_BAD_INPUT)
+    return token
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+
+
+class Cluster:
+    """A JobSubmissionClient that always carries the token and turns Ray's errors into JobsError."""
+
+    def __init__(self, address: str | None, token_file: str | None):
+        self.address = resolve_address(address)
+        self.token, self.token_source = resolve_token(token_file)
+        # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address; ours must win.
+        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            os.environ.pop(name, None)
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self.client = self._call(lambda: JobSubmissionClient(self.address, headers=headers))
+
+    def _call(self, fn, job_id: str | None = None):
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return fn()
+        except AuthenticationError as err:
+            if str(getattr(err, "message", err)).startswith("Authentication required"):  # HTTP 401
+                raise JobsError(
+                    f"the Ray cluster at {self.address} requires an auth token and none was sent ({self.token_source} "
+                    "found); run `ray get-auth-token` on the head and put the token in ~/.ray/auth_token, "
+                    "pass --token-file FILE or set RAY_AUTH_TOKEN", EXIT_BAD_INPUT) from None
+            raise JobsError(
+                f"the Ray cluster at {self.address} refused the auth token from {self.token_source}; use the "
+                "token printed by `ray get-auth-token` on the head (--token-file FILE, RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token)", EXIT_BAD_INPUT) from None
+        except ConnectionError as err:
+            raise JobsError(
+                f"cannot reach the Ray jobs API at {self.address} ({_first_line(err)}); start the head with "
+                "`ray start --head --dashboard-host=0.0.0.0` or pass --address http://HEAD:8265 "
+                "(or set RAY_API_SERVER_ADDRESS)", EXIT_FAILED) from None
+        except RuntimeError as err:
+            text = str(err)
+            if job_id is not None and ("404" in text or "does not exist" in text):
+                raise JobsError(f"no job {job_id!r} on the Ray cluster at {self.address}; "
+                                "`es-service list` shows the submitted jobs", EXIT_BAD_INPUT) from None
+            if "already exists" in text:
+                raise JobsError(f"{_first_line(err)}; pick another --submission-id", EXIT_BAD_INPUT) from None
+            raise JobsError(f"the Ray jobs API at {self.address} failed: {_first_line(err)}", EXIT_FAILED) from None
+        except Exception as err:  # requests errors (bad URL, TLS, timeouts) and aiohttp errors
+            if type(err).__module__.split(".")[0] in ("requests", "urllib3", "aiohttp"):
+                raise JobsError(f"cannot talk to the Ray jobs API at {self.address}: {_first_line(err)}; "
+                                "check --address (http://HEAD:8265)", EXIT_FAILED) from None
+            raise
+
+    def info(self, job_id: str):
+        return self._call(lambda: self.client.get_job_info(job_id), job_id)
+
+    def wait_terminal(self, job_id: str, timeout_s: float | None = None):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            info = self.info(job_id)
+            if _status(info) in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+                return info
+            time.sleep(0.5)
+
+    def follow(self, job_id: str, out=sys.stdout) -> None:
+        self.info(job_id)  # a clear error for an unknown id before the websocket opens
+
+        async def tail():
+            async for chunk in self.client.tail_job_logs(job_id):
+                out.write(chunk)
+                out.flush()
+
+        self._call(lambda: asyncio.run(tail()), job_id)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+def _status(info) -> str:
+    status = info.status
+    return getattr(status, "value", str(status))
+
+
+def _time(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe(info) -> dict:
+    """The fields of a JobDetails worth showing, as plain JSON."""
+    meta = dict(info.metadata or {})
+    record = {
+        "submission_id": info.submission_id,
+        "status": _status(info),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "run_dir": meta.pop(META_PREFIX + "run_dir", None),
+        "config": meta.pop(META_PREFIX + "config", None),
+        "start_time": _time(info.start_time),
+        "end_time": _time(info.end_time),
+        "duration_s": round((info.end_time - info.start_time) / 1000, 1)
+        if info.start_time and info.end_time else None,
+        "driver_exit_code": getattr(info, "driver_exit_code", None),
+    }
+    if getattr(info, "error_type", None):
+        record["error_type"] = info.error_type
+    if meta:
+        record["metadata"] = meta
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def dispatch(args) -> dict | list:
+    """Run one jobs command. Returns what the CLI prints as JSON, or exits (SystemExit) itself."""
+    try:
+        return _COMMANDS[args.command](args)
+    except JobsError as err:
+        print(f"es-service: error: {err}", file=sys.stderr)
+        raise SystemExit(err.code) from None
+    except KeyboardInterrupt:
+        job = getattr(args, "job_id", None) or getattr(args, "_submitted", None)
+        hint = f"; the job keeps running (`es-service stop {job}` ends it)" if job else ""
+        print(f"es-service: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def build_submission(args) -> tuple[str, dict, dict, str, str]:
+    """Validate locally; return (entrypoint, runtime_env, metadata, submission_id, run_dir).
+
+    ``runtime_env["working_dir"]`` is a local directory; a fresh one is made when --working-dir is not
+    given (the caller removes it after submitting).
+    """
+    from es_service.config import ConfigError, load
+
+    config_path = Path(args.config)
+    overrides = list(args.overrides)
+    try:
+        load(config_path, overrides + ([f"data_dir={args.data_dir}"] if args.data_dir else []))
+    except ConfigError as err:
+        raise JobsError(str(err), EXIT_BAD_INPUT) from None
+    if args.working_dir:
+        working_dir = Path(args.working_dir)
+        if not working_dir.is_dir():
+            raise JobsError(f"--working-dir {args.working_dir!r} is not a directory; pass the folder to upload "
+                            "(it must hold the config)", EXIT_BAD_INPUT)
+        try:
+            relative = config_path.resolve().relative_to(working_dir.resolve())
+        except ValueError:
+            raise JobsError(f"config {args.config!r} is not inside --working-dir {args.working_dir!r}; the job "
+                            "reads it from there: move it in, or leave out --working-dir", EXIT_BAD_INPUT) from None
+    else:
+        working_dir = Path(tempfile.mkdtemp(prefix="es-service-submit-"))
+        shutil.copyfile(config_path, working_dir / config_path.name)
+        relative = Path(config_path.name)
+    submission_id = args.submission_id or f"es-{secrets.token_hex(6)}"
+    run_dir = args.run_dir or f"runs/{config_path.stem}-{submission_id}"
+    command = ["es-service", "train", "--config", relative.as_posix(), "--run-dir", run_dir, "--quiet"]
+    for text in overrides:
+        command += ["--set", text]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    env_vars = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
+    env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_GRACE_S)
+    runtime_env = {"working_dir": str(working_dir), "env_vars": env_vars}
+    metadata = {META_PREFIX + "config": config_path.name, META_PREFIX + "run_dir": run_dir}
+    return shlex.join(command), runtime_env, metadata, submission_id, run_dir
+
+
+def cmd_submit(args):
+    entrypoint, runtime_env, metadata, submission_id, run_dir = build_submission(args)
+    staged = None if args.working_dir else runtime_env["working_dir"]
+    try:
+        cluster = Cluster(args.address, args.token_file)
+        cluster._call(lambda: cluster.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                                         runtime_env=runtime_env, metadata=metadata))
+    finally:
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+    args._submitted = submission_id
+    print(submission_id, flush=True)
+    where = "" if os.path.isabs(run_dir) else " (relative to the job's working directory on the head)"
+    print(f"es-service: submitted {submission_id} to {cluster.address}: {entrypoint}\n"
+          f"es-service: run dir {run_dir}{where}; `es-service status {submission_id}` or "
+          f"`es-service logs --follow {submission_id}`", file=sys.stderr, flush=True)
+    if args.no_wait:
+        raise SystemExit(0)
+    cluster.follow(submission_id)
+    info = cluster.wait_terminal(submission_id, timeout_s=60)
+    status = _status(info)
+    if status != "SUCCEEDED":
+        raise JobsError(f"job {submission_id} {status}: {info.message or 'no message'}; "
+                        f"see `es-service logs {submission_id}`", EXIT_FAILED)
+    print(f"es-service: job {submission_id} SUCCEEDED; run dir {run_dir}", file=sys.stderr)
+    raise SystemExit(0)
+
+
+def cmd_status(args):
+    cluster = Cluster(args.address, args.token_file)
+    return describe(cluster.info(args.job_id))
+
+
+def cmd_logs(args):
+    cluster = Cluster(args.address, args.token_file)
+    if args.follow:
+        cluster.follow(args.job_id)
+    else:
+        cluster.info(args.job_id)
+        sys.stdout.write(cluster._call(lambda: cluster.client.get_job_logs(args.job_id), args.job_id))
+        sys.stdout.flush()
+    raise SystemExit(0)
+
+
+def cmd_stop(args):
+    cluster = Cluster(args.address, args.token_file)
+    cluster.info(args.job_id)
+    requested = cluster._call(lambda: cluster.client.stop_job(args.job_id), args.job_id)
+    info = cluster.info(args.job_id) if args.no_wait else cluster.wait_terminal(args.job_id, STOP_GRACE_S + 30)
+    return {"submission_id": args.job_id, "stop_requested": bool(requested), "status": _status(info),
+            "message": info.message}
+
+
+def cmd_list(args):
+    cluster = Cluster(args.address, args.token_file)
+    jobs = [job for job in cluster._call(cluster.client.list_jobs) if job.submission_id]
+    jobs.sort(key=lambda job: job.start_time or 0)
+    return [describe(job) for job in jobs]
+
+
+_COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list}
