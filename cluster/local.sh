@@ -27,6 +27,7 @@
 #
 # Environment knobs: ES_LOCAL_HEAD_CPUS (2), ES_LOCAL_TEMP_DIR (/tmp/ray-es-local),
 # ES_LOCAL_DASHBOARD_PORT (8265; the GCS port stays 6379, which the fake provider assumes),
+# ES_LOCAL_AGENT_PORT (0 = any free port),
 # ES_LOCAL_STOP_GRACE_S (10), ES_LOCAL_STATE (state file), RAY (the ray CLI to use).
 # Needs bash >= 4 (mapfile) and a POSIX `ps`.
 set -euo pipefail
@@ -37,6 +38,10 @@ CONFIG="$HERE/local.yaml"
 HEAD_CPUS="${ES_LOCAL_HEAD_CPUS:-2}"
 TEMP_DIR="${ES_LOCAL_TEMP_DIR:-/tmp/ray-es-local}"
 DASHBOARD_PORT="${ES_LOCAL_DASHBOARD_PORT:-8265}"
+# The dashboard agent's HTTP port (Ray's default is a fixed 52365, which a second Ray
+# instance on the same machine can't bind, and then job submission fails with "No
+# available agent to submit job"); 0 = any free port, as the fake worker nodes use.
+AGENT_PORT="${ES_LOCAL_AGENT_PORT:-0}"
 GRACE_S="${ES_LOCAL_STOP_GRACE_S:-10}"
 STATE="${ES_LOCAL_STATE:-${TMPDIR:-/tmp}/es-local-cluster-$(id -u).state}"
 
@@ -142,7 +147,7 @@ cmd_start() {
     if ! "$PYTHON" - "$pgid_file" env RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1 \
         "$RAY" start --head --num-cpus="$HEAD_CPUS" --autoscaling-config="$CONFIG" \
         --temp-dir="$TEMP_DIR" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-        --disable-usage-stats \
+        --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats \
         >"$log" 2>&1 <<'PY'
 import os, sys
 pgid_file, argv = sys.argv[1], sys.argv[2:]

@@ -79,6 +79,7 @@ class Trainer:
         """Run one generation; returns its metrics record."""
         started = time.perf_counter()
         plan = planning.make_plan(self.config, self.generation, self.num_train)
+        planned = time.perf_counter()
         outcome = self.executor.run_generation(self.theta, plan)
         evaluated = time.perf_counter()
         fitness = planning.member_fitness(
@@ -87,14 +88,22 @@ class Trainer:
         shaped = strategy.centered_ranks(fitness)
         weights = strategy.slice_weights(shaped, self.config.es.antithetic)
         grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness))
+        if grad.is_cuda:
+            torch.cuda.synchronize()
+        estimated = time.perf_counter()
         step_norm = self.adam.step(grad, plan.learning_rate)
+        stepped = time.perf_counter()
         self.generation += 1
         finite = np.isfinite(fitness)
         batch_accuracy = outcome.correct.sum(axis=1) / len(plan.batch_indices)
         record = {
             "generation": self.generation,
             "wall_s": time.perf_counter() - started,
-            "eval_s": evaluated - started,
+            "plan_s": planned - started,
+            "eval_s": evaluated - planned,
+            "worker_compute_s": outcome.compute_s,
+            "grad_s": estimated - evaluated,
+            "adam_s": stepped - estimated,
             "fitness_max": float(fitness[finite].max()) if finite.any() else None,
             "fitness_mean": float(fitness[finite].mean()) if finite.any() else None,
             "fitness_min": float(fitness[finite].min()) if finite.any() else None,

@@ -27,6 +27,8 @@ class GenerationOutcome:
     worker_failures: int = 0
     bytes_to_workers: int = 0
     bytes_from_workers: int = 0
+    compute_s: float = 0.0
+    """Evaluation time summed over the tiles, as the workers measured it."""
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -37,6 +39,7 @@ class GenerationOutcome:
     def fill(self, tile: Tile, result: TileResult) -> None:
         self.loss_sums[tile.member_start : tile.member_stop, tile.shard] = result.loss_sums
         self.correct[tile.member_start : tile.member_stop, tile.shard] = result.correct
+        self.compute_s += result.compute_s
 
 
 def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:

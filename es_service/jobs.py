@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import logging
 import os
 import secrets
 import shlex
@@ -161,6 +162,7 @@ class Cluster:
             os.environ.pop(name, None)
         from ray.job_submission import JobSubmissionClient
 
+        logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self.client = self._call(lambda: JobSubmissionClient(self.address, headers=headers))
 

@@ -12,6 +12,7 @@ use exact summation (math.fsum), so a shard's sum does not depend on reduction o
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,15 +152,17 @@ class TileResult:
     tile_id: int
     loss_sums: np.ndarray
     correct: np.ndarray
+    compute_s: float = 0.0
 
     @property
     def nbytes(self) -> int:
-        return self.loss_sums.nbytes + self.correct.nbytes + 16
+        return self.loss_sums.nbytes + self.correct.nbytes + 24
 
 
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
+    started = time.perf_counter()
     loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std, task.image_indices)
-    return TileResult(task.generation, task.tile_id, loss_sums, correct)
+    return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
 
 
 def accuracy(

@@ -1,0 +1,114 @@
+"""Population-evaluation throughput against its ceilings, in one run on one device.
+
+    python -m benchmarks.pop_eval [--device auto|cpu|cuda] [--shapes 64x256,...] [--json out.json]
+
+For each (P members, B images) shape it times the evaluator's full tile evaluation (perturbed weights
+built from the noise table on the device, fused tf-ftz forward, losses), and the ceilings on the same
+shape: the same matmuls with no flushing and no perturbation, and torch.mm's peak. Float32, TF32 off.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from benchmarks.common import FLOP_PER_IMAGE, device_facts, median_time, write_json
+from es_service import network, noise
+from workers.evaluator import PopulationEvaluator
+
+DEFAULT_SHAPES = {"cpu": "32x256,64x256", "cuda": "512x512,2048x1024"}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        members, _, images = item.partition("x")
+        shapes.append((int(members), int(images)))
+    return shapes
+
+
+def matmul_ceiling(params: list[torch.Tensor], x: torch.Tensor, member_loop: bool):
+    """The evaluator's matmuls alone: no flushing, no bias, no perturbation."""
+    w1, _, w2, _, w3, _ = params
+    if member_loop:
+        def run():
+            for j in range(w1.shape[0]):
+                torch.mm(torch.mm(torch.mm(x, w1[j]), w2[j]), w3[j])
+    else:
+        def run():
+            torch.matmul(torch.matmul(torch.matmul(x, w1), w2), w3)
+    return run
+
+
+def mm_peak(device: torch.device, repeats: int) -> float:
+    """FLOP/s of torch.mm on the first layer's shape at 1024 images (CPU) or a large square (CUDA)."""
+    m, k, n = (8192, 8192, 8192) if device.type == "cuda" else (1024, 784, 512)
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    seconds = median_time(lambda: torch.mm(a, b), device, repeats)
+    return 2 * m * k * n / seconds
+
+
+def bench_shape(evaluator, members: int, images: int, repeats: int) -> dict:
+    device = evaluator.device
+    rng = np.random.default_rng(0)
+    offsets = rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=members).astype(np.int64)
+    signs = np.where(np.arange(members) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
+    theta = network.init_theta(0).to(device)
+    flop = FLOP_PER_IMAGE * members * images
+    evaluate_s = median_time(lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices), device, repeats)
+    # the ceiling: the same matmuls on the same distinct per-member weights, prebuilt; no flushing
+    member_loop = device.type == "cpu"
+    prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device)).clone()
+    x = torch.rand(images, 784, device=device)
+    ceiling_s = median_time(matmul_ceiling(network.unflatten(prebuilt), x, member_loop), device, repeats)
+    del prebuilt
+    return {
+        "members": members, "images": images,
+        "evaluate_s": evaluate_s, "evaluate_flops": flop / evaluate_s,
+        "forward_passes_per_s": members * images / evaluate_s,
+        "noflush_matmul_s": ceiling_s, "noflush_matmul_flops": flop / ceiling_s,
+        "ratio_to_noflush": ceiling_s / evaluate_s,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--shapes", help="comma-separated PxB, e.g. 64x256,512x512")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-fused", action="store_true", help="eager epilogues (the reference path)")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from es_service.data import load_mnist
+
+    data = load_mnist()
+    table = noise.make_table(0, 1 << 24)
+    evaluator = PopulationEvaluator(table, data.train_images, data.train_labels, "tf-ftz", device,
+                                    fused=not args.no_fused)
+    peak = mm_peak(device, args.repeats)
+    rows = []
+    print(f"device {device}  torch.mm peak {peak / 1e9:.1f} GFLOP/s  fused={not args.no_fused}")
+    print(f"{'P x B':>12} {'eval ms':>9} {'GFLOP/s':>9} {'fwd/s':>11} {'noflush GFLOP/s':>16} "
+          f"{'eval/noflush':>13} {'eval/mm':>8}")
+    for members, images in parse_shapes(args.shapes or DEFAULT_SHAPES[device.type]):
+        row = bench_shape(evaluator, members, images, args.repeats)
+        row["ratio_to_mm_peak"] = row["evaluate_flops"] / peak
+        rows.append(row)
+        print(f"{members:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
+              f"{row['forward_passes_per_s']:11.0f} {row['noflush_matmul_flops'] / 1e9:16.1f} "
+              f"{row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}")
+    payload = {"benchmark": "pop_eval", **device_facts(device), "mm_peak_flops": peak,
+               "fused": not args.no_fused, "rows": rows}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

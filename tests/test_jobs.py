@@ -1,0 +1,310 @@
+"""``es-service submit/status/logs/stop/list`` against a real Ray head with token authentication on.
+
+The module's head is ``ray start --head --block`` in its own session, with its own temp dir, free
+ports and a token of its own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``), so it never touches
+``~/.ray/auth_token`` or any other Ray on the machine (another test's in-process cluster, a user's
+``ray start``). It is never stopped with ``ray stop``, which kills every Ray process of the user:
+teardown sends SIGTERM to its ``ray start --block`` process, which shuts its own node down, then
+SIGKILLs whatever is left that belongs to it: processes in its session, carrying its marker variable
+or running in its temp dir (job drivers run in their own sessions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+BIN = Path(sys.executable).parent
+TINY_JOB = {
+    "seed": 5,
+    "generations": 2,
+    "es": {"pop_size": 4, "batch_size": 32},
+    "noise": {"table_size": 1 << 20},
+    "workers": {"executor": "ray", "count": 1, "members_per_tile": 4},
+    "eval": {"every": 2, "train_size": 200},
+    "checkpoint": {"every": 1},
+}
+CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class Head:
+    def __init__(self, address: str, token: str, token_file: Path, temp: Path, marker: str):
+        self.address, self.token, self.token_file, self.temp, self.marker = address, token, token_file, temp, marker
+
+    def get(self, path: str, token: str | None = "default") -> dict:
+        token = self.token if token == "default" else token
+        request = urllib.request.Request(self.address + path,
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def wait_status(self, job_id: str, wanted: tuple[str, ...], timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.get(f"/api/jobs/{job_id}")
+            if info["status"] in wanted:
+                return info
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(1)
+        logs = self.get(f"/api/jobs/{job_id}/logs").get("logs", "")
+        raise AssertionError(f"job {job_id}: {info['status']} ({info.get('message')}), wanted {wanted}\n{logs[-3000:]}")
+
+
+def _own_processes(session: int, marker: bytes, temp: str) -> list[int]:
+    """PIDs on this machine that belong to the module's head (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            mine = os.getsid(pid) == session
+            mine = mine or marker in (entry / "environ").read_bytes()
+            mine = mine or os.readlink(entry / "cwd").startswith(temp)
+        except OSError:
+            continue
+        if mine:
+            found.append(pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def head():
+    pytest.importorskip("ray")
+    if not (BIN / "ray").exists() or not (BIN / "es-service").exists():
+        pytest.skip(f"`ray` and `es-service` must be installed next to {sys.executable}")
+    temp = Path(tempfile.mkdtemp(prefix="esj-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: sockets
+    token = secrets.token_hex(32)
+    token_file = temp / "token"
+    token_file.write_text(token)
+    marker = f"ES_JOBS_TEST_HEAD={temp.name}"
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager = free_ports(8)
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_JOBS_TEST_HEAD=temp.name)
+    log = open(temp / "head.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}", "--disable-usage-stats"],
+        cwd=temp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = Head(f"http://127.0.0.1:{dashboard}", token, token_file, temp, marker)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {proc.returncode}: {(temp / 'head.log').read_text()[-3000:]}")
+            try:
+                cluster.get("/api/version")
+                break
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no jobs API after 180 s: {(temp / 'head.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield cluster
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts down its own node on SIGTERM
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in _own_processes(proc.pid, marker.encode(), str(temp)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def client_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET}
+    env.update(extra)
+    return env
+
+
+def cli(*args, env=None, check=True, timeout=300):
+    result = subprocess.run([sys.executable, "-m", "es_service.cli", *map(str, args)], capture_output=True,
+                            text=True, env=env or client_env(), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def popen_cli(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "es_service.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or client_env())
+
+
+def write_config(path: Path, **changes) -> Path:
+    data = json.loads(json.dumps(TINY_JOB))
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_config_fails_locally_without_contacting_the_cluster(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        bad = write_config(tmp_path / "bad.yaml", es={"pop_size": 5})
+        result = cli("submit", "--address", address, bad, "--no-wait", check=False)
+        assert result.returncode == 2, result
+        assert result.stderr.startswith("es-service: error: es.pop_size: 5 is odd"), result.stderr
+        result = cli("submit", "--address", address, tmp_path / "good.yaml", "--no-wait", check=False)
+        assert result.returncode == 2 and "does not exist" in result.stderr, result
+        result = cli("submit", "--address", address, write_config(tmp_path / "good.yaml"),
+                     "--set", "generations=0", check=False)
+        assert result.returncode == 2 and "generations: 0" in result.stderr, result
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody knocked
+    finally:
+        listener.close()
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
+    result = cli("submit", "--address", closed, tmp_path / "good.yaml", "--no-wait", check=False)
+    assert result.returncode == 1, result
+    assert "cannot reach the Ray jobs API" in result.stderr and "--address" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_three_concurrent_jobs_each_with_its_own_run_dir(head, tmp_path):
+    configs = {
+        "alpha": (write_config(tmp_path / "alpha.yaml", generations=2), None),
+        "beta": (write_config(tmp_path / "beta.yaml", generations=3, seed=6), tmp_path / "runs" / "beta"),
+        "gamma": (write_config(tmp_path / "gamma.yaml", generations=3, seed=7), tmp_path / "runs" / "gamma"),
+    }
+    env = client_env(RAY_AUTH_TOKEN=head.token)  # also checks the token from the environment
+    started = time.monotonic()
+    procs = {}
+    for name, (config, run_dir) in configs.items():
+        args = ["submit", "--address", head.address, config, "--set", "eval.train_size=100"]
+        args += ["--run-dir", run_dir] if run_dir else []
+        args += [] if name == "gamma" else ["--no-wait"]  # gamma waits for its job and streams its logs
+        procs[name] = popen_cli(*args, env=env)
+    outputs = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{out}\n{err}"
+        outputs[name] = (out, err)
+    ids = {name: out.splitlines()[0].strip() for name, (out, _) in outputs.items()}
+    assert len(set(ids.values())) == 3 and all(i.startswith("es-") for i in ids.values()), ids
+    assert '"generation": 3' in outputs["gamma"][0] and "SUCCEEDED" in outputs["gamma"][1]
+    for name in ("alpha", "beta"):
+        head.wait_status(ids[name], ("SUCCEEDED",))
+    print(f"three jobs done in {time.monotonic() - started:.1f} s")
+    spans = [(info["start_time"], info["end_time"]) for info in (head.get(f"/api/jobs/{i}") for i in ids.values())]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # they ran at the same time
+
+    # run dirs: alpha's default lands under its working dir on the head; beta and gamma where asked
+    found = list(head.temp.glob(f"session_2*/runtime_resources/working_dir_files/*/runs/alpha-{ids['alpha']}"))
+    assert len(found) == 1, found
+    run_dirs = {"alpha": found[0], "beta": configs["beta"][1], "gamma": configs["gamma"][1]}
+    for name, run_dir in run_dirs.items():
+        generations = 2 if name == "alpha" else 3
+        assert (run_dir / "checkpoint.pt").is_file(), name
+        records = metrics_lines(run_dir)
+        assert [r["generation"] for r in records] == list(range(1, generations + 1)), name
+        assert records[-1]["workers_alive"] == 1, name
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "finished", name
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["train_size"] == 100, name
+
+    # each job had its own worker actor
+    actors = head.get("/api/v0/actors?limit=1000&detail=true")["data"]["result"]["result"]
+    owners = {a["job_id"] for a in actors if a.get("class_name") == "PopulationWorker"}
+    assert len(owners) >= 3, actors
+
+    status = json.loads(cli("status", "--address", head.address, "--token-file", head.token_file, ids["beta"]).stdout)
+    assert status["status"] == "SUCCEEDED" and status["submission_id"] == ids["beta"]
+    assert status["run_dir"] == str(run_dirs["beta"]) and status["config"] == "beta.yaml"
+    assert status["entrypoint"].startswith("es-service train --config beta.yaml --run-dir ")
+    assert status["driver_exit_code"] == 0
+    logs = cli("logs", "--address", head.address, "--token-file", head.token_file, ids["alpha"]).stdout
+    assert f"runs/alpha-{ids['alpha']}" in logs and '"generation": 2' in logs and "test_accuracy" in logs
+    followed = cli("logs", "--follow", "--address", head.address, ids["beta"], env=env).stdout
+    assert '"generation": 3' in followed
+    listed = json.loads(cli("list", "--address", head.address, env=env).stdout)
+    by_id = {job["submission_id"]: job for job in listed}
+    assert all(by_id[i]["status"] == "SUCCEEDED" for i in ids.values()), listed
+
+
+def test_token_is_required_and_checked(head, tmp_path):
+    config = write_config(tmp_path / "long.yaml", generations=500)
+    run_dir = tmp_path / "stopped"
+    no_token_home = tmp_path / "home-empty"
+    no_token_home.mkdir()
+    result = cli("submit", "--address", head.address, config, "--no-wait", "--submission-id", "es-no-token",
+                 env=client_env(HOME=str(no_token_home)), check=False)
+    assert result.returncode == 2, result
+    assert "requires an auth token and none was sent" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text(secrets.token_hex(32))
+    for how in (["--token-file", wrong], []):
+        env = client_env(HOME=str(no_token_home)) if how else client_env(RAY_AUTH_TOKEN=secrets.token_hex(32))
+        result = cli("submit", "--address", head.address, config, "--no-wait", "--submission-id", "es-bad-token",
+                     *how, env=env, check=False)
+        assert result.returncode == 2, result
+        assert "refused the auth token" in result.stderr, result.stderr
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        head.get("/api/jobs/", token=None)
+    assert refused.value.code == 401  # auth is really on
+
+    # the right token in the default place, ~/.ray/auth_token, is accepted
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(head.token + "\n")
+    env = client_env(HOME=str(home))
+    result = cli("submit", "--address", head.address, config, "--run-dir", run_dir, "--no-wait", env=env)
+    job_id = result.stdout.splitlines()[0]
+    for refused_id in ("es-no-token", "es-bad-token"):
+        missing = cli("status", "--address", head.address, refused_id, env=env, check=False)
+        assert missing.returncode == 2 and f"no job {refused_id!r}" in missing.stderr, missing
+
+    # stop: SIGTERM reaches the run, which checkpoints and ends; the job is STOPPED
+    head.wait_status(job_id, ("RUNNING",))
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and metrics_lines(run_dir)):
+        assert time.monotonic() < deadline, head.get(f"/api/jobs/{job_id}/logs")
+        time.sleep(0.5)
+    stopped = json.loads(cli("stop", "--address", head.address, job_id, env=env).stdout)
+    assert stopped["status"] == "STOPPED" and stopped["stop_requested"], stopped
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "interrupted", info
+    assert (run_dir / "checkpoint.pt").is_file()
