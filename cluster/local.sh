@@ -103,6 +103,20 @@ temp_dir_pids() {
             && $2 != "awk" { print $1 }'
 }
 
+# cluster_pids, but only if that process group still holds a Ray process of the cluster's
+# temp dir: after a crash and a long time, the group id could belong to someone else.
+our_pids() {
+    local pids p
+    pids="$(cluster_pids "$PGID")"
+    [[ -n "$pids" ]] || return 0
+    for p in $(temp_dir_pids "$STATE_TEMP_DIR"); do
+        if grep -qx "$p" <<<"$pids"; then
+            echo "$pids"
+            return 0
+        fi
+    done
+}
+
 alive() {  # list the given pids that still exist and are not zombies
     local p st
     for p in "$@"; do
@@ -130,7 +144,7 @@ term_and_wait() {  # term_and_wait SECONDS PID...: SIGTERM, then wait up to SECO
 
 cmd_start() {
     if read_state; then
-        if [[ -n "$(cluster_pids "$PGID")" ]]; then
+        if [[ -n "$(our_pids)" ]]; then
             die "already running (process group $PGID, address $ADDRESS); '$0 stop' first"
         fi
         rm -f "$STATE"
@@ -188,7 +202,7 @@ EOF
 
 cmd_status() {
     read_state || { echo "not running (no state file $STATE)"; return 3; }
-    local pids; pids="$(cluster_pids "$PGID")"
+    local pids; pids="$(our_pids)"
     if [[ -z "$pids" ]]; then
         echo "not running (process group $PGID is gone; '$0 stop' cleans up)"
         return 3
@@ -203,7 +217,7 @@ cmd_stop() {
         return 0
     fi
     local -a all raylets=() gcs=() others=() left remaining
-    mapfile -t all < <({ cluster_pids "$PGID"; temp_dir_pids "$STATE_TEMP_DIR"; } | sort -un)
+    mapfile -t all < <({ our_pids; temp_dir_pids "$STATE_TEMP_DIR"; } | sort -un)
     local p name share=$(( (GRACE_S + 2) / 3 ))
     for p in "${all[@]}"; do
         name="$(ps -o comm= -p "$p" 2>/dev/null || true)"
@@ -220,7 +234,7 @@ cmd_stop() {
     term_and_wait "$share" "${others[@]}"
     term_and_wait "$share" "${gcs[@]}"
     # Whatever is still alive (including processes spawned meanwhile) gets SIGKILL.
-    mapfile -t all < <({ printf '%s\n' "${all[@]}"; cluster_pids "$PGID"; } | sort -un)
+    mapfile -t all < <({ printf '%s\n' "${all[@]}"; our_pids; temp_dir_pids "$STATE_TEMP_DIR"; } | sort -un)
     mapfile -t left < <(alive "${all[@]}")
     if (( ${#left[@]} )); then
         echo "SIGKILL to ${#left[@]} process(es) still alive after ${GRACE_S}s"
@@ -229,7 +243,7 @@ cmd_stop() {
     fi
     # Verify: nothing of the group, its descendants or its temp dir is left.
     # shellcheck disable=SC2046  # one pid per word is what we want here
-    mapfile -t remaining < <(alive $(cluster_pids "$PGID") $(temp_dir_pids "$STATE_TEMP_DIR"))
+    mapfile -t remaining < <(alive "${all[@]}" $(our_pids) $(temp_dir_pids "$STATE_TEMP_DIR"))
     if (( ${#remaining[@]} )); then
         echo "local.sh: these processes of the cluster are still alive:" >&2
         ps -o pid=,pgid=,args= -p "$(IFS=,; echo "${remaining[*]}")" >&2 || true

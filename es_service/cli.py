@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    backprop = commands.add_parser("backprop", help="the ablation's backprop row: same network, autograd + Adam")
+    backprop.add_argument("--config", required=True)
+    backprop.add_argument("--run-dir", required=True)
+    backprop.add_argument("--force", action="store_true")
+    backprop.add_argument("--epochs", type=_positive_int, default=10)
+    backprop.add_argument("--learning-rate", type=_positive_float, default=1e-3)
+    backprop.add_argument("--time-budget", type=_positive_float, metavar="SECONDS")
+    backprop.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    backprop.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    report = commands.add_parser("report", help="table and learning-curve PNG comparing run directories")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--plot", default="report.png", help="PNG to write (default report.png)")
     jobs.add_commands(commands)
     return parser
 
@@ -86,6 +98,15 @@ def _dispatch(args) -> dict:
                              args.time_budget, args.quiet)
     if args.command == "eval":
         return runner.evaluate_checkpoint(Path(args.checkpoint), args.data_dir, args.device)
+    if args.command == "backprop":
+        config = load(args.config, args.overrides)
+        return runner.backprop(config, Path(args.run_dir), args.force, args.epochs, args.learning_rate,
+                               args.time_budget, args.device)
+    if args.command == "report":
+        from es_service.report import report
+
+        print(report([Path(p) for p in args.run_dirs], Path(args.plot)))
+        return None
     raise AssertionError(args.command)
 
 
@@ -95,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     from es_service.config import ConfigError
     from es_service.data import DataError
     from es_service.driver import Interrupted
+    from es_service.report import ReportError
     from es_service.runner import UsageError
 
     try:
         result = _dispatch(args)
-    except (ConfigError, DataError, CheckpointError, UsageError) as err:
+    except (ConfigError, DataError, CheckpointError, UsageError, ReportError) as err:
         print(f"es-service: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as err:
@@ -110,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"es-service: run failed: {err}; a checkpoint was written", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(result, indent=2))
+    if result is not None:
+        print(json.dumps(result, indent=2))
     return 0
 
 

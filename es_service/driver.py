@@ -8,6 +8,7 @@ of the table. Fitness is maximised (see strategy.py for the sign convention).
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,9 @@ class Trainer:
 
     def run(self, stop_after: int | None = None, time_budget_s: float | None = None) -> dict:
         """Train to config.generations (or stop_after more generations, or the time budget)."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                    if in_main_thread}
         started = time.monotonic()
         last_record: dict = {}
         target = self.config.generations

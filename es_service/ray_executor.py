@@ -45,6 +45,7 @@ class RayExecutor:
                  workers: WorkersConfig, autoscale: bool = False):
         self.config = workers
         self._requested = not autoscale  # an embedded local Ray has no autoscaler worth asking
+        self._asked_autoscaler = False
         self.arithmetic = arithmetic
         self.refs = {
             "table": ray.put(table.numpy()),
@@ -104,6 +105,7 @@ class RayExecutor:
             bundle["GPU"] = cfg.gpus_per_worker
         try:
             request_resources(bundles=[bundle] * cfg.max_count)
+            self._asked_autoscaler = True
         except Exception:  # clusters without an autoscaler (e.g. ray.init locally) reject this
             pass
         self._requested = True
@@ -113,6 +115,14 @@ class RayExecutor:
         if worker is not None:
             self.failures += 1
             ray.kill(worker.handle, no_restart=True)
+
+    def wait_until_ready(self, timeout_s: float = 120.0) -> int:
+        """Block until the pool's target number of workers is ready (or the timeout); returns how many."""
+        deadline = time.monotonic() + timeout_s
+        while self.alive < self.target_count() and time.monotonic() < deadline:
+            self._maintain_pool(force=True)
+            time.sleep(WAIT_S)
+        return self.alive
 
     @property
     def alive(self) -> int:
@@ -202,3 +212,10 @@ class RayExecutor:
     def close(self) -> None:
         for wid in list(self.workers):
             ray.kill(self.workers.pop(wid).handle, no_restart=True)
+        if self._asked_autoscaler:
+            from ray.autoscaler.sdk import request_resources
+
+            try:  # the request outlives the driver: withdraw it so idle nodes can scale down
+                request_resources(bundles=[])
+            except Exception:
+                pass

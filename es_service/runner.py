@@ -89,7 +89,10 @@ def build_executor(config: Config, table, data, address: str | None):
     from es_service.ray_executor import RayExecutor
 
     if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"include_dashboard": False}
+        if address or os.environ.get("RAY_ADDRESS"):  # a cluster (inside a Ray job RAY_ADDRESS is set)
+            kwargs = {"address": address} if address else {}
+        else:  # a private embedded Ray: never join some other `ray start` cluster on this machine
+            kwargs = {"address": "local", "include_dashboard": False}
         ray.init(logging_level="WARNING", log_to_driver=True, **kwargs)
     autoscale = bool(address or os.environ.get("RAY_ADDRESS"))
     return RayExecutor(table, data.train_images, data.train_labels, arithmetic, config.workers, autoscale)
@@ -172,6 +175,32 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
     data = load_mnist(config.data_dir)
     train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
     return _train(config, run_dir, train_state, state["noise"]["seed"], data, address, stop_after, time_budget_s, quiet)
+
+
+def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_rate: float,
+             time_budget_s: float | None, device: str) -> dict:
+    """The ablation's backprop row, in a run directory of the usual format."""
+    from es_service.backprop import train_backprop
+
+    check_run_dir(run_dir, force)
+    if config.network.arithmetic == "cpu-ftz":
+        raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
+    data = load_mnist(config.data_dir)
+    device = resolve_device(device)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_run_info(tmp, status="running", method="backprop", created=time.time(), torch=torch.__version__,
+                   device=f"local ({device})" + (f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""))
+    if run_dir.exists() and force:
+        shutil.rmtree(run_dir)
+    os.replace(tmp, run_dir)
+    record = train_backprop(config, run_dir, data, device, epochs, learning_rate=learning_rate,
+                            time_budget_s=time_budget_s)
+    write_run_info(run_dir, status="finished", generation=record["generation"],
+                   final={k: record[k] for k in ("train_accuracy", "test_accuracy")})
+    _plot(run_dir)
+    return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", "train_accuracy", "test_accuracy")}}
 
 
 def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:

@@ -19,24 +19,38 @@ from tests.test_driver import run_local
 pytestmark = pytest.mark.ray
 
 
-def run_ray(config, mnist, run_dir, during=None):
+def run_ray(config, mnist, run_dir, during=None, wait=True):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     table = noise.make_table(noise_seed, config.noise.table_size)
     executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
+    if wait:
+        executor.wait_until_ready()
     state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
     trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
-    stop = threading.Event()
-    thread = threading.Thread(target=during, args=(executor, stop), daemon=True) if during else None
-    if thread:
-        thread.start()
+    # the trainer runs in a thread so that ``during`` (node changes need the main thread) can act meanwhile
+    stop, failure = threading.Event(), []
+
+    def train():
+        try:
+            trainer.run()
+        except BaseException as err:
+            failure.append(err)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
     try:
-        trainer.run()
+        if during:
+            during(executor, stop)
+        thread.join()
     finally:
         stop.set()
-        if thread:
-            thread.join()
+        thread.join()
         executor.close()
+    if failure:
+        raise failure[0]
     return trainer
 
 
@@ -51,14 +65,14 @@ def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path):
 
 def _kill_randomly(executor, stop):
     rng = random.Random(0)
-    while not stop.wait(0.4):
+    while not stop.wait(0.25):
         ready = [w for w in list(executor.workers.values()) if w.ready]
         if ready:
             ray.kill(rng.choice(ready).handle, no_restart=True)
 
 
 def test_random_worker_kills_lose_no_generation(ray_cluster, mnist, tmp_path):
-    generations = 30
+    generations = 40
     overrides = [f"generations={generations}", "eval.every=100", "checkpoint.every=100"]
     config = tiny_config("workers.executor=ray", "workers.count=3", "workers.members_per_tile=2", *overrides)
     faulty = run_ray(config, mnist, tmp_path / "faulty", during=_kill_randomly)
@@ -69,5 +83,79 @@ def test_random_worker_kills_lose_no_generation(ray_cluster, mnist, tmp_path):
 
     records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == list(range(1, generations + 1))
-    assert sum(r["worker_failures"] for r in records) >= 3  # the killer really did its work
+    failed_in = [r["generation"] for r in records if r["worker_failures"]]
+    assert len(failed_in) >= 2, failed_in  # the killer struck repeatedly, in different generations
     assert sum(r["tiles_reissued"] for r in records) >= 1
+
+
+def _records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_trainer(config, mnist, run_dir):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
+    table = noise.make_table(noise_seed, config.noise.table_size)
+    executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
+    state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
+    return Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
+
+
+def step_until(trainer, condition, limit=300):
+    """Step generations (main thread: node changes need it) until condition(record) or the limit."""
+    records = []
+    while len(records) < limit:
+        records.append(trainer.step())
+        if condition(records[-1]):
+            break
+    return records
+
+
+ELASTIC = ["generations=1000", "eval.every=1000", "checkpoint.every=1000", "workers.count=0",
+           "workers.max_count=5", "workers.members_per_tile=1"]
+
+
+def test_a_node_that_joins_mid_run_gets_workers(ray_cluster, mnist, tmp_path):
+    trainer = make_trainer(tiny_config("workers.executor=ray", *ELASTIC), mnist, tmp_path / "grow")
+    try:
+        trainer.executor.wait_until_ready()
+        before = step_until(trainer, lambda r: False, limit=3)
+        node = ray_cluster.add_node(num_cpus=2)
+        after = step_until(trainer, lambda r: r["workers_alive"] > 3)
+        assert before[-1]["workers_alive"] == 3 and after[-1]["workers_alive"] > 3  # the new node is used
+        local = run_local(tiny_config(f"generations={trainer.generation}"), mnist, tmp_path / "local")
+        assert torch.equal(trainer.theta, local.theta)
+    finally:
+        trainer.executor.close()
+        ray_cluster.remove_node(node)
+
+
+def test_a_node_that_leaves_mid_run_loses_nothing(ray_cluster, mnist, tmp_path):
+    node = ray_cluster.add_node(num_cpus=2)
+    ray_cluster.wait_for_nodes()
+    trainer = make_trainer(tiny_config("workers.executor=ray", *ELASTIC), mnist, tmp_path / "shrink")
+    try:
+        full = step_until(trainer, lambda r: r["workers_alive"] == 5)
+        assert full[-1]["workers_alive"] == 5  # workers run on the head and on the node
+        ray_cluster.remove_node(node)
+        after = step_until(trainer, lambda r: False, limit=10)
+        assert after[-1]["workers_alive"] <= 3
+        assert sum(r["worker_failures"] for r in after) >= 1
+        local = run_local(tiny_config(f"generations={trainer.generation}"), mnist, tmp_path / "local")
+        assert torch.equal(trainer.theta, local.theta)
+    finally:
+        trainer.executor.close()
+
+
+def test_no_live_worker_checkpoints_and_fails(ray_cluster, mnist, tmp_path):
+    from es_service.ray_executor import NoWorkersError
+
+    config = tiny_config("workers.executor=ray", "workers.count=1", "workers.cpus_per_worker=64",
+                         "workers.no_worker_timeout_s=2")
+    with pytest.raises(NoWorkersError, match="no worker alive"):
+        run_ray(config, mnist, tmp_path / "starved", wait=False)
+    from es_service import checkpoint
+
+    assert checkpoint.load(tmp_path / "starved" / "checkpoint.pt")["generation"] == 0

@@ -1,0 +1,66 @@
+"""The ablation's backprop row: the same network and arithmetic trained with torch autograd + Adam.
+
+The seed post reports 94% train / 92% test for backprop on this network: gradients flow through the
+kept (unflushed) elements as if the network were linear, so backprop cannot exploit the flush
+nonlinearity the way ES can. Writes a run directory in the same format as ES runs (metrics.jsonl,
+run.json, checkpoint.pt), so `es-service report` and `es-service eval` read it unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from es_service import checkpoint, network, plan as planning
+from es_service.config import Config
+from es_service.driver import CHECKPOINT_NAME
+from es_service.metrics import MetricsLog
+from workers.evaluator import accuracy
+
+
+def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int, batch_size: int = 128,
+                   learning_rate: float = 1e-3, time_budget_s: float | None = None) -> dict:
+    """Minibatch Adam on cross-entropy; one metrics line per epoch. ``run_dir`` must exist."""
+    arithmetic = config.network.arithmetic
+    theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)).to(device)
+    theta.requires_grad_(True)
+    optimizer = torch.optim.Adam([theta], lr=learning_rate)
+    images = data.train_images.reshape(-1, 784).to(device)
+    labels = data.train_labels.to(device)
+    generator = torch.Generator().manual_seed(planning.derive_seed(config.seed, planning.STREAM_GENERATION))
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    started = time.monotonic()
+    record: dict = {}
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        order = torch.randperm(images.shape[0], generator=generator).to(device)
+        total_loss = 0.0
+        for start in range(0, images.shape[0], batch_size):
+            index = order[start : start + batch_size]
+            logits = network.forward(images[index].float() / 255.0, network.unflatten(theta), arithmetic)
+            loss = torch.nn.functional.cross_entropy(logits, labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss) * len(index)
+        with torch.no_grad():
+            record = {
+                "generation": epoch,
+                "wall_s": time.perf_counter() - epoch_start,
+                "fitness_mean": -total_loss / images.shape[0],
+                "train_accuracy": accuracy(theta.detach(), data.train_images.to(device), labels, arithmetic),
+                "test_accuracy": accuracy(theta.detach(), data.test_images.to(device),
+                                          data.test_labels.to(device), arithmetic),
+                "time": time.time(),
+            }
+        log.append(record)
+        print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} train {record['train_accuracy']:.4f} "
+              f"test {record['test_accuracy']:.4f}", flush=True)
+        if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+            break
+    state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), record["generation"],
+                             planning.derive_seed(config.seed, planning.STREAM_NOISE))
+    checkpoint.save(state, run_dir / CHECKPOINT_NAME)
+    return record

@@ -1,0 +1,62 @@
+"""`es-service report RUN_DIR...`: the ablation table and one PNG of everyone's learning curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from es_service.metrics import read as read_metrics
+from es_service.plot import plot_runs
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def summarize(run_dir: Path) -> dict:
+    info_path, metrics_path = run_dir / "run.json", run_dir / "metrics.jsonl"
+    if not info_path.is_file() or not metrics_path.is_file():
+        raise ReportError(f"{str(run_dir)!r} is not a run directory (no run.json or metrics.jsonl); "
+                          "pass directories made by `es-service train` or `es-service backprop`")
+    info = json.loads(info_path.read_text())
+    records = read_metrics(metrics_path)
+    evaluated = [r for r in records if r.get("test_accuracy") is not None]
+    last = evaluated[-1] if evaluated else {}
+    try:
+        import yaml
+
+        arithmetic = yaml.safe_load((run_dir / "config.yaml").read_text())["network"]["arithmetic"]
+    except Exception:
+        arithmetic = "?"
+    return {
+        "run": run_dir.name,
+        "method": info.get("method", "es"),
+        "arithmetic": arithmetic,
+        "train_accuracy": last.get("train_accuracy"),
+        "test_accuracy": last.get("test_accuracy"),
+        "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
+        "generations": records[-1]["generation"] if records else 0,
+        "wall_s": sum(r.get("wall_s", 0.0) for r in records),
+        "device": info.get("device", "?"),
+        "status": info.get("status", "?"),
+    }
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| run | method | arithmetic | train | test | best test | generations | wall s | device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {r['arithmetic']} | {_pct(r['train_accuracy'])} | "
+                     f"{_pct(r['test_accuracy'])} | {_pct(r['best_test_accuracy'])} | {r['generations']} | "
+                     f"{r['wall_s']:.0f} | {r['device']} |")
+    return "\n".join(lines)
+
+
+def report(run_dirs: list[Path], plot_path: Path) -> str:
+    rows = [summarize(path) for path in run_dirs]
+    plot_runs([(path.name, read_metrics(path / "metrics.jsonl")) for path in run_dirs], plot_path)
+    return render(rows) + f"\n\nlearning curves: {plot_path}"
