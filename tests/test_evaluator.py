@@ -91,3 +91,16 @@ def test_fused_epilogues_are_bitwise_equal_to_the_reference(mnist):
     x = mnist.test_images[:500].reshape(-1, 784).float() / 255.0
     params = network.unflatten(theta)
     assert torch.equal(network.forward(x, params, "tf-ftz", fused=True), network.forward(x, params, "tf-ftz"))
+
+
+def test_batched_path_equals_member_loop_on_cpu(mnist):
+    """The CUDA code path (batched matmuls over a chunk of members), run on CPU, agrees with the member
+    loop. Not bitwise: MKL's bmm blocks the reduction differently from mm (why CPU uses the loop)."""
+    table = noise.make_table(7, 1 << 20)
+    loop = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=False)
+    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True)
+    theta = network.init_theta(0)
+    offsets, signs = _members(5, seed=4)
+    images = np.arange(64, dtype=np.int64)
+    expected, got = loop.evaluate(theta, offsets, signs, 0.02, images), batched.evaluate(theta, offsets, signs, 0.02, images)
+    assert np.allclose(expected[0], got[0], rtol=1e-6, atol=0) and np.array_equal(expected[1], got[1])

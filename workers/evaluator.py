@@ -44,6 +44,7 @@ class PopulationEvaluator:
         device: str | torch.device = "cpu",
         fused: bool = False,
         memory_fraction: float = 0.6,
+        batched: bool | None = None,
     ):
         self.device = torch.device(device)
         if arithmetic == "cpu-ftz" and self.device.type != "cpu":
@@ -53,6 +54,7 @@ class PopulationEvaluator:
         self.arithmetic = arithmetic
         self.fused = fused and arithmetic != "cpu-ftz"
         self.memory_fraction = memory_fraction
+        self.batched = self.device.type != "cpu" if batched is None else batched
         self.table = table.to(self.device, dtype=torch.float32)
         self.windows = noise.windows(self.table)
         self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
@@ -77,7 +79,9 @@ class PopulationEvaluator:
         return rows.add_(theta)
 
     def chunk_size(self, batch_size: int) -> int:
-        """Members per batched pass on CUDA, from the device's free memory."""
+        """Members per batched pass, from the device's free memory (CUDA) or a fixed 64 (CPU)."""
+        if self.device.type != "cuda":
+            return 64
         free, _ = torch.cuda.mem_get_info(self.device)
         per_member = 4 * (network.NUM_PARAMS + batch_size * (4 * 512 + 2 * 10))
         return max(1, int(free * self.memory_fraction // per_member))
@@ -101,7 +105,7 @@ class PopulationEvaluator:
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         # CPU: one member at a time (its intermediates stay in cache); CUDA: batched chunks.
-        step = 1 if self.device.type == "cpu" else self.chunk_size(len(y))
+        step = self.chunk_size(len(y)) if self.batched else 1
         results = [
             self._score(self.logits(theta, offsets[start : start + step], scales[start : start + step], x), y)
             for start in range(0, len(offsets), step)
@@ -115,9 +119,12 @@ class PopulationEvaluator:
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(members * batch, -1), y.repeat(members), reduction="none"
         )
-        losses = losses.reshape(members, batch).double().cpu().numpy()
+        losses = losses.reshape(members, batch).double()
         correct = (logits.argmax(dim=-1) == y).sum(dim=1).cpu().numpy().astype(np.int64)
-        loss_sums = np.array([math.fsum(row) for row in losses], dtype=np.float64)
+        if self.device.type == "cpu":  # exact sums: independent of any reduction order (bitwise tests)
+            loss_sums = np.array([math.fsum(row) for row in losses.numpy()], dtype=np.float64)
+        else:  # an fsum over P x B values on the host would cost more than the forward pass
+            loss_sums = losses.sum(dim=1).cpu().numpy()
         return loss_sums, correct
 
     def accuracy(self, theta: torch.Tensor) -> float:
