@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared GPU session for the device tool (no Ray there): the device check, then the seed
+# reproduction (ES tf-ftz), and the ablation rows (ES linear, backprop), all in-process.
+# Dry run on CPU first: SMALL=1 OUT=/tmp/devout bash benchmarks/device_session.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/devout}
+mkdir -p "$OUT" runs
+export ES_DATA_DIR=${ES_DATA_DIR:-$PWD/.devdata/mnist}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/es-cache}
+PY=${PY:-python3}
+MAIN_BUDGET=${MAIN_BUDGET:-270}
+SIDE_BUDGET=${SIDE_BUDGET:-110}
+CONFIG=${CONFIG:-configs/mnist_seed.yaml}
+SMALL_ARGS=()
+CHECK_ARGS=()
+if [ "${SMALL:-0}" = 1 ]; then
+  SMALL_ARGS=(--set es.pop_size=16 --set es.batch_size=64 --set es.batch_size_final=128
+              --set noise.table_size=2097152 --set eval.train_size=2000 --set eval.every=5)
+  CHECK_ARGS=(--small)
+fi
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
+{
+  log "start"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
+  THETA=()
+  [ -f .devdata/theta_checkpoint.pt ] && THETA=(--theta .devdata/theta_checkpoint.pt)
+  timeout 240 $PY -m benchmarks.device_check "${CHECK_ARGS[@]}" "${THETA[@]}" --json "$OUT/device_check.json"
+  log "device check exit $?"
+  $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_tfftz --force \
+      --time-budget "$MAIN_BUDGET" "${SMALL_ARGS[@]}"
+  log "main run exit $?"
+  $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_linear --force \
+      --set network.arithmetic=linear --time-budget "$SIDE_BUDGET" --quiet "${SMALL_ARGS[@]}" &
+  LINEAR=$!
+  $PY -m es_service.cli backprop --config "$CONFIG" --run-dir runs/seed_backprop --force --epochs 30 \
+      --time-budget "$SIDE_BUDGET" "${SMALL_ARGS[@]}" &
+  BACKPROP=$!
+  wait $LINEAR; log "linear run exit $?"
+  wait $BACKPROP; log "backprop run exit $?"
+  $PY -m es_service.cli report runs/seed_tfftz runs/seed_linear runs/seed_backprop --plot "$OUT/report.png"
+} 2>&1 | grep -v "cpp_extension.py" | tee -a "$OUT/session.log"
+$PY -m es_service.cli report runs/seed_tfftz runs/seed_linear runs/seed_backprop --plot "$OUT/report.png" > "$OUT/report.md" 2>&1
+tar czf "$OUT/seed_tfftz.tgz" -C runs seed_tfftz
+tar czf "$OUT/ablation.tgz" -C runs --exclude=checkpoint.pt seed_linear seed_backprop
+ls -la "$OUT"
