@@ -8,7 +8,7 @@ mkdir -p "$OUT" runs
 export ES_DATA_DIR=${ES_DATA_DIR:-$PWD/.devdata/mnist}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/es-cache}
 PY=${PY:-python3}
-MAIN_BUDGET=${MAIN_BUDGET:-270}
+MAIN_BUDGET=${MAIN_BUDGET:-300}
 SIDE_BUDGET=${SIDE_BUDGET:-110}
 CONFIG=${CONFIG:-configs/mnist_seed.yaml}
 SMALL_ARGS=()

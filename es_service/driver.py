@@ -76,8 +76,9 @@ class Trainer:
         }
         return self.last_accuracy
 
-    def step(self) -> dict:
-        """Run one generation; returns its metrics record."""
+    def step(self, evaluate: bool = False) -> dict:
+        """Run one generation; returns its metrics record (with the center's accuracy when
+        ``evaluate``, every eval.every generations, and at the last generation)."""
         started = time.perf_counter()
         plan = planning.make_plan(self.config, self.generation, self.num_train)
         planned = time.perf_counter()
@@ -121,7 +122,7 @@ class Trainer:
             "bytes_to_workers": outcome.bytes_to_workers,
             "bytes_from_workers": outcome.bytes_from_workers,
         }
-        if self.generation % self.config.eval.every == 0 or self.generation == self.config.generations:
+        if evaluate or self.generation % self.config.eval.every == 0 or self.generation == self.config.generations:
             record.update(self.evaluate_center())
         record["time"] = time.time()
         return record
@@ -141,7 +142,10 @@ class Trainer:
             target = min(target, self.generation + stop_after)
         try:
             while self.generation < target:
-                last_record = self.step()
+                elapsed = time.monotonic() - started
+                out_of_time = time_budget_s is not None and elapsed + last_record.get("wall_s", 0.0) >= time_budget_s
+                last = out_of_time or self.generation + 1 >= target
+                last_record = self.step(evaluate=last)
                 self.metrics.append(last_record)
                 if self.progress:
                     self.progress.update(last_record, self.last_accuracy)
@@ -151,7 +155,7 @@ class Trainer:
                     self.checkpoint()
                     raise Interrupted(f"stopped by signal {signal.Signals(self._stop_signal).name} "
                                       f"at generation {self.generation}; checkpoint written")
-                if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                if out_of_time:
                     break
             self.checkpoint()
         except Interrupted:

@@ -83,7 +83,7 @@ class PopulationEvaluator:
         if self.device.type != "cuda":
             return 64
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_member = 4 * (network.NUM_PARAMS + batch_size * (4 * 512 + 2 * 10))
+        per_member = 4 * (network.NUM_PARAMS + batch_size * (784 + 4 * 512 + 2 * 10))  # x may be expanded per member
         return max(1, int(free * self.memory_fraction // per_member))
 
     def logits(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, x: torch.Tensor):
