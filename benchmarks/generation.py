@@ -97,7 +97,8 @@ def bench_row(args, workers: int, table, data, theta0) -> dict:
         executor.close()
     medians = {key: statistics.median(r[key] for r in records) for key in records[0]}
     return {"workers": workers, "executor": "ray" if workers else "local", "ready_s": ready_s,
-            "warmup_s": warmup_s, "loadavg_1m": [load_before, os.getloadavg()[0]], "median": medians, "generations": records, "theta": theta}
+            "warmup_s": warmup_s, "loadavg_1m": [load_before, os.getloadavg()[0]], "median": medians,
+            "generations": records, "theta": theta}
 
 
 def print_table(rows: list[dict], args) -> None:
@@ -112,7 +113,8 @@ def print_table(rows: list[dict], args) -> None:
         label = f"{row['workers']}" + ("" if row["workers"] else " local")
         print(f"{label:>8} {m['wall_s'] * 1e3:7.1f} " + " ".join(
             f"{m[k] * 1e3:{w}.1f}" for k, w in zip(PARTS, (6, 8, 8, 6, 6, 6)))
-            + f" {m['eval_share'] * 100:7.1f} {m['bytes_to_workers'] / MB:6.2f} {m['bytes_from_workers'] / MB:8.4f}"
+            + f" {m['eval_share'] * 100:7.1f} {m['bytes_to_workers'] / MB:6.2f}"
+            f" {m['bytes_from_workers'] / MB:8.4f}"
             f" {ref['evotorch_wall_s'] / m['wall_s']:11.2f}x {m['wall_s'] / ref['target_wall_s']:9.2f}x")
     print(f"{'EvoTorch':>8} {ref['evotorch_wall_s'] * 1e3:7.1f} {'':>53} {ref['evotorch_mb_sent']:6.2f} "
           f"{ref['evotorch_mb_returned']:8.4f}   (FINDINGS §7: P=64, B=256, 2 Ray actors)")

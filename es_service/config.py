@@ -22,6 +22,7 @@ FITNESS_KINDS = ("cross_entropy", "accuracy")
 EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
+DECAY_MODES = ("l2", "decoupled")
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -54,7 +55,9 @@ class ESConfig:
     schedule: str = "constant"
     """How sigma and the learning rate move to their final values: constant, linear or cosine."""
     weight_decay: float = 0.0
-    """L2 coefficient added to the descent direction: theta <- theta - lr * Adam(-grad + wd * theta)."""
+    """Weight decay coefficient; how it acts is set by weight_decay_mode."""
+    weight_decay_mode: str = "l2"
+    """l2: Adam descends on -grad + wd * theta (OpenAI-ES); decoupled: AdamW, theta *= 1 - lr * wd each step."""
     fitness: str = "cross_entropy"
     """cross_entropy (negative mean cross-entropy) or accuracy, on the generation's minibatch."""
     batch_size: int = 256
@@ -223,6 +226,8 @@ def validate(config: Config) -> Config:
         value = getattr(es, name)
         _require(value is None or 0 < value < math.inf, f"es.{name}: {value}; use a finite number > 0")
     _require(0 <= es.weight_decay < math.inf, f"es.weight_decay: {es.weight_decay}; use a finite number >= 0")
+    _require(es.weight_decay_mode in DECAY_MODES,
+             f"es.weight_decay_mode: {es.weight_decay_mode!r}; allowed: {', '.join(DECAY_MODES)}")
     _require(es.fitness in FITNESS_KINDS, f"es.fitness: {es.fitness!r}; allowed: {', '.join(FITNESS_KINDS)}")
     _require(es.schedule in SCHEDULES, f"es.schedule: {es.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     for name in ("batch_size", "batch_size_final"):

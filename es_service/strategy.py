@@ -63,12 +63,21 @@ def scheduled(start: float, final: float | None, progress: float, schedule: str)
 
 
 class AdamES:
-    """torch.optim.Adam stepping one flat float32 theta on the ES estimate (EvoTorch's pattern)."""
+    """torch.optim.Adam stepping one flat float32 theta on the ES estimate (EvoTorch's pattern).
 
-    def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float):
+    ``decoupled`` weight decay uses torch.optim.AdamW instead (Loshchilov & Hutter 2019): theta shrinks
+    by lr * wd each step whatever the gradient's scale. Through Adam's normalisation an L2 term is
+    negligible next to ES's noisy estimate, so only the decoupled form holds the weight norm down.
+    """
+
+    def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
-        self.weight_decay = weight_decay
-        self.optimizer = torch.optim.Adam([self.theta], lr=learning_rate)
+        if decoupled:
+            self.weight_decay = 0.0
+            self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, weight_decay=weight_decay)
+        else:
+            self.weight_decay = weight_decay
+            self.optimizer = torch.optim.Adam([self.theta], lr=learning_rate)
 
     def step(self, grad: torch.Tensor, learning_rate: float) -> float:
         """One descent step on -grad + weight_decay * theta; returns the step's L2 norm."""

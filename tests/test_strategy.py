@@ -78,3 +78,16 @@ def test_schedules_move_from_start_to_final(schedule):
     assert strategy.scheduled(1.0, 0.1, 1.0, schedule) == pytest.approx(0.1)
     assert 0.1 < strategy.scheduled(1.0, 0.1, 0.5, schedule) < 1.0
     assert strategy.scheduled(1.0, None, 0.7, schedule) == 1.0
+
+
+def test_decoupled_weight_decay_is_adamw():
+    theta = torch.full((4,), 2.0)
+    adam = strategy.AdamES(theta, learning_rate=0.1, weight_decay=0.5, decoupled=True)
+    reference = torch.nn.Parameter(theta.clone())
+    adamw = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.5)
+    grad = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    adam.step(grad, 0.1)
+    reference.grad = -grad
+    adamw.step()
+    assert torch.equal(adam.theta.detach(), reference.detach())
+    assert isinstance(adam.optimizer, torch.optim.AdamW)
