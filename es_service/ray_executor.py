@@ -166,16 +166,20 @@ class RayExecutor:
         return outcome
 
     def _dispatch(self, plan, queue, done, in_flight, theta_holder, outcome) -> None:
-        for wid, worker in list(self.workers.items()):
-            while worker.ready and worker.in_flight < IN_FLIGHT_PER_WORKER and queue:
-                tile = queue.popleft()
-                if tile.tile_id in done:
-                    continue
-                task = make_task(plan, tile)
-                ref = worker.handle.evaluate.remote(theta_holder, task)
-                in_flight[ref] = (tile, wid, time.monotonic())
-                worker.in_flight += 1
-                outcome.bytes_to_workers += task.nbytes
+        """Round-robin: every idle worker gets a tile before any worker gets a second."""
+        for level in range(IN_FLIGHT_PER_WORKER):
+            for wid, worker in list(self.workers.items()):
+                while queue and queue[0].tile_id in done:
+                    queue.popleft()
+                if not queue:
+                    return
+                if worker.ready and worker.in_flight <= level:
+                    tile = queue.popleft()
+                    task = make_task(plan, tile)
+                    ref = worker.handle.evaluate.remote(theta_holder, task)
+                    in_flight[ref] = (tile, wid, time.monotonic())
+                    worker.in_flight += 1
+                    outcome.bytes_to_workers += task.nbytes
 
     def _collect(self, ref, in_flight, queue, done, outcome) -> None:
         tile, wid, _ = in_flight.pop(ref)
