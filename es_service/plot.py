@@ -11,11 +11,19 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-WIDTH, HEIGHT, MARGIN = 1200, 520, 60
+WIDTH, MARGIN, PANEL_HEIGHT, LEGEND_ROW = 1200, 60, 440, 14
 
 
 def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
     return [(r["generation"], r[key]) for r in records if r.get(key) is not None]
+
+
+def _zoomed_range(curves) -> tuple[float, float]:
+    """Skip each curve's first 10% of generations so the interesting end is not squashed."""
+    tail = [y for _, _, pts in curves for x, y in pts if pts and x >= 0.1 * pts[-1][0]]
+    if not tail:
+        return (0.0, 1.0)
+    return (max(0.0, min(tail) - 0.02), min(1.0, max(tail) + 0.01))
 
 
 def _panel(draw, box, title, curves, y_range=None):
@@ -39,12 +47,13 @@ def _panel(draw, box, title, curves, y_range=None):
         draw.text((left - 55, py - 6), f"{y:.3g}", fill=(0, 0, 0))
     draw.text((right - 60, bottom + 6), f"gen {x_max:.0f}", fill=(0, 0, 0))
     for row, (label, color, pts) in enumerate(curves):
-        if len(pts) > 1:
-            draw.line([to_px(x, y) for x, y in pts], fill=color, width=2)
-        for x, y in pts[-1:]:
+        visible = [(x, min(max(y, y_low), y_high)) for x, y in pts]
+        if len(visible) > 1:
+            draw.line([to_px(x, y) for x, y in visible], fill=color, width=2)
+        for x, y in visible[-1:]:
             px, py = to_px(x, y)
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((left + 8, top + 6 + 14 * row), label, fill=color)
+        draw.text((left, bottom + 24 + LEGEND_ROW * row), label, fill=color)  # legend below the panel
 
 
 def _shade(color, amount):
@@ -53,23 +62,26 @@ def _shade(color, amount):
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path: str | Path) -> Path:
     """Draw one PNG comparing runs; ``runs`` is [(label, metrics records)]."""
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
     accuracy_curves, fitness_curves = [], []
     for index, (label, records) in enumerate(runs):
         color = COLORS[index % len(COLORS)]
         accuracy_curves += [
             (f"{label} test", color, _series(records, "test_accuracy")),
             (f"{label} train", _shade(color, 0.45), _series(records, "train_accuracy")),
-            (f"{label} batch mean", _shade(color, 0.75), _series(records, "batch_accuracy_mean")),
         ]
+        if len(runs) == 1:
+            accuracy_curves.append((f"{label} batch mean", _shade(color, 0.75), _series(records, "batch_accuracy_mean")))
         fitness_curves += [
             (f"{label} best", color, _series(records, "fitness_max")),
             (f"{label} mean", _shade(color, 0.6), _series(records, "fitness_mean")),
         ]
+    legend_height = 40 + LEGEND_ROW * max(len(accuracy_curves), len(fitness_curves))
+    image = Image.new("RGB", (WIDTH, 40 + PANEL_HEIGHT + legend_height), "white")
+    draw = ImageDraw.Draw(image)
     half = WIDTH // 2
-    _panel(draw, (MARGIN, 40, half - 20, HEIGHT - 40), "accuracy", accuracy_curves, (0.0, 1.0))
-    _panel(draw, (half + MARGIN, 40, WIDTH - 20, HEIGHT - 40), "fitness", fitness_curves)
+    bottom = 40 + PANEL_HEIGHT
+    _panel(draw, (MARGIN, 40, half - 20, bottom), "accuracy (zoomed)", accuracy_curves, _zoomed_range(accuracy_curves))
+    _panel(draw, (half + MARGIN, 40, WIDTH - 20, bottom), "fitness", fitness_curves)
     path = Path(path)
     tmp = path.with_suffix(".tmp.png")
     image.save(tmp)
