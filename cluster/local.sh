@@ -26,8 +26,9 @@
 #   same file, with RAY_AUTH_MODE=token set (ray.init() also picks it up by itself).
 #
 # Environment knobs: ES_LOCAL_HEAD_CPUS (2), ES_LOCAL_TEMP_DIR (/tmp/ray-es-local),
-# ES_LOCAL_DASHBOARD_PORT (8265; the GCS port stays 6379, which the fake provider assumes),
-# ES_LOCAL_AGENT_PORT (0 = any free port),
+# ES_LOCAL_DASHBOARD_PORT (8265), ES_LOCAL_GCS_PORT (6379, which the fake provider assumes;
+# another port is written into a copy of local.yaml in the temp dir as provider.gcs_address),
+# ES_LOCAL_CLIENT_PORT (10001, the Ray client server), ES_LOCAL_AGENT_PORT (0 = any free port),
 # ES_LOCAL_STOP_GRACE_S (10), ES_LOCAL_STATE (state file), RAY (the ray CLI to use).
 # Needs bash >= 4 (mapfile) and a POSIX `ps`.
 set -euo pipefail
@@ -38,6 +39,8 @@ CONFIG="$HERE/local.yaml"
 HEAD_CPUS="${ES_LOCAL_HEAD_CPUS:-2}"
 TEMP_DIR="${ES_LOCAL_TEMP_DIR:-/tmp/ray-es-local}"
 DASHBOARD_PORT="${ES_LOCAL_DASHBOARD_PORT:-8265}"
+GCS_PORT="${ES_LOCAL_GCS_PORT:-6379}"
+CLIENT_PORT="${ES_LOCAL_CLIENT_PORT:-10001}"
 # The dashboard agent's HTTP port (Ray's default is a fixed 52365, which a second Ray
 # instance on the same machine can't bind, and then job submission fails with "No
 # available agent to submit job"); 0 = any free port, as the fake worker nodes use.
@@ -153,13 +156,29 @@ cmd_start() {
     # Make sure a token exists (no-op when ~/.ray/auth_token is already there).
     "$RAY" get-auth-token --generate >/dev/null 2>&1 || die "could not create an auth token"
 
+    local config="$CONFIG"
+    if [[ "$GCS_PORT" != 6379 ]]; then
+        # The fake provider connects its nodes to <node ip>:6379 unless the config names the GCS.
+        config="$TEMP_DIR/local-autoscaling.yaml"
+        "$PYTHON" - "$CONFIG" "$config" "$GCS_PORT" <<'PY' || die "could not write $config"
+import sys, yaml
+from ray._private.services import get_node_ip_address
+source, target, port = sys.argv[1:]
+data = yaml.safe_load(open(source))
+data["provider"]["gcs_address"] = f"{get_node_ip_address()}:{port}"
+with open(target, "w") as f:
+    yaml.safe_dump(data, f)
+PY
+    fi
+
     local log pgid_file
     log="$(mktemp "${TMPDIR:-/tmp}/es-local-start.XXXXXX")"
     pgid_file="$(mktemp "${TMPDIR:-/tmp}/es-local-pgid.XXXXXX")"
     # Start `ray start` as the leader of a new session, so that every process it and the
     # fake autoscaler spawn shares one process-group id that `stop` can signal.
     if ! "$PYTHON" - "$pgid_file" env RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1 \
-        "$RAY" start --head --num-cpus="$HEAD_CPUS" --autoscaling-config="$CONFIG" \
+        "$RAY" start --head --num-cpus="$HEAD_CPUS" --autoscaling-config="$config" \
+        --port="$GCS_PORT" --ray-client-server-port="$CLIENT_PORT" \
         --temp-dir="$TEMP_DIR" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
         --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats \
         >"$log" 2>&1 <<'PY'

@@ -17,6 +17,7 @@ No Ray and no I/O here.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -151,6 +152,8 @@ class _Compiled:
     e.g. on a machine without a C++ compiler."""
 
     def __init__(self, fn: Callable):
+        # inductor on a CPU-only machine warns that it found no CUDA runtime: true, and of no use here
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.eager = fn
         self.compiled = torch.compile(fn, dynamic=None)
         self.failed = False

@@ -57,6 +57,7 @@ class RayExecutor:
         )
         self.workers: dict[int, _Worker] = {}
         self.failures = 0
+        self.events: collections.deque = collections.deque(maxlen=1000)  # (monotonic time, what, tile id)
         self._next_id = 0
         self._last_pool_check = 0.0
         self._maintain_pool(force=True)
@@ -175,6 +176,7 @@ class RayExecutor:
                     return
                 if worker.ready and worker.in_flight <= level:
                     tile = queue.popleft()
+                    self.events.append((time.monotonic(), "dispatch", tile.tile_id))
                     task = make_task(plan, tile)
                     ref = worker.handle.evaluate.remote(theta_holder, task)
                     in_flight[ref] = (tile, wid, time.monotonic())
@@ -192,6 +194,7 @@ class RayExecutor:
             if tile.tile_id not in done:
                 queue.appendleft(tile)
                 outcome.tiles_reissued += 1
+                self.events.append((time.monotonic(), "requeue", tile.tile_id))
             return
         outcome.bytes_from_workers += result.nbytes
         if tile.tile_id in done or result.tile_id != tile.tile_id:
@@ -208,6 +211,7 @@ class RayExecutor:
                 self._drop(wid)  # hung or lost: replace it
                 queue.appendleft(tile)
                 outcome.tiles_reissued += 1
+                self.events.append((now, "requeue", tile.tile_id))
 
     def describe(self) -> str:
         cfg = self.config

@@ -1,0 +1,312 @@
+"""The fake autoscaling cluster of ``cluster/local.sh`` end to end: zero workers to elastic and back.
+
+``cluster/local.sh start`` brings up a head with 2 CPUs and the fake autoscaler (``cluster/local.yaml``:
+up to 3 fake 1-CPU worker nodes). An ES job submitted with ``es-service submit`` and ``workers.count=0``
+asks the autoscaler for ``workers.max_count`` 1-CPU bundles through ``request_resources``; fake nodes
+join, the job's pool grows past the 2 workers the head alone can hold (``workers_alive`` in
+``metrics.jsonl``), the job succeeds and withdraws its request, and the idle nodes leave again.
+``cluster/local.sh stop`` then leaves no process of the cluster behind and touches nothing else.
+
+The cluster is the module's own: its temp dir, state file, GCS/dashboard/client ports and auth token
+(``RAY_AUTH_TOKEN_PATH``) are fresh, so it never meets ``/tmp/ray``, ``~/.ray/auth_token`` or another
+Ray instance on the machine, and it is never stopped with ``ray stop`` (which kills every Ray process of
+the user). Every process of it carries a marker variable in its environment, which the final check and
+the emergency cleanup use besides its session id and temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import mnist_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SH = REPO / "cluster" / "local.sh"
+BIN = Path(sys.executable).parent
+HEAD_CPUS = 2  # cluster/local.sh's default; 1-CPU workers, so the head alone holds 2
+MAX_WORKERS = 3
+GENERATIONS = 40  # long enough for a fake node to join and its worker to get ready on a busy 2-core machine
+OVERRIDES = [
+    f"generations={GENERATIONS}", "seed=11", "es.pop_size=8", "es.batch_size=64", "noise.table_size=1048576",
+    "eval.train_size=500", "eval.every=20", "checkpoint.every=20", "workers.members_per_tile=2",
+    "workers.count=0", "workers.min_count=1", f"workers.max_count={MAX_WORKERS}", "workers.cpus_per_worker=1",
+    "workers.fused=false",
+]
+CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the fake provider's node ids
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _processes(session: int | None, marker: bytes, temp: str) -> dict[int, str]:
+    """Live (non-zombie) processes of the cluster: its session, its marker variable or its temp dir."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            mine = session is not None and os.getsid(pid) == session
+            mine = mine or marker in (entry / "environ").read_bytes()
+            mine = mine or temp in cmdline or os.readlink(entry / "cwd").startswith(temp)
+        except (OSError, ValueError):
+            continue
+        if mine:
+            found[pid] = cmdline[:200]
+    return found
+
+
+class LocalCluster:
+    """``cluster/local.sh`` run with the module's own temp dir, state file, ports and token."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.temp = root / "ray"  # the cluster's --temp-dir (short: Ray's unix sockets live under it)
+        self.state = root / "state"
+        self.token = secrets.token_hex(32)
+        self.token_file = root / "token"
+        self.token_file.write_text(self.token)
+        self.marker = f"ES_LOCAL_CLUSTER_TEST={root.name}"
+        dashboard, gcs, client = free_ports(3)
+        self.address = f"http://127.0.0.1:{dashboard}"
+        env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
+        env.update(
+            ES_LOCAL_TEMP_DIR=str(self.temp), ES_LOCAL_STATE=str(self.state), ES_LOCAL_DASHBOARD_PORT=str(dashboard),
+            ES_LOCAL_GCS_PORT=str(gcs), ES_LOCAL_CLIENT_PORT=str(client), ES_LOCAL_AGENT_PORT="0",
+            ES_LOCAL_HEAD_CPUS=str(HEAD_CPUS), RAY=str(BIN / "ray"), RAY_AUTH_TOKEN_PATH=str(self.token_file),
+            RAY_USAGE_STATS_ENABLED="0", XDG_CACHE_HOME=str(root / "cache"), TMPDIR=str(root),
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_LOCAL_CLUSTER_TEST=root.name,
+        )
+        self.env = env
+        self.pgid: int | None = None
+        self.gcs_address = ""
+
+    def sh(self, command: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([str(LOCAL_SH), command], env=self.env, cwd=self.root, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self) -> str:
+        result = self.sh("start")
+        state = self.read_state()  # also after a failed start: the emergency cleanup needs the group id
+        assert result.returncode == 0, f"local.sh start: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        assert state.get("TEMP_DIR_USED") == str(self.temp), state
+        return result.stdout
+
+    def read_state(self) -> dict[str, str]:
+        if not self.state.is_file():
+            return {}
+        state = dict(line.split("=", 1) for line in self.state.read_text().splitlines() if "=" in line)
+        if state.get("PGID", "").isdigit():
+            self.pgid = int(state["PGID"])
+        self.gcs_address = state.get("ADDRESS", "")
+        return state
+
+    def processes(self) -> dict[int, str]:
+        return _processes(self.pgid, self.marker.encode(), str(self.temp))
+
+    def get(self, path: str, token: str | None = "default"):
+        token = self.token if token == "default" else token
+        request = urllib.request.Request(self.address + path,
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return json.loads(response.read())
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's alive nodes from the state API: node_id, is_head_node, resources_total, ..."""
+        reply = self.get("/api/v0/nodes?limit=100&detail=true")
+        return [node for node in reply["data"]["result"]["result"] if node["state"] == "ALIVE"]
+
+    def emergency_cleanup(self) -> None:
+        """After a failed test: local.sh stop, then SIGKILL whatever of the cluster is still alive."""
+        try:
+            if self.state.is_file():
+                self.sh("stop", timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def fake_workers(nodes: list[dict]) -> list[dict]:
+    return [node for node in nodes if not node["is_head_node"]]
+
+
+def ray_status_active(output: str) -> dict[str, int]:
+    """``Active:`` node counts by node type from ``ray status`` output, e.g. {"ray.head.default": 1}."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Active:")
+    active = {}
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            break
+        active[parts[1]] = int(parts[0])
+    return active
+
+
+def sentinels(root: Path) -> list[subprocess.Popen]:
+    """Two processes that are not the cluster's: a plain sleep, and one that `ray stop` would kill (its
+    executable is named ``raylet`` and lives in a ``.../ray/...`` folder), each in a session of its own."""
+    fake_ray = root / "other" / "ray" / "raylet"
+    fake_ray.parent.mkdir(parents=True)
+    shutil.copy(shutil.which("sleep"), fake_ray)
+    env = {k: v for k, v in os.environ.items()}
+    return [subprocess.Popen([str(exe), "600"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for exe in (shutil.which("sleep"), fake_ray)]
+
+
+@pytest.fixture
+def local_cluster():
+    pytest.importorskip("ray")
+    if not (BIN / "ray").exists() or not (BIN / "es-service").exists():
+        pytest.skip(f"`ray` and `es-service` must be installed next to {sys.executable}")
+    if sys.platform != "linux":
+        pytest.skip("the process checks read /proc")
+    root = Path(tempfile.mkdtemp(prefix="esl-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    cluster = LocalCluster(root)
+    try:
+        yield cluster
+    finally:
+        cluster.emergency_cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path):
+    data_dir = mnist_dir()
+    cluster = local_cluster
+    user_token = Path("~/.ray/auth_token").expanduser()
+    user_token_before = user_token.read_bytes() if user_token.is_file() else None
+    others = sentinels(cluster.root)
+    timings = {}
+    try:
+        # -- start: the head alone, token auth on ---------------------------------------------------------
+        started = time.monotonic()
+        out = cluster.start()
+        timings["start"] = time.monotonic() - started
+        assert f"temp dir {cluster.temp}" in out and cluster.pgid and cluster.gcs_address, out
+        assert cluster.gcs_address.endswith(f":{cluster.env['ES_LOCAL_GCS_PORT']}"), cluster.gcs_address
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                nodes = cluster.alive_nodes()
+                break
+            except (OSError, urllib.error.URLError, KeyError):
+                assert time.monotonic() < deadline, "the state API of the new head never answered"
+                time.sleep(1)
+        assert len(nodes) == 1 and nodes[0]["is_head_node"], nodes
+        assert nodes[0]["resources_total"]["CPU"] == HEAD_CPUS, nodes
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            cluster.get("/api/jobs/", token=None)
+        assert refused.value.code == 401  # token authentication is on
+        status = cluster.sh("status", timeout=120)
+        assert status.returncode == 0, status
+        assert ray_status_active(status.stdout) == {"ray.head.default": 1}, status.stdout
+
+        # -- submit: the job asks the autoscaler for 3 one-CPU workers -------------------------------------
+        run_dir = tmp_path / "run"
+        client_env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET}
+        client_env.update(ES_DATA_DIR=str(data_dir), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
+        submit = subprocess.run(
+            [str(BIN / "es-service"), "submit", "--address", cluster.address, str(REPO / "configs" / "quick.yaml"),
+             "--run-dir", str(run_dir), "--no-wait", "--token-file", str(cluster.token_file),
+             *[arg for item in OVERRIDES for arg in ("--set", item)]],
+            env=client_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, f"submit: exit {submit.returncode}\n{submit.stdout}\n{submit.stderr}"
+        job_id = submit.stdout.splitlines()[0].strip()
+        submitted = time.monotonic()
+
+        # -- watch: fake nodes join while the job runs -------------------------------------------------------
+        most_fake, job = 0, {}
+        deadline = submitted + 240
+        while time.monotonic() < deadline:
+            job = cluster.get(f"/api/jobs/{job_id}")
+            most_fake = max(most_fake, len(fake_workers(cluster.alive_nodes())))
+            if most_fake and "first_node" not in timings:
+                timings["first_node"] = time.monotonic() - submitted
+            if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            if os.environ.get("DEBUG_LC"):
+                acts = cluster.get("/api/v0/actors?limit=100&detail=true")["data"]["result"]["result"]
+                print(round(time.monotonic() - submitted, 1), job["status"], len(cluster.alive_nodes()),
+                      [(a["class_name"], a["state"], (a.get("node_id") or "")[-5:], a.get("required_resources")) for a in acts])
+            time.sleep(1)
+        timings["job"] = time.monotonic() - submitted
+        logs = cluster.get(f"/api/jobs/{job_id}/logs").get("logs", "")
+        assert job["status"] == "SUCCEEDED", f"job {job_id}: {job['status']} ({job.get('message')})\n{logs[-3000:]}"
+        assert most_fake >= 1, f"no fake worker node joined during the job\n{logs[-3000:]}"
+        assert most_fake <= MAX_WORKERS
+
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["generation"] for r in records] == list(range(1, GENERATIONS + 1))
+        alive = [r["workers_alive"] for r in records]
+        assert max(alive) > HEAD_CPUS, f"workers_alive never exceeded the head's {HEAD_CPUS}: {alive}"
+        assert max(alive) <= MAX_WORKERS, alive
+        assert alive[-1] == max(alive), alive  # the grown pool stayed until the end
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+        timings["workers_alive"] = alive
+        if os.environ.get("DEBUG_LC"):
+            for r in records:
+                print({k: r.get(k) for k in ("generation", "workers_alive", "worker_failures", "tiles_reissued", "seconds", "wall_s")})
+            acts = cluster.get("/api/v0/actors?limit=100&detail=true")["data"]["result"]["result"]
+            for a in acts:
+                print(json.dumps({k: a.get(k) for k in ("class_name", "state", "node_id", "pid", "death_cause", "start_time", "end_time")})[:1500])
+            print(logs[-4000:])
+
+        # -- after the job: its request is withdrawn, so the idle fake nodes leave (idle timeout 12 s) -------
+        deadline = time.monotonic() + 90
+        while fake_workers(cluster.alive_nodes()):
+            assert time.monotonic() < deadline, (
+                "fake worker nodes still up 90 s after the job ended (request_resources not withdrawn?)\n"
+                + cluster.sh("status", timeout=120).stdout)
+            time.sleep(1)
+        timings["scale_down"] = time.monotonic() - submitted - timings["job"]
+
+        # -- stop: nothing of the cluster is left, nothing else was touched -----------------------------------
+        assert cluster.processes(), "the cluster's processes are not found by the check below"
+        stopped = time.monotonic()
+        result = cluster.sh("stop", timeout=120)
+        timings["stop"] = time.monotonic() - stopped
+        assert result.returncode == 0, f"local.sh stop: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        assert "stopped: no process of the cluster" in result.stdout, result.stdout
+        assert not cluster.processes(), cluster.processes()
+        assert not cluster.state.exists()
+        for proc in others:
+            assert proc.poll() is None, f"local.sh stop killed an unrelated process: {proc.args}"
+        assert (user_token.read_bytes() if user_token.is_file() else None) == user_token_before
+        print("timings (s):", {k: round(v, 1) if isinstance(v, float) else v for k, v in timings.items()})
+    finally:
+        for proc in others:
+            proc.kill()
+            proc.wait()
