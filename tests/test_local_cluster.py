@@ -12,6 +12,11 @@ The cluster is the module's own: its temp dir, state file, GCS/dashboard/client 
 Ray instance on the machine, and it is never stopped with ``ray stop`` (which kills every Ray process of
 the user). Every process of it carries a marker variable in its environment, which the final check and
 the emergency cleanup use besides its session id and temp dir.
+
+Not asserted: that no worker fails. On this fake cluster every node shares the head's session dir, and
+a new node's runtime-env agent deletes and re-extracts the job's working_dir package there; head workers
+that are starting at that moment (their cwd) die and the pool replaces them. The run dir is absolute
+because a relative one, under the working_dir, is deleted with it.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ LOCAL_SH = REPO / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent
 HEAD_CPUS = 2  # cluster/local.sh's default; 1-CPU workers, so the head alone holds 2
 MAX_WORKERS = 3
-GENERATIONS = 40  # long enough for a fake node to join and its worker to get ready on a busy 2-core machine
+# Long enough that the job outlives a fake node's start and its worker's start (~10-15 s after submitting on a
+# busy 2-core machine) with room to spare: a generation of this size takes ~0.06 s. No eval but the final one.
+GENERATIONS = 400
 OVERRIDES = [
     f"generations={GENERATIONS}", "seed=11", "es.pop_size=8", "es.batch_size=64", "noise.table_size=1048576",
-    "eval.train_size=500", "eval.every=20", "checkpoint.every=20", "workers.members_per_tile=2",
+    "eval.train_size=500", f"eval.every={GENERATIONS}", "checkpoint.every=100", "workers.members_per_tile=2",
     "workers.count=0", "workers.min_count=1", f"workers.max_count={MAX_WORKERS}", "workers.cpus_per_worker=1",
     "workers.fused=false",
 ]
@@ -229,9 +236,15 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         assert nodes[0]["resources_total"]["CPU"] == HEAD_CPUS, nodes
         with pytest.raises(urllib.error.HTTPError) as refused:
             cluster.get("/api/jobs/", token=None)
-        assert refused.value.code == 401  # token authentication is on
-        status = cluster.sh("status", timeout=120)
-        assert status.returncode == 0, status
+        assert refused.value.code == 401  # token authentication is on (and the token is the module's own)
+        deadline = time.monotonic() + 60
+        while True:  # `ray status` says "No cluster status" until the autoscaler's first report
+            status = cluster.sh("status", timeout=120)
+            assert status.returncode == 0, status
+            if "Active:" in status.stdout:
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(2)
         assert ray_status_active(status.stdout) == {"ray.head.default": 1}, status.stdout
 
         # -- submit: the job asks the autoscaler for 3 one-CPU workers -------------------------------------
@@ -252,37 +265,34 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         deadline = submitted + 240
         while time.monotonic() < deadline:
             job = cluster.get(f"/api/jobs/{job_id}")
-            most_fake = max(most_fake, len(fake_workers(cluster.alive_nodes())))
+            joined = fake_workers(cluster.alive_nodes())
+            assert all(node["resources_total"]["CPU"] == 1 for node in joined), joined
+            most_fake = max(most_fake, len(joined))
             if most_fake and "first_node" not in timings:
                 timings["first_node"] = time.monotonic() - submitted
             if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
-            if os.environ.get("DEBUG_LC"):
-                acts = cluster.get("/api/v0/actors?limit=100&detail=true")["data"]["result"]["result"]
-                print(round(time.monotonic() - submitted, 1), job["status"], len(cluster.alive_nodes()),
-                      [(a["class_name"], a["state"], (a.get("node_id") or "")[-5:], a.get("required_resources")) for a in acts])
             time.sleep(1)
         timings["job"] = time.monotonic() - submitted
         logs = cluster.get(f"/api/jobs/{job_id}/logs").get("logs", "")
         assert job["status"] == "SUCCEEDED", f"job {job_id}: {job['status']} ({job.get('message')})\n{logs[-3000:]}"
         assert most_fake >= 1, f"no fake worker node joined during the job\n{logs[-3000:]}"
         assert most_fake <= MAX_WORKERS
+        timings["fake_nodes"] = most_fake
 
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["generation"] for r in records] == list(range(1, GENERATIONS + 1))
         alive = [r["workers_alive"] for r in records]
         assert max(alive) > HEAD_CPUS, f"workers_alive never exceeded the head's {HEAD_CPUS}: {alive}"
         assert max(alive) <= MAX_WORKERS, alive
-        assert alive[-1] == max(alive), alive  # the grown pool stayed until the end
         assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
-        timings["workers_alive"] = alive
-        if os.environ.get("DEBUG_LC"):
-            for r in records:
-                print({k: r.get(k) for k in ("generation", "workers_alive", "worker_failures", "tiles_reissued", "seconds", "wall_s")})
-            acts = cluster.get("/api/v0/actors?limit=100&detail=true")["data"]["result"]["result"]
-            for a in acts:
-                print(json.dumps({k: a.get(k) for k in ("class_name", "state", "node_id", "pid", "death_cause", "start_time", "end_time")})[:1500])
-            print(logs[-4000:])
+        runs = []  # run-length summary, e.g. "1x16 2x42 3x342"
+        for count in alive:
+            if runs and runs[-1][0] == count:
+                runs[-1][1] += 1
+            else:
+                runs.append([count, 1])
+        timings["workers_alive"] = " ".join(f"{count}x{length}" for count, length in runs)
 
         # -- after the job: its request is withdrawn, so the idle fake nodes leave (idle timeout 12 s) -------
         deadline = time.monotonic() + 90
