@@ -7,7 +7,7 @@ fill the same ``GenerationOutcome``; the driver's update never knows which one r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ class GenerationOutcome:
     bytes_from_workers: int = 0
     compute_s: float = 0.0
     """Evaluation time summed over the tiles, as the workers measured it."""
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def empty(cls, plan: GenerationPlan) -> "GenerationOutcome":

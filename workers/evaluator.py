@@ -127,11 +127,6 @@ class PopulationEvaluator:
             loss_sums = losses.sum(dim=1).cpu().numpy()
         return loss_sums, correct
 
-    def accuracy(self, theta: torch.Tensor) -> float:
-        """Accuracy of the unperturbed network on all of this evaluator's images."""
-        return accuracy(theta, self.images, self.labels, self.arithmetic, fused=self.fused)
-
-
 @dataclass(frozen=True)
 class TileTask:
     """What a worker needs for one tile; scalars and indices only (asserted at the boundary)."""
