@@ -63,14 +63,15 @@ def write_run_info(run_dir: Path, **fields) -> None:
     os.replace(tmp, path)
 
 
-def create_run_dir(run_dir: Path, config: Config, state: dict, force: bool) -> None:
+def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: bool, **info) -> None:
     """Build the directory in a temporary sibling and rename it into place: never half-written."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
     try:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_run_info(tmp, status="created", created=time.time(), torch=torch.__version__)
-        checkpoint.save(state, tmp / CHECKPOINT_NAME)
+        write_run_info(tmp, status="created", created=time.time(), torch=torch.__version__, **info)
+        if state is not None:
+            checkpoint.save(state, tmp / CHECKPOINT_NAME)
         if run_dir.exists() and force:
             shutil.rmtree(run_dir)
         os.replace(tmp, run_dir)
@@ -188,14 +189,8 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     data = load_mnist(config.data_dir)
     device = resolve_device(device)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    write_run_info(tmp, status="running", method="backprop", created=time.time(), torch=torch.__version__,
-                   device=f"local ({device})" + (f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""))
-    if run_dir.exists() and force:
-        shutil.rmtree(run_dir)
-    os.replace(tmp, run_dir)
+    gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
+    create_run_dir(run_dir, config, None, force, method="backprop", device=f"local ({device}){gpu}")
     record = train_backprop(config, run_dir, data, device, epochs, learning_rate=learning_rate,
                             time_budget_s=time_budget_s)
     write_run_info(run_dir, status="finished", generation=record["generation"],

@@ -19,15 +19,20 @@ from tests.test_driver import run_local
 pytestmark = pytest.mark.ray
 
 
-def run_ray(config, mnist, run_dir, during=None, wait=True):
+def make_trainer(config, mnist, run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     table = noise.make_table(noise_seed, config.noise.table_size)
     executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
+    state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
+    return Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
+
+
+def run_ray(config, mnist, run_dir, during=None, wait=True):
+    trainer = make_trainer(config, mnist, run_dir)
+    executor = trainer.executor
     if wait:
         executor.wait_until_ready()
-    state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
-    trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
     # the trainer runs in a thread so that ``during`` (node changes need the main thread) can act meanwhile
     stop, failure = threading.Event(), []
 
@@ -92,15 +97,6 @@ def _records(run_dir):
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def make_trainer(config, mnist, run_dir):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
-    table = noise.make_table(noise_seed, config.noise.table_size)
-    executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
-    state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
-    return Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
 
 
 def step_until(trainer, condition, limit=300):

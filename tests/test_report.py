@@ -1,0 +1,42 @@
+"""The ablation tools: the backprop row and `es-service report`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from es_service import checkpoint
+from es_service.backprop import train_backprop
+from es_service.report import ReportError, report, summarize
+from tests.conftest import tiny_config
+from tests.test_driver import run_local
+
+
+@pytest.fixture(scope="module")
+def small_mnist(mnist):
+    """The first 3,000 training images: enough for a real backprop epoch in seconds."""
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:3000], train_labels=mnist.train_labels[:3000])
+
+
+def test_backprop_learns_and_writes_a_run(small_mnist, tmp_path):
+    run_dir = tmp_path / "bp"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"method": "backprop", "status": "finished", "device": "cpu"}))
+    (run_dir / "config.yaml").write_text("network: {arithmetic: tf-ftz}\n")
+    record = train_backprop(tiny_config(), run_dir, small_mnist, "cpu", epochs=2, batch_size=100)
+    assert record["test_accuracy"] > 0.6 and record["generation"] == 2
+    assert checkpoint.load(run_dir / "checkpoint.pt")["generation"] == 2
+    es_dir = tmp_path / "es"
+    run_local(tiny_config(), small_mnist, es_dir)
+    (es_dir / "run.json").write_text(json.dumps({"status": "finished", "device": "cpu"}))
+    text = report([run_dir, es_dir], tmp_path / "curves.png")
+    assert "| bp | backprop | tf-ftz |" in text and "| es | es |" in text
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert summarize(run_dir)["test_accuracy"] == record["test_accuracy"]
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(ReportError, match="not a run directory"):
+        summarize(tmp_path)
