@@ -44,7 +44,7 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(index)
+            total_loss += float(loss.detach()) * len(index)
         with torch.no_grad():
             record = {
                 "generation": epoch,
