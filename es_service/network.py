@@ -168,6 +168,17 @@ class _Compiled:
         return self.eager(*args)
 
 
+def _tf_ftz_member(x, w1, b1, w2, b2, w3, b3) -> torch.Tensor:
+    """One member's tf-ftz forward as one function, so torch.compile makes a single region of it
+    (matmuls stay ATen/MKL calls; the epilogues fuse): ~10% faster than three regions on CPU."""
+    h1 = tf_ftz_hidden1(torch.mm(x, w1), b1)
+    h2 = tf_ftz_hidden(torch.mm(h1, w2), b2)
+    return tf_ftz_logits(torch.mm(h2, w3), b3)
+
+
+_MEMBER_COMPILED: list = []
+
+
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:
     """Logits for images ``x`` (B, 784). ``params`` may carry a leading member dimension (P, ...),
     in which case the result is (P, B, 10) from batched matmuls.
@@ -182,9 +193,13 @@ def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused:
     """
     if arithmetic == "cpu-ftz":
         return forward_native(x, params, arithmetic)
-    ops = epilogues(arithmetic, fused)
     w1, b1, w2, b2, w3, b3 = params
     batched = w1.dim() == 3
+    if fused and arithmetic == "tf-ftz" and not batched and x.dim() == 2:
+        if not _MEMBER_COMPILED:
+            _MEMBER_COMPILED.append(_Compiled(_tf_ftz_member))
+        return _MEMBER_COMPILED[0](x, *params)
+    ops = epilogues(arithmetic, fused)
     h1 = ops.hidden1(torch.matmul(x, w1), _bias(b1, batched))
     h2 = ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))
     return ops.logits(torch.matmul(h2, w3), _bias(b3, batched))

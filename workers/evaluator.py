@@ -87,7 +87,13 @@ class PopulationEvaluator:
         return max(1, int(free * self.memory_fraction // per_member))
 
     def logits(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, x: torch.Tensor):
+        """(n, B, 10) logits of n members from batched matmuls."""
         params = network.unflatten(self.perturbed(theta, offsets, scales))
+        return network.forward(x, params, self.arithmetic, self.fused)
+
+    def member_logits(self, theta: torch.Tensor, offset: np.ndarray, scale: torch.Tensor, x: torch.Tensor):
+        """(B, 10) logits of one member (``offset`` and ``scale`` of length 1) from plain matmuls."""
+        params = network.unflatten(self.perturbed(theta, offset, scale)[0])
         return network.forward(x, params, self.arithmetic, self.fused)
 
     def evaluate(
@@ -104,12 +110,16 @@ class PopulationEvaluator:
             raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
-        # CPU: one member at a time (its intermediates stay in cache); CUDA: batched chunks.
-        step = self.chunk_size(len(y)) if self.batched else 1
-        results = [
-            self._score(self.logits(theta, offsets[start : start + step], scales[start : start + step], x), y)
-            for start in range(0, len(offsets), step)
-        ]
+        # CPU: one member at a time with plain mm (its intermediates stay in cache); CUDA: batched chunks.
+        if self.batched:
+            step = self.chunk_size(len(y))
+            results = [
+                self._score(self.logits(theta, offsets[start : start + step], scales[start : start + step], x), y)
+                for start in range(0, len(offsets), step)
+            ]
+        else:
+            results = [self._score(self.member_logits(theta, offsets[j : j + 1], scales[j : j + 1], x), y)
+                       for j in range(len(offsets))]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
