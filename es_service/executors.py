@@ -67,7 +67,8 @@ class LocalExecutor:
     def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str,
                  fused: bool = False):
         self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused)
-        self.device = device
+        self.device = device  # where the driver's update runs too
+        self.table = self.evaluator.table
 
     def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:
         outcome = GenerationOutcome.empty(plan)

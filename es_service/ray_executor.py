@@ -44,6 +44,7 @@ class RayExecutor:
     def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str,
                  workers: WorkersConfig, autoscale: bool = False):
         self.config = workers
+        self.table, self.device = table, "cpu"  # the driver's update reads this table on the CPU
         self._requested = not autoscale  # an embedded local Ray has no autoscaler worth asking
         self._asked_autoscaler = False
         self.arithmetic = arithmetic

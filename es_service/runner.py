@@ -103,9 +103,9 @@ def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, da
            stop_after: int | None, time_budget_s: float | None, quiet: bool) -> dict:
     table = noise.make_table(noise_seed, config.noise.table_size)
     executor = build_executor(config, table, data, address)
-    device = "cuda" if config.workers.executor == "local" and getattr(executor, "device", "cpu") == "cuda" else "cpu"
     progress = None if quiet else Progress(config.generations, start=state.generation)
-    trainer = Trainer(config, run_dir, data, table.to(device), noise_seed, executor, state, device, progress)
+    # the driver's update shares the executor's copy of the table (on the GPU for a local CUDA executor)
+    trainer = Trainer(config, run_dir, data, executor.table, noise_seed, executor, state, executor.device, progress)
     write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid())
     try:
         record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)

@@ -22,6 +22,32 @@ def tiny_config(*overrides: str):
     return from_dict(TINY, list(overrides))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mnist_folder(tmp_path_factory):
+    """ES_DATA_DIR for the whole session. CI sets it; a new user's `make test` may not, so then the
+    data are resolved once the way `train` does (cache, download, registry fallback; hashes checked)
+    and the verified files copied to a session folder that every test and subprocess reads."""
+    import gzip
+    import os
+    import shutil
+
+    if os.environ.get("ES_DATA_DIR"):
+        yield os.environ["ES_DATA_DIR"]
+        return
+    from es_service.data import SHA256, cache_dir, load_mnist
+
+    load_mnist()
+    folder = tmp_path_factory.mktemp("mnist")
+    for name in SHA256:  # gzip'd, the layout CI's shared folder has
+        with open(cache_dir() / "MNIST" / "raw" / name, "rb") as raw, gzip.open(folder / f"{name}.gz", "wb", 1) as out:
+            shutil.copyfileobj(raw, out)
+    os.environ["ES_DATA_DIR"] = str(folder)
+    try:
+        yield str(folder)
+    finally:
+        del os.environ["ES_DATA_DIR"]
+
+
 @pytest.fixture(scope="session")
 def mnist():
     from es_service.data import load_mnist
