@@ -34,6 +34,23 @@ def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> floa
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall seconds of each ``fns[name]()`` over ``repeats`` rounds, the functions taking turns in every
+    round, so that drift on a shared machine hits them alike and per-round ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 def device_facts(device: torch.device) -> dict:
     facts = {
         "device": str(device),

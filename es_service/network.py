@@ -168,15 +168,40 @@ class _Compiled:
         return self.eager(*args)
 
 
-def _tf_ftz_member(x, w1, b1, w2, b2, w3, b3) -> torch.Tensor:
-    """One member's tf-ftz forward as one function, so torch.compile makes a single region of it
-    (matmuls stay ATen/MKL calls; the epilogues fuse): ~10% faster than three regions on CPU."""
-    h1 = tf_ftz_hidden1(torch.mm(x, w1), b1)
-    h2 = tf_ftz_hidden(torch.mm(h1, w2), b2)
-    return tf_ftz_logits(torch.mm(h2, w3), b3)
+def perturb(theta: torch.Tensor, noise_slice: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A member's parameters: ``theta + scale * noise_slice``, rounded in that order (no FMA)."""
+    return theta + scale * noise_slice
 
 
-_MEMBER_COMPILED: list = []
+def _member_forward(epilogues_: Epilogues) -> Callable:
+    def member(x, theta, noise_slice, scale):
+        w1, b1, w2, b2, w3, b3 = unflatten(perturb(theta, noise_slice, scale))
+        h1 = epilogues_.hidden1(torch.mm(x, w1), b1)
+        h2 = epilogues_.hidden2(torch.mm(h1, w2), b2)
+        return epilogues_.logits(torch.mm(h2, w3), b3)
+
+    return member
+
+
+_MEMBER_COMPILED: dict[str, "_Compiled"] = {}
+
+
+def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tensor, scale: torch.Tensor,
+                   arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """(B, 10) logits of one member, theta + scale * noise_slice (``scale`` a 0-d tensor).
+
+    Fused tf-ftz: the perturbation, the three matmuls and the epilogues are one torch.compile region: the
+    weights are built in one pass from the table (no scratch copy), the matmuls stay ATen/MKL calls, and
+    every elementwise op fuses into its neighbours. Bitwise equal to the eager path (a test checks it);
+    ~20% faster than building the weights first at 256 images on CPU.
+    """
+    if arithmetic == "cpu-ftz":
+        return forward_native(x, unflatten(perturb(theta, noise_slice, scale)), arithmetic)
+    if not fused or arithmetic != "tf-ftz":  # linear: inductor would turn mm + bias into addmm (other bits)
+        return _member_forward(epilogues(arithmetic, fused))(x, theta, noise_slice, scale)
+    if arithmetic not in _MEMBER_COMPILED:
+        _MEMBER_COMPILED[arithmetic] = _Compiled(_member_forward(epilogues(arithmetic)))
+    return _MEMBER_COMPILED[arithmetic](x, theta, noise_slice, scale)
 
 
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:
@@ -195,10 +220,6 @@ def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused:
         return forward_native(x, params, arithmetic)
     w1, b1, w2, b2, w3, b3 = params
     batched = w1.dim() == 3
-    if fused and arithmetic == "tf-ftz" and not batched and x.dim() == 2:
-        if not _MEMBER_COMPILED:
-            _MEMBER_COMPILED.append(_Compiled(_tf_ftz_member))
-        return _MEMBER_COMPILED[0](x, *params)
     ops = epilogues(arithmetic, fused)
     h1 = ops.hidden1(torch.matmul(x, w1), _bias(b1, batched))
     h2 = ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))

@@ -71,8 +71,9 @@ class PopulationEvaluator:
         return self._scratch[:rows]
 
     def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor) -> torch.Tensor:
-        """(n, NUM_PARAMS) perturbed parameters: theta + (sign * sigma) * slice, rounded in that order.
-        Built on this device from the cached table; the result lives in a reused scratch buffer."""
+        """(n, NUM_PARAMS) perturbed parameters for the batched path: theta + (sign * sigma) * slice,
+        rounded in that order (as ``network.perturb``). Built on this device from the cached table into
+        a reused scratch buffer."""
         index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
         rows = torch.index_select(self.windows, 0, index, out=self._scratch_rows(len(offsets)))
         rows.mul_(scales.unsqueeze(1))
@@ -91,10 +92,9 @@ class PopulationEvaluator:
         params = network.unflatten(self.perturbed(theta, offsets, scales))
         return network.forward(x, params, self.arithmetic, self.fused)
 
-    def member_logits(self, theta: torch.Tensor, offset: np.ndarray, scale: torch.Tensor, x: torch.Tensor):
-        """(B, 10) logits of one member (``offset`` and ``scale`` of length 1) from plain matmuls."""
-        params = network.unflatten(self.perturbed(theta, offset, scale)[0])
-        return network.forward(x, params, self.arithmetic, self.fused)
+    def member_logits(self, theta: torch.Tensor, offset: int, scale: torch.Tensor, x: torch.Tensor):
+        """(B, 10) logits of one member from plain matmuls, its weights read straight from the table."""
+        return network.member_forward(x, theta, self.windows[offset], scale, self.arithmetic, self.fused)
 
     def evaluate(
         self,
@@ -118,7 +118,7 @@ class PopulationEvaluator:
                 for start in range(0, len(offsets), step)
             ]
         else:
-            results = [self._score(self.member_logits(theta, offsets[j : j + 1], scales[j : j + 1], x), y)
+            results = [self._score(self.member_logits(theta, int(offsets[j]), scales[j], x), y)
                        for j in range(len(offsets))]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
