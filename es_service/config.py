@@ -23,6 +23,7 @@ EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 DECAY_MODES = ("l2", "decoupled")
+SHAPINGS = ("centered_rank", "normalized")
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -60,6 +61,8 @@ class ESConfig:
     """l2: Adam descends on -grad + wd * theta (OpenAI-ES); decoupled: AdamW, theta *= 1 - lr * wd each step."""
     fitness: str = "cross_entropy"
     """cross_entropy (negative mean cross-entropy) or accuracy, on the generation's minibatch."""
+    fitness_shaping: str = "centered_rank"
+    """centered_rank (ranks in [-0.5, 0.5], OpenAI-ES) or normalized (z-scores: keeps the size of each difference)."""
     batch_size: int = 256
     """Images in the generation's minibatch (every member sees the same one)."""
     batch_size_final: int | None = None
@@ -229,6 +232,8 @@ def validate(config: Config) -> Config:
     _require(es.weight_decay_mode in DECAY_MODES,
              f"es.weight_decay_mode: {es.weight_decay_mode!r}; allowed: {', '.join(DECAY_MODES)}")
     _require(es.fitness in FITNESS_KINDS, f"es.fitness: {es.fitness!r}; allowed: {', '.join(FITNESS_KINDS)}")
+    _require(es.fitness_shaping in SHAPINGS,
+             f"es.fitness_shaping: {es.fitness_shaping!r}; allowed: {', '.join(SHAPINGS)}")
     _require(es.schedule in SCHEDULES, f"es.schedule: {es.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     for name in ("batch_size", "batch_size_final"):
         value = getattr(es, name)

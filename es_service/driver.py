@@ -88,7 +88,7 @@ class Trainer:
         fitness = planning.member_fitness(
             outcome.loss_sums, outcome.correct, len(plan.batch_indices), self.config.es.fitness
         )
-        shaped = strategy.centered_ranks(fitness)
+        shaped = strategy.shape_fitness(fitness, self.config.es.fitness_shaping)
         weights = strategy.slice_weights(shaped, self.config.es.antithetic)
         grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness))
         if grad.is_cuda:

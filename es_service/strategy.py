@@ -31,6 +31,30 @@ def centered_ranks(fitness: np.ndarray) -> np.ndarray:
     return ranks / (len(values) - 1) - 0.5
 
 
+def normalized(fitness: np.ndarray) -> np.ndarray:
+    """Fitness z-scored across the population; non-finite fitness counts as the worst finite value.
+
+    Unlike ranks it keeps how much better a member did: with antithetic pairs on a shared minibatch,
+    (F+ - F-) / 2 sigma is a finite-difference slope along the slice, and the estimate is the plain
+    Gaussian-smoothing gradient up to one scale, which Adam normalises away.
+    """
+    finite = np.isfinite(fitness)
+    if not finite.any():
+        return np.zeros(len(fitness))
+    values = np.where(finite, fitness, fitness[finite].min())
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros(len(values))
+
+
+SHAPINGS = {"centered_rank": centered_ranks, "normalized": normalized}
+
+
+def shape_fitness(fitness: np.ndarray, shaping: str) -> np.ndarray:
+    if shaping not in SHAPINGS:
+        raise ValueError(f"unknown fitness shaping {shaping!r}; allowed: {', '.join(SHAPINGS)}")
+    return SHAPINGS[shaping](np.asarray(fitness, dtype=np.float64))
+
+
 def slice_weights(shaped: np.ndarray, antithetic: bool) -> np.ndarray:
     """One weight per noise slice: (w+ - w-) per antithetic pair, else each member's own weight."""
     if antithetic:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed
+# Client settings that would point a test's commands at some other Ray (or its token)
+CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
 
 # The smallest config that still exercises every part of a run: 669,706 parameters need a table of at
 # least that many floats, so 2**20; pop 4 and a 32-image batch keep one generation well under a second.
@@ -77,3 +84,54 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     assert len(errors) == 1, result.stderr
     assert lines[-1] == errors[0], f"the error should be the last thing printed:\n{result.stderr}"
     return errors[0]
+
+
+# --- private Ray heads started by tests (test_jobs, test_local_cluster) ---
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def get_json(url: str, token: str | None, timeout: float = 20) -> dict:
+    """GET a Ray dashboard API URL, with a bearer token when given."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def own_processes(session: int | None, marker: bytes, temp: str) -> dict[int, str]:
+    """Live (non-zombie) processes of a test's own Ray: in its session, carrying its marker variable,
+    or with its temp dir in their command line or working directory (Linux /proc). pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            mine = session is not None and os.getsid(pid) == session
+            mine = mine or marker in (entry / "environ").read_bytes()
+            mine = mine or temp in cmdline or os.readlink(entry / "cwd").startswith(temp)
+        except (OSError, ValueError):
+            continue
+        if mine:
+            found[pid] = cmdline[:200]
+    return found
+
+
+def kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -56,7 +56,7 @@ def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path):
     from es_service import checkpoint
 
     full = run_local(tiny_config(), mnist, tmp_path / "full")
-    part = run_local(tiny_config(), mnist, tmp_path / "part", generations=2)
+    run_local(tiny_config(), mnist, tmp_path / "part", generations=2)
     state = checkpoint.load(tmp_path / "part" / "checkpoint.pt")
     assert state["generation"] == 2
     resumed = run_local(tiny_config(), mnist, tmp_path / "part",

@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import BIN, CLIENT_UNSET, free_ports, get_json, kill_all, own_processes
+
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
-BIN = Path(sys.executable).parent
 TINY_JOB = {
     "seed": 5,
     "generations": 2,
@@ -40,18 +41,6 @@ TINY_JOB = {
     "eval": {"every": 2, "train_size": 200},
     "checkpoint": {"every": 1},
 }
-CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class Head:
@@ -59,11 +48,7 @@ class Head:
         self.address, self.token, self.token_file, self.temp, self.marker = address, token, token_file, temp, marker
 
     def get(self, path: str, token: str | None = "default") -> dict:
-        token = self.token if token == "default" else token
-        request = urllib.request.Request(self.address + path,
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+        return get_json(self.address + path, self.token if token == "default" else token, timeout=10)
 
     def wait_status(self, job_id: str, wanted: tuple[str, ...], timeout_s: float = 300) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -76,24 +61,6 @@ class Head:
             time.sleep(1)
         logs = self.get(f"/api/jobs/{job_id}/logs").get("logs", "")
         raise AssertionError(f"job {job_id}: {info['status']} ({info.get('message')}), wanted {wanted}\n{logs[-3000:]}")
-
-
-def _own_processes(session: int, marker: bytes, temp: str) -> list[int]:
-    """PIDs on this machine that belong to the module's head (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        pid = int(entry.name)
-        try:
-            mine = os.getsid(pid) == session
-            mine = mine or marker in (entry / "environ").read_bytes()
-            mine = mine or os.readlink(entry / "cwd").startswith(temp)
-        except OSError:
-            continue
-        if mine:
-            found.append(pid)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +105,7 @@ def head():
             proc.wait(60)
         except subprocess.TimeoutExpired:
             pass
-        for pid in _own_processes(proc.pid, marker.encode(), str(temp)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_all(own_processes(proc.pid, marker.encode(), str(temp)))
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -25,8 +25,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,13 +35,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import mnist_dir
+from tests.helpers import BIN, CLIENT_UNSET, free_ports, get_json, kill_all, mnist_dir, own_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
-BIN = Path(sys.executable).parent
 HEAD_CPUS = 2  # cluster/local.sh's default; 1-CPU workers, so the head alone holds 2
 MAX_WORKERS = 3
 # Long enough that the job outlives a fake node's start and its worker's start (~10-15 s after submitting on a
@@ -55,41 +52,7 @@ OVERRIDES = [
     "workers.count=0", "workers.min_count=1", f"workers.max_count={MAX_WORKERS}", "workers.cpus_per_worker=1",
     "workers.fused=false",
 ]
-CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
 FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the fake provider's node ids
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _processes(session: int | None, marker: bytes, temp: str) -> dict[int, str]:
-    """Live (non-zombie) processes of the cluster: its session, its marker variable or its temp dir."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        pid = int(entry.name)
-        try:
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] == "Z":
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            mine = session is not None and os.getsid(pid) == session
-            mine = mine or marker in (entry / "environ").read_bytes()
-            mine = mine or temp in cmdline or os.readlink(entry / "cwd").startswith(temp)
-        except (OSError, ValueError):
-            continue
-        if mine:
-            found[pid] = cmdline[:200]
-    return found
 
 
 class LocalCluster:
@@ -138,14 +101,10 @@ class LocalCluster:
         return state
 
     def processes(self) -> dict[int, str]:
-        return _processes(self.pgid, self.marker.encode(), str(self.temp))
+        return own_processes(self.pgid, self.marker.encode(), str(self.temp))
 
     def get(self, path: str, token: str | None = "default"):
-        token = self.token if token == "default" else token
-        request = urllib.request.Request(self.address + path,
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return json.loads(response.read())
+        return get_json(self.address + path, self.token if token == "default" else token)
 
     def alive_nodes(self) -> list[dict]:
         """The cluster's alive nodes from the state API: node_id, is_head_node, resources_total, ..."""
@@ -159,11 +118,7 @@ class LocalCluster:
                 self.sh("stop", timeout=120)
         except subprocess.TimeoutExpired:
             pass
-        for pid in self.processes():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_all(self.processes())
 
 
 def fake_workers(nodes: list[dict]) -> list[dict]:

@@ -91,3 +91,15 @@ def test_decoupled_weight_decay_is_adamw():
     adamw.step()
     assert torch.equal(adam.theta.detach(), reference.detach())
     assert isinstance(adam.optimizer, torch.optim.AdamW)
+
+
+def test_normalized_shaping_keeps_differences_and_puts_nonfinite_last():
+    shaped = strategy.shape_fitness(np.array([1.0, 3.0, -np.inf, 2.0, np.nan]), "normalized")
+    assert abs(shaped.mean()) < 1e-12 and abs(shaped.std() - 1.0) < 1e-12
+    assert shaped[2] == shaped[4] == shaped.min() and shaped[1] == shaped.max()
+    # unlike ranks, the size of a difference survives: 1 -> 2 is half of 1 -> 3
+    assert np.isclose(shaped[3] - shaped[0], (shaped[1] - shaped[0]) / 2)
+    assert np.array_equal(strategy.shape_fitness(np.full(4, 2.5), "normalized"), np.zeros(4))
+    assert np.array_equal(strategy.shape_fitness(np.full(3, np.nan), "normalized"), np.zeros(3))
+    with pytest.raises(ValueError, match="allowed: centered_rank, normalized"):
+        strategy.shape_fitness(np.zeros(2), "softmax")
