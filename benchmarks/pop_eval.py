@@ -72,7 +72,7 @@ def bench_shape(evaluator, members: int, images: int, repeats: int) -> dict:
     flop = FLOP_PER_IMAGE * members * images
     evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices)  # noqa: E731
     # the ceiling: the same matmuls on the same distinct per-member weights, prebuilt; no flushing
-    prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device)).clone()
+    prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device))
     x = torch.rand(images, 784, device=device)
     ceiling = matmul_ceiling(network.unflatten(prebuilt), x, member_loop=device.type == "cpu")
     peak, peak_flop = mm_peak_call(device, median_time(evaluate, device, 1, warmup=1))

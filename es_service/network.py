@@ -173,6 +173,23 @@ def perturb(theta: torch.Tensor, noise_slice: torch.Tensor, scale: torch.Tensor)
     return theta + scale * noise_slice
 
 
+def perturb_rows(table: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(n, NUM_PARAMS) members' parameters: row j is theta + scales[j] * table[offsets[j] : offsets[j] + N],
+    rounded as ``perturb``. Eager, this materialises an (n, N) index: use it compiled (one pass)."""
+    index = offsets[:, None] + torch.arange(theta.shape[0], device=theta.device)
+    return theta + scales[:, None] * table[index]
+
+
+_PERTURB_COMPILED: list = []
+
+
+def perturb_rows_fused(table: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, theta: torch.Tensor):
+    """``perturb_rows`` compiled into one kernel (bitwise equal to gather, then scale, then add)."""
+    if not _PERTURB_COMPILED:
+        _PERTURB_COMPILED.append(_Compiled(perturb_rows))
+    return _PERTURB_COMPILED[0](table, offsets, scales, theta)
+
+
 def _member_forward(epilogues_: Epilogues) -> Callable:
     def member(x, theta, noise_slice, scale):
         w1, b1, w2, b2, w3, b3 = unflatten(perturb(theta, noise_slice, scale))

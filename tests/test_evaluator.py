@@ -108,3 +108,20 @@ def test_batched_path_equals_member_loop_on_cpu(mnist):
     images = np.arange(64, dtype=np.int64)
     expected, got = loop.evaluate(theta, offsets, signs, 0.02, images), batched.evaluate(theta, offsets, signs, 0.02, images)
     assert np.allclose(expected[0], got[0], rtol=1e-6, atol=0) and np.array_equal(expected[1], got[1])
+
+
+def test_batched_fused_path_is_bitwise_equal_to_batched_eager(mnist):
+    """The CUDA code path on CPU: the one-pass compiled gather+scale+add and the compiled epilogues
+    give the same bits as index_select, mul_, add_ and eager epilogues around the same bmm calls."""
+    table = noise.make_table(7, 1 << 20)
+    eager, fused = (PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu",
+                                        fused=flag, batched=True) for flag in (False, True))
+    theta = network.init_theta(0)
+    offsets, signs = _members(6, seed=5)
+    images = np.arange(300, 364, dtype=np.int64)
+    expected, got = eager.evaluate(theta, offsets, signs, 0.03, images), fused.evaluate(theta, offsets, signs, 0.03, images)
+    assert np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
+    scales = torch.tensor([0.03, -0.03, 0.01])
+    rows = fused.perturbed(theta, offsets[:3], scales)
+    assert torch.equal(rows, eager.perturbed(theta, offsets[:3], scales))
+    assert not network._PERTURB_COMPILED[0].failed

@@ -59,25 +59,19 @@ class PopulationEvaluator:
         self.windows = noise.windows(self.table)
         self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
         self.labels = labels.to(self.device, dtype=torch.int64)
-        self._scratch: torch.Tensor | None = None  # perturbed parameters, reused across generations
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
         return self.images.index_select(0, index).float() / 255.0, self.labels.index_select(0, index)
 
-    def _scratch_rows(self, rows: int) -> torch.Tensor:
-        if self._scratch is None or self._scratch.shape[0] < rows:
-            self._scratch = torch.empty(rows, network.NUM_PARAMS, device=self.device)
-        return self._scratch[:rows]
-
     def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor) -> torch.Tensor:
         """(n, NUM_PARAMS) perturbed parameters for the batched path: theta + (sign * sigma) * slice,
-        rounded in that order (as ``network.perturb``). Built on this device from the cached table into
-        a reused scratch buffer."""
+        rounded in that order (as ``network.perturb``), built on this device from the cached table;
+        fused, in one pass (gather, scale and add in one kernel)."""
         index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
-        rows = torch.index_select(self.windows, 0, index, out=self._scratch_rows(len(offsets)))
-        rows.mul_(scales.unsqueeze(1))
-        return rows.add_(theta)
+        if self.fused:
+            return network.perturb_rows_fused(self.table, index, scales, theta)
+        return torch.index_select(self.windows, 0, index).mul_(scales.unsqueeze(1)).add_(theta)
 
     def chunk_size(self, batch_size: int) -> int:
         """Members per batched pass, from the device's free memory (CUDA) or a fixed 64 (CPU)."""
