@@ -2,6 +2,8 @@
 # One prepared GPU session for the device tool (no Ray there): the device check, then the seed
 # reproduction (ES tf-ftz), and the ablation rows (ES linear, backprop), all in-process.
 # Dry run on CPU first: SMALL=1 OUT=/tmp/devout bash benchmarks/device_session.sh
+# SETS="es.pop_size=4096 es.batch_size=256" adds --set overrides to every training run.
+# A run dir carried in .devdata/seed_tfftz (untar the last session's seed_tfftz.tgz there) is resumed.
 set -uo pipefail
 OUT=${OUT:-/tmp/devout}
 mkdir -p "$OUT" runs
@@ -13,8 +15,9 @@ SIDE_BUDGET=${SIDE_BUDGET:-110}
 CONFIG=${CONFIG:-configs/mnist_seed.yaml}
 SMALL_ARGS=()
 CHECK_ARGS=()
+for item in ${SETS:-}; do SMALL_ARGS+=(--set "$item"); done
 if [ "${SMALL:-0}" = 1 ]; then
-  SMALL_ARGS=(--set es.pop_size=16 --set es.batch_size=64 --set es.batch_size_final=128
+  SMALL_ARGS+=(--set es.pop_size=16 --set es.batch_size=64 --set es.batch_size_final=128
               --set noise.table_size=2097152 --set eval.train_size=2000 --set eval.every=5)
   CHECK_ARGS=(--small)
 fi
@@ -26,8 +29,13 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
   [ -f .devdata/theta_checkpoint.pt ] && THETA=(--theta .devdata/theta_checkpoint.pt)
   timeout 240 $PY -m benchmarks.device_check "${CHECK_ARGS[@]}" "${THETA[@]}" --json "$OUT/device_check.json"
   log "device check exit $?"
-  $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_tfftz --force \
-      --time-budget "$MAIN_BUDGET" "${SMALL_ARGS[@]}"
+  if [ -d .devdata/seed_tfftz ]; then  # a run brought back from an earlier session: continue it bitwise
+    rm -rf runs/seed_tfftz && cp -r .devdata/seed_tfftz runs/seed_tfftz
+    $PY -m es_service.cli resume runs/seed_tfftz --executor local --time-budget "$MAIN_BUDGET"
+  else
+    $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_tfftz --force \
+        --time-budget "$MAIN_BUDGET" "${SMALL_ARGS[@]}"
+  fi
   log "main run exit $?"
   $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_linear --force \
       --set network.arithmetic=linear --time-budget "$SIDE_BUDGET" --quiet "${SMALL_ARGS[@]}" &
