@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from es_service import network, noise
-from workers.evaluator import PopulationEvaluator, TileTask, accuracy
+from workers.evaluator import PopulationEvaluator, TileTask, accuracy, set_process_arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,15 @@ def test_results_match_the_reference_forward(evaluator, mnist):
     table = evaluator.table
     x = mnist.train_images[:64].reshape(-1, 784).float() / 255.0
     y = mnist.train_labels[:64]
-    for j in range(2):
-        perturbed = theta + (signs[j] * np.float32(0.05)) * table[offsets[j] : offsets[j] + network.NUM_PARAMS]
-        logits = network.forward(x, network.unflatten(perturbed), "tf-ftz")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the evaluator's members run single-threaded ops (MKL's bits vary with threads)
+    try:
+        logits_of = [network.forward(x, network.unflatten(
+            theta + (signs[j] * np.float32(0.05)) * table[offsets[j] : offsets[j] + network.NUM_PARAMS]), "tf-ftz")
+            for j in range(2)]
+    finally:
+        torch.set_num_threads(saved)
+    for j, logits in enumerate(logits_of):
         losses = torch.nn.functional.cross_entropy(logits, y, reduction="none").double().tolist()
         assert loss_sums[j] == math.fsum(losses)
         assert correct[j] == int((logits.argmax(1) == y).sum())
@@ -125,3 +131,32 @@ def test_batched_fused_path_is_bitwise_equal_to_batched_eager(mnist):
     rows = fused.perturbed(theta, offsets[:3], scales)
     assert torch.equal(rows, eager.perturbed(theta, offsets[:3], scales))
     assert not network._PERTURB_COMPILED[0].failed
+
+
+@pytest.mark.parametrize("arithmetic,fused", [("tf-ftz", True), ("tf-ftz", False), ("cpu-ftz", False)])
+def test_member_results_do_not_depend_on_the_thread_count(mnist, arithmetic, fused):
+    """A 1-CPU Ray worker, a 2-CPU worker and --executor local on a 16-core driver must score a member
+    alike: MKL's matmul gives other bits with 2 threads than with 1 (at 128 rows here), so members run
+    with single-threaded ops, spread over threads."""
+    table = noise.make_table(7, 1 << 20)
+    # cpu-ftz: larger weights, or the hardware flush zeroes every member's activations alike
+    theta = network.init_theta(0) * (8.0 if arithmetic == "cpu-ftz" else 1.0)
+    offsets, signs = _members(5, seed=6)
+    images = np.arange(1000, 1128, dtype=np.int64)
+    saved = torch.get_num_threads()
+    results = []
+    set_process_arithmetic(arithmetic)  # this thread's flag, as the worker and the driver set theirs
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, arithmetic, "cpu",
+                                            fused=fused)
+            assert evaluator.threads == threads
+            results.append(evaluator.evaluate(theta, offsets, signs, 0.02, images))
+            assert torch.get_num_threads() == threads  # restored after the evaluation
+    finally:
+        torch.set_num_threads(saved)
+        torch.set_flush_denormal(False)
+    assert len(set(results[0][0].tolist())) == len(offsets)  # members really differ
+    for loss_sums, correct in results[1:]:
+        assert np.array_equal(loss_sums, results[0][0]) and np.array_equal(correct, results[0][1])

@@ -4,15 +4,18 @@ Plain torch, no Ray: the same object runs inside a Ray actor, in the driver's pr
 local``), on a GPU machine without Ray, and in unit tests. Perturbed weights are built on the
 evaluator's device from its cached noise table; only scalars go back.
 
-A member's results never depend on which other members share its tile: on CPU members run one at a
-time (small intermediates stay in cache, FINDINGS §7); on CUDA a tile runs as batched matmuls. Loss sums
+A member's results never depend on which other members share its tile, nor on the thread count: on
+CPU each member runs with single-threaded ops (small intermediates stay in cache, FINDINGS §7), one
+member per thread; on CUDA a tile runs as batched matmuls. Loss sums
 use exact summation (math.fsum), so a shard's sum does not depend on reduction order either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,7 @@ class PopulationEvaluator:
         fused: bool = False,
         memory_fraction: float = 0.6,
         batched: bool | None = None,
+        threads: int | None = None,
     ):
         self.device = torch.device(device)
         if arithmetic == "cpu-ftz" and self.device.type != "cpu":
@@ -59,6 +63,11 @@ class PopulationEvaluator:
         self.windows = noise.windows(self.table)
         self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
         self.labels = labels.to(self.device, dtype=torch.int64)
+        # CPU members run one per thread, each with single-threaded ops: MKL's result for one matmul
+        # changes with its thread count, a member's must not (Ray workers and --executor local differ)
+        self.threads = max(1, threads or torch.get_num_threads())
+        self._pool: ThreadPoolExecutor | None = None
+        self._compiled_for: set[tuple[int, ...]] = set()
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
@@ -112,9 +121,27 @@ class PopulationEvaluator:
                 for start in range(0, len(offsets), step)
             ]
         else:
-            results = [self._score(self.member_logits(theta, int(offsets[j]), scales[j], x), y)
-                       for j in range(len(offsets))]
+            results = self._member_results(theta, offsets, scales, x, y)
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _member_results(self, theta, offsets, scales, x, y) -> list:
+        """CPU members, each with single-threaded torch ops, spread over ``self.threads`` threads."""
+
+        def member(j: int):
+            return self._score(self.member_logits(theta, int(offsets[j]), scales[j], x), y)
+
+        with _single_threaded_ops():
+            members = list(range(len(offsets)))
+            results = []
+            if self.threads == 1 or tuple(x.shape) not in self._compiled_for:
+                results.append(member(members.pop(0)))  # a new shape compiles here, never in two threads
+                self._compiled_for.add(tuple(x.shape))
+            if self.threads == 1:
+                return results + [member(j) for j in members]
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="member",
+                                                initializer=_member_thread_init, initargs=(self.arithmetic,))
+            return results + list(self._pool.map(member, members))
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if logits.dim() == 2:
@@ -130,6 +157,23 @@ class PopulationEvaluator:
         else:  # an fsum over P x B values on the host would cost more than the forward pass
             loss_sums = losses.sum(dim=1).cpu().numpy()
         return loss_sums, correct
+
+@contextlib.contextmanager
+def _single_threaded_ops():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _member_thread_init(arithmetic: str) -> None:
+    """Per-thread state of a member thread: one op thread (OpenMP and MKL counts are per thread) and,
+    for cpu-ftz, the flush-denormal flag (also per thread)."""
+    torch.set_num_threads(1)
+    set_process_arithmetic(arithmetic)
+
 
 @dataclass(frozen=True)
 class TileTask:
