@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -62,6 +63,7 @@ def device_facts(device: torch.device) -> dict:
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
         facts["tf32"] = torch.backends.cuda.matmul.allow_tf32
+        facts["triton_default_fp_fusion"] = os.environ.get("TRITON_DEFAULT_FP_FUSION")
     return facts
 
 

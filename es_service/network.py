@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+# Compiled CUDA kernels are Triton, whose default lets ptxas contract a * b + c into one FMA (one
+# rounding instead of two): the perturbation theta + scale * slice would then differ from eager torch.
+# Off for this process, before anything compiles; the flushing epilogues have no products to contract.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
 SCALE = 2.0**125
 MIN_NORMAL = 2.0**-126
