@@ -21,37 +21,26 @@ succeed; 2 bad input (config, address, token, job id); 130 interrupted while wai
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
-import logging
 import os
 import secrets
 import shlex
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+from es_service.jobs_client import (
+    DEFAULT_ADDRESS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Cluster, JobsError, job_status,
+)
+
 COMMANDS = ("submit", "status", "logs", "stop", "list")
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOP_GRACE_S = 60
 """Seconds Ray waits after SIGTERM before it SIGKILLs a stopped job (Ray's default is 3): time for
 the run to finish its generation and write a checkpoint. Sent as RAY_JOB_STOP_WAIT_TIME_S."""
 PASSED_ENV = ("ES_DATA_DIR",)
 """Variables copied from the submitting shell into the job's environment when they are set."""
 META_PREFIX = "es_service."
-
-
-class JobsError(Exception):
-    """A problem phrased for the user, with the fix; ``code`` is the exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED):
-        super().__init__(message)
-        self.code = code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,140 +87,6 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
                                              "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)")
 
 
-def resolve_address(address: str | None) -> str:
-    """The jobs API URL: --address, $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, the local default."""
-    source = "--address"
-    if not address:
-        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-            value = os.environ.get(name, "").strip()
-            # RAY_ADDRESS often holds a GCS address (HOST:6379, auto) for ray.init: only a URL fits here
-            if value and (name == "RAY_API_SERVER_ADDRESS" or value.startswith(("http://", "https://"))):
-                address, source = value, f"${name}"
-                break
-        else:
-            return DEFAULT_ADDRESS
-    address = address.strip().rstrip("/")
-    if address == "auto" or address.startswith("ray://") or ("://" in address and not address.startswith(
-            ("http://", "https://"))):
-        raise JobsError(f"{source} {address!r}: expected the jobs API URL of the head's dashboard, "
-                        "e.g. --address http://HEAD:8265 (not a ray:// or GCS address)", EXIT_BAD_INPUT)
-    if "://" not in address:
-        address = f"http://{address}"
-    return address
-
-
-def resolve_token(token_file: str | None) -> tuple[str | None, str]:
-    """(token or None, where it came from), in Ray's order with --token-file first."""
-    if token_file:
-        return _read_token(Path(token_file).expanduser(), "--token-file"), f"--token-file {token_file}"
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        path = os.environ["RAY_AUTH_TOKEN_PATH"]
-        return _read_token(Path(path).expanduser(), "$RAY_AUTH_TOKEN_PATH"), f"$RAY_AUTH_TOKEN_PATH {path}"
-    default = DEFAULT_TOKEN_FILE.expanduser()
-    if default.is_file():
-        return _read_token(default, str(DEFAULT_TOKEN_FILE)), str(DEFAULT_TOKEN_FILE)
-    return None, "no token"
-
-
-def _read_token(path: Path, source: str) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as err:
-        raise JobsError(f"{source} {str(path)!r} cannot be read ({err.strerror or err}); copy the cluster's token "
-                        "(`ray get-auth-token` on the head) into a readable file", EXIT_BAD_INPUT) from None
-    if not token:
-        raise JobsError(f"{source} {str(path)!r} is empty; put the cluster's token in it "
-                        "(`ray get-auth-token` on the head prints it)", EXIT_BAD_INPUT)
-    return token
-
-
-# ----------------------------------------------------------------------------------------------
-# The client
-
-
-class Cluster:
-    """A JobSubmissionClient that always carries the token and turns Ray's errors into JobsError."""
-
-    def __init__(self, address: str | None, token_file: str | None):
-        self.address = resolve_address(address)
-        self.token, self.token_source = resolve_token(token_file)
-        # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address; ours must win.
-        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-            os.environ.pop(name, None)
-        from ray.job_submission import JobSubmissionClient
-
-        logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self.client = self._call(lambda: JobSubmissionClient(self.address, headers=headers))
-
-    def _call(self, fn, job_id: str | None = None):
-        from ray.exceptions import AuthenticationError
-
-        try:
-            return fn()
-        except AuthenticationError as err:
-            if str(getattr(err, "message", err)).startswith("Authentication required"):  # HTTP 401
-                raise JobsError(
-                    f"the Ray cluster at {self.address} requires an auth token and none was sent ({self.token_source} "
-                    "found); run `ray get-auth-token` on the head and put the token in ~/.ray/auth_token, "
-                    "pass --token-file FILE or set RAY_AUTH_TOKEN", EXIT_BAD_INPUT) from None
-            raise JobsError(
-                f"the Ray cluster at {self.address} refused the auth token from {self.token_source}; use the "
-                "token printed by `ray get-auth-token` on the head (--token-file FILE, RAY_AUTH_TOKEN or "
-                "~/.ray/auth_token)", EXIT_BAD_INPUT) from None
-        except ConnectionError as err:
-            raise JobsError(
-                f"cannot reach the Ray jobs API at {self.address} ({_first_line(err)}); start the head with "
-                "`ray start --head --dashboard-host=0.0.0.0` or pass --address http://HEAD:8265 "
-                "(or set RAY_API_SERVER_ADDRESS)", EXIT_FAILED) from None
-        except RuntimeError as err:
-            text = str(err)
-            if job_id is not None and ("404" in text or "does not exist" in text):
-                raise JobsError(f"no job {job_id!r} on the Ray cluster at {self.address}; "
-                                "`es-service list` shows the submitted jobs", EXIT_BAD_INPUT) from None
-            if "already exists" in text:
-                raise JobsError(f"{_first_line(err)}; pick another --submission-id", EXIT_BAD_INPUT) from None
-            raise JobsError(f"the Ray jobs API at {self.address} failed: {_first_line(err)}", EXIT_FAILED) from None
-        except Exception as err:  # requests errors (bad URL, TLS, timeouts) and aiohttp errors
-            if type(err).__module__.split(".")[0] in ("requests", "urllib3", "aiohttp"):
-                raise JobsError(f"cannot talk to the Ray jobs API at {self.address}: {_first_line(err)}; "
-                                "check --address (http://HEAD:8265)", EXIT_FAILED) from None
-            raise
-
-    def info(self, job_id: str):
-        return self._call(lambda: self.client.get_job_info(job_id), job_id)
-
-    def wait_terminal(self, job_id: str, timeout_s: float | None = None):
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            info = self.info(job_id)
-            if _status(info) in TERMINAL or (deadline is not None and time.monotonic() > deadline):
-                return info
-            time.sleep(0.5)
-
-    def follow(self, job_id: str, out=sys.stdout) -> None:
-        self.info(job_id)  # a clear error for an unknown id before the websocket opens
-
-        async def tail():
-            async for chunk in self.client.tail_job_logs(job_id):
-                out.write(chunk)
-                out.flush()
-
-        self._call(lambda: asyncio.run(tail()), job_id)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")
-
-
-def _status(info) -> str:
-    status = info.status
-    return getattr(status, "value", str(status))
-
-
 def _time(ms: int | None) -> str | None:
     if not ms:
         return None
@@ -243,7 +98,7 @@ def describe(info) -> dict:
     meta = dict(info.metadata or {})
     record = {
         "submission_id": info.submission_id,
-        "status": _status(info),
+        "status": job_status(info),
         "message": info.message,
         "entrypoint": info.entrypoint,
         "run_dir": meta.pop(META_PREFIX + "run_dir", None),
@@ -341,7 +196,7 @@ def cmd_submit(args):
         raise SystemExit(0)
     cluster.follow(submission_id)
     info = cluster.wait_terminal(submission_id, timeout_s=60)
-    status = _status(info)
+    status = job_status(info)
     if status != "SUCCEEDED":
         raise JobsError(f"job {submission_id} {status}: {info.message or 'no message'}; "
                         f"see `es-service logs {submission_id}`", EXIT_FAILED)
@@ -370,7 +225,7 @@ def cmd_stop(args):
     cluster.info(args.job_id)
     requested = cluster._call(lambda: cluster.client.stop_job(args.job_id), args.job_id)
     info = cluster.info(args.job_id) if args.no_wait else cluster.wait_terminal(args.job_id, STOP_GRACE_S + 30)
-    return {"submission_id": args.job_id, "stop_requested": bool(requested), "status": _status(info),
+    return {"submission_id": args.job_id, "stop_requested": bool(requested), "status": job_status(info),
             "message": info.message}
 
 
