@@ -113,7 +113,7 @@ class PopulationEvaluator:
             raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
-        # CPU: one member at a time with plain mm (its intermediates stay in cache); CUDA: batched chunks.
+        # CPU: single-threaded plain mm, one member per thread (intermediates stay in cache); CUDA: batched.
         if self.batched:
             step = self.chunk_size(len(y))
             results = [
