@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,26 +30,17 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def matmul_ceiling(params: list[torch.Tensor], x: torch.Tensor, member_threads: int):
-    """The evaluator's matmuls alone, run as it runs them: no flushing, no bias, no perturbation.
-    CPU (``member_threads`` > 0): one member per thread with single-threaded ops; else batched."""
+def matmul_ceiling(evaluator, params: list[torch.Tensor], x: torch.Tensor):
+    """The evaluator's matmuls alone, run as it runs them (CPU: member threads; CUDA: batched): no
+    flushing, no bias, no perturbation."""
     w1, _, w2, _, w3, _ = params
-    if not member_threads:
+    if evaluator.batched:
         return lambda: torch.matmul(torch.matmul(torch.matmul(x, w1), w2), w3)
-    pool = ThreadPoolExecutor(member_threads, initializer=torch.set_num_threads, initargs=(1,))
 
     def member(j: int):
-        torch.mm(torch.mm(torch.mm(x, w1[j]), w2[j]), w3[j])
+        return torch.mm(torch.mm(torch.mm(x, w1[j]), w2[j]), w3[j])
 
-    def run():
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            list(pool.map(member, range(w1.shape[0])))
-        finally:
-            torch.set_num_threads(saved)
-
-    return run
+    return lambda: evaluator.map_members(member, w1.shape[0])
 
 
 def mm_peak_call(device: torch.device, seconds_hint: float):
@@ -84,7 +74,7 @@ def bench_shape(evaluator, members: int, images: int, repeats: int) -> dict:
     # the ceiling: the same matmuls on the same distinct per-member weights, prebuilt; no flushing
     prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device))
     x = torch.rand(images, 784, device=device)
-    ceiling = matmul_ceiling(network.unflatten(prebuilt), x, evaluator.threads if not evaluator.batched else 0)
+    ceiling = matmul_ceiling(evaluator, network.unflatten(prebuilt), x)
     peak, peak_flop = mm_peak_call(device, median_time(evaluate, device, 1, warmup=1))
     times = interleaved_times({"evaluate": evaluate, "ceiling": ceiling, "peak": peak}, device, repeats)
     del prebuilt

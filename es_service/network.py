@@ -138,19 +138,35 @@ EAGER = {
     "tf-ftz": Epilogues(tf_ftz_hidden1, tf_ftz_hidden, tf_ftz_logits),
     "linear": Epilogues(add_bias, add_bias, add_bias),
 }
-_COMPILED: dict[str, Epilogues] = {}
+_CACHE: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, build: Callable):
+    """One object per key, built on first use: compiled functions are compiled once per process."""
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def compiled_functions() -> list["_Compiled"]:
+    """Every compiled function built so far (tests check that none fell back to eager)."""
+    found = []
+    for value in _CACHE.values():
+        if isinstance(value, _Compiled):
+            found.append(value)
+        elif isinstance(value, Epilogues):
+            found += [fn for fn in vars(value).values() if isinstance(fn, _Compiled)]
+    return found
 
 
 def epilogues(arithmetic: str, fused: bool = False) -> Epilogues:
     """Eager epilogues, or the same functions compiled into one fused kernel per layer."""
     if arithmetic not in EAGER:
         raise ValueError(f"unknown arithmetic {arithmetic!r} for the scaled frame; allowed: tf-ftz, linear")
+    eager = EAGER[arithmetic]
     if not fused:
-        return EAGER[arithmetic]
-    if arithmetic not in _COMPILED:
-        eager = EAGER[arithmetic]
-        _COMPILED[arithmetic] = Epilogues(*(_Compiled(fn) for fn in (eager.hidden1, eager.hidden2, eager.logits)))
-    return _COMPILED[arithmetic]
+        return eager
+    return _cached(("epilogues", arithmetic), lambda: Epilogues(*(_Compiled(fn) for fn in vars(eager).values())))
 
 
 class _Compiled:
@@ -186,14 +202,9 @@ def perturb_rows(table: torch.Tensor, offsets: torch.Tensor, scales: torch.Tenso
     return theta + scales[:, None] * table[index]
 
 
-_PERTURB_COMPILED: list = []
-
-
 def perturb_rows_fused(table: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, theta: torch.Tensor):
     """``perturb_rows`` compiled into one kernel (bitwise equal to gather, then scale, then add)."""
-    if not _PERTURB_COMPILED:
-        _PERTURB_COMPILED.append(_Compiled(perturb_rows))
-    return _PERTURB_COMPILED[0](table, offsets, scales, theta)
+    return _cached(("perturb_rows",), lambda: _Compiled(perturb_rows))(table, offsets, scales, theta)
 
 
 def _member_forward(epilogues_: Epilogues) -> Callable:
@@ -204,9 +215,6 @@ def _member_forward(epilogues_: Epilogues) -> Callable:
         return epilogues_.logits(torch.mm(h2, w3), b3)
 
     return member
-
-
-_MEMBER_COMPILED: dict[str, "_Compiled"] = {}
 
 
 def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tensor, scale: torch.Tensor,
@@ -220,11 +228,11 @@ def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tens
     """
     if arithmetic == "cpu-ftz":
         return forward_native(x, unflatten(perturb(theta, noise_slice, scale)), arithmetic)
-    if not fused or arithmetic != "tf-ftz":  # linear: inductor would turn mm + bias into addmm (other bits)
-        return _member_forward(epilogues(arithmetic, fused))(x, theta, noise_slice, scale)
-    if arithmetic not in _MEMBER_COMPILED:
-        _MEMBER_COMPILED[arithmetic] = _Compiled(_member_forward(epilogues(arithmetic)))
-    return _MEMBER_COMPILED[arithmetic](x, theta, noise_slice, scale)
+    if fused and arithmetic == "tf-ftz":  # linear: inductor would turn mm + bias into addmm (other bits)
+        member = _cached(("member", arithmetic), lambda: _Compiled(_member_forward(EAGER[arithmetic])))
+    else:
+        member = _cached(("member", arithmetic, fused), lambda: _member_forward(epilogues(arithmetic, fused)))
+    return member(x, theta, noise_slice, scale)
 
 
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:

@@ -125,23 +125,24 @@ class PopulationEvaluator:
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _member_results(self, theta, offsets, scales, x, y) -> list:
-        """CPU members, each with single-threaded torch ops, spread over ``self.threads`` threads."""
-
         def member(j: int):
             return self._score(self.member_logits(theta, int(offsets[j]), scales[j], x), y)
 
+        first_of_shape = tuple(x.shape) not in self._compiled_for  # a new shape compiles in one thread only
+        self._compiled_for.add(tuple(x.shape))
+        return self.map_members(member, len(offsets), first_alone=first_of_shape)
+
+    def map_members(self, fn, count: int, first_alone: bool = False) -> list:
+        """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
+        threads (``first_alone``: fn(0) runs before the others start)."""
         with _single_threaded_ops():
-            members = list(range(len(offsets)))
-            results = []
-            if self.threads == 1 or tuple(x.shape) not in self._compiled_for:
-                results.append(member(members.pop(0)))  # a new shape compiles here, never in two threads
-                self._compiled_for.add(tuple(x.shape))
             if self.threads == 1:
-                return results + [member(j) for j in members]
+                return [fn(j) for j in range(count)]
+            head = [fn(0)] if first_alone and count else []
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="member",
                                                 initializer=_member_thread_init, initargs=(self.arithmetic,))
-            return results + list(self._pool.map(member, members))
+            return head + list(self._pool.map(fn, range(len(head), count)))
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if logits.dim() == 2:
