@@ -7,7 +7,9 @@
 3. CPU against CUDA: the tf-ftz network with the same theta gives the same argmax on >= 99.9% of the
    MNIST test set;
 4. whether a member's result depends on its chunk mates on CUDA (batched vs one at a time);
-5. the driver's update on this device: gradient from 512/1024 noise slices, and an Adam step.
+5. the driver's update on this device: gradient from 512/1024 noise slices, and an Adam step;
+6. low-rank members (es.rank 1): throughput beside full rank, fused against eager (bitwise), and the
+   device's batched pass against the CPU member loop.
 """
 
 from __future__ import annotations
@@ -71,13 +73,31 @@ def check_chunk_independence(table, data, device, members=64, images=512) -> dic
             "correct_equal": bool(np.array_equal(a[1], b[1]))}
 
 
+def check_low_rank(table, data, device, members, images, rank=1) -> dict:
+    make = lambda **kw: PopulationEvaluator(table, data.train_images, data.train_labels, "tf-ftz", **kw)  # noqa: E731
+    eager, fused = make(device=device, fused=False), make(device=device, fused=True)
+    loop = make(device="cpu", fused=True, batched=False)
+    offsets, signs, rng = _members(members, table.numel(), 4)
+    index = rng.choice(60000, size=images, replace=False).astype(np.int64)
+    theta = network.init_theta(0)
+    a = eager.evaluate(theta.to(device), offsets, signs, 0.02, index, rank)
+    b = fused.evaluate(theta.to(device), offsets, signs, 0.02, index, rank)
+    c = loop.evaluate(theta, offsets, signs, 0.02, index, rank)
+    return {"members": members, "images": images, "rank": rank,
+            "fused_equals_eager": bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])),
+            "max_rel_diff_vs_cpu_loop": float(np.max(np.abs(b[0] - c[0]) / np.abs(c[0]))),
+            "max_correct_diff_vs_cpu_loop": int(np.max(np.abs(b[1] - c[1])))}
+
+
 def check_update(table, device, repeats) -> dict:
     rows = {}
-    for slices in (512, 1024):
+    for slices in (512, 1024, 2048):
         offsets, _, rng = _members(slices, table.numel(), 3)
         weights = rng.standard_normal(slices)
-        seconds = median_time(lambda: strategy.grad_estimate(table, offsets, weights, 0.02, 2 * slices), device, repeats)
-        rows[f"grad_{slices}_slices_s"] = seconds
+        for rank in (0, 1):
+            seconds = median_time(lambda: strategy.grad_estimate(table, offsets, weights, 0.02, 2 * slices, rank),
+                                  device, repeats)
+            rows[f"grad_{slices}_slices{'_rank1' if rank else ''}_s"] = seconds
     adam = strategy.AdamES(network.init_theta(0).to(device), 0.001, 0.005)
     grad = torch.randn(network.NUM_PARAMS, device=device)
     rows["adam_step_s"] = median_time(lambda: adam.step(grad, 0.001), device, repeats)
@@ -113,6 +133,9 @@ def main(argv=None) -> dict:
     print("chunk independence:", report["chunk_independence"], flush=True)
     report["update"] = check_update(table, device, 3 if args.small else 10)
     print("driver update:", report["update"], flush=True)
+    report["pop_eval_low_rank"] = pop_eval.main(flags + ["--rank", "1"])
+    report["low_rank"] = check_low_rank(table, data, device, *((8, 64) if args.small else (256, 1024)))
+    print("low rank:", report["low_rank"], flush=True)
     report["check_wall_s"] = time.monotonic() - started
     print(f"device check took {report['check_wall_s']:.0f}s", flush=True)
     write_json(args.json, report)

@@ -1,10 +1,15 @@
 """Population-evaluation throughput against its ceilings, in one run on one device.
 
-    python -m benchmarks.pop_eval [--device auto|cpu|cuda] [--shapes 64x256,...] [--json out.json]
+    python -m benchmarks.pop_eval [--device auto|cpu|cuda] [--shapes 64x256,...] [--rank R] [--json out.json]
 
 For each (P members, B images) shape it times the evaluator's full tile evaluation (perturbed weights
 built from the noise table on the device, fused tf-ftz forward, losses), and the ceilings on the same
 shape: the same matmuls with no flushing and no perturbation, and torch.mm's peak. Float32, TF32 off.
+
+``--rank R`` times low-rank members (es.rank) instead, beside full-rank members in the same rounds.
+FLOP/s then count the dense network's FLOPs (what a full-rank member costs), so they read as
+"effective": the member throughput a full-rank evaluator would need that many FLOP/s for. The
+ceiling is the low-rank matmuls alone (shared x W1, per-member h W and the rank-R corrections).
 """
 
 from __future__ import annotations
@@ -43,6 +48,29 @@ def matmul_ceiling(evaluator, params: list[torch.Tensor], x: torch.Tensor):
     return lambda: evaluator.map_members(member, w1.shape[0])
 
 
+def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x: torch.Tensor, rank: int):
+    """The low-rank evaluation's matmuls and correction adds, no flushing, no bias, run as the evaluator
+    runs them (CPU: member threads; CUDA: batched)."""
+    w1, _, w2, _, w3, _ = network.unflatten(theta)
+    c = torch.tensor(0.02, device=x.device)
+
+    def layers(rows):
+        (a1, f1, _), (a2, f2, _), (a3, f3, _) = network.low_rank_factors(rows, rank)
+        h1 = xw1 + network._correction(x, a1, f1, c)
+        h2 = torch.matmul(h1, w2) + network._correction(h1, a2, f2, c)
+        return torch.matmul(h2, w3) + network._correction(h2, a3, f3, c)
+
+    def run():
+        nonlocal xw1
+        xw1 = torch.mm(x, w1)
+        if evaluator.batched:
+            return layers(noise_rows)
+        return evaluator.map_members(lambda j: layers(noise_rows[j]), noise_rows.shape[0])
+
+    xw1 = None
+    return run
+
+
 def mm_peak_call(device: torch.device, seconds_hint: float):
     """(callable, FLOP per call): torch.mm on the first layer's shape at 1024 images (CPU) or a large
     square (CUDA), repeated so one call lasts about as long as the evaluation it is compared with."""
@@ -60,9 +88,9 @@ def mm_peak_call(device: torch.device, seconds_hint: float):
     return run, count * flop
 
 
-def bench_shape(evaluator, members: int, images: int, repeats: int) -> dict:
+def bench_shape(evaluator, members: int, images: int, repeats: int, rank: int = 0) -> dict:
     """Evaluation, the no-flush ceiling and torch.mm's peak, taking turns in each round; ratios are
-    medians of the per-round ratios."""
+    medians of the per-round ratios. Low rank: full-rank evaluation takes a turn too."""
     device = evaluator.device
     rng = np.random.default_rng(0)
     offsets = rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=members).astype(np.int64)
@@ -70,17 +98,29 @@ def bench_shape(evaluator, members: int, images: int, repeats: int) -> dict:
     indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
     flop = FLOP_PER_IMAGE * members * images
-    evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices)  # noqa: E731
-    # the ceiling: the same matmuls on the same distinct per-member weights, prebuilt; no flushing
-    prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device))
+    evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices, rank)  # noqa: E731
     x = torch.rand(images, 784, device=device)
-    ceiling = matmul_ceiling(evaluator, network.unflatten(prebuilt), x)
+    prebuilt = None
+    if rank:
+        index = torch.as_tensor(offsets, device=device)
+        noise_rows = evaluator.windows[:, : network.noise_length(rank)].index_select(0, index)
+        ceiling = low_rank_ceiling(evaluator, theta, noise_rows, x, rank)
+    else:  # the same matmuls on the same distinct per-member weights, prebuilt; no flushing
+        prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device))
+        ceiling = matmul_ceiling(evaluator, network.unflatten(prebuilt), x)
     peak, peak_flop = mm_peak_call(device, median_time(evaluate, device, 1, warmup=1))
-    times = interleaved_times({"evaluate": evaluate, "ceiling": ceiling, "peak": peak}, device, repeats)
+    turns = {"evaluate": evaluate, "ceiling": ceiling, "peak": peak}
+    if rank:
+        turns["full_rank"] = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices)
+    times = interleaved_times(turns, device, repeats)
     del prebuilt
     evaluate_s, ceiling_s, peak_s = (statistics.median(times[name]) for name in ("evaluate", "ceiling", "peak"))
+    extra = {}
+    if rank:
+        extra = {"full_rank_s": statistics.median(times["full_rank"]),
+                 "speedup_over_full_rank": statistics.median(f / e for f, e in zip(times["full_rank"], times["evaluate"]))}
     return {
-        "members": members, "images": images,
+        "members": members, "images": images, "rank": rank, **extra,
         "evaluate_s": evaluate_s, "evaluate_flops": flop / evaluate_s,
         "forward_passes_per_s": members * images / evaluate_s,
         "noflush_matmul_s": ceiling_s, "noflush_matmul_flops": flop / ceiling_s,
@@ -97,6 +137,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", help="comma-separated PxB, e.g. 64x256,512x512")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-fused", action="store_true", help="eager epilogues (the reference path)")
+    parser.add_argument("--rank", type=int, default=0, help="low-rank members (es.rank), timed beside full rank")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -109,16 +150,20 @@ def main(argv=None) -> dict:
     evaluator = PopulationEvaluator(table, data.train_images, data.train_labels, "tf-ftz", device,
                                     fused=not args.no_fused)
     rows = []
-    print(f"device {device}  fused={not args.no_fused}  (evaluation, ceiling and mm peak take turns each round)")
+    print(f"device {device}  fused={not args.no_fused}  rank={args.rank}  "
+          "(evaluation, ceiling and mm peak take turns each round)")
     print(f"{'P x B':>12} {'eval ms':>9} {'GFLOP/s':>9} {'fwd/s':>11} {'noflush GFLOP/s':>16} "
           f"{'mm GFLOP/s':>11} {'eval/noflush':>13} {'eval/mm':>8}")
     for members, images in parse_shapes(args.shapes or DEFAULT_SHAPES[device.type]):
-        row = bench_shape(evaluator, members, images, args.repeats)
+        row = bench_shape(evaluator, members, images, args.repeats, args.rank)
         rows.append(row)
         print(f"{members:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
               f"{row['forward_passes_per_s']:11.0f} {row['noflush_matmul_flops'] / 1e9:16.1f} "
-              f"{row['mm_peak_flops'] / 1e9:11.1f} {row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}")
-    payload = {"benchmark": "pop_eval", **device_facts(device), "fused": not args.no_fused, "rows": rows}
+              f"{row['mm_peak_flops'] / 1e9:11.1f} {row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}"
+              + (f"   full rank {row['full_rank_s'] * 1e3:.2f} ms, low rank {row['speedup_over_full_rank']:.2f}x faster"
+                 if args.rank else ""))
+    payload = {"benchmark": "pop_eval", **device_facts(device), "fused": not args.no_fused, "rank": args.rank,
+               "rows": rows}
     write_json(args.json, payload)
     return payload
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from es_service import network
-from es_service.config import Config, ConfigError, from_dict
+from es_service.config import Config, ConfigError, digest_of, from_dict
 
 FORMAT_VERSION = 1
 
@@ -84,7 +84,7 @@ def load(path: str | Path) -> dict[str, Any]:
         config = from_dict(state["config"])
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {err}") from None
-    if config.digest() != state.get("config_digest"):
+    if digest_of(state["config"]) != state.get("config_digest"):
         raise CheckpointError(
             f"checkpoint {str(path)!r}: its config does not match its digest (edited by hand?); "
             "restore the original config or start a new run"

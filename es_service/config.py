@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 DECAY_MODES = ("l2", "decoupled")
 SHAPINGS = ("centered_rank", "normalized")
+MAX_RANK = 64  # far past where low rank pays: a rank-64 member already reads 27% of a full slice
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -69,6 +70,8 @@ class ESConfig:
     """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
     shard_size: int = 0
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
+    rank: int = 0
+    """0: each member's perturbation is a full table slice; r >= 1: each weight matrix moves by A B^T / sqrt(r), A and B r columns (low-rank ES)."""
 
 
 @dataclass(frozen=True)
@@ -137,16 +140,22 @@ class Config:
 
     def digest(self) -> str:
         """Hash of the fields that define the trajectory of theta (not where or how fast it runs)."""
-        data = self.to_dict()
-        data.pop("workers")
-        data.pop("data_dir")
-        data["eval"] = None
-        data["checkpoint"] = None
-        es = self.es
-        scheduled = es.noise_std_final is not None or es.learning_rate_final is not None or es.batch_size_final is not None
-        if not scheduled:  # schedules stretch over `generations`; otherwise it only says when to stop
-            data.pop("generations")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return digest_of(self.to_dict())
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    """``Config.digest`` of a config dict as it was written. A checkpoint from before a field existed
+    holds a dict without it, and its digest was taken without it: hashing the dict as stored (not
+    the Config it loads into, which fills in the new field's default) keeps old checkpoints loadable."""
+    data = json.loads(json.dumps(data))
+    data.pop("workers", None)
+    data.pop("data_dir", None)
+    data["eval"] = None
+    data["checkpoint"] = None
+    es = data.get("es", {})
+    if all(es.get(name) is None for name in ("noise_std_final", "learning_rate_final", "batch_size_final")):
+        data.pop("generations", None)  # schedules stretch over `generations`; otherwise it only says when to stop
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
@@ -241,6 +250,12 @@ def validate(config: Config) -> Config:
             value is None or 1 <= value <= 60000,
             f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
         )
+    _require(0 <= es.rank <= MAX_RANK, f"es.rank: {es.rank}; use 0 (full-rank perturbations) or 1 to {MAX_RANK}")
+    _require(
+        not (es.rank and config.network.arithmetic == "cpu-ftz"),
+        f"es.rank: {es.rank} with network.arithmetic 'cpu-ftz': low-rank members need the scaled frame "
+        "(cpu-ftz runs at native scale); use es.rank: 0 or tf-ftz",
+    )
     _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
     _require(workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")
     from es_service.network import NUM_PARAMS

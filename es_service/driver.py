@@ -90,7 +90,8 @@ class Trainer:
         )
         shaped = strategy.shape_fitness(fitness, self.config.es.fitness_shaping)
         weights = strategy.slice_weights(shaped, self.config.es.antithetic)
-        grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness))
+        grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness),
+                                      rank=plan.rank)
         if grad.is_cuda:
             torch.cuda.synchronize()
         estimated = time.perf_counter()

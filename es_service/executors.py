@@ -50,6 +50,7 @@ def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
         signs=plan.member_signs[members],
         noise_std=float(plan.noise_std),
         image_indices=plan.shard_indices(tile.shard),
+        rank=plan.rank,
     )
 
 

@@ -235,6 +235,81 @@ def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tens
     return member(x, theta, noise_slice, scale)
 
 
+def noise_length(rank: int) -> int:
+    """Table floats one member's perturbation reads: every parameter (rank 0), or, at rank r, r columns
+    on each side of every weight matrix plus the biases (3,876 floats at rank 1, against 669,706)."""
+    if rank == 0:
+        return NUM_PARAMS
+    return sum(rank * (fan_in + fan_out) + fan_out for fan_in, fan_out in zip(LAYER_SIZES[:-1], LAYER_SIZES[1:]))
+
+
+def low_rank_factors(noise: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Views (A, B, e) per layer of a low-rank perturbation (..., noise_length(rank)): the layer's weight
+    moves by A B^T / sqrt(rank), A (..., fan_in, rank) and B (..., fan_out, rank); its bias by e."""
+    lead, parts, start = noise.shape[:-1], [], 0
+    for fan_in, fan_out in zip(LAYER_SIZES[:-1], LAYER_SIZES[1:]):
+        sizes = (fan_in * rank, fan_out * rank, fan_out)
+        a, b, e = (noise[..., start + sum(sizes[:k]) : start + sum(sizes[: k + 1])] for k in range(3))
+        parts.append((a.reshape(*lead, fan_in, rank), b.reshape(*lead, fan_out, rank), e))
+        start += sum(sizes)
+    return parts
+
+
+def low_rank_dense(noise: torch.Tensor, rank: int) -> torch.Tensor:
+    """The (NUM_PARAMS,) perturbation a low-rank slice stands for: A B^T / sqrt(rank) per weight, e per bias."""
+    parts = []
+    for a, b, e in low_rank_factors(noise, rank):
+        parts += [(a @ b.T * rank**-0.5).flatten(), e]
+    return torch.cat(parts)
+
+
+def _low_rank_epilogue(epilogue: Callable) -> Callable:
+    """A layer's epilogue after a low-rank member's matmuls: the rank-r correction and the bias
+    perturbation join the flushing chain (one kernel when compiled; add and b + s e are exact to fuse)."""
+
+    def layer(z, correction, b, e, scale):
+        return epilogue(z + correction, perturb(b, e, scale))
+
+    return layer
+
+
+def low_rank_epilogues(arithmetic: str, fused: bool = False) -> Epilogues:
+    eager = epilogues(arithmetic)
+    wrap = (lambda fn: _Compiled(_low_rank_epilogue(fn))) if fused else _low_rank_epilogue
+    return _cached(("low-rank epilogues", arithmetic, fused), lambda: Epilogues(*map(wrap, vars(eager).values())))
+
+
+def _correction(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """((h A) c) B^T: what h (c A B^T) adds to h W, the perturbed weight never built."""
+    return torch.matmul(torch.matmul(h, a) * c, b.transpose(-1, -2))
+
+
+def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
+                     scales: torch.Tensor, rank: int, arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """Logits of members theta + scale * (low-rank perturbation), for noise (M,) and a 0-d scale
+    (one member, (B, 10)) or noise (n, M) and scales (n,) (n members, (n, B, 10)).
+
+    ``xw1 = x @ W1`` is shared by every member on the same images: a member's first layer costs only its
+    rank-r correction, later layers one matmul with the shared W (batched members: one large GEMM).
+    The matmuls differ from building theta + scale * dense(noise) by rounding only; the elementwise
+    epilogues (the flushes) are those of ``forward``, so the network is the same. Fused, each layer's
+    correction add, bias perturbation and flushes are one compiled kernel, bitwise equal to eager; the
+    matmuls stay ATen calls (inductor would reorder the sums of the thin ones).
+    """
+    if arithmetic not in EAGER:
+        raise ValueError(f"low-rank perturbations need the scaled frame; arithmetic {arithmetic!r} is not "
+                         "allowed (use tf-ftz or linear)")
+    w1, b1, w2, b2, w3, b3 = unflatten(theta)
+    (a1, f1, e1), (a2, f2, e2), (a3, f3, e3) = low_rank_factors(noise, rank)
+    batched = noise.dim() == 2
+    scale = scales.reshape(-1, 1, 1) if batched else scales
+    c = scale * rank**-0.5
+    ops = low_rank_epilogues(arithmetic, fused)
+    h1 = ops.hidden1(xw1, _correction(x, a1, f1, c), b1, _bias(e1, batched), scale)
+    h2 = ops.hidden2(torch.matmul(h1, w2), _correction(h1, a2, f2, c), b2, _bias(e2, batched), scale)
+    return ops.logits(torch.matmul(h2, w3), _correction(h2, a3, f3, c), b3, _bias(e3, batched), scale)
+
+
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:
     """Logits for images ``x`` (B, 784). ``params`` may carry a leading member dimension (P, ...),
     in which case the result is (P, B, 10) from batched matmuls.

@@ -43,6 +43,8 @@ class GenerationPlan:
     member_signs: np.ndarray
     """+1 or -1 per member: theta_i = theta + sign_i * sigma * slice_i."""
     batch_indices: np.ndarray
+    rank: int
+    """0: full-rank slices; r: low-rank members (network.low_rank_forward)."""
     shard_bounds: tuple[tuple[int, int], ...]
     tiles: tuple[Tile, ...]
 
@@ -99,6 +101,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         member_offsets=member_offsets.astype(np.int64),
         member_signs=member_signs,
         batch_indices=batch_indices,
+        rank=es.rank,
         shard_bounds=bounds,
         tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds)),
     )

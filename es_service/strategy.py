@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from es_service import noise
+from es_service import network, noise
 
 # Slices gathered per matrix-vector product: fixed per device type, so the sum order is fixed. On CPU
 # small chunks stay memory-friendly (8 rows: ~3x faster than 64 on this 2-core machine); on CUDA larger
@@ -63,20 +63,37 @@ def slice_weights(shaped: np.ndarray, antithetic: bool) -> np.ndarray:
 
 
 def grad_estimate(
-    table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float, pop_size: int
+    table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float, pop_size: int, rank: int = 0
 ) -> torch.Tensor:
-    """(1 / (pop_size * sigma)) * sum_k weights_k * table[offset_k : offset_k + N], on the table's device.
+    """(1 / (pop_size * sigma)) * sum_k weights_k * perturbation_k, on the table's device.
 
-    Slices are gathered from a zero-copy strided view, a fixed number of rows at a time, and reduced
-    with one matrix-vector product per chunk: no Python loop over members.
+    Full rank (``rank`` 0), perturbation_k is table[offset_k : offset_k + N]: slices are gathered from a
+    zero-copy strided view, a fixed number of rows at a time, and reduced with one matrix-vector product
+    per chunk. Low rank, see ``low_rank_grad``. No Python loop over members either way.
     """
     weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+    if rank:
+        return low_rank_grad(table, offsets, weight_tensor, rank) / (pop_size * noise_std)
     total = torch.zeros(noise.NUM_PARAMS, dtype=torch.float32, device=table.device)
     chunk = GRAD_CHUNK_ROWS.get(table.device.type, 64)
     for start in range(0, len(offsets), chunk):
         rows = noise.slices(table, offsets[start : start + chunk])
         total += torch.mv(rows.T, weight_tensor[start : start + chunk])
     return total / (pop_size * noise_std)
+
+
+def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tensor, rank: int) -> torch.Tensor:
+    """sum_k weights_k * network.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
+    matmul of the stacked factors (the K dense perturbations are never built) and one for the biases."""
+    index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(table.device)
+    rows = noise.windows(table)[:, : network.noise_length(rank)].index_select(0, index)
+    parts = []
+    for a, b, e in network.low_rank_factors(rows, rank):
+        count, fan_in, _ = a.shape
+        stacked_a = a.permute(1, 0, 2).reshape(fan_in, count * rank)
+        stacked_b = (b * weights[:, None, None]).permute(0, 2, 1).reshape(count * rank, -1)
+        parts += [torch.mm(stacked_a, stacked_b).mul_(rank**-0.5).flatten(), torch.mv(e.T, weights)]
+    return torch.cat(parts)
 
 
 def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:

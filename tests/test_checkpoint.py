@@ -223,3 +223,23 @@ def test_edits_that_keep_the_trajectory_are_accepted(tmp_path, config, trained):
     resave(path, config, trained, edit)
     loaded = checkpoint.load(path)["config"]
     assert loaded.workers.count == 7 and loaded.generations == 99
+
+
+def test_a_checkpoint_from_before_newer_fields_still_loads(tmp_path, config, trained):
+    """Checkpoints written before es.fitness_shaping and es.rank existed (stop 7's GPU runs) hold a config
+    without them, hashed without them. They ran with what is now the default, so they must load as that."""
+    import hashlib
+    import json
+
+    def written_by_the_old_version(state):
+        for name in ("fitness_shaping", "rank"):
+            del state["config"]["es"][name]
+        data = json.loads(json.dumps(state["config"]))  # the old writer's digest, literally
+        data.pop("workers"), data.pop("data_dir"), data.pop("generations")
+        data["eval"] = data["checkpoint"] = None
+        state["config_digest"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    path = tmp_path / "checkpoint.pt"
+    resave(path, config, trained, written_by_the_old_version)
+    loaded = checkpoint.load(path)["config"]
+    assert loaded == config and loaded.es.rank == 0 and loaded.es.fitness_shaping == "centered_rank"

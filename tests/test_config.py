@@ -204,6 +204,9 @@ RANGE_CASES = {
     "batch above MNIST": (["es.batch_size=60001"], ["es.batch_size", "60001", "1 to 60000"]),
     "final batch above MNIST": (["es.batch_size_final=70000"], ["es.batch_size_final", "70000", "1 to 60000"]),
     "negative shard": (["es.shard_size=-8"], ["es.shard_size", "-8", "positive integer"]),
+    "negative rank": (["es.rank=-1"], ["es.rank", "-1", "0 (full-rank", "1 to 64"]),
+    "rank too high": (["es.rank=65"], ["es.rank", "65", "1 to 64"]),
+    "low rank with cpu-ftz": (["es.rank=1", "network.arithmetic=cpu-ftz"], ["es.rank", "cpu-ftz", "tf-ftz"]),
     "zero members per tile": (["workers.members_per_tile=0"], ["members_per_tile", "0", ">= 1"]),
     "table not above the parameter count": (
         [f"noise.table_size={NUM_PARAMS}"], ["noise.table_size", str(NUM_PARAMS), "must exceed"],
@@ -242,6 +245,8 @@ def test_range_errors(overrides, parts):
     ["network.arithmetic=tf-ftz", "workers.device=cuda", "workers.gpus_per_worker=1"],
     ["workers.min_count=3", "workers.max_count=3"],
     ["seed=0", "es.weight_decay=0", "es.shard_size=0", "workers.count=0"],
+    ["es.rank=1", "network.arithmetic=linear"],
+    ["es.rank=64"],
 ])
 def test_boundary_values_are_accepted(overrides):
     config = from_dict(TINY, overrides)

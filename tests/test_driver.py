@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from es_service import network, noise, plan as planning
@@ -30,10 +31,18 @@ def test_same_config_and_seed_give_bitwise_same_theta(mnist, tmp_path):
     assert not torch.equal(a.theta, c.theta)
 
 
-def test_tile_size_does_not_change_theta(mnist, tmp_path):
-    a = run_local(tiny_config("workers.members_per_tile=1"), mnist, tmp_path / "a")
-    b = run_local(tiny_config("workers.members_per_tile=8"), mnist, tmp_path / "b")
+@pytest.mark.parametrize("rank", ["es.rank=0", "es.rank=1"])
+def test_tile_size_does_not_change_theta(mnist, tmp_path, rank):
+    a = run_local(tiny_config("workers.members_per_tile=1", rank), mnist, tmp_path / "a")
+    b = run_local(tiny_config("workers.members_per_tile=8", rank), mnist, tmp_path / "b")
     assert torch.equal(a.theta, b.theta)
+
+
+def test_low_rank_run_is_deterministic_and_differs_from_full_rank(mnist, tmp_path):
+    a = run_local(tiny_config("es.rank=2"), mnist, tmp_path / "a")
+    b = run_local(tiny_config("es.rank=2"), mnist, tmp_path / "b")
+    full = run_local(tiny_config(), mnist, tmp_path / "full")
+    assert torch.equal(a.theta, b.theta) and not torch.equal(a.theta, full.theta)
 
 
 def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):

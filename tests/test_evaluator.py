@@ -160,3 +160,47 @@ def test_member_results_do_not_depend_on_the_thread_count(mnist, arithmetic, fus
     assert len(set(results[0][0].tolist())) == len(offsets)  # members really differ
     for loss_sums, correct in results[1:]:
         assert np.array_equal(loss_sums, results[0][0]) and np.array_equal(correct, results[0][1])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_low_rank_members_do_not_depend_on_threads_or_tile_mates(mnist, fused):
+    table = noise.make_table(7, 1 << 20)
+    theta = network.init_theta(0)
+    offsets, signs = _members(5, seed=8)
+    images = np.arange(2000, 2128, dtype=np.int64)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
+            results.append(evaluator.evaluate(theta, offsets, signs, 0.02, images, rank=1))
+        alone = evaluator.evaluate(theta, offsets[3:4], signs[3:4], 0.02, images, rank=1)
+    finally:
+        torch.set_num_threads(saved)
+    assert len(set(results[0][0].tolist())) == len(offsets)
+    for loss_sums, correct in results[1:]:
+        assert np.array_equal(loss_sums, results[0][0]) and np.array_equal(correct, results[0][1])
+    assert alone[0][0] == results[0][0][3]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(mnist, rank):
+    """The CUDA code path on CPU (one GEMM per layer over all members) against the per-member loop,
+    and both against the network evaluated at theta + scale * dense(perturbation)."""
+    table = noise.make_table(7, 1 << 20)
+    loop = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=False)
+    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True,
+                                  fused=True)
+    theta = network.init_theta(0)
+    offsets, signs = _members(6, seed=9)
+    images = np.arange(500, 756, dtype=np.int64)
+    expected = loop.evaluate(theta, offsets, signs, 0.03, images, rank=rank)
+    got = batched.evaluate(theta, offsets, signs, 0.03, images, rank=rank)
+    assert np.allclose(expected[0], got[0], rtol=1e-4, atol=0) and np.abs(expected[1] - got[1]).max() <= 1
+    x, y = loop.batch(images)
+    for j in range(len(offsets)):
+        perturbation = network.low_rank_dense(table[offsets[j] : offsets[j] + network.noise_length(rank)], rank)
+        logits = network.forward(x, network.unflatten(theta + float(signs[j] * 0.03) * perturbation), "tf-ftz")
+        loss = float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        assert loss == pytest.approx(expected[0][j], rel=1e-4)

@@ -127,3 +127,55 @@ def test_cpu_ftz_flag_flushes_in_its_own_process():
 def test_unknown_arithmetic_is_refused():
     with pytest.raises(ValueError, match="unknown arithmetic"):
         network.forward(torch.zeros(1, 784), network.unflatten(network.init_theta(0)), "bf16")
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("arithmetic", ["tf-ftz", "linear"])
+def test_low_rank_member_is_the_dense_member_up_to_matmul_rounding(mnist, arithmetic, rank):
+    """A low-rank member computed as x W + ((x A) c) B^T is the network at theta + scale * dense(noise):
+    the same function, the matmuls only rounded differently (never bitwise: the sums are reordered)."""
+    torch.manual_seed(2)
+    theta = network.init_theta(0)
+    noise_rows = torch.randn(3, network.noise_length(rank))
+    scales = torch.tensor([0.05, -0.05, 0.02])
+    x = _test_images(mnist, 500)
+    xw1 = x @ network.unflatten(theta)[0]
+    batched = network.low_rank_forward(x, xw1, theta, noise_rows, scales, rank, arithmetic)
+    for j in range(3):
+        dense = network.forward(x, network.unflatten(theta + scales[j] * network.low_rank_dense(noise_rows[j], rank)),
+                                arithmetic)
+        single = network.low_rank_forward(x, xw1, theta, noise_rows[j], scales[j], rank, arithmetic)
+        # a rounding difference next to a flush threshold flips that one flush: compare almost all logits
+        for other in (dense, batched[j]):
+            assert float(torch.isclose(single, other, rtol=1e-4, atol=1e-4).float().mean()) >= 0.99
+            assert float((single.argmax(1) == other.argmax(1)).float().mean()) >= 0.998
+    assert not torch.equal(batched[0], batched[1])  # members really differ
+
+
+def test_low_rank_layout():
+    assert network.noise_length(0) == network.NUM_PARAMS
+    assert network.noise_length(1) == (784 + 512 + 512) + (512 + 512 + 512) + (512 + 10 + 10) == 3876
+    noise_slice = torch.arange(network.noise_length(2), dtype=torch.float32)
+    (a1, b1, e1), _, (a3, b3, e3) = network.low_rank_factors(noise_slice, 2)
+    assert a1.shape == (784, 2) and b1.shape == (512, 2) and e1.shape == (512,) and b3.shape == (10, 2)
+    assert a1[0, 1] == 1 and b1[0, 0] == 784 * 2 and e3[-1] == network.noise_length(2) - 1  # contiguous, in order
+    dense = network.low_rank_dense(noise_slice, 2)
+    w1, bias1 = network.unflatten(dense)[:2]
+    assert torch.equal(bias1, e1) and torch.allclose(w1, a1 @ b1.T / 2**0.5)
+
+
+def test_low_rank_fused_epilogues_are_bitwise_equal_to_eager(mnist):
+    theta = network.init_theta(0)
+    noise_rows = torch.randn(2, network.noise_length(1), generator=torch.Generator().manual_seed(3))
+    x = _test_images(mnist, 64)
+    xw1 = x @ network.unflatten(theta)[0]
+    scales = torch.tensor([0.02, -0.02])
+    for rows, s in ((noise_rows, scales), (noise_rows[1], scales[1])):
+        eager = network.low_rank_forward(x, xw1, theta, rows, s, 1, "tf-ftz")
+        assert torch.equal(network.low_rank_forward(x, xw1, theta, rows, s, 1, "tf-ftz", fused=True), eager)
+
+
+def test_low_rank_refuses_cpu_ftz():
+    with pytest.raises(ValueError, match="scaled frame"):
+        network.low_rank_forward(torch.zeros(1, 784), torch.zeros(1, 512), network.init_theta(0),
+                                 torch.zeros(network.noise_length(1)), torch.tensor(0.1), 1, "cpu-ftz")

@@ -82,12 +82,15 @@ class PopulationEvaluator:
             return network.perturb_rows_fused(self.table, index, scales, theta)
         return torch.index_select(self.windows, 0, index).mul_(scales.unsqueeze(1)).add_(theta)
 
-    def chunk_size(self, batch_size: int) -> int:
+    def chunk_size(self, batch_size: int, rank: int = 0) -> int:
         """Members per batched pass, from the device's free memory (CUDA) or a fixed 64 (CPU)."""
         if self.device.type != "cuda":
             return 64
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_member = 4 * (network.NUM_PARAMS + batch_size * (784 + 4 * 512 + 2 * 10))  # x may be expanded per member
+        if rank:  # no per-member weights: the noise rows and ~6 activations of 512 per image
+            per_member = 4 * (network.noise_length(rank) + batch_size * (6 * 512 + 2 * 10 + 3 * rank))
+        else:  # x may be expanded per member
+            per_member = 4 * (network.NUM_PARAMS + batch_size * (784 + 4 * 512 + 2 * 10))
         return max(1, int(free * self.memory_fraction // per_member))
 
     def logits(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, x: torch.Tensor):
@@ -106,15 +109,19 @@ class PopulationEvaluator:
         signs: np.ndarray,
         noise_std: float,
         image_indices: np.ndarray,
+        rank: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Loss sums (float64) and correct counts (int64) of each member on the given images."""
+        """Loss sums (float64) and correct counts (int64) of each member on the given images; ``rank``
+        r >= 1 makes the members low-rank (network.low_rank_forward)."""
         theta = theta.to(self.device, dtype=torch.float32)
         if theta.shape != (network.NUM_PARAMS,):
             raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         # CPU: single-threaded plain mm, one member per thread (intermediates stay in cache); CUDA: batched.
-        if self.batched:
+        if rank:
+            results = self._low_rank_results(theta, offsets, scales, x, y, rank)
+        elif self.batched:
             step = self.chunk_size(len(y))
             results = [
                 self._score(self.logits(theta, offsets[start : start + step], scales[start : start + step], x), y)
@@ -128,9 +135,30 @@ class PopulationEvaluator:
         def member(j: int):
             return self._score(self.member_logits(theta, int(offsets[j]), scales[j], x), y)
 
-        first_of_shape = tuple(x.shape) not in self._compiled_for  # a new shape compiles in one thread only
-        self._compiled_for.add(tuple(x.shape))
-        return self.map_members(member, len(offsets), first_alone=first_of_shape)
+        return self.map_members(member, len(offsets), first_alone=self._first_of_shape(tuple(x.shape)))
+
+    def _first_of_shape(self, key: tuple) -> bool:
+        """True the first time: a new shape compiles, and must do so in one thread only."""
+        first = key not in self._compiled_for
+        self._compiled_for.add(key)
+        return first
+
+    def _low_rank_results(self, theta, offsets, scales, x, y, rank: int) -> list:
+        noise_rows = self.windows[:, : network.noise_length(rank)]
+        with _single_threaded_ops() if not self.batched else contextlib.nullcontext():
+            xw1 = torch.mm(x, network.unflatten(theta)[0])  # shared by every member: same images, same W1
+
+        def forward(members, member_scales):
+            return network.low_rank_forward(x, xw1, theta, noise_rows[members], member_scales, rank,
+                                            self.arithmetic, self.fused)
+
+        if self.batched:
+            step = self.chunk_size(len(y), rank)
+            index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
+            return [self._score(forward(index[start : start + step], scales[start : start + step]), y)
+                    for start in range(0, len(offsets), step)]
+        return self.map_members(lambda j: self._score(forward(int(offsets[j]), scales[j]), y), len(offsets),
+                                first_alone=self._first_of_shape(("low-rank", *x.shape)))
 
     def map_members(self, fn, count: int, first_alone: bool = False) -> list:
         """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
@@ -186,6 +214,7 @@ class TileTask:
     signs: np.ndarray
     noise_std: float
     image_indices: np.ndarray
+    rank: int = 0
 
     def __post_init__(self):
         assert self.offsets.dtype == np.int64 and self.offsets.ndim == 1, self.offsets.dtype
@@ -212,7 +241,8 @@ class TileResult:
 
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
     started = time.perf_counter()
-    loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std, task.image_indices)
+    loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std, task.image_indices,
+                                          task.rank)
     return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
 
 
