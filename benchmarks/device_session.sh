@@ -4,6 +4,8 @@
 # Dry run on CPU first: SMALL=1 OUT=/tmp/devout bash benchmarks/device_session.sh
 # SETS="es.pop_size=4096 es.batch_size=256" adds --set overrides to every training run.
 # A run dir carried in .devdata/seed_tfftz (untar the last session's seed_tfftz.tgz there) is resumed.
+# COMPARE_SETS="es.rank=1 es.pop_size=8192" trains runs/compare alongside the main run (same GPU, same
+# budget; SETS apply first). SIDE=0 skips the linear and backprop rows (already in docs/results).
 set -uo pipefail
 OUT=${OUT:-/tmp/devout}
 mkdir -p "$OUT" runs
@@ -29,6 +31,13 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
   [ -f .devdata/theta_checkpoint.pt ] && THETA=(--theta .devdata/theta_checkpoint.pt)
   timeout 240 $PY -m benchmarks.device_check "${CHECK_ARGS[@]}" "${THETA[@]}" --json "$OUT/device_check.json"
   log "device check exit $?"
+  COMPARE=()
+  if [ -n "${COMPARE_SETS:-}" ]; then
+    for item in $COMPARE_SETS; do COMPARE+=(--set "$item"); done
+    $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/compare --force \
+        --time-budget "$MAIN_BUDGET" --quiet "${SMALL_ARGS[@]}" "${COMPARE[@]}" > "$OUT/compare.log" 2>&1 &
+    COMPARE_PID=$!
+  fi
   if [ -d .devdata/seed_tfftz ]; then  # a run brought back from an earlier session: continue it bitwise
     rm -rf runs/seed_tfftz && cp -r .devdata/seed_tfftz runs/seed_tfftz
     $PY -m es_service.cli resume runs/seed_tfftz --executor local --time-budget "$MAIN_BUDGET"
@@ -37,6 +46,11 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
         --time-budget "$MAIN_BUDGET" "${SMALL_ARGS[@]}"
   fi
   log "main run exit $?"
+  if [ -n "${COMPARE_PID:-}" ]; then wait "$COMPARE_PID"; log "compare run exit $?"; fi
+  RUNS="runs/seed_tfftz"
+  [ -n "${COMPARE_PID:-}" ] && RUNS="$RUNS runs/compare"
+  if [ "${SIDE:-1}" = 1 ]; then
+  RUNS="$RUNS runs/seed_linear runs/seed_backprop"
   $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_linear --force \
       --set network.arithmetic=linear --time-budget "$SIDE_BUDGET" --quiet "${SMALL_ARGS[@]}" &
   LINEAR=$!
@@ -45,9 +59,13 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
   BACKPROP=$!
   wait $LINEAR; log "linear run exit $?"
   wait $BACKPROP; log "backprop run exit $?"
-  $PY -m es_service.cli report runs/seed_tfftz runs/seed_linear runs/seed_backprop --plot "$OUT/report.png"
+  fi
+  echo "$RUNS" > "$OUT/runs.txt"
 } 2>&1 | grep -v "cpp_extension.py" | tee -a "$OUT/session.log"
-$PY -m es_service.cli report runs/seed_tfftz runs/seed_linear runs/seed_backprop --plot "$OUT/report.png" > "$OUT/report.md" 2>&1
+RUNS=$(cat "$OUT/runs.txt")
+$PY -m es_service.cli report $RUNS --plot "$OUT/report.png" > "$OUT/report.md" 2>&1
+cat "$OUT/report.md"
 tar czf "$OUT/seed_tfftz.tgz" -C runs seed_tfftz
-tar czf "$OUT/ablation.tgz" -C runs --exclude=checkpoint.pt seed_linear seed_backprop
+[ -d runs/compare ] && tar czf "$OUT/compare.tgz" -C runs compare
+[ -d runs/seed_linear ] && tar czf "$OUT/ablation.tgz" -C runs --exclude=checkpoint.pt seed_linear seed_backprop
 ls -la "$OUT"

@@ -56,9 +56,9 @@ def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x
 
     def layers(rows):
         (a1, f1, _), (a2, f2, _), (a3, f3, _) = network.low_rank_factors(rows, rank)
-        h1 = xw1 + network._correction(x, a1, f1, c)
-        h2 = torch.matmul(h1, w2) + network._correction(h1, a2, f2, c)
-        return torch.matmul(h2, w3) + network._correction(h2, a3, f3, c)
+        h1 = xw1 + network.low_rank_correction(x, a1, f1, c)
+        h2 = torch.matmul(h1, w2) + network.low_rank_correction(h1, a2, f2, c)
+        return torch.matmul(h2, w3) + network.low_rank_correction(h2, a3, f3, c)
 
     def run():
         nonlocal xw1

@@ -279,9 +279,14 @@ def low_rank_epilogues(arithmetic: str, fused: bool = False) -> Epilogues:
     return _cached(("low-rank epilogues", arithmetic, fused), lambda: Epilogues(*map(wrap, vars(eager).values())))
 
 
-def _correction(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def low_rank_correction(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """((h A) c) B^T: what h (c A B^T) adds to h W, the perturbed weight never built."""
-    return torch.matmul(torch.matmul(h, a) * c, b.transpose(-1, -2))
+    if h.dim() == 2 and a.dim() == 3:  # shared images, n members: one (B, K) @ (K, n r) GEMM, x never expanded
+        members, fan_in, rank = a.shape
+        ha = torch.mm(h, a.transpose(0, 1).reshape(fan_in, members * rank)).reshape(-1, members, rank).transpose(0, 1)
+    else:
+        ha = torch.matmul(h, a)
+    return torch.matmul(ha * c, b.transpose(-1, -2))
 
 
 def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
@@ -305,9 +310,9 @@ def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, no
     scale = scales.reshape(-1, 1, 1) if batched else scales
     c = scale * rank**-0.5
     ops = low_rank_epilogues(arithmetic, fused)
-    h1 = ops.hidden1(xw1, _correction(x, a1, f1, c), b1, _bias(e1, batched), scale)
-    h2 = ops.hidden2(torch.matmul(h1, w2), _correction(h1, a2, f2, c), b2, _bias(e2, batched), scale)
-    return ops.logits(torch.matmul(h2, w3), _correction(h2, a3, f3, c), b3, _bias(e3, batched), scale)
+    h1 = ops.hidden1(xw1, low_rank_correction(x, a1, f1, c), b1, _bias(e1, batched), scale)
+    h2 = ops.hidden2(torch.matmul(h1, w2), low_rank_correction(h1, a2, f2, c), b2, _bias(e2, batched), scale)
+    return ops.logits(torch.matmul(h2, w3), low_rank_correction(h2, a3, f3, c), b3, _bias(e3, batched), scale)
 
 
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:
