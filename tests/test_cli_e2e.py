@@ -97,7 +97,8 @@ def test_driver_killed_mid_run_resumes_to_the_same_theta(tmp_path, sig):
     assert torch.equal(theta_of(tmp_path / "full"), theta_of(tmp_path / "killed"))
 
 
-def test_theta_does_not_depend_on_the_process_thread_count(tmp_path):
+@pytest.mark.parametrize("rank", ["es.rank=1", "es.rank=0"])  # quick.yaml's low-rank members, and full rank
+def test_theta_does_not_depend_on_the_process_thread_count(tmp_path, rank):
     """One generation of configs/quick.yaml in-process with 1 and with 2 threads (as a 1-CPU Ray
     worker and a 2-core driver run it): the same theta. The code before members ran single-threaded
     gave other bits here with 2 threads (MKL splits some of these matmuls differently)."""
@@ -108,7 +109,8 @@ def test_theta_does_not_depend_on_the_process_thread_count(tmp_path):
         env.pop("RAY_ADDRESS", None)
         run_dir = tmp_path / f"t{threads}"
         cli("train", "--config", os.path.join(repo, "configs", "quick.yaml"), "--executor", "local",
-            "--run-dir", run_dir, "--quiet", "--stop-after", "1", "--set", "workers.device=cpu", env=env, cwd=tmp_path)
+            "--run-dir", run_dir, "--quiet", "--stop-after", "1", "--set", "workers.device=cpu", "--set", rank,
+            env=env, cwd=tmp_path)
         thetas.append(theta_of(run_dir))
         record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
         fitness.append([record[f"fitness_{name}"] for name in ("max", "mean", "min")])
