@@ -56,9 +56,13 @@ def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x
 
     def layers(rows):
         (a1, f1, _), (a2, f2, _), (a3, f3, _) = network.low_rank_factors(rows, rank)
-        h1 = xw1 + network.low_rank_correction(x, a1, f1, c)
-        h2 = torch.matmul(h1, w2) + network.low_rank_correction(h1, a2, f2, c)
-        return torch.matmul(h2, w3) + network.low_rank_correction(h2, a3, f3, c)
+        def plus_correction(z, h, a, f):
+            u, v = network.low_rank_correction(h, a, f, c)
+            return z + u * v
+
+        h1 = plus_correction(xw1, x, a1, f1)
+        h2 = plus_correction(torch.matmul(h1, w2), h1, a2, f2)
+        return plus_correction(torch.matmul(h2, w3), h2, a3, f3)
 
     def run():
         nonlocal xw1

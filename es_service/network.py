@@ -264,11 +264,12 @@ def low_rank_dense(noise: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _low_rank_epilogue(epilogue: Callable) -> Callable:
-    """A layer's epilogue after a low-rank member's matmuls: the rank-r correction and the bias
-    perturbation join the flushing chain (one kernel when compiled; add and b + s e are exact to fuse)."""
+    """A layer's epilogue after a low-rank member's matmuls: the correction u * v (see
+    ``low_rank_correction``) and the bias perturbation join the flushing chain. Compiled, that is one
+    kernel; every step rounds as in eager (FMA contraction is off, see TRITON_DEFAULT_FP_FUSION)."""
 
-    def layer(z, correction, b, e, scale):
-        return epilogue(z + correction, perturb(b, e, scale))
+    def layer(z, u, v, b, e, scale):
+        return epilogue(z + u * v, perturb(b, e, scale))
 
     return layer
 
@@ -279,14 +280,19 @@ def low_rank_epilogues(arithmetic: str, fused: bool = False) -> Epilogues:
     return _cached(("low-rank epilogues", arithmetic, fused), lambda: Epilogues(*map(wrap, vars(eager).values())))
 
 
-def low_rank_correction(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """((h A) c) B^T: what h (c A B^T) adds to h W, the perturbed weight never built."""
+def low_rank_correction(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
+    """(u, v) with u * v = ((h A) c) B^T, what h (c A B^T) adds to h W (the perturbed weight is never
+    built). Rank 1: u = (h a) c, (..., B, 1), and v = b^T, (..., 1, fan_out): the epilogue forms the
+    outer product itself, so no (B, fan_out) correction is written and read back. Higher rank: u is the
+    correction and v = 1 (an exact multiply)."""
     if h.dim() == 2 and a.dim() == 3:  # shared images, n members: one (B, K) @ (K, n r) GEMM, x never expanded
         members, fan_in, rank = a.shape
         ha = torch.mm(h, a.transpose(0, 1).reshape(fan_in, members * rank)).reshape(-1, members, rank).transpose(0, 1)
     else:
         ha = torch.matmul(h, a)
-    return torch.matmul(ha * c, b.transpose(-1, -2))
+    if a.shape[-1] == 1:
+        return ha * c, b.transpose(-1, -2)
+    return torch.matmul(ha * c, b.transpose(-1, -2)), torch.ones((), dtype=h.dtype, device=h.device)
 
 
 def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
@@ -298,7 +304,7 @@ def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, no
     rank-r correction, later layers one matmul with the shared W (batched members: one large GEMM).
     The matmuls differ from building theta + scale * dense(noise) by rounding only; the elementwise
     epilogues (the flushes) are those of ``forward``, so the network is the same. Fused, each layer's
-    correction add, bias perturbation and flushes are one compiled kernel, bitwise equal to eager; the
+    correction, bias perturbation and flushes are one compiled kernel, bitwise equal to eager; the
     matmuls stay ATen calls (inductor would reorder the sums of the thin ones).
     """
     if arithmetic not in EAGER:
@@ -310,9 +316,9 @@ def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, no
     scale = scales.reshape(-1, 1, 1) if batched else scales
     c = scale * rank**-0.5
     ops = low_rank_epilogues(arithmetic, fused)
-    h1 = ops.hidden1(xw1, low_rank_correction(x, a1, f1, c), b1, _bias(e1, batched), scale)
-    h2 = ops.hidden2(torch.matmul(h1, w2), low_rank_correction(h1, a2, f2, c), b2, _bias(e2, batched), scale)
-    return ops.logits(torch.matmul(h2, w3), low_rank_correction(h2, a3, f3, c), b3, _bias(e3, batched), scale)
+    h1 = ops.hidden1(xw1, *low_rank_correction(x, a1, f1, c), b1, _bias(e1, batched), scale)
+    h2 = ops.hidden2(torch.matmul(h1, w2), *low_rank_correction(h1, a2, f2, c), b2, _bias(e2, batched), scale)
+    return ops.logits(torch.matmul(h2, w3), *low_rank_correction(h2, a3, f3, c), b3, _bias(e3, batched), scale)
 
 
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:

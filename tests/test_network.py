@@ -164,15 +164,16 @@ def test_low_rank_layout():
     assert torch.equal(bias1, e1) and torch.allclose(w1, a1 @ b1.T / 2**0.5)
 
 
-def test_low_rank_fused_epilogues_are_bitwise_equal_to_eager(mnist):
+@pytest.mark.parametrize("rank", [1, 3])
+def test_low_rank_fused_epilogues_are_bitwise_equal_to_eager(mnist, rank):
     theta = network.init_theta(0)
-    noise_rows = torch.randn(2, network.noise_length(1), generator=torch.Generator().manual_seed(3))
+    noise_rows = torch.randn(2, network.noise_length(rank), generator=torch.Generator().manual_seed(3))
     x = _test_images(mnist, 64)
     xw1 = x @ network.unflatten(theta)[0]
     scales = torch.tensor([0.02, -0.02])
     for rows, s in ((noise_rows, scales), (noise_rows[1], scales[1])):
-        eager = network.low_rank_forward(x, xw1, theta, rows, s, 1, "tf-ftz")
-        assert torch.equal(network.low_rank_forward(x, xw1, theta, rows, s, 1, "tf-ftz", fused=True), eager)
+        eager = network.low_rank_forward(x, xw1, theta, rows, s, rank, "tf-ftz")
+        assert torch.equal(network.low_rank_forward(x, xw1, theta, rows, s, rank, "tf-ftz", fused=True), eager)
 
 
 def test_low_rank_refuses_cpu_ftz():
