@@ -17,6 +17,7 @@ No Ray and no I/O here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -48,6 +49,18 @@ def _layout() -> list[tuple[str, tuple[int, ...]]]:
 
 PARAM_SHAPES = _layout()
 NUM_PARAMS = sum(math.prod(shape) for _, shape in PARAM_SHAPES)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """torch ops on one intra-op thread while inside. MKL's float32 GEMM can give other bits with 2
+    threads than with 1 (measured here), so CPU results that must not depend on the machine run so."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def unflatten(flat: torch.Tensor) -> list[torch.Tensor]:

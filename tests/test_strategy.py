@@ -128,3 +128,22 @@ def test_low_rank_estimate_is_a_gradient_on_average():
     got = strategy.grad_estimate(table, offsets, slopes.numpy(), noise_std=1.0, pop_size=len(offsets), rank=1)
     cosine = float(torch.nn.functional.cosine_similarity(got, target, dim=0))
     assert cosine > 0.5 * (len(offsets) / noise.NUM_PARAMS) ** 0.5  # chance is ~0; the expected value ~0.077
+
+
+def test_low_rank_estimate_does_not_depend_on_the_thread_count():
+    """From 256 slices on, MKL's two-thread GEMM of the stacked factors gave other bits than one thread
+    (a driver on 2 cores and one on 16 would walk different thetas): the estimate runs single-threaded."""
+    table = noise.make_table(1, 1 << 22)
+    rng = np.random.default_rng(0)
+    offsets = rng.integers(0, noise.max_offset(table.numel()) + 1, size=512)
+    weights = rng.standard_normal(512)
+    saved = torch.get_num_threads()
+    try:
+        estimates = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            estimates.append(strategy.grad_estimate(table, offsets, weights, 0.02, 1024, rank=1))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(estimates[0], estimates[1])

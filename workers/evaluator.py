@@ -145,7 +145,7 @@ class PopulationEvaluator:
 
     def _low_rank_results(self, theta, offsets, scales, x, y, rank: int) -> list:
         noise_rows = self.windows[:, : network.noise_length(rank)]
-        with _single_threaded_ops() if not self.batched else contextlib.nullcontext():
+        with network.single_threaded() if not self.batched else contextlib.nullcontext():
             xw1 = torch.mm(x, network.unflatten(theta)[0])  # shared by every member: same images, same W1
 
         def forward(members, member_scales):
@@ -163,7 +163,7 @@ class PopulationEvaluator:
     def map_members(self, fn, count: int, first_alone: bool = False) -> list:
         """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
         threads (``first_alone``: fn(0) runs before the others start)."""
-        with _single_threaded_ops():
+        with network.single_threaded():
             if self.threads == 1:
                 return [fn(j) for j in range(count)]
             head = [fn(0)] if first_alone and count else []
@@ -186,16 +186,6 @@ class PopulationEvaluator:
         else:  # an fsum over P x B values on the host would cost more than the forward pass
             loss_sums = losses.sum(dim=1).cpu().numpy()
         return loss_sums, correct
-
-@contextlib.contextmanager
-def _single_threaded_ops():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
 
 def _member_thread_init(arithmetic: str) -> None:
     """Per-thread state of a member thread: one op thread (OpenMP and MKL counts are per thread) and,
