@@ -2,7 +2,8 @@
 
 Plain torch, no Ray: the same object runs inside a Ray actor, in the driver's process (``--executor
 local``), on a GPU machine without Ray, and in unit tests. Perturbed weights are built on the
-evaluator's device from its cached noise table; only scalars go back.
+evaluator's device from its cached noise table (low-rank members, ``rank`` >= 1, never build them:
+see network.low_rank_forward); only scalars go back.
 
 A member's results never depend on which other members share its tile, nor on the thread count: on
 CPU each member runs with single-threaded ops (small intermediates stay in cache, FINDINGS §7), one
