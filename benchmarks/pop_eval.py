@@ -54,24 +54,22 @@ def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x
     w1, _, w2, _, w3, _ = network.unflatten(theta)
     c = torch.tensor(0.02, device=x.device)
 
-    def layers(rows):
-        (a1, f1, _), (a2, f2, _), (a3, f3, _) = network.low_rank_factors(rows, rank)
-        def plus_correction(z, h, a, f):
-            u, v = network.low_rank_correction(h, a, f, c)
-            return z + u * v
+    def plus_correction(z, h, a, f):
+        u, v = network.low_rank_correction(h, a, f, c)
+        return z + u * v
 
+    def layers(xw1, rows):
+        (a1, f1, _), (a2, f2, _), (a3, f3, _) = network.low_rank_factors(rows, rank)
         h1 = plus_correction(xw1, x, a1, f1)
         h2 = plus_correction(torch.matmul(h1, w2), h1, a2, f2)
         return plus_correction(torch.matmul(h2, w3), h2, a3, f3)
 
     def run():
-        nonlocal xw1
         xw1 = torch.mm(x, w1)
         if evaluator.batched:
-            return layers(noise_rows)
-        return evaluator.map_members(lambda j: layers(noise_rows[j]), noise_rows.shape[0])
+            return layers(xw1, noise_rows)
+        return evaluator.map_members(lambda j: layers(xw1, noise_rows[j]), noise_rows.shape[0])
 
-    xw1 = None
     return run
 
 

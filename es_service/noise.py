@@ -29,7 +29,8 @@ def windows(table: torch.Tensor) -> torch.Tensor:
     return table.as_strided((max_offset(table.numel()) + 1, NUM_PARAMS), (1, 1))
 
 
-def slices(table: torch.Tensor, offsets: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The perturbation rows for ``offsets`` gathered into one (len(offsets), NUM_PARAMS) tensor."""
+def slices(table: torch.Tensor, offsets: np.ndarray | torch.Tensor, length: int = NUM_PARAMS) -> torch.Tensor:
+    """The perturbation rows for ``offsets``, their first ``length`` floats (a low-rank member reads
+    fewer), gathered into one (len(offsets), length) tensor."""
     index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(table.device)
-    return windows(table).index_select(0, index)
+    return windows(table)[:, :length].index_select(0, index)

@@ -87,8 +87,7 @@ def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tenso
     """sum_k weights_k * network.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
     matmul of the stacked factors (the K dense perturbations are never built) and one for the biases.
     On CPU single-threaded: from 256 slices on, MKL's two-thread GEMM here gave other bits than one."""
-    index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(table.device)
-    rows = noise.windows(table)[:, : network.noise_length(rank)].index_select(0, index)
+    rows = noise.slices(table, offsets, network.noise_length(rank))
     parts = []
     with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
         for a, b, e in network.low_rank_factors(rows, rank):

@@ -45,14 +45,10 @@ def test_results_match_the_reference_forward(evaluator, mnist):
     table = evaluator.table
     x = mnist.train_images[:64].reshape(-1, 784).float() / 255.0
     y = mnist.train_labels[:64]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # the evaluator's members run single-threaded ops (MKL's bits vary with threads)
-    try:
+    with network.single_threaded():  # as the evaluator's members run (MKL's bits vary with threads)
         logits_of = [network.forward(x, network.unflatten(
             theta + (signs[j] * np.float32(0.05)) * table[offsets[j] : offsets[j] + network.NUM_PARAMS]), "tf-ftz")
             for j in range(2)]
-    finally:
-        torch.set_num_threads(saved)
     for j, logits in enumerate(logits_of):
         losses = torch.nn.functional.cross_entropy(logits, y, reduction="none").double().tolist()
         assert loss_sums[j] == math.fsum(losses)

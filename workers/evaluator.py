@@ -119,24 +119,19 @@ class PopulationEvaluator:
             raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
-        # CPU: single-threaded plain mm, one member per thread (intermediates stay in cache); CUDA: batched.
         if rank:
-            results = self._low_rank_results(theta, offsets, scales, x, y, rank)
-        elif self.batched:
-            step = self.chunk_size(len(y))
-            results = [
-                self._score(self.logits(theta, offsets[start : start + step], scales[start : start + step], x), y)
-                for start in range(0, len(offsets), step)
-            ]
+            one, many = self._low_rank_forwards(theta, offsets, scales, x, rank)
         else:
-            results = self._member_results(theta, offsets, scales, x, y)
+            one = lambda j: self.member_logits(theta, int(offsets[j]), scales[j], x)  # noqa: E731
+            many = lambda part: self.logits(theta, offsets[part], scales[part], x)  # noqa: E731
+        # CPU: single-threaded plain mm, one member per thread (intermediates stay in cache); CUDA: batched.
+        if self.batched:
+            step = self.chunk_size(len(y), rank)
+            results = [self._score(many(slice(start, start + step)), y) for start in range(0, len(offsets), step)]
+        else:
+            results = self.map_members(lambda j: self._score(one(j), y), len(offsets),
+                                       first_alone=self._first_of_shape((rank, *x.shape)))
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
-    def _member_results(self, theta, offsets, scales, x, y) -> list:
-        def member(j: int):
-            return self._score(self.member_logits(theta, int(offsets[j]), scales[j], x), y)
-
-        return self.map_members(member, len(offsets), first_alone=self._first_of_shape(tuple(x.shape)))
 
     def _first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
@@ -144,22 +139,18 @@ class PopulationEvaluator:
         self._compiled_for.add(key)
         return first
 
-    def _low_rank_results(self, theta, offsets, scales, x, y, rank: int) -> list:
+    def _low_rank_forwards(self, theta, offsets, scales, x, rank: int):
+        """(one member j's logits, the logits of members[part]) for low-rank members, x W1 computed once."""
         noise_rows = self.windows[:, : network.noise_length(rank)]
+        index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             xw1 = torch.mm(x, network.unflatten(theta)[0])  # shared by every member: same images, same W1
 
-        def forward(members, member_scales):
-            return network.low_rank_forward(x, xw1, theta, noise_rows[members], member_scales, rank,
-                                            self.arithmetic, self.fused)
+        def forward(rows, member_scales):
+            return network.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
 
-        if self.batched:
-            step = self.chunk_size(len(y), rank)
-            index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
-            return [self._score(forward(index[start : start + step], scales[start : start + step]), y)
-                    for start in range(0, len(offsets), step)]
-        return self.map_members(lambda j: self._score(forward(int(offsets[j]), scales[j]), y), len(offsets),
-                                first_alone=self._first_of_shape(("low-rank", *x.shape)))
+        return (lambda j: forward(noise_rows[int(offsets[j])], scales[j]),
+                lambda part: forward(noise_rows.index_select(0, index[part]), scales[part]))
 
     def map_members(self, fn, count: int, first_alone: bool = False) -> list:
         """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
