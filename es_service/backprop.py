@@ -53,6 +53,8 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
                 "train_accuracy": accuracy(theta.detach(), data.train_images.to(device), labels, arithmetic),
                 "test_accuracy": accuracy(theta.detach(), data.test_images.to(device),
                                           data.test_labels.to(device), arithmetic),
+                "test_accuracy_unflushed": accuracy(theta.detach(), data.test_images.to(device),
+                                                    data.test_labels.to(device), "linear"),
                 "time": time.time(),
             }
         log.append(record)

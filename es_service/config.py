@@ -60,6 +60,8 @@ class ESConfig:
     """Weight decay coefficient; how it acts is set by weight_decay_mode."""
     weight_decay_mode: str = "l2"
     """l2: Adam descends on -grad + wd * theta (OpenAI-ES); decoupled: AdamW, theta *= 1 - lr * wd each step."""
+    weight_norm_cap: float | None = None
+    """Largest Frobenius norm of each weight matrix, in units of its He-init norm sqrt(2 * fan_out) (None: no cap); a matrix above it is scaled back after each step."""
     fitness: str = "cross_entropy"
     """cross_entropy (negative mean cross-entropy) or accuracy, on the generation's minibatch."""
     fitness_shaping: str = "centered_rank"
@@ -240,6 +242,10 @@ def validate(config: Config) -> Config:
     _require(0 <= es.weight_decay < math.inf, f"es.weight_decay: {es.weight_decay}; use a finite number >= 0")
     _require(es.weight_decay_mode in DECAY_MODES,
              f"es.weight_decay_mode: {es.weight_decay_mode!r}; allowed: {', '.join(DECAY_MODES)}")
+    _require(
+        es.weight_norm_cap is None or 0 < es.weight_norm_cap < math.inf,
+        f"es.weight_norm_cap: {es.weight_norm_cap}; use null (no cap) or a finite number > 0 (1.0: the init norm)",
+    )
     _require(es.fitness in FITNESS_KINDS, f"es.fitness: {es.fitness!r}; allowed: {', '.join(FITNESS_KINDS)}")
     _require(es.fitness_shaping in SHAPINGS,
              f"es.fitness_shaping: {es.fitness_shaping!r}; allowed: {', '.join(SHAPINGS)}")

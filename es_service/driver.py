@@ -47,7 +47,8 @@ class Trainer:
         self.device = device
         self.generation = state.generation
         self.adam = strategy.AdamES(state.theta.to(device), config.es.learning_rate, config.es.weight_decay,
-                                    decoupled=config.es.weight_decay_mode == "decoupled")
+                                    decoupled=config.es.weight_decay_mode == "decoupled",
+                                    weight_norm_cap=config.es.weight_norm_cap)
         if state.optimizer_state is not None:
             self.adam.load_state_dict(state.optimizer_state)
         self.num_train = data.train_images.shape[0]
@@ -71,10 +72,15 @@ class Trainer:
 
     def evaluate_center(self) -> dict[str, float]:
         arithmetic = self.config.network.arithmetic
+        fused = self.config.workers.fused
         self.last_accuracy = {
-            f"{name}_accuracy": accuracy(self.theta, images, labels, arithmetic, fused=self.config.workers.fused)
+            f"{name}_accuracy": accuracy(self.theta, images, labels, arithmetic, fused=fused)
             for name, (images, labels) in self.eval_sets.items()
         }
+        if arithmetic != "linear":
+            # The same theta with denormals kept: where it scores as well, the net has gone linear.
+            self.last_accuracy["test_accuracy_unflushed"] = accuracy(self.theta, *self.eval_sets["test"], "linear",
+                                                                     fused=fused)
         return self.last_accuracy
 
     def step(self, evaluate: bool = False) -> dict:

@@ -35,6 +35,7 @@ def summarize(run_dir: Path) -> dict:
         "train_accuracy": last.get("train_accuracy"),
         "test_accuracy": last.get("test_accuracy"),
         "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
+        "test_accuracy_unflushed": last.get("test_accuracy_unflushed"),
         "generations": records[-1]["generation"] if records else 0,
         "wall_s": sum(r.get("wall_s", 0.0) for r in records),
         "device": info.get("device", "?"),
@@ -47,11 +48,12 @@ def _pct(value) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| run | method | arithmetic | train | test | best test | generations | wall s | device |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | arithmetic | train | test | best test | test, no flush | generations | wall s | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {r['arithmetic']} | {_pct(r['train_accuracy'])} | "
-                     f"{_pct(r['test_accuracy'])} | {_pct(r['best_test_accuracy'])} | {r['generations']} | "
+                     f"{_pct(r['test_accuracy'])} | {_pct(r['best_test_accuracy'])} | "
+                     f"{_pct(r['test_accuracy_unflushed'])} | {r['generations']} | "
                      f"{r['wall_s']:.0f} | {r['device']} |")
     return "\n".join(lines)
 

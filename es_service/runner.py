@@ -215,4 +215,5 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
         "device": device,
         "train_accuracy": accuracy(theta, data.train_images.to(device), data.train_labels.to(device), arithmetic),
         "test_accuracy": accuracy(theta, data.test_images.to(device), data.test_labels.to(device), arithmetic),
+        "test_accuracy_unflushed": accuracy(theta, data.test_images.to(device), data.test_labels.to(device), "linear"),
     }

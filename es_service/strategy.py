@@ -109,6 +109,34 @@ def scheduled(start: float, final: float | None, progress: float, schedule: str)
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def weight_norm_caps(multiplier: float) -> list[tuple[int, int, float]]:
+    """(start, size, largest norm) of each weight matrix in the flat theta: ``multiplier`` times its
+    expected He-init norm sqrt(2 * fan_out) (network.init_theta draws N(0, 2 / fan_in))."""
+    caps, start = [], 0
+    for name, shape in network.PARAM_SHAPES:
+        size = math.prod(shape)
+        if name.startswith("W"):
+            caps.append((start, size, multiplier * math.sqrt(2.0 * shape[1])))
+        start += size
+    return caps
+
+
+def cap_weight_norms(theta: torch.Tensor, caps: list[tuple[int, int, float]]) -> None:
+    """Scale each weight matrix whose Frobenius norm exceeds its cap back onto the cap, in place.
+
+    The flush threshold is fixed, so the size of the weights decides how nonlinear the tf-ftz network
+    is: growing weights push every activation past it and the network turns linear. A cap bounds the
+    size without pulling on it below the cap (decoupled decay pulls always, and harder as lr decays).
+    The norm is summed in float64 on one thread, so the result does not depend on the thread count.
+    """
+    with torch.no_grad(), network.single_threaded():
+        for start, size, cap in caps:
+            weights = theta[start : start + size]
+            norm = float(torch.linalg.vector_norm(weights, dtype=torch.float64))
+            if norm > cap:
+                weights.mul_(cap / norm)
+
+
 class AdamES:
     """torch.optim.Adam stepping one flat float32 theta on the ES estimate (EvoTorch's pattern).
 
@@ -117,8 +145,10 @@ class AdamES:
     negligible next to ES's noisy estimate, so only the decoupled form holds the weight norm down.
     """
 
-    def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False):
+    def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False,
+                 weight_norm_cap: float | None = None):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
+        self.norm_caps = weight_norm_caps(weight_norm_cap) if weight_norm_cap is not None else []
         if decoupled:
             self.weight_decay = 0.0
             self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, weight_decay=weight_decay)
@@ -137,6 +167,7 @@ class AdamES:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.theta.grad = None
+        cap_weight_norms(self.theta.detach(), self.norm_caps)
         return float(torch.linalg.vector_norm(self.theta.detach() - before))
 
     def state_dict(self) -> dict:

@@ -12,6 +12,7 @@ from es_service.backprop import train_backprop
 from es_service.report import ReportError, report, summarize
 from tests.conftest import tiny_config
 from tests.test_driver import run_local
+from workers.evaluator import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,13 @@ def test_backprop_learns_and_writes_a_run(small_mnist, tmp_path):
     assert "| bp | backprop | tf-ftz |" in text and "| es | es |" in text
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert summarize(run_dir)["test_accuracy"] == record["test_accuracy"]
+    # the same theta evaluated with denormals kept: the column that shows whether the flushes matter
+    es_row = summarize(es_dir)
+    theta = checkpoint.load(es_dir / "checkpoint.pt")["theta"]
+    unflushed = accuracy(theta, small_mnist.test_images, small_mnist.test_labels, "linear")
+    assert es_row["test_accuracy_unflushed"] == unflushed
+    assert unflushed != accuracy(theta, small_mnist.test_images, small_mnist.test_labels, "tf-ftz")
+    assert "| test, no flush |" in text and f"{100 * es_row['test_accuracy_unflushed']:.2f}%" in text
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):

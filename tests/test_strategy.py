@@ -93,6 +93,36 @@ def test_decoupled_weight_decay_is_adamw():
     assert isinstance(adam.optimizer, torch.optim.AdamW)
 
 
+def test_weight_norm_cap_scales_big_matrices_back_and_leaves_the_rest():
+    theta = network.init_theta(3)
+    w1, b1, w2, b2, w3, b3 = network.unflatten(theta)
+    w1.mul_(3.0)  # far above 1.5 x its init norm sqrt(2 * 512) = 32
+    b1.fill_(7.0)  # biases are never capped
+    kept = theta.clone()
+    adam = strategy.AdamES(theta, learning_rate=0.01, weight_decay=0.0, weight_norm_cap=1.5)
+    adam.step(torch.zeros(network.NUM_PARAMS), 0.0)  # a zero step: only the cap acts
+    capped = network.unflatten(adam.theta.detach())
+    assert float(torch.linalg.vector_norm(capped[0])) == pytest.approx(1.5 * 32.0, rel=1e-5)
+    assert torch.allclose(capped[0], network.unflatten(kept)[0] * (1.5 * 32.0 / float(w1.norm())), rtol=1e-5)
+    for index in (1, 2, 3, 4, 5):  # W2 and W3 start near their init norms, below 1.5x: untouched
+        assert torch.equal(capped[index], network.unflatten(kept)[index])
+
+
+def test_weight_norm_cap_does_not_depend_on_the_thread_count():
+    theta = network.init_theta(4) * 2.0
+    results = []
+    for threads in (1, 2):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            copy = theta.clone()
+            strategy.cap_weight_norms(copy, strategy.weight_norm_caps(1.0))
+            results.append(copy)
+        finally:
+            torch.set_num_threads(saved)
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], theta)
+
+
 def test_normalized_shaping_keeps_differences_and_puts_nonfinite_last():
     shaped = strategy.shape_fitness(np.array([1.0, 3.0, -np.inf, 2.0, np.nan]), "normalized")
     assert abs(shaped.mean()) < 1e-12 and abs(shaped.std() - 1.0) < 1e-12
