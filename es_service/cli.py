@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir")
     _run_options(resume)
-    evaluate = commands.add_parser("eval", help="train and test accuracy of a checkpoint")
+    evaluate = commands.add_parser("eval", help="train and test accuracy of a checkpoint (and test with no flushing)")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -61,7 +61,8 @@ class ESConfig:
     weight_decay_mode: str = "l2"
     """l2: Adam descends on -grad + wd * theta (OpenAI-ES); decoupled: AdamW, theta *= 1 - lr * wd each step."""
     weight_norm_cap: float | None = None
-    """Largest Frobenius norm of each weight matrix, in units of its He-init norm sqrt(2 * fan_out) (None: no cap); a matrix above it is scaled back after each step."""
+    """Largest Frobenius norm of each weight matrix, in units of its He-init norm sqrt(2 * fan_out)
+    (None: no cap); a matrix above it is scaled back onto it after each step."""
     fitness: str = "cross_entropy"
     """cross_entropy (negative mean cross-entropy) or accuracy, on the generation's minibatch."""
     fitness_shaping: str = "centered_rank"

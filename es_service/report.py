@@ -48,8 +48,8 @@ def _pct(value) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| run | method | arithmetic | train | test | best test | test, no flush | generations | wall s | device |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = "| run | method | arithmetic | train | test | best test | test, no flush | generations | wall s | device |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {r['arithmetic']} | {_pct(r['train_accuracy'])} | "
                      f"{_pct(r['test_accuracy'])} | {_pct(r['best_test_accuracy'])} | "

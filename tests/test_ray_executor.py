@@ -47,7 +47,7 @@ def run_ray(config, mnist, run_dir, during=None, wait=True):
     thread.start()
     try:
         if during:
-            during(executor, stop)
+            during(trainer, stop)
         thread.join()
     finally:
         stop.set()
@@ -68,12 +68,16 @@ def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, ran
     assert '"workers_alive": 2' in record
 
 
-def _kill_randomly(executor, stop):
+def _kill_randomly(trainer, stop):
+    """Kill a random ready worker every 0.25 s, but only once the run has finished a generation since
+    the last kill: on a slow or busy machine a fixed kill rate could outpace worker start-up for ever."""
     rng = random.Random(0)
+    last_kill_at = -1
     while not stop.wait(0.25):
-        ready = [w for w in list(executor.workers.values()) if w.ready]
-        if ready:
+        ready = [w for w in list(trainer.executor.workers.values()) if w.ready]
+        if ready and trainer.generation > last_kill_at:
             ray.kill(rng.choice(ready).handle, no_restart=True)
+            last_kill_at = trainer.generation
 
 
 def test_random_worker_kills_lose_no_generation(ray_cluster, mnist, tmp_path):
