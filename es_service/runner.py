@@ -208,12 +208,13 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
     if config.network.arithmetic == "cpu-ftz":
         device = "cpu"
     theta, arithmetic = state["theta"], config.network.arithmetic
+    test = (data.test_images.to(device), data.test_labels.to(device))
     return {
         "checkpoint": str(path),
         "generation": state["generation"],
         "arithmetic": arithmetic,
         "device": device,
         "train_accuracy": accuracy(theta, data.train_images.to(device), data.train_labels.to(device), arithmetic),
-        "test_accuracy": accuracy(theta, data.test_images.to(device), data.test_labels.to(device), arithmetic),
-        "test_accuracy_unflushed": accuracy(theta, data.test_images.to(device), data.test_labels.to(device), "linear"),
+        "test_accuracy": accuracy(theta, *test, arithmetic),
+        "test_accuracy_unflushed": accuracy(theta, *test, "linear"),  # the same theta with denormals kept
     }

@@ -126,7 +126,8 @@ def cap_weight_norms(theta: torch.Tensor, caps: list[tuple[int, int, float]]) ->
 
     The flush threshold is fixed, so the size of the weights decides how nonlinear the tf-ftz network
     is: growing weights push every activation past it and the network turns linear. A cap bounds the
-    size without pulling on it below the cap (decoupled decay pulls always, and harder as lr decays).
+    size without pulling on it below the cap (decoupled decay always pulls, and the norm where its pull
+    balances the noisy steps' growth falls with the learning rate).
     The norm is summed in float64 on one thread, so the result does not depend on the thread count.
     """
     with torch.no_grad(), network.single_threaded():

@@ -52,6 +52,7 @@ def test_train_on_embedded_ray_then_eval(tmp_path):
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     evaluated = json.loads(cli("eval", run / "checkpoint.pt").stdout)
     assert 0 <= evaluated["test_accuracy"] <= 1 and evaluated["generation"] == 3
+    assert evaluated["test_accuracy_unflushed"] == records[-1]["test_accuracy_unflushed"]  # the last eval's theta
 
 
 def test_resume_after_stop_is_bitwise_equal(tmp_path):
