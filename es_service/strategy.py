@@ -109,20 +109,9 @@ def scheduled(start: float, final: float | None, progress: float, schedule: str)
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def weight_norm_caps(multiplier: float) -> list[tuple[int, int, float]]:
-    """(start, size, largest norm) of each weight matrix in the flat theta: ``multiplier`` times its
-    expected He-init norm sqrt(2 * fan_out) (network.init_theta draws N(0, 2 / fan_in))."""
-    caps, start = [], 0
-    for name, shape in network.PARAM_SHAPES:
-        size = math.prod(shape)
-        if name.startswith("W"):
-            caps.append((start, size, multiplier * math.sqrt(2.0 * shape[1])))
-        start += size
-    return caps
-
-
-def cap_weight_norms(theta: torch.Tensor, caps: list[tuple[int, int, float]]) -> None:
-    """Scale each weight matrix whose Frobenius norm exceeds its cap back onto the cap, in place.
+def cap_weight_norms(theta: torch.Tensor, multiplier: float) -> None:
+    """Scale each weight matrix whose Frobenius norm exceeds ``multiplier`` times its expected He-init
+    norm sqrt(2 * fan_out) (network.init_theta draws N(0, 2 / fan_in)) back onto that cap, in place.
 
     The flush threshold is fixed, so the size of the weights decides how nonlinear the tf-ftz network
     is: growing weights push every activation past it and the network turns linear. A cap bounds the
@@ -131,8 +120,8 @@ def cap_weight_norms(theta: torch.Tensor, caps: list[tuple[int, int, float]]) ->
     The norm is summed in float64 on one thread, so the result does not depend on the thread count.
     """
     with torch.no_grad(), network.single_threaded():
-        for start, size, cap in caps:
-            weights = theta[start : start + size]
+        for weights in network.unflatten(theta)[0::2]:  # views of W1, W2, W3
+            cap = multiplier * math.sqrt(2.0 * weights.shape[1])
             norm = float(torch.linalg.vector_norm(weights, dtype=torch.float64))
             if norm > cap:
                 weights.mul_(cap / norm)
@@ -149,7 +138,7 @@ class AdamES:
     def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False,
                  weight_norm_cap: float | None = None):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
-        self.norm_caps = weight_norm_caps(weight_norm_cap) if weight_norm_cap is not None else []
+        self.weight_norm_cap = weight_norm_cap
         if decoupled:
             self.weight_decay = 0.0
             self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, weight_decay=weight_decay)
@@ -168,7 +157,8 @@ class AdamES:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.theta.grad = None
-        cap_weight_norms(self.theta.detach(), self.norm_caps)
+        if self.weight_norm_cap is not None:
+            cap_weight_norms(self.theta.detach(), self.weight_norm_cap)
         return float(torch.linalg.vector_norm(self.theta.detach() - before))
 
     def state_dict(self) -> dict:

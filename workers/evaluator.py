@@ -141,16 +141,15 @@ class PopulationEvaluator:
 
     def _low_rank_forwards(self, theta, offsets, scales, x, rank: int):
         """(one member j's logits, the logits of members[part]) for low-rank members, x W1 computed once."""
-        noise_rows = self.windows[:, : network.noise_length(rank)]
-        index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
+        length = network.noise_length(rank)
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             xw1 = torch.mm(x, network.unflatten(theta)[0])  # shared by every member: same images, same W1
 
         def forward(rows, member_scales):
             return network.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
 
-        return (lambda j: forward(noise_rows[int(offsets[j])], scales[j]),
-                lambda part: forward(noise_rows.index_select(0, index[part]), scales[part]))
+        return (lambda j: forward(self.windows[int(offsets[j]), :length], scales[j]),
+                lambda part: forward(noise.slices(self.table, offsets[part], length), scales[part]))
 
     def map_members(self, fn, count: int, first_alone: bool = False) -> list:
         """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
