@@ -54,6 +54,10 @@ class ESConfig:
     """Adam step size."""
     learning_rate_final: float | None = None
     """Adam step size at the last generation (None: constant); follows `schedule`."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay: near 1 averages the noisy estimate over about 1 / (1 - beta1) generations."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
     schedule: str = "constant"
     """How sigma and the learning rate move to their final values: constant, linear or cosine."""
     weight_decay: float = 0.0
@@ -240,6 +244,9 @@ def validate(config: Config) -> Config:
     for name in ("noise_std", "noise_std_final", "learning_rate", "learning_rate_final"):
         value = getattr(es, name)
         _require(value is None or 0 < value < math.inf, f"es.{name}: {value}; use a finite number > 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(es, name)
+        _require(0 <= value < 1, f"es.{name}: {value}; use a number in [0, 1) (Adam's defaults: 0.9 and 0.999)")
     _require(0 <= es.weight_decay < math.inf, f"es.weight_decay: {es.weight_decay}; use a finite number >= 0")
     _require(es.weight_decay_mode in DECAY_MODES,
              f"es.weight_decay_mode: {es.weight_decay_mode!r}; allowed: {', '.join(DECAY_MODES)}")

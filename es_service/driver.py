@@ -46,9 +46,7 @@ class Trainer:
         self.progress = progress
         self.device = device
         self.generation = state.generation
-        self.adam = strategy.AdamES(state.theta.to(device), config.es.learning_rate, config.es.weight_decay,
-                                    decoupled=config.es.weight_decay_mode == "decoupled",
-                                    weight_norm_cap=config.es.weight_norm_cap)
+        self.adam = strategy.AdamES.from_config(state.theta.to(device), config.es)
         if state.optimizer_state is not None:
             self.adam.load_state_dict(state.optimizer_state)
         self.num_train = data.train_images.shape[0]

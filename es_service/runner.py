@@ -143,8 +143,7 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT))
     from es_service.strategy import AdamES
 
-    adam = AdamES(theta, config.es.learning_rate, config.es.weight_decay,
-                  decoupled=config.es.weight_decay_mode == "decoupled")
+    adam = AdamES.from_config(theta, config.es)
     state = checkpoint.build(config, theta, adam.state_dict(), 0, noise_seed)
     create_run_dir(run_dir, config, state, force)
     return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, address,

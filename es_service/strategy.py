@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from es_service import network, noise
+
+if TYPE_CHECKING:
+    from es_service.config import ESConfig
 
 # Slices gathered per matrix-vector product: fixed per device type, so the sum order is fixed. On CPU
 # small chunks stay memory-friendly (8 rows: ~3x faster than 64 on this 2-core machine); on CUDA larger
@@ -136,15 +140,21 @@ class AdamES:
     """
 
     def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False,
-                 weight_norm_cap: float | None = None):
+                 weight_norm_cap: float | None = None, betas: tuple[float, float] = (0.9, 0.999)):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
         self.weight_norm_cap = weight_norm_cap
         if decoupled:
             self.weight_decay = 0.0
-            self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, weight_decay=weight_decay)
+            self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, betas=betas, weight_decay=weight_decay)
         else:
             self.weight_decay = weight_decay
-            self.optimizer = torch.optim.Adam([self.theta], lr=learning_rate)
+            self.optimizer = torch.optim.Adam([self.theta], lr=learning_rate, betas=betas)
+
+    @classmethod
+    def from_config(cls, theta: torch.Tensor, es: ESConfig) -> AdamES:
+        """The optimizer an ``ESConfig`` describes."""
+        return cls(theta, es.learning_rate, es.weight_decay, decoupled=es.weight_decay_mode == "decoupled",
+                   weight_norm_cap=es.weight_norm_cap, betas=(es.adam_beta1, es.adam_beta2))
 
     def step(self, grad: torch.Tensor, learning_rate: float) -> float:
         """One descent step on -grad + weight_decay * theta; returns the step's L2 norm."""

@@ -206,6 +206,8 @@ RANGE_CASES = {
     "negative shard": (["es.shard_size=-8"], ["es.shard_size", "-8", "positive integer"]),
     "negative rank": (["es.rank=-1"], ["es.rank", "-1", "0 (full-rank", "1 to 64"]),
     "rank too high": (["es.rank=65"], ["es.rank", "65", "1 to 64"]),
+    "beta1 of one": (["es.adam_beta1=1"], ["es.adam_beta1", "1", "[0, 1)"]),
+    "negative beta2": (["es.adam_beta2=-0.5"], ["es.adam_beta2", "-0.5", "[0, 1)"]),
     "zero norm cap": (["es.weight_norm_cap=0"], ["es.weight_norm_cap", "null", "> 0"]),
     "infinite norm cap": (["es.weight_norm_cap=.inf"], ["es.weight_norm_cap", "finite"]),
     "low rank with cpu-ftz": (["es.rank=1", "network.arithmetic=cpu-ftz"], ["es.rank", "cpu-ftz", "tf-ftz"]),

@@ -93,6 +93,25 @@ def test_decoupled_weight_decay_is_adamw():
     assert isinstance(adam.optimizer, torch.optim.AdamW)
 
 
+def test_adam_betas_come_from_the_config():
+    from es_service.config import ESConfig
+
+    theta = torch.linspace(-1.0, 1.0, 6)
+    grads = [torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0]) * k for k in (1.0, -0.5, 2.0)]
+    results = {}
+    for beta1 in (0.9, 0.99):
+        adam = strategy.AdamES.from_config(theta, ESConfig(learning_rate=0.1, adam_beta1=beta1, adam_beta2=0.95))
+        reference = torch.nn.Parameter(theta.clone())
+        torch_adam = torch.optim.Adam([reference], lr=0.1, betas=(beta1, 0.95))
+        for grad in grads:
+            adam.step(grad, 0.1)
+            reference.grad = -grad
+            torch_adam.step()
+        assert torch.equal(adam.theta.detach(), reference.detach())
+        results[beta1] = adam.theta.detach()
+    assert not torch.equal(results[0.9], results[0.99])
+
+
 def test_weight_norm_cap_scales_big_matrices_back_and_leaves_the_rest():
     theta = network.init_theta(3)
     w1, b1, w2, b2, w3, b3 = network.unflatten(theta)
