@@ -77,6 +77,10 @@ class ESConfig:
     """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
     shard_size: int = 0
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
+    head_pop_size: int = 0
+    """Extra members (antithetic pairs) that move only the output layer W3, b3, evaluated from the
+    center's last hidden layer at ~1/65 of a member's cost; their estimate replaces the members' for
+    W3, b3 (5,130 of 669,706 parameters). 0: none."""
     rank: int = 0
     """0: each member's perturbation is a full table slice; r >= 1: each weight matrix moves by A B^T / sqrt(r), A and B r columns (low-rank ES)."""
 
@@ -264,6 +268,15 @@ def validate(config: Config) -> Config:
             value is None or 1 <= value <= 60000,
             f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
         )
+    _require(
+        es.head_pop_size >= 0 and es.head_pop_size % 2 == 0,
+        f"es.head_pop_size: {es.head_pop_size}; use 0 (no head members) or an even number (antithetic pairs)",
+    )
+    _require(
+        not (es.head_pop_size and config.network.arithmetic == "cpu-ftz"),
+        "es.head_pop_size with network.arithmetic 'cpu-ftz': head members start from the scaled frame's "
+        "hidden layer; use tf-ftz (the portable FTZ semantics) or es.head_pop_size: 0",
+    )
     _require(0 <= es.rank <= MAX_RANK, f"es.rank: {es.rank}; use 0 (full-rank perturbations) or 1 to {MAX_RANK}")
     _require(
         not (es.rank and config.network.arithmetic == "cpu-ftz"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from es_service import checkpoint, plan as planning, strategy
+from es_service import checkpoint, network, plan as planning, strategy
 from es_service.config import Config
 from es_service.metrics import MetricsLog
 from workers.evaluator import accuracy
@@ -96,6 +96,15 @@ class Trainer:
         weights = strategy.slice_weights(shaped, self.config.es.antithetic)
         grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness),
                                       rank=plan.rank)
+        if len(plan.head_offsets):  # head members' estimate of W3, b3 replaces the members'
+            head_fitness = planning.member_fitness(
+                outcome.head_loss_sums, outcome.head_correct, len(plan.batch_indices), self.config.es.fitness
+            )
+            head_weights = strategy.slice_weights(strategy.shape_fitness(head_fitness, self.config.es.fitness_shaping),
+                                                  antithetic=True)
+            grad[network.NUM_PARAMS - network.HEAD_SIZE :] = strategy.head_grad(
+                self.table, plan.head_offsets, head_weights, plan.noise_std, len(head_fitness)
+            )
         if grad.is_cuda:
             torch.cuda.synchronize()
         estimated = time.perf_counter()

@@ -22,6 +22,9 @@ class GenerationOutcome:
     """(pop_size, num_shards) float64 loss sums."""
     correct: np.ndarray
     """(pop_size, num_shards) int64 correct counts."""
+    head_loss_sums: np.ndarray
+    """(head_pop_size, num_shards) float64 loss sums of the head members."""
+    head_correct: np.ndarray
     workers_alive: int = 1
     tiles_reissued: int = 0
     worker_failures: int = 0
@@ -33,24 +36,30 @@ class GenerationOutcome:
     @classmethod
     def empty(cls, plan: GenerationPlan) -> "GenerationOutcome":
         shape = (len(plan.member_offsets), len(plan.shard_bounds))
-        return cls(np.full(shape, np.nan), np.zeros(shape, dtype=np.int64))
+        head_shape = (len(plan.head_member_offsets), len(plan.shard_bounds))
+        return cls(np.full(shape, np.nan), np.zeros(shape, dtype=np.int64),
+                   np.full(head_shape, np.nan), np.zeros(head_shape, dtype=np.int64))
 
     def fill(self, tile: Tile, result: TileResult) -> None:
-        self.loss_sums[tile.member_start : tile.member_stop, tile.shard] = result.loss_sums
-        self.correct[tile.member_start : tile.member_stop, tile.shard] = result.correct
+        loss_sums, correct = (self.head_loss_sums, self.head_correct) if tile.head else (self.loss_sums, self.correct)
+        loss_sums[tile.member_start : tile.member_stop, tile.shard] = result.loss_sums
+        correct[tile.member_start : tile.member_stop, tile.shard] = result.correct
         self.compute_s += result.compute_s
 
 
 def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
     members = slice(tile.member_start, tile.member_stop)
+    offsets, signs = (plan.head_member_offsets, plan.head_member_signs) if tile.head else (
+        plan.member_offsets, plan.member_signs)
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,
-        offsets=plan.member_offsets[members],
-        signs=plan.member_signs[members],
+        offsets=offsets[members],
+        signs=signs[members],
         noise_std=float(plan.noise_std),
         image_indices=plan.shard_indices(tile.shard),
         rank=plan.rank,
+        head=tile.head,
     )
 
 

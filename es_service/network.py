@@ -49,6 +49,7 @@ def _layout() -> list[tuple[str, tuple[int, ...]]]:
 
 PARAM_SHAPES = _layout()
 NUM_PARAMS = sum(math.prod(shape) for _, shape in PARAM_SHAPES)
+HEAD_SIZE = LAYER_SIZES[-2] * LAYER_SIZES[-1] + LAYER_SIZES[-1]  # W3 and b3: theta's last 5,130 floats
 
 
 @contextlib.contextmanager
@@ -246,6 +247,25 @@ def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tens
     else:
         member = _cached(("member", arithmetic, fused), lambda: _member_forward(epilogues(arithmetic, fused)))
     return member(x, theta, noise_slice, scale)
+
+
+def center_hidden2(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """(B, 512) last hidden layer of the unperturbed network (scaled frame): what W3 multiplies."""
+    w1, b1, w2, b2, _, _ = unflatten(theta)
+    ops = epilogues(arithmetic, fused)
+    return ops.hidden2(torch.mm(ops.hidden1(torch.mm(x, w1), b1), w2), b2)
+
+
+def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, scales: torch.Tensor,
+                 arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """(n, B, 10) logits of n head members: theta with only its output layer (W3, b3) moved to
+    theta + scales[j] * noise[j], noise (n, HEAD_SIZE), from the center's last hidden layer ``h2``.
+    A head member costs one (B, 512) @ (512, 10) matmul, about 1/65 of a member's. Its logits are the full
+    forward's of theta + scale * (zeros, then noise[j]): bitwise on CPU (a test checks it), and up to the
+    last matmul's rounding where a batched matmul sums in another order."""
+    head = perturb(theta[NUM_PARAMS - HEAD_SIZE :], noise, scales[:, None])
+    w3 = head[:, : -LAYER_SIZES[-1]].reshape(-1, *LAYER_SIZES[-2:])
+    return epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), head[:, -LAYER_SIZES[-1] :].unsqueeze(-2))
 
 
 def noise_length(rank: int) -> int:

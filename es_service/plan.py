@@ -14,22 +14,24 @@ import numpy as np
 from es_service import noise, strategy
 from es_service.config import Config
 
-STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
+STREAM_INIT, STREAM_NOISE, STREAM_GENERATION, STREAM_HEAD = 1, 2, 3, 4
 
 
 def derive_seed(seed: int, stream: int) -> int:
-    """An independent 63-bit seed for one purpose (init, noise table, generations)."""
+    """An independent 63-bit seed for one purpose (init, noise table, generations, head members)."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass(frozen=True)
 class Tile:
-    """The unit of work: members [member_start, member_stop) on one shard of the minibatch."""
+    """The unit of work: members [member_start, member_stop) on one shard of the minibatch (``head``:
+    of the head members, which move only the output layer)."""
 
     tile_id: int
     member_start: int
     member_stop: int
     shard: int
+    head: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,16 @@ class GenerationPlan:
     """0: full-rank slices; r: low-rank members (network.low_rank_forward)."""
     shard_bounds: tuple[tuple[int, int], ...]
     tiles: tuple[Tile, ...]
+    head_offsets: np.ndarray
+    """One table offset per antithetic pair of head members (es.head_pop_size / 2; empty when off)."""
+
+    @property
+    def head_member_offsets(self) -> np.ndarray:
+        return np.repeat(self.head_offsets, 2)
+
+    @property
+    def head_member_signs(self) -> np.ndarray:
+        return np.tile(np.array([1.0, -1.0], dtype=np.float32), len(self.head_offsets))
 
     def shard_indices(self, shard: int) -> np.ndarray:
         start, stop = self.shard_bounds[shard]
@@ -69,12 +81,16 @@ def shard_bounds(batch_size: int, shard_size: int) -> tuple[tuple[int, int], ...
     return tuple((start, min(start + step, batch_size)) for start in range(0, batch_size, step))
 
 
-def make_tiles(pop_size: int, members_per_tile: int, num_shards: int) -> tuple[Tile, ...]:
+def make_tiles(pop_size: int, members_per_tile: int, num_shards: int, head_pop_size: int = 0) -> tuple[Tile, ...]:
+    """Tiles of at most members_per_tile members per shard; then, per shard, one tile of all the head
+    members (they are cheap, and one fixed tile keeps their batched matmul's shape fixed)."""
     tiles = []
     for member_start in range(0, pop_size, members_per_tile):
         for shard in range(num_shards):
             stop = min(member_start + members_per_tile, pop_size)
             tiles.append(Tile(len(tiles), member_start, stop, shard))
+    if head_pop_size:
+        tiles += [Tile(len(tiles) + shard, 0, head_pop_size, shard, head=True) for shard in range(num_shards)]
     return tuple(tiles)
 
 
@@ -93,6 +109,9 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
     batch_indices = rng.choice(num_train, size=batch_size, replace=False).astype(np.int64)
     bounds = shard_bounds(batch_size, es.shard_size)
     progress = generation / max(1, config.generations - 1)
+    # a stream of their own: runs without head members keep every draw they had before
+    head_rng = np.random.default_rng([derive_seed(config.seed, STREAM_HEAD), generation])
+    head_offsets = head_rng.integers(0, noise.max_offset(config.noise.table_size) + 1, size=es.head_pop_size // 2)
     return GenerationPlan(
         generation=generation,
         noise_std=strategy.scheduled(es.noise_std, es.noise_std_final, progress, es.schedule),
@@ -103,7 +122,8 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         batch_indices=batch_indices,
         rank=es.rank,
         shard_bounds=bounds,
-        tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds)),
+        tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds), es.head_pop_size),
+        head_offsets=head_offsets.astype(np.int64),
     )
 
 

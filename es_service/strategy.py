@@ -87,6 +87,17 @@ def grad_estimate(
     return total / (pop_size * noise_std)
 
 
+def head_grad(table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float,
+              pop_size: int) -> torch.Tensor:
+    """The estimate for the output layer (W3, b3: network.HEAD_SIZE floats) from head members, whose
+    perturbation is table[offset : offset + HEAD_SIZE]: one matrix-vector product (single-threaded on
+    CPU, so its sum order is fixed)."""
+    rows = noise.slices(table, offsets, network.HEAD_SIZE)
+    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+    with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
+        return torch.mv(rows.T, weight_tensor) / (pop_size * noise_std)
+
+
 def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tensor, rank: int) -> torch.Tensor:
     """sum_k weights_k * network.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
     matmul of the stacked factors (the K dense perturbations are never built) and one for the biases.

@@ -208,6 +208,8 @@ RANGE_CASES = {
     "rank too high": (["es.rank=65"], ["es.rank", "65", "1 to 64"]),
     "beta1 of one": (["es.adam_beta1=1"], ["es.adam_beta1", "1", "[0, 1)"]),
     "negative beta2": (["es.adam_beta2=-0.5"], ["es.adam_beta2", "-0.5", "[0, 1)"]),
+    "odd head population": (["es.head_pop_size=7"], ["es.head_pop_size", "7", "even"]),
+    "head members with cpu-ftz": (["es.head_pop_size=8", "network.arithmetic=cpu-ftz"], ["es.head_pop_size", "cpu-ftz", "tf-ftz"]),
     "zero norm cap": (["es.weight_norm_cap=0"], ["es.weight_norm_cap", "null", "> 0"]),
     "infinite norm cap": (["es.weight_norm_cap=.inf"], ["es.weight_norm_cap", "finite"]),
     "low rank with cpu-ftz": (["es.rank=1", "network.arithmetic=cpu-ftz"], ["es.rank", "cpu-ftz", "tf-ftz"]),

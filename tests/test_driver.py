@@ -45,6 +45,22 @@ def test_low_rank_run_is_deterministic_and_differs_from_full_rank(mnist, tmp_pat
     assert torch.equal(a.theta, b.theta) and not torch.equal(a.theta, full.theta)
 
 
+def test_head_members_move_only_the_output_layer_estimate(mnist, tmp_path):
+    """Head members change W3, b3's estimate and nothing else: Adam is per coordinate, so after one
+    generation every other parameter is bitwise what it is without them (later generations differ
+    everywhere, since the members then start from another W3)."""
+    head = network.NUM_PARAMS - network.HEAD_SIZE
+    plain = run_local(tiny_config("es.rank=1"), mnist, tmp_path / "plain", generations=1)
+    one = run_local(tiny_config("es.rank=1", "es.head_pop_size=64"), mnist, tmp_path / "one", generations=1)
+    assert torch.equal(one.theta[:head], plain.theta[:head]) and not torch.equal(one.theta[head:], plain.theta[head:])
+    b = run_local(tiny_config("es.rank=1", "es.head_pop_size=64", "workers.members_per_tile=1",
+                              "es.shard_size=16"), mnist, tmp_path / "b")
+    assert not torch.equal(b.theta, run_local(tiny_config("es.rank=1", "es.shard_size=16"), mnist,
+                                              tmp_path / "no_head").theta)
+    sharded = run_local(tiny_config("es.rank=1", "es.head_pop_size=64", "es.shard_size=16"), mnist, tmp_path / "s")
+    assert torch.equal(b.theta, sharded.theta)  # tile size never matters, head members included
+
+
 def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):
     trainer = run_local(tiny_config(), mnist, tmp_path)
     assert not torch.equal(trainer.theta, network.init_theta(planning.derive_seed(3, planning.STREAM_INIT)))

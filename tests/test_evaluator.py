@@ -200,3 +200,35 @@ def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(
         logits = network.forward(x, network.unflatten(theta + float(signs[j] * 0.03) * perturbation), "tf-ftz")
         loss = float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         assert loss == pytest.approx(expected[0][j], rel=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(mnist, fused):
+    """A head member scores bit for bit as the full member theta + scale * (zeros, then its head slice),
+    alike with 1 and 2 threads and whoever shares its tile; fused equals eager."""
+    table = noise.make_table(7, 1 << 20)
+    theta = network.init_theta(0)
+    offsets, signs = _members(4, seed=9)
+    images = np.arange(2000, 2096, dtype=np.int64)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
+            results.append(evaluator.evaluate_head(theta, offsets, signs, 0.05, images))
+    finally:
+        torch.set_num_threads(saved)
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    assert len(set(results[0][0].tolist())) == len(offsets)
+    eager = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")
+    x, y = eager.batch(images)
+    for j, offset in enumerate(offsets):
+        padded = torch.zeros(network.NUM_PARAMS)
+        padded[-network.HEAD_SIZE :] = table[offset : offset + network.HEAD_SIZE]
+        with network.single_threaded():
+            logits = network.member_forward(x, theta, padded, torch.tensor(np.float32(signs[j] * 0.05)), "tf-ftz")
+        loss_sums, correct = eager._score(logits, y)
+        assert loss_sums[0] == results[0][0][j] and correct[0] == results[0][1][j]
+        alone = evaluator.evaluate_head(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
+        assert alone[0][0] == results[0][0][j]

@@ -43,6 +43,20 @@ def test_tile_size_does_not_change_anything_but_tiles():
     assert len(a.tiles) == 8 and len(b.tiles) == 2
 
 
+def test_head_members_draw_from_their_own_stream_and_get_one_tile_per_shard():
+    plain = planning.make_plan(tiny_config("es.batch_size=100", "es.shard_size=50"), 3, 60000)
+    head = planning.make_plan(tiny_config("es.batch_size=100", "es.shard_size=50", "es.head_pop_size=12"), 3, 60000)
+    for field in ("member_offsets", "member_signs", "batch_indices"):  # runs without head members are unchanged
+        assert np.array_equal(getattr(plain, field), getattr(head, field))
+    assert len(plain.head_offsets) == 0 and head.tiles[: len(plain.tiles)] == plain.tiles
+    assert len(head.head_offsets) == 6 and len(np.unique(head.head_offsets)) == 6
+    assert head.head_member_signs.tolist() == [1.0, -1.0] * 6
+    assert np.array_equal(head.head_member_offsets[0::2], head.head_offsets)
+    assert [(t.member_start, t.member_stop, t.shard) for t in head.tiles if t.head] == [(0, 12, 0), (0, 12, 1)]
+    later = planning.make_plan(tiny_config("es.head_pop_size=12"), 4, 60000)
+    assert not np.array_equal(later.head_offsets, planning.make_plan(tiny_config("es.head_pop_size=12"), 3, 60000).head_offsets)
+
+
 def test_member_fitness_combines_shards():
     loss_sums = np.array([[1.0, 2.0], [3.0, np.inf]])
     correct = np.array([[4, 5], [0, 1]])

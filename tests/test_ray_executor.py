@@ -58,11 +58,11 @@ def run_ray(config, mnist, run_dir, during=None, wait=True):
     return trainer
 
 
-@pytest.mark.parametrize("rank", ["es.rank=0", "es.rank=1"])
-def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, rank):
-    config = tiny_config("workers.executor=ray", "workers.count=2", rank)
+@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.head_pop_size=16")])
+def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):
+    config = tiny_config("workers.executor=ray", "workers.count=2", *sets)
     remote = run_ray(config, mnist, tmp_path / "ray")
-    local = run_local(tiny_config(rank), mnist, tmp_path / "local")
+    local = run_local(tiny_config(*sets), mnist, tmp_path / "local")
     assert torch.equal(remote.theta, local.theta)
     record = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"workers_alive": 2' in record

@@ -114,11 +114,7 @@ class PopulationEvaluator:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Loss sums (float64) and correct counts (int64) of each member on the given images; ``rank``
         r >= 1 makes the members low-rank (network.low_rank_forward)."""
-        theta = theta.to(self.device, dtype=torch.float32)
-        if theta.shape != (network.NUM_PARAMS,):
-            raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
-        x, y = self.batch(image_indices)
-        scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
+        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         if rank:
             one, many = self._low_rank_forwards(theta, offsets, scales, x, rank)
         else:
@@ -132,6 +128,25 @@ class PopulationEvaluator:
             results = self.map_members(lambda j: self._score(one(j), y), len(offsets),
                                        first_alone=self._first_of_shape((rank, *x.shape)))
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _inputs(self, theta: torch.Tensor, signs: np.ndarray, noise_std: float, image_indices: np.ndarray):
+        """theta, the images x, labels y and each member's sign * sigma, on this device."""
+        theta = theta.to(self.device, dtype=torch.float32)
+        if theta.shape != (network.NUM_PARAMS,):
+            raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
+        x, y = self.batch(image_indices)
+        scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
+        return theta, x, y, scales
+
+    def evaluate_head(self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float,
+                      image_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``evaluate`` for head members (network.head_forward): the center's hidden layer once, then
+        one small batched matmul for all of them. On CPU with single-threaded ops, like a member."""
+        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
+        rows = noise.slices(self.table, offsets, network.HEAD_SIZE)
+        with network.single_threaded() if self.device.type == "cpu" else contextlib.nullcontext():
+            h2 = network.center_hidden2(x, theta, self.arithmetic, self.fused)
+            return self._score(network.head_forward(h2, theta, rows, scales, self.arithmetic, self.fused), y)
 
     def _first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
@@ -196,6 +211,8 @@ class TileTask:
     noise_std: float
     image_indices: np.ndarray
     rank: int = 0
+    head: bool = False
+    """Head members: only the output layer moves (network.head_forward); ``rank`` does not apply."""
 
     def __post_init__(self):
         assert self.offsets.dtype == np.int64 and self.offsets.ndim == 1, self.offsets.dtype
@@ -222,8 +239,12 @@ class TileResult:
 
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
     started = time.perf_counter()
-    loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std, task.image_indices,
-                                          task.rank)
+    if task.head:
+        loss_sums, correct = evaluator.evaluate_head(theta, task.offsets, task.signs, task.noise_std,
+                                                     task.image_indices)
+    else:
+        loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std,
+                                                task.image_indices, task.rank)
     return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
 
 
