@@ -25,6 +25,7 @@ class GenerationOutcome:
     head_loss_sums: np.ndarray
     """(head_pop_size, num_shards) float64 loss sums of the head members."""
     head_correct: np.ndarray
+    """(head_pop_size, num_shards) int64 correct counts of the head members."""
     workers_alive: int = 1
     tiles_reissued: int = 0
     worker_failures: int = 0

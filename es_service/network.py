@@ -260,7 +260,7 @@ def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, sca
                  arithmetic: str, fused: bool = False) -> torch.Tensor:
     """(n, B, 10) logits of n head members: theta with only its output layer (W3, b3) moved to
     theta + scales[j] * noise[j], noise (n, HEAD_SIZE), from the center's last hidden layer ``h2``.
-    A head member costs one (B, 512) @ (512, 10) matmul, about 1/65 of a member's. Its logits are the full
+    A head member costs one (B, 512) @ (512, 10) matmul, 1/65 of a member's FLOPs. Its logits are the full
     forward's of theta + scale * (zeros, then noise[j]): bitwise on CPU (a test checks it), and up to the
     last matmul's rounding where a batched matmul sums in another order."""
     head = perturb(theta[NUM_PARAMS - HEAD_SIZE :], noise, scales[:, None])

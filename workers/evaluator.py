@@ -25,6 +25,9 @@ import torch
 from es_service import network, noise
 
 
+HEAD_CHUNK = 64  # head members per batched matmul: fixed, so a head member's bits never depend on the tile
+
+
 def set_process_arithmetic(arithmetic: str) -> None:
     """Process-wide float state for a mode. Call before the first parallel torch op of the process:
     the CPU flush flag is per thread and torch's thread pool keeps the state it was created with."""
@@ -140,13 +143,22 @@ class PopulationEvaluator:
 
     def evaluate_head(self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float,
                       image_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for head members (network.head_forward): the center's hidden layer once, then
-        one small batched matmul for all of them. On CPU with single-threaded ops, like a member."""
+        """``evaluate`` for head members (network.head_forward): the center's hidden layer once, then one
+        small batched matmul per fixed chunk of HEAD_CHUNK members (on CPU one chunk per thread, with
+        single-threaded ops, like members), so no result depends on the thread count."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         rows = noise.slices(self.table, offsets, network.HEAD_SIZE)
-        with network.single_threaded() if self.device.type == "cpu" else contextlib.nullcontext():
+        with network.single_threaded() if not self.batched else contextlib.nullcontext():
             h2 = network.center_hidden2(x, theta, self.arithmetic, self.fused)
-            return self._score(network.head_forward(h2, theta, rows, scales, self.arithmetic, self.fused), y)
+
+        def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
+            part = slice(k * HEAD_CHUNK, (k + 1) * HEAD_CHUNK)
+            return self._score(network.head_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y)
+
+        chunks = -(-len(offsets) // HEAD_CHUNK)
+        results = [chunk(k) for k in range(chunks)] if self.batched else self.map_members(
+            chunk, chunks, first_alone=self._first_of_shape(("head", *x.shape)))
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
