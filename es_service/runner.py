@@ -55,9 +55,11 @@ def device_description(executor) -> str:
 
 
 def write_run_info(run_dir: Path, **fields) -> None:
+    """Update run.json atomically; a field given as None is removed (a resumed run drops its old error)."""
     path = run_dir / "run.json"
     info = json.loads(path.read_text()) if path.exists() else {}
     info.update(fields)
+    info = {key: value for key, value in info.items() if value is not None}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, path)
@@ -106,7 +108,7 @@ def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, da
     progress = None if quiet else Progress(config.generations, start=state.generation)
     # the driver's update shares the executor's copy of the table (on the GPU for a local CUDA executor)
     trainer = Trainer(config, run_dir, data, executor.table, noise_seed, executor, state, executor.device, progress)
-    write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid())
+    write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid(), error=None)
     try:
         record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
     except BaseException as err:

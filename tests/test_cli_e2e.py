@@ -90,12 +90,16 @@ def test_driver_killed_mid_run_resumes_to_the_same_theta(tmp_path, sig):
     _, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:
         assert proc.returncode == 130 and "checkpoint written" in stderr
+        info = json.loads((tmp_path / "killed" / "run.json").read_text())
+        assert info["status"] == "interrupted" and "SIGTERM" in info["error"]
     else:
         assert proc.returncode == -signal.SIGKILL
     generation = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["generation"]
     assert 3 <= generation < generations
     cli("resume", tmp_path / "killed", "--quiet")
     assert torch.equal(theta_of(tmp_path / "full"), theta_of(tmp_path / "killed"))
+    info = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert info["status"] == "finished" and "error" not in info  # the stop's error went with the resume
 
 
 @pytest.mark.parametrize("rank", ["es.rank=1", "es.rank=0"])  # quick.yaml's low-rank members, and full rank
