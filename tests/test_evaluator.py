@@ -221,6 +221,10 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
         torch.set_num_threads(saved)
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
+    # the batched path (what CUDA runs) agrees: same chunks, ops on all threads
+    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused,
+                                  batched=True).evaluate_head(theta, offsets, signs, 0.05, images)
+    assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
     eager = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")
     x, y = eager.batch(images)
     for j in (0, 1, 63, 64, 69):
