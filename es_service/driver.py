@@ -89,21 +89,14 @@ class Trainer:
         planned = time.perf_counter()
         outcome = self.executor.run_generation(self.theta, plan)
         evaluated = time.perf_counter()
-        fitness = planning.member_fitness(
-            outcome.loss_sums, outcome.correct, len(plan.batch_indices), self.config.es.fitness
-        )
-        shaped = strategy.shape_fitness(fitness, self.config.es.fitness_shaping)
-        weights = strategy.slice_weights(shaped, self.config.es.antithetic)
+        fitness, weights = self._slice_weights(outcome.loss_sums, outcome.correct, plan, self.config.es.antithetic)
         grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness),
                                       rank=plan.rank)
         if len(plan.head_offsets):  # head members' estimate of W3, b3 replaces the members'
-            head_fitness = planning.member_fitness(
-                outcome.head_loss_sums, outcome.head_correct, len(plan.batch_indices), self.config.es.fitness
-            )
-            head_weights = strategy.slice_weights(strategy.shape_fitness(head_fitness, self.config.es.fitness_shaping),
-                                                  antithetic=True)
-            grad[network.NUM_PARAMS - network.HEAD_SIZE :] = strategy.head_grad(
-                self.table, plan.head_offsets, head_weights, plan.noise_std, len(head_fitness)
+            head_fitness, head_weights = self._slice_weights(outcome.head_loss_sums, outcome.head_correct, plan, True)
+            grad[network.NUM_PARAMS - network.HEAD_SIZE :] = strategy.grad_estimate(
+                self.table, plan.head_offsets, head_weights, plan.noise_std, len(head_fitness),
+                length=network.HEAD_SIZE,
             )
         if grad.is_cuda:
             torch.cuda.synchronize()
@@ -141,6 +134,12 @@ class Trainer:
             record.update(self.evaluate_center())
         record["time"] = time.time()
         return record
+
+    def _slice_weights(self, loss_sums: np.ndarray, correct: np.ndarray, plan, antithetic: bool):
+        """(each member's fitness, one shaped weight per noise slice) from per-(member, shard) results."""
+        es = self.config.es
+        fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
+        return fitness, strategy.slice_weights(strategy.shape_fitness(fitness, es.fitness_shaping), antithetic)
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum

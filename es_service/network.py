@@ -251,9 +251,7 @@ def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tens
 
 def center_hidden2(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
     """(B, 512) last hidden layer of the unperturbed network (scaled frame): what W3 multiplies."""
-    w1, b1, w2, b2, _, _ = unflatten(theta)
-    ops = epilogues(arithmetic, fused)
-    return ops.hidden2(torch.mm(ops.hidden1(torch.mm(x, w1), b1), w2), b2)
+    return _hidden2(x, unflatten(theta), epilogues(arithmetic, fused), batched=False)
 
 
 def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, scales: torch.Tensor,
@@ -368,12 +366,17 @@ def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused:
     """
     if arithmetic == "cpu-ftz":
         return forward_native(x, params, arithmetic)
-    w1, b1, w2, b2, w3, b3 = params
-    batched = w1.dim() == 3
+    batched = params[0].dim() == 3
     ops = epilogues(arithmetic, fused)
+    h2 = _hidden2(x, params, ops, batched)
+    return ops.logits(torch.matmul(h2, params[4]), _bias(params[5], batched))
+
+
+def _hidden2(x: torch.Tensor, params: list[torch.Tensor], ops: Epilogues, batched: bool) -> torch.Tensor:
+    """The last hidden layer (scaled frame) of ``forward``."""
+    w1, b1, w2, b2 = params[:4]
     h1 = ops.hidden1(torch.matmul(x, w1), _bias(b1, batched))
-    h2 = ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))
-    return ops.logits(torch.matmul(h2, w3), _bias(b3, batched))
+    return ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))
 
 
 def forward_native(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str) -> torch.Tensor:

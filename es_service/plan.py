@@ -54,15 +54,20 @@ class GenerationPlan:
 
     @property
     def head_member_offsets(self) -> np.ndarray:
-        return np.repeat(self.head_offsets, 2)
+        return antithetic_members(self.head_offsets)[0]
 
     @property
     def head_member_signs(self) -> np.ndarray:
-        return np.tile(np.array([1.0, -1.0], dtype=np.float32), len(self.head_offsets))
+        return antithetic_members(self.head_offsets)[1]
 
     def shard_indices(self, shard: int) -> np.ndarray:
         start, stop = self.shard_bounds[shard]
         return self.batch_indices[start:stop]
+
+
+def antithetic_members(slice_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, signs) of the members of antithetic pairs: each slice at +sigma, then at -sigma."""
+    return np.repeat(slice_offsets, 2), np.tile(np.array([1.0, -1.0], dtype=np.float32), len(slice_offsets))
 
 
 def batch_size_at(config: Config, generation: int) -> int:
@@ -100,8 +105,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
     num_slices = es.pop_size // 2 if es.antithetic else es.pop_size
     slice_offsets = rng.integers(0, noise.max_offset(config.noise.table_size) + 1, size=num_slices)
     if es.antithetic:
-        member_offsets = np.repeat(slice_offsets, 2)
-        member_signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), num_slices)
+        member_offsets, member_signs = antithetic_members(slice_offsets)
     else:
         member_offsets = slice_offsets.copy()
         member_signs = np.ones(num_slices, dtype=np.float32)

@@ -68,34 +68,25 @@ def slice_weights(shaped: np.ndarray, antithetic: bool) -> np.ndarray:
 
 
 def grad_estimate(
-    table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float, pop_size: int, rank: int = 0
+    table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float, pop_size: int, rank: int = 0,
+    length: int = noise.NUM_PARAMS,
 ) -> torch.Tensor:
     """(1 / (pop_size * sigma)) * sum_k weights_k * perturbation_k, on the table's device.
 
-    Full rank (``rank`` 0), perturbation_k is table[offset_k : offset_k + N]: slices are gathered from a
-    zero-copy strided view, a fixed number of rows at a time, and reduced with one matrix-vector product
-    per chunk. Low rank, see ``low_rank_grad``. No Python loop over members either way.
+    Full rank (``rank`` 0), perturbation_k is table[offset_k : offset_k + length] (``length``
+    network.HEAD_SIZE for head members): slices are gathered from a zero-copy strided view, a fixed
+    number of rows at a time, and reduced with one matrix-vector product per chunk. Low rank, see
+    ``low_rank_grad``. No Python loop over members either way.
     """
     weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
     if rank:
         return low_rank_grad(table, offsets, weight_tensor, rank) / (pop_size * noise_std)
-    total = torch.zeros(noise.NUM_PARAMS, dtype=torch.float32, device=table.device)
+    total = torch.zeros(length, dtype=torch.float32, device=table.device)
     chunk = GRAD_CHUNK_ROWS.get(table.device.type, 64)
     for start in range(0, len(offsets), chunk):
-        rows = noise.slices(table, offsets[start : start + chunk])
+        rows = noise.slices(table, offsets[start : start + chunk], length)
         total += torch.mv(rows.T, weight_tensor[start : start + chunk])
     return total / (pop_size * noise_std)
-
-
-def head_grad(table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float,
-              pop_size: int) -> torch.Tensor:
-    """The estimate for the output layer (W3, b3: network.HEAD_SIZE floats) from head members, whose
-    perturbation is table[offset : offset + HEAD_SIZE]: one matrix-vector product (single-threaded on
-    CPU, so its sum order is fixed)."""
-    rows = noise.slices(table, offsets, network.HEAD_SIZE)
-    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
-    with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
-        return torch.mv(rows.T, weight_tensor) / (pop_size * noise_std)
 
 
 def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tensor, rank: int) -> torch.Tensor:

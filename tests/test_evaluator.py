@@ -25,6 +25,19 @@ def _members(count, seed=0):
     return offsets, signs
 
 
+def _at_thread_counts(counts, run):
+    """[run(n) for n in counts], each with torch set to n intra-op threads; the count restored after."""
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(run(threads))
+        return results
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_member_results_do_not_depend_on_tile_mates(evaluator):
     theta = network.init_theta(0)
     offsets, signs = _members(6)
@@ -139,19 +152,18 @@ def test_member_results_do_not_depend_on_the_thread_count(mnist, arithmetic, fus
     theta = network.init_theta(0) * (8.0 if arithmetic == "cpu-ftz" else 1.0)
     offsets, signs = _members(5, seed=6)
     images = np.arange(1000, 1128, dtype=np.int64)
-    saved = torch.get_num_threads()
-    results = []
+
+    def run(threads):
+        evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, arithmetic, "cpu", fused=fused)
+        assert evaluator.threads == threads
+        result = evaluator.evaluate(theta, offsets, signs, 0.02, images)
+        assert torch.get_num_threads() == threads  # restored after the evaluation
+        return result
+
     set_process_arithmetic(arithmetic)  # this thread's flag, as the worker and the driver set theirs
     try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, arithmetic, "cpu",
-                                            fused=fused)
-            assert evaluator.threads == threads
-            results.append(evaluator.evaluate(theta, offsets, signs, 0.02, images))
-            assert torch.get_num_threads() == threads  # restored after the evaluation
+        results = _at_thread_counts((1, 2, 3), run)
     finally:
-        torch.set_num_threads(saved)
         torch.set_flush_denormal(False)
     assert len(set(results[0][0].tolist())) == len(offsets)  # members really differ
     for loss_sums, correct in results[1:]:
@@ -164,16 +176,11 @@ def test_low_rank_members_do_not_depend_on_threads_or_tile_mates(mnist, fused):
     theta = network.init_theta(0)
     offsets, signs = _members(5, seed=8)
     images = np.arange(2000, 2128, dtype=np.int64)
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
-            results.append(evaluator.evaluate(theta, offsets, signs, 0.02, images, rank=1))
-        alone = evaluator.evaluate(theta, offsets[3:4], signs[3:4], 0.02, images, rank=1)
-    finally:
-        torch.set_num_threads(saved)
+    def evaluator():  # one per thread count: it sizes its member threads from torch's count
+        return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
+
+    results = _at_thread_counts((1, 2, 3), lambda _: evaluator().evaluate(theta, offsets, signs, 0.02, images, rank=1))
+    alone = evaluator().evaluate(theta, offsets[3:4], signs[3:4], 0.02, images, rank=1)
     assert len(set(results[0][0].tolist())) == len(offsets)
     for loss_sums, correct in results[1:]:
         assert np.array_equal(loss_sums, results[0][0]) and np.array_equal(correct, results[0][1])
@@ -210,15 +217,10 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
     theta = network.init_theta(0)
     offsets, signs = _members(70, seed=9)
     images = np.arange(2000, 2096, dtype=np.int64)
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
-            results.append(evaluator.evaluate_head(theta, offsets, signs, 0.05, images))
-    finally:
-        torch.set_num_threads(saved)
+    def evaluator():  # one per thread count: it sizes its member threads from torch's count
+        return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
+
+    results = _at_thread_counts((1, 2), lambda _: evaluator().evaluate_head(theta, offsets, signs, 0.05, images))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
     # the batched path (what CUDA runs) agrees: same chunks, ops on all threads
@@ -234,5 +236,5 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
             logits = network.member_forward(x, theta, padded, torch.tensor(np.float32(signs[j] * 0.05)), "tf-ftz")
         loss_sums, correct = eager._score(logits, y)
         assert loss_sums[0] == results[0][0][j] and correct[0] == results[0][1][j]
-        alone = evaluator.evaluate_head(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
+        alone = evaluator().evaluate_head(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
         assert alone[0][0] == results[0][0][j]
