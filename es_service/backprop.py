@@ -17,7 +17,7 @@ from es_service import checkpoint, network, plan as planning
 from es_service.config import Config
 from es_service.driver import CHECKPOINT_NAME
 from es_service.metrics import MetricsLog
-from workers.evaluator import accuracy
+from workers.evaluator import center_accuracies
 
 
 def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int, batch_size: int = 128,
@@ -29,6 +29,8 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
     optimizer = torch.optim.Adam([theta], lr=learning_rate)
     images = data.train_images.reshape(-1, 784).to(device)
     labels = data.train_labels.to(device)
+    eval_sets = {"train": (data.train_images.to(device), labels),
+                 "test": (data.test_images.to(device), data.test_labels.to(device))}
     generator = torch.Generator().manual_seed(planning.derive_seed(config.seed, planning.STREAM_GENERATION))
     log = MetricsLog(run_dir / "metrics.jsonl")
     started = time.monotonic()
@@ -50,11 +52,7 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
                 "generation": epoch,
                 "wall_s": time.perf_counter() - epoch_start,
                 "fitness_mean": -total_loss / images.shape[0],
-                "train_accuracy": accuracy(theta.detach(), data.train_images.to(device), labels, arithmetic),
-                "test_accuracy": accuracy(theta.detach(), data.test_images.to(device),
-                                          data.test_labels.to(device), arithmetic),
-                "test_accuracy_unflushed": accuracy(theta.detach(), data.test_images.to(device),
-                                                    data.test_labels.to(device), "linear"),
+                **center_accuracies(theta.detach(), eval_sets, arithmetic),
                 "time": time.time(),
             }
         log.append(record)

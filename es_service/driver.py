@@ -19,7 +19,7 @@ import torch
 from es_service import checkpoint, network, plan as planning, strategy
 from es_service.config import Config
 from es_service.metrics import MetricsLog
-from workers.evaluator import accuracy
+from workers.evaluator import center_accuracies
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -69,16 +69,8 @@ class Trainer:
         checkpoint.save(state, self.run_dir / CHECKPOINT_NAME)
 
     def evaluate_center(self) -> dict[str, float]:
-        arithmetic = self.config.network.arithmetic
-        fused = self.config.workers.fused
-        self.last_accuracy = {
-            f"{name}_accuracy": accuracy(self.theta, images, labels, arithmetic, fused=fused)
-            for name, (images, labels) in self.eval_sets.items()
-        }
-        if arithmetic != "linear":
-            # The same theta with denormals kept: where it scores as well, the net has gone linear.
-            self.last_accuracy["test_accuracy_unflushed"] = accuracy(self.theta, *self.eval_sets["test"], "linear",
-                                                                     fused=fused)
+        self.last_accuracy = center_accuracies(self.theta, self.eval_sets, self.config.network.arithmetic,
+                                               fused=self.config.workers.fused)
         return self.last_accuracy
 
     def step(self, evaluate: bool = False) -> dict:

@@ -25,7 +25,7 @@ from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
 from es_service.metrics import read as read_metrics
 from es_service.progress import Progress
-from workers.evaluator import accuracy, set_process_arithmetic
+from workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
 
@@ -208,14 +208,13 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
     device = resolve_device(device)
     if config.network.arithmetic == "cpu-ftz":
         device = "cpu"
-    theta, arithmetic = state["theta"], config.network.arithmetic
-    test = (data.test_images.to(device), data.test_labels.to(device))
+    sets = {name: (images.to(device), labels.to(device))
+            for name, images, labels in (("train", data.train_images, data.train_labels),
+                                         ("test", data.test_images, data.test_labels))}
     return {
         "checkpoint": str(path),
         "generation": state["generation"],
-        "arithmetic": arithmetic,
+        "arithmetic": config.network.arithmetic,
         "device": device,
-        "train_accuracy": accuracy(theta, data.train_images.to(device), data.train_labels.to(device), arithmetic),
-        "test_accuracy": accuracy(theta, *test, arithmetic),
-        "test_accuracy_unflushed": accuracy(theta, *test, "linear"),  # the same theta with denormals kept
+        **center_accuracies(state["theta"], sets, config.network.arithmetic),
     }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from es_service import network, noise
-from workers.evaluator import PopulationEvaluator, TileTask, accuracy, set_process_arithmetic
+from workers.evaluator import PopulationEvaluator, TileTask, accuracy, center_accuracies, set_process_arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,17 @@ def test_cpu_ftz_refused_on_cuda():
 def test_center_accuracy_is_chance_level_at_init(mnist):
     value = accuracy(network.init_theta(0), mnist.test_images, mnist.test_labels, "tf-ftz")
     assert 0.0 <= value < 0.3
+
+
+def test_center_accuracies_add_the_unflushed_test_score_only_where_there_are_flushes(mnist):
+    theta = network.init_theta(0)
+    sets = {"train": (mnist.train_images[:2000], mnist.train_labels[:2000]),
+            "test": (mnist.test_images[:2000], mnist.test_labels[:2000])}
+    flushed, linear = center_accuracies(theta, sets, "tf-ftz"), center_accuracies(theta, sets, "linear")
+    assert set(linear) == {"train_accuracy", "test_accuracy"}
+    assert flushed["test_accuracy_unflushed"] == linear["test_accuracy"]
+    assert flushed["test_accuracy"] == accuracy(theta, *sets["test"], "tf-ftz")
+    assert flushed["test_accuracy"] != linear["test_accuracy"]  # at init the flushes change most predictions
 
 
 @pytest.mark.parametrize("arithmetic", ["tf-ftz", "linear"])

@@ -273,3 +273,16 @@ def accuracy(
         predicted = network.forward(x, params, arithmetic, fused).argmax(dim=-1)
         correct += int((predicted == labels[start : start + chunk].to(images.device)).sum())
     return correct / images.shape[0]
+
+
+def center_accuracies(
+    theta: torch.Tensor, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], arithmetic: str, fused: bool = False,
+) -> dict[str, float]:
+    """``{name}_accuracy`` of ``theta`` on each (images, labels) set, and for a flushing arithmetic
+    ``test_accuracy_unflushed``: the same theta on ``sets["test"]`` with denormals kept. Where that
+    matches ``test_accuracy``, the flushes no longer matter and the net has gone linear."""
+    result = {f"{name}_accuracy": accuracy(theta, images, labels, arithmetic, fused=fused)
+              for name, (images, labels) in sets.items()}
+    if arithmetic != "linear":
+        result["test_accuracy_unflushed"] = accuracy(theta, *sets["test"], "linear", fused=fused)
+    return result
