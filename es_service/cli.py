@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     backprop.add_argument("--learning-rate", type=_positive_float, default=1e-3)
     backprop.add_argument("--time-budget", type=_positive_float, metavar="SECONDS")
     backprop.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    backprop.add_argument("--gradient", choices=("masked", "straight-through"), default="masked",
+                          help="masked: autograd through the flushes (flushed elements pass no gradient); "
+                               "straight-through: the linear network's gradient, as the seed's TensorFlow computed it")
     backprop.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     report = commands.add_parser("report", help="table and learning-curve PNG comparing run directories")
     report.add_argument("run_dirs", nargs="+")
@@ -101,7 +104,7 @@ def _dispatch(args) -> dict:
     if args.command == "backprop":
         config = load(args.config, args.overrides)
         return runner.backprop(config, Path(args.run_dir), args.force, args.epochs, args.learning_rate,
-                               args.time_budget, args.device)
+                               args.time_budget, args.device, args.gradient)
     if args.command == "report":
         from es_service.report import report
 

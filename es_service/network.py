@@ -366,8 +366,12 @@ def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused:
     """
     if arithmetic == "cpu-ftz":
         return forward_native(x, params, arithmetic)
+    return forward_with(x, params, epilogues(arithmetic, fused))
+
+
+def forward_with(x: torch.Tensor, params: list[torch.Tensor], ops: Epilogues) -> torch.Tensor:
+    """``forward`` in the scaled frame with the given epilogues."""
     batched = params[0].dim() == 3
-    ops = epilogues(arithmetic, fused)
     h2 = _hidden2(x, params, ops, batched)
     return ops.logits(torch.matmul(h2, params[4]), _bias(params[5], batched))
 

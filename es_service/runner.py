@@ -181,7 +181,7 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
 
 
 def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_rate: float,
-             time_budget_s: float | None, device: str) -> dict:
+             time_budget_s: float | None, device: str, gradient: str = "masked") -> dict:
     """The ablation's backprop row, in a run directory of the usual format."""
     from es_service.backprop import train_backprop
 
@@ -191,9 +191,10 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     data = load_mnist(config.data_dir)
     device = resolve_device(device)
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
-    create_run_dir(run_dir, config, None, force, method="backprop", device=f"local ({device}){gpu}")
+    method = "backprop" if gradient == "masked" else f"backprop ({gradient})"
+    create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}")
     record = train_backprop(config, run_dir, data, device, epochs, learning_rate=learning_rate,
-                            time_budget_s=time_budget_s)
+                            time_budget_s=time_budget_s, gradient=gradient)
     write_run_info(run_dir, status="finished", generation=record["generation"],
                    final={k: record[k] for k in ("train_accuracy", "test_accuracy")})
     _plot(run_dir)
