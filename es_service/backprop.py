@@ -31,7 +31,8 @@ GRADIENTS = ("masked", "straight-through")
 
 
 def straight_through(flushing: Callable, linear: Callable) -> Callable:
-    """An epilogue whose value is ``flushing``'s, bit for bit, and whose gradient is ``linear``'s."""
+    """An epilogue whose value is ``flushing``'s, bit for bit wherever ``linear``'s is finite, and whose
+    gradient is ``linear``'s."""
 
     def epilogue(*args: torch.Tensor) -> torch.Tensor:
         soft = linear(*args)
