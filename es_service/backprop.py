@@ -53,11 +53,15 @@ def logits_fn(arithmetic: str, gradient: str) -> Callable[[torch.Tensor, list[to
 
 
 def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int, batch_size: int = 128,
-                   learning_rate: float = 1e-3, time_budget_s: float | None = None, gradient: str = "masked") -> dict:
-    """Minibatch Adam on cross-entropy; one metrics line per epoch. ``run_dir`` must exist."""
+                   learning_rate: float = 1e-3, time_budget_s: float | None = None, gradient: str = "masked",
+                   theta: torch.Tensor | None = None) -> dict:
+    """Minibatch Adam on cross-entropy; one metrics line per epoch. ``run_dir`` must exist. ``theta``:
+    where to start (default: the seed's initialisation, as ES runs start)."""
     arithmetic = config.network.arithmetic
     logits_of = logits_fn(arithmetic, gradient)
-    theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)).to(device)
+    if theta is None:
+        theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT))
+    theta = theta.detach().clone().to(device)
     theta.requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=learning_rate)
     images = data.train_images.reshape(-1, 784).to(device)

@@ -43,6 +43,12 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _init_from_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="start from this checkpoint's theta (another run's, e.g. a backprop run's) instead of "
+                             "the seed's initialisation; the optimizer and schedules start fresh")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="es-service", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config file (see README: config reference)")
     train.add_argument("--run-dir", help="where the run writes (default runs/<config>-<time>)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
+    _init_from_option(train)
     _run_options(train)
     resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir")
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     backprop.add_argument("--gradient", choices=("masked", "straight-through"), default="masked",
                           help="masked: autograd through the flushes (flushed elements pass no gradient); "
                                "straight-through: the linear network's gradient, as the seed's TensorFlow computed it")
+    _init_from_option(backprop)
     backprop.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     report = commands.add_parser("report", help="table and learning-curve PNG comparing run directories")
     report.add_argument("run_dirs", nargs="+")
@@ -95,7 +103,8 @@ def _dispatch(args) -> dict:
     if args.command == "train":
         config = load(args.config, _overrides(args))
         run_dir = Path(args.run_dir) if args.run_dir else runner.default_run_dir(args.config)
-        return runner.train(config, run_dir, args.force, args.address, args.stop_after, args.time_budget, args.quiet)
+        return runner.train(config, run_dir, args.force, args.address, args.stop_after, args.time_budget, args.quiet,
+                            args.init_from)
     if args.command == "resume":
         return runner.resume(Path(args.run_dir), _overrides(args), args.address, args.stop_after,
                              args.time_budget, args.quiet)
@@ -104,7 +113,7 @@ def _dispatch(args) -> dict:
     if args.command == "backprop":
         config = load(args.config, args.overrides)
         return runner.backprop(config, Path(args.run_dir), args.force, args.epochs, args.learning_rate,
-                               args.time_budget, args.device, args.gradient)
+                               args.time_budget, args.device, args.gradient, args.init_from)
     if args.command == "report":
         from es_service.report import report
 

@@ -7,6 +7,7 @@ and is never replaced without ``force``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -136,18 +137,36 @@ def _plot(run_dir: Path) -> None:
         print(f"warning: could not draw the learning curve: {err}")
 
 
+def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor, dict | None]:
+    """The seed's initialisation, or the theta of the checkpoint ``init_from`` (with where it came from,
+    for run.json). Only theta is taken: the new run starts its own optimizer and schedules."""
+    if init_from is None:
+        return network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None
+    try:
+        state = checkpoint.load(init_from)
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(f"--init-from: {err}") from None
+    theta = state["theta"].clone()
+    if not bool(torch.isfinite(theta).all()):
+        raise checkpoint.CheckpointError(f"--init-from: checkpoint {str(init_from)!r} holds a theta with inf or nan; "
+                                         "start from another checkpoint")
+    digest = hashlib.sha256(theta.numpy().tobytes()).hexdigest()
+    return theta, {"checkpoint": str(Path(init_from).resolve()), "generation": state["generation"], "theta_sha256": digest}
+
+
 def train(config: Config, run_dir: Path, force: bool = False, address: str | None = None,
-          stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
+          stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False,
+          init_from: Path | None = None) -> dict:
     check_run_dir(run_dir, force)
+    theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
     data = load_mnist(config.data_dir)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
-    theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT))
     from es_service.strategy import AdamES
 
     adam = AdamES.from_config(theta, config.es)
     state = checkpoint.build(config, theta, adam.state_dict(), 0, noise_seed)
-    create_run_dir(run_dir, config, state, force)
+    create_run_dir(run_dir, config, state, force, init_from=origin)
     return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, address,
                   stop_after, time_budget_s, quiet)
 
@@ -181,20 +200,21 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
 
 
 def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_rate: float,
-             time_budget_s: float | None, device: str, gradient: str = "masked") -> dict:
+             time_budget_s: float | None, device: str, gradient: str = "masked", init_from: Path | None = None) -> dict:
     """The ablation's backprop row, in a run directory of the usual format."""
     from es_service.backprop import train_backprop
 
     check_run_dir(run_dir, force)
+    theta, origin = initial_theta(config, init_from)
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     data = load_mnist(config.data_dir)
     device = resolve_device(device)
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     method = "backprop" if gradient == "masked" else f"backprop ({gradient})"
-    create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}")
+    create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}", init_from=origin)
     record = train_backprop(config, run_dir, data, device, epochs, learning_rate=learning_rate,
-                            time_budget_s=time_budget_s, gradient=gradient)
+                            time_budget_s=time_budget_s, gradient=gradient, theta=theta)
     write_run_info(run_dir, status="finished", generation=record["generation"],
                    final={k: record[k] for k in ("train_accuracy", "test_accuracy")})
     _plot(run_dir)

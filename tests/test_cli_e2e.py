@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY
+from es_service.driver import TrainState
+from tests.conftest import TINY, tiny_config
+from tests.test_driver import run_local
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +67,19 @@ def test_resume_after_stop_is_bitwise_equal(tmp_path):
     assert torch.equal(theta_of(tmp_path / "full"), theta_of(tmp_path / "part"))
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["generation"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+def test_init_from_starts_a_new_run_at_another_runs_theta(tmp_path, mnist):
+    cli("train", "--config", write_config(tmp_path / "a.yaml", generations=2), "--run-dir", tmp_path / "a", "--quiet")
+    start = theta_of(tmp_path / "a")
+    cli("train", "--config", write_config(tmp_path / "b.yaml", generations=3), "--run-dir", tmp_path / "b",
+        "--init-from", tmp_path / "a" / "checkpoint.pt", "--quiet")
+    origin = json.loads((tmp_path / "b" / "run.json").read_text())["init_from"]
+    assert origin["generation"] == 2 and origin["theta_sha256"] == hashlib.sha256(start.numpy().tobytes()).hexdigest()
+    # the same as three generations in process from that theta with a fresh optimizer
+    expected = run_local(tiny_config("generations=3"), mnist, tmp_path / "in-process", state=TrainState(start, None, 0))
+    assert torch.equal(theta_of(tmp_path / "b"), expected.theta)
+    assert not torch.equal(theta_of(tmp_path / "b"), start)
 
 
 def _start_and_wait(config, run_dir, min_lines):

@@ -88,6 +88,12 @@ def test_set_without_equals(env, work):
     assert "es.noise_std" in line and "key=value" in line
 
 
+def test_init_from_a_file_that_is_not_a_checkpoint(env, work):
+    cwd, run_dir = work
+    line = refused_train(env, work, "--init-from", str(cwd / "tiny.yaml"))
+    assert line.startswith("es-service: error: --init-from: checkpoint") and "tiny.yaml" in line and "cannot be read" in line
+
+
 def test_missing_config_file(env, work):
     cwd, run_dir = work
     missing = cwd / "absent.yaml"

@@ -1,4 +1,4 @@
-"""Diagnostic (stop 12): start_from_checkpoint.py, and hold each weight matrix at most at its norm in the
+"""Diagnostic (stop 12): `es-service train --init-from CKPT`, and hold each weight matrix at most at its norm in the
 starting theta (a per-layer cap), instead of es.weight_norm_cap's multiple of the He-init norm. Needs
 --set es.weight_norm_cap=1.0 so the optimizer calls the cap (its value is then ignored).
 From the repository root:
