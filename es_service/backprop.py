@@ -66,8 +66,7 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
     optimizer = torch.optim.Adam([theta], lr=learning_rate)
     images = data.train_images.reshape(-1, 784).to(device)
     labels = data.train_labels.to(device)
-    eval_sets = {"train": (data.train_images.to(device), labels),
-                 "test": (data.test_images.to(device), data.test_labels.to(device))}
+    eval_sets = data.eval_sets(device)
     generator = torch.Generator().manual_seed(planning.derive_seed(config.seed, planning.STREAM_GENERATION))
     log = MetricsLog(run_dir / "metrics.jsonl")
     started = time.monotonic()

@@ -57,6 +57,13 @@ class Mnist:
     test_labels: torch.Tensor  # int64 (10000,)
     source: str
 
+    def eval_sets(self, device: str | torch.device, train_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"train": (images, labels), "test": (...)} on ``device``, the first ``train_size`` training
+        images (all when None or 0): what the center's accuracy is measured on."""
+        train = slice(None, train_size or None)
+        return {"train": (self.train_images[train].to(device), self.train_labels[train].to(device)),
+                "test": (self.test_images.to(device), self.test_labels.to(device))}
+
 
 def cache_dir() -> Path:
     """The cache root; torchvision's layout lives below it as ``MNIST/raw/<name>``."""

@@ -50,11 +50,7 @@ class Trainer:
         if state.optimizer_state is not None:
             self.adam.load_state_dict(state.optimizer_state)
         self.num_train = data.train_images.shape[0]
-        train_size = config.eval.train_size or self.num_train
-        self.eval_sets = {
-            "train": (data.train_images[:train_size].to(device), data.train_labels[:train_size].to(device)),
-            "test": (data.test_images.to(device), data.test_labels.to(device)),
-        }
+        self.eval_sets = data.eval_sets(device, config.eval.train_size)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.metrics.truncate_after(self.generation)
         self._stop_signal = None

@@ -37,7 +37,7 @@ class GenerationOutcome:
     @classmethod
     def empty(cls, plan: GenerationPlan) -> "GenerationOutcome":
         shape = (len(plan.member_offsets), len(plan.shard_bounds))
-        head_shape = (len(plan.head_member_offsets), len(plan.shard_bounds))
+        head_shape = (2 * len(plan.head_offsets), len(plan.shard_bounds))
         return cls(np.full(shape, np.nan), np.zeros(shape, dtype=np.int64),
                    np.full(head_shape, np.nan), np.zeros(head_shape, dtype=np.int64))
 
@@ -50,8 +50,7 @@ class GenerationOutcome:
 
 def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
     members = slice(tile.member_start, tile.member_stop)
-    offsets, signs = (plan.head_member_offsets, plan.head_member_signs) if tile.head else (
-        plan.member_offsets, plan.member_signs)
+    offsets, signs = plan.head_members if tile.head else (plan.member_offsets, plan.member_signs)
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,

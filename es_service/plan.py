@@ -53,12 +53,9 @@ class GenerationPlan:
     """One table offset per antithetic pair of head members (es.head_pop_size / 2; empty when off)."""
 
     @property
-    def head_member_offsets(self) -> np.ndarray:
-        return antithetic_members(self.head_offsets)[0]
-
-    @property
-    def head_member_signs(self) -> np.ndarray:
-        return antithetic_members(self.head_offsets)[1]
+    def head_members(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, signs) of the head members: each head offset at +sigma, then at -sigma."""
+        return antithetic_members(self.head_offsets)
 
     def shard_indices(self, shard: int) -> np.ndarray:
         start, stop = self.shard_bounds[shard]

@@ -205,9 +205,9 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     from es_service.backprop import train_backprop
 
     check_run_dir(run_dir, force)
-    theta, origin = initial_theta(config, init_from)
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
+    theta, origin = initial_theta(config, init_from)
     data = load_mnist(config.data_dir)
     device = resolve_device(device)
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
@@ -229,13 +229,10 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
     device = resolve_device(device)
     if config.network.arithmetic == "cpu-ftz":
         device = "cpu"
-    sets = {name: (images.to(device), labels.to(device))
-            for name, images, labels in (("train", data.train_images, data.train_labels),
-                                         ("test", data.test_images, data.test_labels))}
     return {
         "checkpoint": str(path),
         "generation": state["generation"],
         "arithmetic": config.network.arithmetic,
         "device": device,
-        **center_accuracies(state["theta"], sets, config.network.arithmetic),
+        **center_accuracies(state["theta"], data.eval_sets(device), config.network.arithmetic),
     }

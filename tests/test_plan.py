@@ -50,8 +50,9 @@ def test_head_members_draw_from_their_own_stream_and_get_one_tile_per_shard():
         assert np.array_equal(getattr(plain, field), getattr(head, field))
     assert len(plain.head_offsets) == 0 and head.tiles[: len(plain.tiles)] == plain.tiles
     assert len(head.head_offsets) == 6 and len(np.unique(head.head_offsets)) == 6
-    assert head.head_member_signs.tolist() == [1.0, -1.0] * 6
-    assert np.array_equal(head.head_member_offsets[0::2], head.head_offsets)
+    head_offsets, head_signs = head.head_members
+    assert head_signs.tolist() == [1.0, -1.0] * 6
+    assert np.array_equal(head_offsets[0::2], head.head_offsets)
     assert [(t.member_start, t.member_stop, t.shard) for t in head.tiles if t.head] == [(0, 12, 0), (0, 12, 1)]
     later = planning.make_plan(tiny_config("es.head_pop_size=12"), 4, 60000)
     assert not np.array_equal(later.head_offsets, planning.make_plan(tiny_config("es.head_pop_size=12"), 3, 60000).head_offsets)
