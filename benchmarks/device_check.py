@@ -9,7 +9,8 @@
 4. whether a member's result depends on its chunk mates on CUDA (batched vs one at a time);
 5. the driver's update on this device: gradient from 512/1024 noise slices, and an Adam step;
 6. low-rank members (es.rank 1): throughput beside full rank, fused against eager (bitwise), and the
-   device's batched pass against the CPU member loop.
+   device's batched pass against the CPU member loop;
+7. the same for a shared first layer (es.shared_first_layer).
 """
 
 from __future__ import annotations
@@ -73,17 +74,20 @@ def check_chunk_independence(table, data, device, members=64, images=512) -> dic
             "correct_equal": bool(np.array_equal(a[1], b[1]))}
 
 
-def check_low_rank(table, data, device, members, images, rank=1) -> dict:
+def check_variant(table, data, device, members, images, rank=0, shared_first_layer=False) -> dict:
+    """Low-rank or shared-first-layer members of antithetic pairs: fused against eager on this device
+    (bitwise), and this device's batched pass against the CPU member loop."""
     make = lambda **kw: PopulationEvaluator(table, data.train_images, data.train_labels, "tf-ftz", **kw)  # noqa: E731
     eager, fused = make(device=device, fused=False), make(device=device, fused=True)
     loop = make(device="cpu", fused=True, batched=False)
-    offsets, signs, rng = _members(members, table.numel(), 4)
+    offsets, signs, rng = _members(members // 2, table.numel(), 4)
+    offsets, signs = np.repeat(offsets, 2), np.tile(np.array([1.0, -1.0], dtype=np.float32), members // 2)
     index = rng.choice(60000, size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0)
-    a = eager.evaluate(theta.to(device), offsets, signs, 0.02, index, rank)
-    b = fused.evaluate(theta.to(device), offsets, signs, 0.02, index, rank)
-    c = loop.evaluate(theta, offsets, signs, 0.02, index, rank)
-    return {"members": members, "images": images, "rank": rank,
+    a, b = (evaluator.evaluate(theta.to(device), offsets, signs, 0.02, index, rank, shared_first_layer)
+            for evaluator in (eager, fused))
+    c = loop.evaluate(theta, offsets, signs, 0.02, index, rank, shared_first_layer)
+    return {"members": members, "images": images, "rank": rank, "shared_first_layer": shared_first_layer,
             "fused_equals_eager": bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])),
             "max_rel_diff_vs_cpu_loop": float(np.max(np.abs(b[0] - c[0]) / np.abs(c[0]))),
             "max_correct_diff_vs_cpu_loop": int(np.max(np.abs(b[1] - c[1])))}
@@ -134,8 +138,12 @@ def main(argv=None) -> dict:
     report["update"] = check_update(table, device, 3 if args.small else 10)
     print("driver update:", report["update"], flush=True)
     report["pop_eval_low_rank"] = pop_eval.main(flags + ["--rank", "1"])
-    report["low_rank"] = check_low_rank(table, data, device, *((8, 64) if args.small else (256, 1024)))
+    report["low_rank"] = check_variant(table, data, device, *((8, 64) if args.small else (256, 1024)), rank=1)
     print("low rank:", report["low_rank"], flush=True)
+    report["pop_eval_shared_first_layer"] = pop_eval.main(flags + ["--shared-first-layer"])
+    report["shared_first_layer"] = check_variant(table, data, device, *((8, 64) if args.small else (256, 1024)),
+                                                 shared_first_layer=True)
+    print("shared first layer:", report["shared_first_layer"], flush=True)
     report["check_wall_s"] = time.monotonic() - started
     print(f"device check took {report['check_wall_s']:.0f}s", flush=True)
     write_json(args.json, report)

@@ -29,7 +29,7 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
   $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
   THETA=()
   [ -f .devdata/theta_checkpoint.pt ] && THETA=(--theta .devdata/theta_checkpoint.pt)
-  timeout 240 $PY -m benchmarks.device_check "${CHECK_ARGS[@]}" "${THETA[@]}" --json "$OUT/device_check.json"
+  timeout 290 $PY -m benchmarks.device_check "${CHECK_ARGS[@]}" "${THETA[@]}" --json "$OUT/device_check.json"
   log "device check exit $?"
   COMPARE=()
   if [ -n "${COMPARE_SETS:-}" ]; then

@@ -10,6 +10,8 @@ shape: the same matmuls with no flushing and no perturbation, and torch.mm's pea
 FLOP/s then count the dense network's FLOPs (what a full-rank member costs), so they read as
 "effective": the member throughput a full-rank evaluator would need that many FLOP/s for. The
 ceiling is the low-rank matmuls alone (shared x W1, per-member h W and the rank-R corrections).
+``--shared-first-layer`` does the same for es.shared_first_layer (antithetic pairs): its ceiling is
+its own matmuls alone (x W1 once, x E1 per pair, h W2 and h W3 per member on prebuilt weights).
 """
 
 from __future__ import annotations
@@ -73,6 +75,30 @@ def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x
     return run
 
 
+def shared_first_layer_ceiling(evaluator, theta: torch.Tensor, offsets: np.ndarray, tails: torch.Tensor,
+                               x: torch.Tensor):
+    """The shared-first-layer evaluation's matmuls alone, no flushing, no bias, run as the evaluator runs
+    them: x W1 once, x E1 once per distinct slice, then each member's h1 W2 and h2 W3 (prebuilt)."""
+    w1 = network.unflatten(theta)[0]
+    _, w2, _, w3, _ = network.unflatten(tails, first=1)
+    distinct, which = np.unique(offsets, return_inverse=True)
+    e1 = network.first_layer_noise(noise.slices(evaluator.table, distinct, network.W1_SIZE))
+    which = torch.as_tensor(which.reshape(-1), device=x.device)
+
+    def run():
+        xw1 = torch.mm(x, w1)
+        if evaluator.batched:
+            return torch.matmul(torch.matmul(xw1 + torch.matmul(x, e1).index_select(0, which), w2), w3)
+
+        def pair(k: int):
+            xe1 = torch.mm(x, e1[k])
+            return [torch.mm(torch.mm(xw1 + xe1, w2[j]), w3[j]) for j in np.flatnonzero(which.cpu().numpy() == k)]
+
+        return evaluator.map_members(pair, len(distinct))
+
+    return run
+
+
 def mm_peak_call(device: torch.device, seconds_hint: float):
     """(callable, FLOP per call): torch.mm on the first layer's shape at 1024 images (CPU) or a large
     square (CUDA), repeated so one call lasts about as long as the evaluation it is compared with."""
@@ -90,39 +116,44 @@ def mm_peak_call(device: torch.device, seconds_hint: float):
     return run, count * flop
 
 
-def bench_shape(evaluator, members: int, images: int, repeats: int, rank: int = 0) -> dict:
+def bench_shape(evaluator, members: int, images: int, repeats: int, rank: int = 0,
+                shared_first_layer: bool = False) -> dict:
     """Evaluation, the no-flush ceiling and torch.mm's peak, taking turns in each round; ratios are
-    medians of the per-round ratios. Low rank: full-rank evaluation takes a turn too."""
+    medians of the per-round ratios. Low rank or a shared first layer: full-rank evaluation takes a turn too."""
     device = evaluator.device
     rng = np.random.default_rng(0)
-    offsets = rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=members).astype(np.int64)
+    offsets = np.repeat(rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=(members + 1) // 2),
+                        2)[:members].astype(np.int64)  # antithetic pairs, as the planner lays them out
     signs = np.where(np.arange(members) % 2 == 0, 1.0, -1.0).astype(np.float32)
     indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
     flop = FLOP_PER_IMAGE * members * images
-    evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices, rank)  # noqa: E731
+    evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices, rank, shared_first_layer)  # noqa: E731
     x = torch.rand(images, 784, device=device)
     prebuilt = None
     if rank:
         index = torch.as_tensor(offsets, device=device)
         noise_rows = evaluator.windows[:, : network.noise_length(rank)].index_select(0, index)
         ceiling = low_rank_ceiling(evaluator, theta, noise_rows, x, rank)
+    elif shared_first_layer:
+        prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device), network.W1_SIZE)
+        ceiling = shared_first_layer_ceiling(evaluator, theta, offsets, prebuilt, x)
     else:  # the same matmuls on the same distinct per-member weights, prebuilt; no flushing
         prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device))
         ceiling = matmul_ceiling(evaluator, network.unflatten(prebuilt), x)
     peak, peak_flop = mm_peak_call(device, median_time(evaluate, device, 1, warmup=1))
     turns = {"evaluate": evaluate, "ceiling": ceiling, "peak": peak}
-    if rank:
+    if rank or shared_first_layer:
         turns["full_rank"] = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices)
     times = interleaved_times(turns, device, repeats)
     del prebuilt
     evaluate_s, ceiling_s, peak_s = (statistics.median(times[name]) for name in ("evaluate", "ceiling", "peak"))
     extra = {}
-    if rank:
+    if "full_rank" in times:
         extra = {"full_rank_s": statistics.median(times["full_rank"]),
                  "speedup_over_full_rank": statistics.median(f / e for f, e in zip(times["full_rank"], times["evaluate"]))}
     return {
-        "members": members, "images": images, "rank": rank, **extra,
+        "members": members, "images": images, "rank": rank, "shared_first_layer": shared_first_layer, **extra,
         "evaluate_s": evaluate_s, "evaluate_flops": flop / evaluate_s,
         "forward_passes_per_s": members * images / evaluate_s,
         "noflush_matmul_s": ceiling_s, "noflush_matmul_flops": flop / ceiling_s,
@@ -140,8 +171,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-fused", action="store_true", help="eager epilogues (the reference path)")
     parser.add_argument("--rank", type=int, default=0, help="low-rank members (es.rank), timed beside full rank")
+    parser.add_argument("--shared-first-layer", action="store_true",
+                        help="es.shared_first_layer members, timed beside full rank")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
+    if args.rank and args.shared_first_layer:
+        parser.error("--rank and --shared-first-layer exclude each other (low-rank members already share x W1)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -152,20 +187,21 @@ def main(argv=None) -> dict:
     evaluator = PopulationEvaluator(table, data.train_images, data.train_labels, "tf-ftz", device,
                                     fused=not args.no_fused)
     rows = []
-    print(f"device {device}  fused={not args.no_fused}  rank={args.rank}  "
+    variant = "low rank" if args.rank else ("shared first layer" if args.shared_first_layer else "")
+    print(f"device {device}  fused={not args.no_fused}  rank={args.rank}  shared_first_layer={args.shared_first_layer}  "
           "(evaluation, ceiling and mm peak take turns each round)")
     print(f"{'P x B':>12} {'eval ms':>9} {'GFLOP/s':>9} {'fwd/s':>11} {'noflush GFLOP/s':>16} "
           f"{'mm GFLOP/s':>11} {'eval/noflush':>13} {'eval/mm':>8}")
     for members, images in parse_shapes(args.shapes or DEFAULT_SHAPES[device.type]):
-        row = bench_shape(evaluator, members, images, args.repeats, args.rank)
+        row = bench_shape(evaluator, members, images, args.repeats, args.rank, args.shared_first_layer)
         rows.append(row)
         print(f"{members:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
               f"{row['forward_passes_per_s']:11.0f} {row['noflush_matmul_flops'] / 1e9:16.1f} "
               f"{row['mm_peak_flops'] / 1e9:11.1f} {row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}"
-              + (f"   full rank {row['full_rank_s'] * 1e3:.2f} ms, low rank {row['speedup_over_full_rank']:.2f}x faster"
-                 if args.rank else ""))
+              + (f"   full rank {row['full_rank_s'] * 1e3:.2f} ms, {variant} {row['speedup_over_full_rank']:.2f}x faster"
+                 if variant else ""))
     payload = {"benchmark": "pop_eval", **device_facts(device), "fused": not args.no_fused, "rank": args.rank,
-               "rows": rows}
+               "shared_first_layer": args.shared_first_layer, "rows": rows}
     write_json(args.json, payload)
     return payload
 

@@ -83,6 +83,10 @@ class ESConfig:
     W3, b3 (5,130 of 669,706 parameters). 0: none."""
     rank: int = 0
     """0: each member's perturbation is a full table slice; r >= 1: each weight matrix moves by A B^T / sqrt(r), A and B r columns (low-rank ES)."""
+    shared_first_layer: bool = False
+    """Full rank only: compute a member's first layer as x W1 + sign * sigma * (x E1), with x W1 shared by
+    the tile and x E1 by each antithetic pair (W1 + sigma E1 is never built): a pair costs 0.70 of two
+    members' FLOPs. Rounds differently from building W1 + sigma E1, so theta's bits differ."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,16 @@ def validate(config: Config) -> Config:
         not (es.rank and config.network.arithmetic == "cpu-ftz"),
         f"es.rank: {es.rank} with network.arithmetic 'cpu-ftz': low-rank members need the scaled frame "
         "(cpu-ftz runs at native scale); use es.rank: 0 or tf-ftz",
+    )
+    _require(
+        not (es.shared_first_layer and es.rank),
+        f"es.shared_first_layer with es.rank: {es.rank}: low-rank members already share x W1; "
+        "set es.shared_first_layer: false, or es.rank: 0",
+    )
+    _require(
+        not (es.shared_first_layer and config.network.arithmetic == "cpu-ftz"),
+        "es.shared_first_layer with network.arithmetic 'cpu-ftz': a shared first layer needs the scaled "
+        "frame (cpu-ftz runs at native scale); use tf-ftz or es.shared_first_layer: false",
     )
     _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
     _require(workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")

@@ -59,6 +59,7 @@ def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
         noise_std=float(plan.noise_std),
         image_indices=plan.shard_indices(tile.shard),
         rank=plan.rank,
+        shared_first_layer=plan.shared_first_layer,
         head=tile.head,
     )
 

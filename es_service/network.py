@@ -50,6 +50,7 @@ def _layout() -> list[tuple[str, tuple[int, ...]]]:
 PARAM_SHAPES = _layout()
 NUM_PARAMS = sum(math.prod(shape) for _, shape in PARAM_SHAPES)
 HEAD_SIZE = LAYER_SIZES[-2] * LAYER_SIZES[-1] + LAYER_SIZES[-1]  # W3 and b3: theta's last 5,130 floats
+W1_SIZE = LAYER_SIZES[0] * LAYER_SIZES[1]  # W1 leads theta and every slice: 401,408 floats
 
 
 @contextlib.contextmanager
@@ -64,13 +65,15 @@ def single_threaded():
         torch.set_num_threads(saved)
 
 
-def unflatten(flat: torch.Tensor) -> list[torch.Tensor]:
-    """Views of W1, b1, W2, b2, W3, b3 into a flat vector (or a batch of them, shape (..., NUM_PARAMS))."""
-    if flat.shape[-1] != NUM_PARAMS:
-        raise ValueError(f"expected {NUM_PARAMS} parameters in the last dimension, got {tuple(flat.shape)}")
+def unflatten(flat: torch.Tensor, first: int = 0) -> list[torch.Tensor]:
+    """Views of W1, b1, W2, b2, W3, b3 into a flat vector (or a batch of them, shape (..., NUM_PARAMS));
+    ``first`` = k: the vector holds only the parameters from PARAM_SHAPES[k] on (1: b1 to b3)."""
+    expected = sum(math.prod(shape) for _, shape in PARAM_SHAPES[first:])
+    if flat.shape[-1] != expected:
+        raise ValueError(f"expected {expected} parameters in the last dimension, got {tuple(flat.shape)}")
     views, start = [], 0
     lead = flat.shape[:-1]
-    for _, shape in PARAM_SHAPES:
+    for _, shape in PARAM_SHAPES[first:]:
         size = math.prod(shape)
         views.append(flat[..., start : start + size].reshape(*lead, *shape))
         start += size
@@ -264,6 +267,75 @@ def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, sca
     head = perturb(theta[NUM_PARAMS - HEAD_SIZE :], noise, scales[:, None])
     w3 = head[:, : -LAYER_SIZES[-1]].reshape(-1, *LAYER_SIZES[-2:])
     return epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), head[:, -LAYER_SIZES[-1] :].unsqueeze(-2))
+
+
+def _corrected(epilogue: Callable) -> Callable:
+    """A layer's epilogue with the matmul's correction ``u * v`` added first (one fused kernel compiled)."""
+
+    def layer(z, u, v, b):
+        return epilogue(z + u * v, b)
+
+    return layer
+
+
+def _shared_first_layer(hidden1: Callable, ops: Epilogues) -> Callable:
+    def members(xw1, xe1, tail, scale):
+        b1, w2, b2, w3, b3 = unflatten(tail, first=1)
+        batched = tail.dim() == 2
+        h1 = hidden1(xw1, xe1, scale, _bias(b1, batched))
+        h2 = ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))
+        return ops.logits(torch.matmul(h2, w3), _bias(b3, batched))
+
+    return members
+
+
+def shared_first_layer_forward(xw1: torch.Tensor, xe1: torch.Tensor, tail: torch.Tensor, scales: torch.Tensor,
+                               arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """Logits of members theta + scale * slice whose first layer is computed as ``xw1 + scale * xe1``:
+    ``xw1 = x @ W1`` shared by every member on the same images, ``xe1 = x @ E1`` (E1: the slice's first
+    W1_SIZE floats as a (784, 512) matrix) shared by the two members of an antithetic pair. The
+    perturbed W1 is never built, and a pair's first layer costs one matmul instead of two.
+    ``tail``: the members' perturbed parameters after W1 (b1 to b3), (N - W1_SIZE,) with a 0-d scale
+    and xe1 (B, 512), or (n, N - W1_SIZE) with scales (n,) and xe1 (n, B, 512).
+
+    The pre-activation differs from x @ (W1 + scale * E1) by rounding only; the epilogues (the flushes)
+    are ``forward``'s, so the network is the same. Fused, each layer's elementwise work is one kernel,
+    bitwise equal to eager.
+    """
+    if arithmetic not in EAGER:
+        raise ValueError(f"a shared first layer needs the scaled frame; arithmetic {arithmetic!r} is not "
+                         "allowed (use tf-ftz or linear)")
+    scale = scales.reshape(-1, 1, 1) if tail.dim() == 2 else scales
+    return _cached(("shared first layer", arithmetic, fused), lambda: _shared_first_layer(
+        _Compiled(_corrected(EAGER[arithmetic].hidden1)) if fused else _corrected(EAGER[arithmetic].hidden1),
+        epilogues(arithmetic, fused)))(xw1, xe1, tail, scale)
+
+
+def _shared_first_layer_member(arithmetic: str) -> Callable:
+    layers = _shared_first_layer(_corrected(EAGER[arithmetic].hidden1), EAGER[arithmetic])
+
+    def member(xw1, xe1, theta, noise_slice, scale):
+        return layers(xw1, xe1, perturb(theta[W1_SIZE:], noise_slice[W1_SIZE:], scale), scale)
+
+    return member
+
+
+def shared_first_layer_member(xw1: torch.Tensor, xe1: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tensor,
+                              scale: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """(B, 10) logits of one member of ``shared_first_layer_forward`` from its whole (N,) table slice.
+    Fused tf-ftz: the tail's perturbation, two matmuls and the epilogues are one torch.compile region
+    (as ``member_forward``), bitwise equal to eager."""
+    if fused and arithmetic == "tf-ftz":  # linear: inductor would turn mm + bias into addmm (other bits)
+        member = _cached(("shared first layer member", arithmetic),
+                         lambda: _Compiled(_shared_first_layer_member(arithmetic)))
+        return member(xw1, xe1, theta, noise_slice, scale)
+    return shared_first_layer_forward(xw1, xe1, perturb(theta[W1_SIZE:], noise_slice[W1_SIZE:], scale), scale,
+                                      arithmetic, fused)
+
+
+def first_layer_noise(noise: torch.Tensor) -> torch.Tensor:
+    """E1: the (..., 784, 512) view of a slice's (or rows') first W1_SIZE floats."""
+    return noise[..., :W1_SIZE].reshape(*noise.shape[:-1], *LAYER_SIZES[:2])
 
 
 def noise_length(rank: int) -> int:

@@ -24,13 +24,14 @@ def max_offset(table_size: int) -> int:
     return table_size - NUM_PARAMS
 
 
-def windows(table: torch.Tensor) -> torch.Tensor:
-    """Zero-copy (table_size - NUM_PARAMS + 1, NUM_PARAMS) view: row k is the slice starting at k."""
-    return table.as_strided((max_offset(table.numel()) + 1, NUM_PARAMS), (1, 1))
+def windows(table: torch.Tensor, length: int = NUM_PARAMS) -> torch.Tensor:
+    """Zero-copy (table_size - length + 1, length) view: row k is the slice starting at k (its first
+    ``length`` floats)."""
+    return table.as_strided((table.numel() - length + 1, length), (1, 1))
 
 
 def slices(table: torch.Tensor, offsets: np.ndarray | torch.Tensor, length: int = NUM_PARAMS) -> torch.Tensor:
     """The perturbation rows for ``offsets``, their first ``length`` floats (a low-rank member reads
     fewer), gathered into one (len(offsets), length) tensor."""
     index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(table.device)
-    return windows(table)[:, :length].index_select(0, index)
+    return windows(table, length).index_select(0, index)

@@ -47,6 +47,8 @@ class GenerationPlan:
     batch_indices: np.ndarray
     rank: int
     """0: full-rank slices; r: low-rank members (network.low_rank_forward)."""
+    shared_first_layer: bool
+    """Full-rank members' first layer as x W1 + scale * x E1 (network.shared_first_layer_forward)."""
     shard_bounds: tuple[tuple[int, int], ...]
     tiles: tuple[Tile, ...]
     head_offsets: np.ndarray
@@ -122,6 +124,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         member_signs=member_signs,
         batch_indices=batch_indices,
         rank=es.rank,
+        shared_first_layer=es.shared_first_layer,
         shard_bounds=bounds,
         tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds), es.head_pop_size),
         head_offsets=head_offsets.astype(np.int64),

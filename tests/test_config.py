@@ -213,6 +213,10 @@ RANGE_CASES = {
     "zero norm cap": (["es.weight_norm_cap=0"], ["es.weight_norm_cap", "null", "> 0"]),
     "infinite norm cap": (["es.weight_norm_cap=.inf"], ["es.weight_norm_cap", "finite"]),
     "low rank with cpu-ftz": (["es.rank=1", "network.arithmetic=cpu-ftz"], ["es.rank", "cpu-ftz", "tf-ftz"]),
+    "shared first layer with low rank": (["es.shared_first_layer=true", "es.rank=1"],
+                                         ["es.shared_first_layer", "es.rank: 1", "already share", "false"]),
+    "shared first layer with cpu-ftz": (["es.shared_first_layer=true", "network.arithmetic=cpu-ftz"],
+                                        ["es.shared_first_layer", "cpu-ftz", "tf-ftz"]),
     "zero members per tile": (["workers.members_per_tile=0"], ["members_per_tile", "0", ">= 1"]),
     "table not above the parameter count": (
         [f"noise.table_size={NUM_PARAMS}"], ["noise.table_size", str(NUM_PARAMS), "must exceed"],
@@ -253,6 +257,7 @@ def test_range_errors(overrides, parts):
     ["seed=0", "es.weight_decay=0", "es.shard_size=0", "workers.count=0"],
     ["es.rank=1", "network.arithmetic=linear"],
     ["es.rank=64"],
+    ["es.shared_first_layer=true", "network.arithmetic=linear", "es.antithetic=false", "es.pop_size=3"],
 ])
 def test_boundary_values_are_accepted(overrides):
     config = from_dict(TINY, overrides)

@@ -198,6 +198,49 @@ def test_low_rank_members_do_not_depend_on_threads_or_tile_mates(mnist, fused):
     assert alone[0][0] == results[0][0][3]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_first_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, fused):
+    """Pairs share x E1; a member split from its pair, or the pair reordered, scores the same bits."""
+    table = noise.make_table(7, 1 << 20)
+    theta = network.init_theta(0)
+    offsets, signs = np.repeat(_members(3, seed=8)[0], 2), np.tile(np.array([1.0, -1.0], np.float32), 3)
+    images = np.arange(2000, 2128, dtype=np.int64)
+
+    def evaluator():  # one per thread count: it sizes its member threads from torch's count
+        return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
+
+    def evaluate(ev, members):
+        return ev.evaluate(theta, offsets[members], signs[members], 0.02, images, shared_first_layer=True)
+
+    results = _at_thread_counts((1, 2, 3), lambda _: evaluate(evaluator(), slice(None)))
+    assert len(set(results[0][0].tolist())) == len(offsets)
+    for loss_sums, correct in results[1:]:
+        assert np.array_equal(loss_sums, results[0][0]) and np.array_equal(correct, results[0][1])
+    ev = evaluator()
+    assert evaluate(ev, slice(3, 4))[0][0] == results[0][0][3]
+    swapped = evaluate(ev, np.array([3, 2, 1, 0]))[0]
+    assert np.array_equal(swapped, results[0][0][[3, 2, 1, 0]])
+    dense = ev.evaluate(theta, offsets, signs, 0.02, images)[0]
+    assert np.allclose(dense, results[0][0], rtol=1e-5) and not np.array_equal(dense, results[0][0])
+
+
+def test_shared_first_layer_batched_path_agrees_with_the_member_loop(mnist):
+    """The CUDA code path on CPU (x E1 per distinct slice as one batched matmul) against the member loop."""
+    table = noise.make_table(7, 1 << 20)
+    loop = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=False)
+    batched = {fused: PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu",
+                                          batched=True, fused=fused) for fused in (False, True)}
+    theta = network.init_theta(0)
+    offsets = np.append(np.repeat(_members(3, seed=9)[0], 2), noise.max_offset(1 << 20))  # the last offset too
+    signs = np.append(np.tile(np.array([1.0, -1.0], np.float32), 3), np.float32(-1.0))
+    images = np.arange(500, 756, dtype=np.int64)
+    expected = loop.evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True)
+    eager, fused = (batched[f].evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True)
+                    for f in (False, True))
+    assert np.array_equal(eager[0], fused[0]) and np.array_equal(eager[1], fused[1])
+    assert np.allclose(expected[0], fused[0], rtol=1e-4, atol=0) and np.abs(expected[1] - fused[1]).max() <= 1
+
+
 @pytest.mark.parametrize("rank", [1, 2])
 def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(mnist, rank):
     """The CUDA code path on CPU (one GEMM per layer over all members) against the per-member loop,

@@ -180,3 +180,55 @@ def test_low_rank_refuses_cpu_ftz():
     with pytest.raises(ValueError, match="scaled frame"):
         network.low_rank_forward(torch.zeros(1, 784), torch.zeros(1, 512), network.init_theta(0),
                                  torch.zeros(network.noise_length(1)), torch.tensor(0.1), 1, "cpu-ftz")
+
+
+def _shared_members(mnist, count=3, seed=4):
+    torch.manual_seed(seed)
+    theta = network.init_theta(0)
+    noise_rows = torch.randn(count, network.NUM_PARAMS)
+    x = _test_images(mnist, 256)
+    xw1 = x @ network.unflatten(theta)[0]
+    return theta, noise_rows, x, xw1
+
+
+@pytest.mark.parametrize("arithmetic", ["tf-ftz", "linear"])
+def test_shared_first_layer_member_is_the_dense_member_up_to_matmul_rounding(mnist, arithmetic):
+    """x W1 + scale * (x E1) is x (W1 + scale * E1) with the first layer's sums rounded differently."""
+    theta, noise_rows, x, xw1 = _shared_members(mnist)
+    scales = torch.tensor([0.05, -0.05, 0.02])
+    xe1 = torch.stack([x @ network.first_layer_noise(row) for row in noise_rows])
+    tails = network.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
+    batched = network.shared_first_layer_forward(xw1, xe1, tails, scales, arithmetic)
+    for j in range(3):
+        dense = network.forward(x, network.unflatten(network.perturb(theta, noise_rows[j], scales[j])), arithmetic)
+        single = network.shared_first_layer_member(xw1, xe1[j], theta, noise_rows[j], scales[j], arithmetic)
+        assert not torch.equal(single, dense)  # really another rounding, not the dense path in disguise
+        for other in (dense, batched[j]):
+            assert float(torch.isclose(single, other, rtol=1e-4, atol=1e-4).float().mean()) >= 0.99
+            assert float((single.argmax(1) == other.argmax(1)).float().mean()) >= 0.998
+
+
+def test_shared_first_layer_fused_is_bitwise_equal_to_eager(mnist):
+    theta, noise_rows, x, xw1 = _shared_members(mnist, count=2, seed=5)
+    scales = torch.tensor([0.02, -0.02])
+    xe1 = x @ network.first_layer_noise(noise_rows[0])
+    for j in range(2):  # one slice, both signs: the antithetic pair sharing x E1
+        eager = network.shared_first_layer_member(xw1, xe1, theta, noise_rows[0], scales[j], "tf-ftz")
+        fused = network.shared_first_layer_member(xw1, xe1, theta, noise_rows[0], scales[j], "tf-ftz", fused=True)
+        assert torch.equal(fused, eager)
+    tails = network.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
+    pair = xe1.expand(2, -1, -1)
+    assert torch.equal(network.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz", fused=True),
+                       network.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz"))
+
+
+def test_shared_first_layer_refuses_cpu_ftz_and_unflatten_checks_the_tail():
+    with pytest.raises(ValueError, match="scaled frame"):
+        network.shared_first_layer_forward(torch.zeros(1, 512), torch.zeros(1, 512),
+                                           torch.zeros(network.NUM_PARAMS - network.W1_SIZE), torch.tensor(0.1),
+                                           "cpu-ftz")
+    tail = torch.arange(network.NUM_PARAMS - network.W1_SIZE, dtype=torch.float32)
+    b1, w2, _, _, b3 = network.unflatten(tail, first=1)
+    assert b1.shape == (512,) and w2.shape == (512, 512) and w2[0, 0] == 512 and b3[-1] == tail[-1]
+    with pytest.raises(ValueError, match="expected 268298 parameters"):
+        network.unflatten(torch.zeros(network.NUM_PARAMS), first=1)

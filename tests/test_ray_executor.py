@@ -58,7 +58,8 @@ def run_ray(config, mnist, run_dir, during=None, wait=True):
     return trainer
 
 
-@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.head_pop_size=16")])
+@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.head_pop_size=16"),
+                                  ("es.shared_first_layer=true",)])
 def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):
     config = tiny_config("workers.executor=ray", "workers.count=2", *sets)
     remote = run_ray(config, mnist, tmp_path / "ray")

@@ -77,14 +77,15 @@ class PopulationEvaluator:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
         return self.images.index_select(0, index).float() / 255.0, self.labels.index_select(0, index)
 
-    def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor) -> torch.Tensor:
-        """(n, NUM_PARAMS) perturbed parameters for the batched path: theta + (sign * sigma) * slice,
-        rounded in that order (as ``network.perturb``), built on this device from the cached table;
-        fused, in one pass (gather, scale and add in one kernel)."""
+    def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(n, NUM_PARAMS - start) perturbed parameters for the batched path: theta + (sign * sigma) * slice
+        from parameter ``start`` on, rounded in that order (as ``network.perturb``), built on this device
+        from the cached table; fused, in one pass (gather, scale and add in one kernel)."""
         index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
+        table, theta = self.table[start:], theta[start:]
         if self.fused:
-            return network.perturb_rows_fused(self.table, index, scales, theta)
-        return torch.index_select(self.windows, 0, index).mul_(scales.unsqueeze(1)).add_(theta)
+            return network.perturb_rows_fused(table, index, scales, theta)
+        return noise.slices(table, index, theta.shape[0]).mul_(scales.unsqueeze(1)).add_(theta)
 
     def chunk_size(self, batch_size: int, rank: int = 0) -> int:
         """Members per batched pass, from the device's free memory (CUDA) or a fixed 64 (CPU)."""
@@ -114,10 +115,14 @@ class PopulationEvaluator:
         noise_std: float,
         image_indices: np.ndarray,
         rank: int = 0,
+        shared_first_layer: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Loss sums (float64) and correct counts (int64) of each member on the given images; ``rank``
-        r >= 1 makes the members low-rank (network.low_rank_forward)."""
+        r >= 1 makes the members low-rank (network.low_rank_forward); ``shared_first_layer`` computes
+        full-rank members' first layer from shared products (network.shared_first_layer_forward)."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
+        if shared_first_layer:
+            return self._evaluate_shared_first_layer(theta, offsets, scales, x, y)
         if rank:
             one, many = self._low_rank_forwards(theta, offsets, scales, x, rank)
         else:
@@ -130,6 +135,38 @@ class PopulationEvaluator:
         else:
             results = self.map_members(lambda j: self._score(one(j), y), len(offsets),
                                        first_alone=self._first_of_shape((rank, *x.shape)))
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _evaluate_shared_first_layer(self, theta, offsets: np.ndarray, scales: torch.Tensor, x, y):
+        """``evaluate`` with x W1 computed once and x E1 once per run of members sharing a slice (an
+        antithetic pair): on CPU one run per thread; on CUDA per chunk, one batched matmul per distinct slice."""
+        with network.single_threaded() if not self.batched else contextlib.nullcontext():
+            xw1 = torch.mm(x, network.unflatten(theta)[0])
+        if self.batched:
+            results = []
+            step = self.chunk_size(len(y))
+            for start in range(0, len(offsets), step):
+                part = slice(start, start + step)
+                distinct, which = np.unique(offsets[part], return_inverse=True)
+                xe1 = torch.matmul(x, network.first_layer_noise(noise.slices(self.table, distinct, network.W1_SIZE)))
+                if len(distinct) < len(which):
+                    xe1 = xe1.index_select(0, torch.as_tensor(which.reshape(-1), device=self.device))
+                tail = self.perturbed(theta, offsets[part], scales[part], start=network.W1_SIZE)
+                results.append(self._score(network.shared_first_layer_forward(
+                    xw1, xe1, tail, scales[part], self.arithmetic, self.fused), y))
+        else:
+            starts = np.flatnonzero(np.diff(offsets, prepend=-1))  # runs of equal offsets, e.g. a pair
+            stops = np.append(starts[1:], len(offsets))
+
+            def run(k: int) -> list:
+                xe1 = torch.mm(x, network.first_layer_noise(self.windows[int(offsets[starts[k]])]))
+                return [self._score(network.shared_first_layer_member(
+                    xw1, xe1, theta, self.windows[int(offsets[j])], scales[j], self.arithmetic, self.fused), y)
+                    for j in range(starts[k], stops[k])]
+
+            results = [r for group in self.map_members(run, len(starts),
+                                                       first_alone=self._first_of_shape(("shared", *x.shape)))
+                       for r in group]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _inputs(self, theta: torch.Tensor, signs: np.ndarray, noise_std: float, image_indices: np.ndarray):
@@ -223,6 +260,7 @@ class TileTask:
     noise_std: float
     image_indices: np.ndarray
     rank: int = 0
+    shared_first_layer: bool = False
     head: bool = False
     """Head members: only the output layer moves (network.head_forward); ``rank`` does not apply."""
 
@@ -256,7 +294,7 @@ def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask
                                                      task.image_indices)
     else:
         loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std,
-                                                task.image_indices, task.rank)
+                                                task.image_indices, task.rank, task.shared_first_layer)
     return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
 
 
