@@ -292,3 +292,23 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
         assert loss_sums[0] == results[0][0][j] and correct[0] == results[0][1][j]
         alone = evaluator().evaluate_head(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
         assert alone[0][0] == results[0][0][j]
+
+
+@pytest.mark.parametrize("variant", [{"rank": 1}, {"shared_first_layer": True}])
+def test_x_w1_is_reused_only_for_the_same_unmodified_theta_and_images(mnist, variant):
+    """Later tiles reuse x W1; a theta changed in place, or other images, must not see the old one."""
+    table = noise.make_table(7, 1 << 20)
+    make = lambda: PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")  # noqa: E731
+    offsets, signs = np.repeat(_members(2, seed=3)[0], 2), np.tile(np.array([1.0, -1.0], np.float32), 2)
+    theta = network.init_theta(0)
+    images = np.arange(64, dtype=np.int64)
+    ev = make()
+    first = ev.evaluate(theta, offsets, signs, 0.02, images, **variant)
+    assert np.array_equal(ev.evaluate(theta, offsets[2:], signs[2:], 0.02, images, **variant)[0], first[0][2:])
+    other_images = ev.evaluate(theta, offsets, signs, 0.02, images + 64, **variant)[0]
+    assert np.array_equal(other_images, make().evaluate(theta, offsets, signs, 0.02, images + 64, **variant)[0])
+    ev.evaluate(theta, offsets, signs, 0.02, images, **variant)
+    theta.mul_(1.5)  # an optimizer step in place: same object, new values
+    moved = ev.evaluate(theta, offsets, signs, 0.02, images, **variant)[0]
+    assert np.array_equal(moved, make().evaluate(theta, offsets, signs, 0.02, images, **variant)[0])
+    assert not np.array_equal(moved, first[0])

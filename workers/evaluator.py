@@ -72,6 +72,7 @@ class PopulationEvaluator:
         self.threads = max(1, threads or torch.get_num_threads())
         self._pool: ThreadPoolExecutor | None = None
         self._compiled_for: set[tuple[int, ...]] = set()
+        self._xw1: tuple | None = None  # (theta, key, x @ W1): see shared_xw1
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
@@ -122,9 +123,10 @@ class PopulationEvaluator:
         full-rank members' first layer from shared products (network.shared_first_layer_forward)."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         if shared_first_layer:
-            return self._evaluate_shared_first_layer(theta, offsets, scales, x, y)
+            xw1 = self.shared_xw1(theta, x, image_indices)
+            return self._evaluate_shared_first_layer(theta, offsets, scales, x, y, xw1)
         if rank:
-            one, many = self._low_rank_forwards(theta, offsets, scales, x, rank)
+            one, many = self._low_rank_forwards(theta, offsets, scales, x, rank, self.shared_xw1(theta, x, image_indices))
         else:
             one = lambda j: self.member_logits(theta, int(offsets[j]), scales[j], x)  # noqa: E731
             many = lambda part: self.logits(theta, offsets[part], scales[part], x)  # noqa: E731
@@ -137,11 +139,22 @@ class PopulationEvaluator:
                                        first_alone=self._first_of_shape((rank, *x.shape)))
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
-    def _evaluate_shared_first_layer(self, theta, offsets: np.ndarray, scales: torch.Tensor, x, y):
-        """``evaluate`` with x W1 computed once and x E1 once per run of members sharing a slice (an
-        antithetic pair): on CPU one run per thread; on CUDA per chunk, one batched matmul per distinct slice."""
+    def shared_xw1(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> torch.Tensor:
+        """x @ W1, which every low-rank or shared-first-layer member on these images shares. Kept for the
+        next tile while the same theta object, unmodified (its version counter), meets the same images:
+        a generation's later tiles on this worker reuse it. The same op on the same inputs either way,
+        so no bit depends on the reuse."""
+        key = (theta._version, x.shape, np.asarray(image_indices, dtype=np.int64).tobytes())
+        if self._xw1 is not None and self._xw1[0] is theta and self._xw1[1] == key:
+            return self._xw1[2]
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             xw1 = torch.mm(x, network.unflatten(theta)[0])
+        self._xw1 = (theta, key, xw1)
+        return xw1
+
+    def _evaluate_shared_first_layer(self, theta, offsets: np.ndarray, scales: torch.Tensor, x, y, xw1):
+        """``evaluate`` with x W1 given and x E1 computed once per run of members sharing a slice (an
+        antithetic pair): on CPU one run per thread; on CUDA per chunk, one batched matmul per distinct slice."""
         if self.batched:
             results = []
             step = self.chunk_size(len(y))
@@ -203,11 +216,9 @@ class PopulationEvaluator:
         self._compiled_for.add(key)
         return first
 
-    def _low_rank_forwards(self, theta, offsets, scales, x, rank: int):
-        """(one member j's logits, the logits of members[part]) for low-rank members, x W1 computed once."""
+    def _low_rank_forwards(self, theta, offsets, scales, x, rank: int, xw1: torch.Tensor):
+        """(one member j's logits, the logits of members[part]) for low-rank members sharing x W1."""
         length = network.noise_length(rank)
-        with network.single_threaded() if not self.batched else contextlib.nullcontext():
-            xw1 = torch.mm(x, network.unflatten(theta)[0])  # shared by every member: same images, same W1
 
         def forward(rows, member_scales):
             return network.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
