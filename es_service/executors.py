@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from es_service.plan import GenerationPlan, Tile
+from es_service.plan import GenerationPlan, Tile, merge_tiles
 from workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile
 
 
@@ -73,18 +73,20 @@ def resolve_device(preference: str) -> str:
 
 
 class LocalExecutor:
-    """The same evaluator, in this process, one tile after another."""
+    """The same evaluator, in this process: one call per shard over all its members (``merge_tiles``),
+    or one per planned tile."""
 
     def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str,
-                 fused: bool = False):
+                 fused: bool = False, merge_tiles: bool = True):
         self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused)
         self.device = device  # where the driver's update runs too
         self.table = self.evaluator.table
+        self.merge_tiles = merge_tiles
 
     def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:
         outcome = GenerationOutcome.empty(plan)
         theta = theta.to(self.evaluator.device)
-        for tile in plan.tiles:
+        for tile in merge_tiles(plan.tiles) if self.merge_tiles else plan.tiles:
             outcome.fill(tile, run_tile(self.evaluator, theta, make_task(plan, tile)))
         return outcome
 

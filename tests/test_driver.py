@@ -11,11 +11,12 @@ from es_service.executors import LocalExecutor
 from tests.conftest import tiny_config
 
 
-def run_local(config, mnist, run_dir, generations=None, state=None):
+def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     table = noise.make_table(noise_seed, config.noise.table_size)
-    executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu")
+    executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
+                             merge_tiles=merge_tiles)
     if state is None:
         state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
     trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
@@ -33,10 +34,12 @@ def test_same_config_and_seed_give_bitwise_same_theta(mnist, tmp_path):
 
 @pytest.mark.parametrize("rank", ["es.rank=0", "es.rank=1", "es.shared_first_layer=true"])
 def test_tile_size_does_not_change_theta(mnist, tmp_path, rank):
-    """members_per_tile 1 splits every antithetic pair: a shared first layer's members score the same alone."""
-    a = run_local(tiny_config("workers.members_per_tile=1", rank), mnist, tmp_path / "a")
-    b = run_local(tiny_config("workers.members_per_tile=8", rank), mnist, tmp_path / "b")
-    assert torch.equal(a.theta, b.theta)
+    """members_per_tile 1 splits every antithetic pair: a shared first layer's members score the same alone.
+    The local executor's merged call (one per shard) gives the same theta as its planned tiles."""
+    a = run_local(tiny_config("workers.members_per_tile=1", rank), mnist, tmp_path / "a", merge_tiles=False)
+    b = run_local(tiny_config("workers.members_per_tile=8", rank), mnist, tmp_path / "b", merge_tiles=False)
+    merged = run_local(tiny_config("workers.members_per_tile=1", rank), mnist, tmp_path / "merged")
+    assert torch.equal(a.theta, b.theta) and torch.equal(a.theta, merged.theta)
 
 
 @pytest.mark.parametrize("variant", [("es.rank=2",), ("es.shared_first_layer=true", "es.fitness_shaping=normalized")])

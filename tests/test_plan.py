@@ -43,6 +43,16 @@ def test_tile_size_does_not_change_anything_but_tiles():
     assert len(a.tiles) == 8 and len(b.tiles) == 2
 
 
+def test_merged_tiles_cover_each_shard_and_head_group_once():
+    plan = planning.make_plan(tiny_config("workers.members_per_tile=3", "es.batch_size=100", "es.shard_size=50",
+                                          "es.head_pop_size=12"), 1, 60000)
+    merged = planning.merge_tiles(plan.tiles)
+    assert len(plan.tiles) == 3 * 2 + 2 and len(merged) == 4
+    assert sorted((t.head, t.shard, t.member_start, t.member_stop) for t in merged) == [
+        (False, 0, 0, 8), (False, 1, 0, 8), (True, 0, 0, 12), (True, 1, 0, 12)]
+    assert [t.tile_id for t in merged] == [0, 1, 2, 3]
+
+
 def test_head_members_draw_from_their_own_stream_and_get_one_tile_per_shard():
     plain = planning.make_plan(tiny_config("es.batch_size=100", "es.shard_size=50"), 3, 60000)
     head = planning.make_plan(tiny_config("es.batch_size=100", "es.shard_size=50", "es.head_pop_size=12"), 3, 60000)
