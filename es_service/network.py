@@ -282,7 +282,11 @@ def _shared_first_layer(hidden1: Callable, ops: Epilogues) -> Callable:
     def members(xw1, xe1, tail, scale):
         b1, w2, b2, w3, b3 = unflatten(tail, first=1)
         batched = tail.dim() == 2
-        h1 = hidden1(xw1, xe1, scale, _bias(b1, batched))
+        if xe1.dim() == 4:  # (pairs, 1, B, 512): each x E1 serves the two members of its pair, no copy
+            pairs = xe1.shape[0]
+            h1 = hidden1(xw1, xe1, scale.reshape(pairs, 2, 1, 1), b1.reshape(pairs, 2, 1, -1)).flatten(0, 1)
+        else:
+            h1 = hidden1(xw1, xe1, scale, _bias(b1, batched))
         h2 = ops.hidden2(torch.matmul(h1, w2), _bias(b2, batched))
         return ops.logits(torch.matmul(h2, w3), _bias(b3, batched))
 
@@ -296,7 +300,8 @@ def shared_first_layer_forward(xw1: torch.Tensor, xe1: torch.Tensor, tail: torch
     W1_SIZE floats as a (784, 512) matrix) shared by the two members of an antithetic pair. The
     perturbed W1 is never built, and a pair's first layer costs one matmul instead of two.
     ``tail``: the members' perturbed parameters after W1 (b1 to b3), (N - W1_SIZE,) with a 0-d scale
-    and xe1 (B, 512), or (n, N - W1_SIZE) with scales (n,) and xe1 (n, B, 512).
+    and xe1 (B, 512), or (n, N - W1_SIZE) with scales (n,) and xe1 (n, B, 512), or (n / 2, 1, B, 512)
+    when members 2k and 2k + 1 are an antithetic pair (the same bits, without copying x E1 per member).
 
     The pre-activation differs from x @ (W1 + scale * E1) by rounding only; the epilogues (the flushes)
     are ``forward``'s, so the network is the same. Fused, each layer's elementwise work is one kernel,

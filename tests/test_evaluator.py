@@ -239,6 +239,10 @@ def test_shared_first_layer_batched_path_agrees_with_the_member_loop(mnist):
                     for f in (False, True))
     assert np.array_equal(eager[0], fused[0]) and np.array_equal(eager[1], fused[1])
     assert np.allclose(expected[0], fused[0], rtol=1e-4, atol=0) and np.abs(expected[1] - fused[1]).max() <= 1
+    # whole pairs take the no-copy layout (x E1 broadcast over each pair): the same bits as the copy
+    for f in (False, True):
+        pairs = batched[f].evaluate(theta, offsets[:6], signs[:6], 0.03, images, shared_first_layer=True)
+        assert np.array_equal(pairs[0], fused[0][:6]) and np.array_equal(pairs[1], fused[1][:6])
 
 
 @pytest.mark.parametrize("rank", [1, 2])

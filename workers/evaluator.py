@@ -157,12 +157,16 @@ class PopulationEvaluator:
         antithetic pair): on CPU one run per thread; on CUDA per chunk, one batched matmul per distinct slice."""
         if self.batched:
             results = []
-            step = self.chunk_size(len(y))
+            step = max(1, self.chunk_size(len(y)) // 2 * 2)  # even: chunks of whole pairs
             for start in range(0, len(offsets), step):
                 part = slice(start, start + step)
-                distinct, which = np.unique(offsets[part], return_inverse=True)
+                chunk = offsets[part]
+                pairs = len(chunk) % 2 == 0 and np.array_equal(chunk[0::2], chunk[1::2])
+                distinct, which = (chunk[0::2], None) if pairs else np.unique(chunk, return_inverse=True)
                 xe1 = torch.matmul(x, network.first_layer_noise(noise.slices(self.table, distinct, network.W1_SIZE)))
-                if len(distinct) < len(which):
+                if pairs:
+                    xe1 = xe1.unsqueeze(1)
+                elif len(distinct) < len(chunk):
                     xe1 = xe1.index_select(0, torch.as_tensor(which.reshape(-1), device=self.device))
                 tail = self.perturbed(theta, offsets[part], scales[part], start=network.W1_SIZE)
                 results.append(self._score(network.shared_first_layer_forward(
