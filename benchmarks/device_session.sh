@@ -6,6 +6,7 @@
 # A run dir carried in .devdata/seed_tfftz (untar the last session's seed_tfftz.tgz there) is resumed.
 # COMPARE_SETS="es.rank=1 es.pop_size=8192" trains runs/compare alongside the main run (same GPU, same
 # budget; SETS apply first). SIDE=0 skips the linear and backprop rows (already in docs/results).
+# INIT_FROM=.devdata/theta.pt starts the main run at that checkpoint's theta (es-service train --init-from).
 set -uo pipefail
 OUT=${OUT:-/tmp/devout}
 mkdir -p "$OUT" runs
@@ -42,8 +43,10 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
     rm -rf runs/seed_tfftz && cp -r .devdata/seed_tfftz runs/seed_tfftz
     $PY -m es_service.cli resume runs/seed_tfftz --executor local --time-budget "$MAIN_BUDGET"
   else
+    INIT=()
+    [ -n "${INIT_FROM:-}" ] && INIT=(--init-from "$INIT_FROM")
     $PY -m es_service.cli train --config "$CONFIG" --executor local --run-dir runs/seed_tfftz --force \
-        --time-budget "$MAIN_BUDGET" "${SMALL_ARGS[@]}"
+        --time-budget "$MAIN_BUDGET" "${INIT[@]}" "${SMALL_ARGS[@]}"
   fi
   log "main run exit $?"
   if [ -n "${COMPARE_PID:-}" ]; then wait "$COMPARE_PID"; log "compare run exit $?"; fi
