@@ -122,11 +122,12 @@ class PopulationEvaluator:
         r >= 1 makes the members low-rank (network.low_rank_forward); ``shared_first_layer`` computes
         full-rank members' first layer from shared products (network.shared_first_layer_forward)."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        if shared_first_layer:
+        if shared_first_layer or rank:
             xw1 = self.shared_xw1(theta, x, image_indices)
+        if shared_first_layer:
             return self._evaluate_shared_first_layer(theta, offsets, scales, x, y, xw1)
         if rank:
-            one, many = self._low_rank_forwards(theta, offsets, scales, x, rank, self.shared_xw1(theta, x, image_indices))
+            one, many = self._low_rank_forwards(theta, offsets, scales, x, rank, xw1)
         else:
             one = lambda j: self.member_logits(theta, int(offsets[j]), scales[j], x)  # noqa: E731
             many = lambda part: self.logits(theta, offsets[part], scales[part], x)  # noqa: E731
