@@ -143,6 +143,9 @@ class Config:
     """Generations to train."""
     data_dir: str | None = None
     """MNIST location (raw or .gz files); None: ES_DATA_DIR, the user cache, download, registry fallback."""
+    validation_size: int = 0
+    """The last N training images, held out: never in a minibatch or a backprop epoch, scored as
+    validation_accuracy with every evaluation of the center (0: none). Choose settings on it, not on test."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     es: ESConfig = field(default_factory=ESConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -296,6 +299,10 @@ def validate(config: Config) -> Config:
         not (es.shared_first_layer and config.network.arithmetic == "cpu-ftz"),
         "es.shared_first_layer with network.arithmetic 'cpu-ftz': a shared first layer needs the scaled "
         "frame (cpu-ftz runs at native scale); use tf-ftz or es.shared_first_layer: false",
+    )
+    _require(
+        0 <= config.validation_size <= 50000,
+        f"validation_size: {config.validation_size}; use 0 (none) up to 50000 (at least 10,000 images stay for training)",
     )
     _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
     _require(workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,13 +56,27 @@ class Mnist:
     test_images: torch.Tensor  # uint8 (10000, 28, 28)
     test_labels: torch.Tensor  # int64 (10000,)
     source: str
+    validation_images: torch.Tensor | None = None  # held out from the training images by ``hold_out``
+    validation_labels: torch.Tensor | None = None
+
+    def hold_out(self, count: int) -> "Mnist":
+        """The same data with the last ``count`` training images moved to a validation set (0: self)."""
+        if not count:
+            return self
+        keep = self.train_images.shape[0] - count
+        return replace(self, train_images=self.train_images[:keep], train_labels=self.train_labels[:keep],
+                       validation_images=self.train_images[keep:], validation_labels=self.train_labels[keep:])
 
     def eval_sets(self, device: str | torch.device, train_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{"train": (images, labels), "test": (...)} on ``device``, the first ``train_size`` training
-        images (all when None or 0): what the center's accuracy is measured on."""
+        images (all when None or 0), and "validation" when images are held out: what the center's
+        accuracy is measured on."""
         train = slice(None, train_size or None)
-        return {"train": (self.train_images[train].to(device), self.train_labels[train].to(device)),
+        sets = {"train": (self.train_images[train].to(device), self.train_labels[train].to(device)),
                 "test": (self.test_images.to(device), self.test_labels.to(device))}
+        if self.validation_images is not None:
+            sets["validation"] = (self.validation_images.to(device), self.validation_labels.to(device))
+        return sets
 
 
 def cache_dir() -> Path:

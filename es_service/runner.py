@@ -29,6 +29,7 @@ from es_service.progress import Progress
 from workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
+FINAL_ACCURACIES = ("train_accuracy", "test_accuracy", "validation_accuracy")  # what run.json's "final" keeps
 
 
 class UsageError(RuntimeError):
@@ -123,7 +124,7 @@ def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, da
     if not any(key.endswith("_accuracy") for key in record):
         record.update(trainer.evaluate_center())
     write_run_info(run_dir, status="finished" if finished else "paused", generation=trainer.generation,
-                   final={k: record[k] for k in ("train_accuracy", "test_accuracy") if k in record},
+                   final={k: record[k] for k in FINAL_ACCURACIES if k in record},
                    wall_s_total=sum(r["wall_s"] for r in read_metrics(run_dir / "metrics.jsonl")))
     return {"generation": trainer.generation, "run_dir": str(run_dir), **trainer.last_accuracy}
 
@@ -160,7 +161,7 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     check_run_dir(run_dir, force)
     theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
-    data = load_mnist(config.data_dir)
+    data = load_mnist(config.data_dir).hold_out(config.validation_size)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     from es_service.strategy import AdamES
 
@@ -194,7 +195,7 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
         raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     set_process_arithmetic(config.network.arithmetic)
-    data = load_mnist(config.data_dir)
+    data = load_mnist(config.data_dir).hold_out(config.validation_size)
     train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
     return _train(config, run_dir, train_state, state["noise"]["seed"], data, address, stop_after, time_budget_s, quiet)
 
@@ -208,7 +209,7 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     theta, origin = initial_theta(config, init_from)
-    data = load_mnist(config.data_dir)
+    data = load_mnist(config.data_dir).hold_out(config.validation_size)
     device = resolve_device(device)
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     method = "backprop" if gradient == "masked" else f"backprop ({gradient})"
@@ -216,7 +217,7 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     record = train_backprop(config, run_dir, data, device, epochs, learning_rate=learning_rate,
                             time_budget_s=time_budget_s, gradient=gradient, theta=theta)
     write_run_info(run_dir, status="finished", generation=record["generation"],
-                   final={k: record[k] for k in ("train_accuracy", "test_accuracy")})
+                   final={k: record[k] for k in FINAL_ACCURACIES if k in record})
     _plot(run_dir)
     return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", "train_accuracy", "test_accuracy")}}
 
@@ -225,7 +226,7 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
     state = checkpoint.load(path)
     config: Config = state["config"]
     set_process_arithmetic(config.network.arithmetic)
-    data = load_mnist(data_dir or config.data_dir)
+    data = load_mnist(data_dir or config.data_dir).hold_out(config.validation_size)
     device = resolve_device(device)
     if config.network.arithmetic == "cpu-ftz":
         device = "cpu"

@@ -82,6 +82,20 @@ def test_init_from_starts_a_new_run_at_another_runs_theta(tmp_path, mnist):
     assert not torch.equal(theta_of(tmp_path / "b"), start)
 
 
+def test_validation_images_are_held_out_and_scored(tmp_path, mnist):
+    config = write_config(tmp_path / "v.yaml", generations=2, validation_size=50000)
+    cli("train", "--config", config, "--run-dir", tmp_path / "v", "--quiet")
+    last = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 < last["validation_accuracy"] < 1
+    assert json.loads((tmp_path / "v" / "run.json").read_text())["final"]["validation_accuracy"] == last["validation_accuracy"]
+    evaluated = json.loads(cli("eval", tmp_path / "v" / "checkpoint.pt").stdout)
+    assert evaluated["validation_accuracy"] == last["validation_accuracy"]
+    # minibatches come from the first 10,000 images only: the in-process run on those gives the same theta
+    held_out = run_local(tiny_config("generations=2", "validation_size=50000"), mnist.hold_out(50000), tmp_path / "in")
+    assert torch.equal(theta_of(tmp_path / "v"), held_out.theta)
+    assert not torch.equal(held_out.theta, run_local(tiny_config("generations=2"), mnist, tmp_path / "all").theta)
+
+
 def _start_and_wait(config, run_dir, min_lines):
     proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", "train", "--config", str(config),
                              "--run-dir", str(run_dir), "--quiet"],

@@ -236,6 +236,8 @@ RANGE_CASES = {
     "zero eval interval": (["eval.every=0"], ["eval.every", "0", ">= 1"]),
     "eval train size above MNIST": (["eval.train_size=60001"], ["eval.train_size", "60001", "up to 60000"]),
     "zero checkpoint interval": (["checkpoint.every=0"], ["checkpoint.every", "0", ">= 1"]),
+    "negative validation": (["validation_size=-1"], ["validation_size", "-1", "0 (none) up to 50000"]),
+    "validation leaving too little training": (["validation_size=50001"], ["validation_size", "50001", "10,000"]),
 }
 
 
@@ -258,6 +260,7 @@ def test_range_errors(overrides, parts):
     ["es.rank=1", "network.arithmetic=linear"],
     ["es.rank=64"],
     ["es.shared_first_layer=true", "network.arithmetic=linear", "es.antithetic=false", "es.pop_size=3"],
+    ["validation_size=0", "validation_size=50000"],
 ])
 def test_boundary_values_are_accepted(overrides):
     config = from_dict(TINY, overrides)

