@@ -83,6 +83,7 @@ def shared_first_layer_ceiling(evaluator, theta: torch.Tensor, offsets: np.ndarr
     _, w2, _, w3, _ = network.unflatten(tails, first=1)
     distinct, which = np.unique(offsets, return_inverse=True)
     e1 = network.first_layer_noise(noise.slices(evaluator.table, distinct, network.W1_SIZE))
+    sharers = [np.flatnonzero(which.reshape(-1) == k) for k in range(len(distinct))]  # members of each slice
     which = torch.as_tensor(which.reshape(-1), device=x.device)
 
     def run():
@@ -92,7 +93,7 @@ def shared_first_layer_ceiling(evaluator, theta: torch.Tensor, offsets: np.ndarr
 
         def pair(k: int):
             xe1 = torch.mm(x, e1[k])
-            return [torch.mm(torch.mm(xw1 + xe1, w2[j]), w3[j]) for j in np.flatnonzero(which.cpu().numpy() == k)]
+            return [torch.mm(torch.mm(xw1 + xe1, w2[j]), w3[j]) for j in sharers[k]]
 
         return evaluator.map_members(pair, len(distinct))
 

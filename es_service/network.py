@@ -269,15 +269,6 @@ def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, sca
     return epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), head[:, -LAYER_SIZES[-1] :].unsqueeze(-2))
 
 
-def _corrected(epilogue: Callable) -> Callable:
-    """A layer's epilogue with the matmul's correction ``u * v`` added first (one fused kernel compiled)."""
-
-    def layer(z, u, v, b):
-        return epilogue(z + u * v, b)
-
-    return layer
-
-
 def _shared_first_layer(hidden1: Callable, ops: Epilogues) -> Callable:
     def members(xw1, xe1, tail, scale):
         b1, w2, b2, w3, b3 = unflatten(tail, first=1)
@@ -371,13 +362,23 @@ def low_rank_dense(noise: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _corrected(epilogue: Callable) -> Callable:
+    """A layer's epilogue with the matmul's correction ``u * v`` added first (one fused kernel compiled)."""
+
+    def layer(z, u, v, b):
+        return epilogue(z + u * v, b)
+
+    return layer
+
+
 def _low_rank_epilogue(epilogue: Callable) -> Callable:
     """A layer's epilogue after a low-rank member's matmuls: the correction u * v (see
     ``low_rank_correction``) and the bias perturbation join the flushing chain. Compiled, that is one
     kernel; every step rounds as in eager (FMA contraction is off, see TRITON_DEFAULT_FP_FUSION)."""
+    corrected = _corrected(epilogue)
 
     def layer(z, u, v, b, e, scale):
-        return epilogue(z + u * v, perturb(b, e, scale))
+        return corrected(z, u, v, perturb(b, e, scale))
 
     return layer
 

@@ -36,6 +36,11 @@ class UsageError(RuntimeError):
     """A bad argument or path, phrased with the fix."""
 
 
+def load_data(config: Config, data_dir: str | None = None):
+    """MNIST for a run: from ``data_dir`` or the config's, with ``validation_size`` images held out."""
+    return load_mnist(data_dir or config.data_dir).hold_out(config.validation_size)
+
+
 def default_run_dir(config_path: str | Path) -> Path:
     return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -161,7 +166,7 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     check_run_dir(run_dir, force)
     theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
-    data = load_mnist(config.data_dir).hold_out(config.validation_size)
+    data = load_data(config)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     from es_service.strategy import AdamES
 
@@ -195,7 +200,7 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
         raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     set_process_arithmetic(config.network.arithmetic)
-    data = load_mnist(config.data_dir).hold_out(config.validation_size)
+    data = load_data(config)
     train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
     return _train(config, run_dir, train_state, state["noise"]["seed"], data, address, stop_after, time_budget_s, quiet)
 
@@ -209,7 +214,7 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     theta, origin = initial_theta(config, init_from)
-    data = load_mnist(config.data_dir).hold_out(config.validation_size)
+    data = load_data(config)
     device = resolve_device(device)
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     method = "backprop" if gradient == "masked" else f"backprop ({gradient})"
@@ -226,7 +231,7 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
     state = checkpoint.load(path)
     config: Config = state["config"]
     set_process_arithmetic(config.network.arithmetic)
-    data = load_mnist(data_dir or config.data_dir).hold_out(config.validation_size)
+    data = load_data(config, data_dir)
     device = resolve_device(device)
     if config.network.arithmetic == "cpu-ftz":
         device = "cpu"
