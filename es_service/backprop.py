@@ -92,8 +92,9 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
                 "time": time.time(),
             }
         log.append(record)
+        held_out = f" validation {record['validation_accuracy']:.4f}" if "validation_accuracy" in record else ""
         print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} train {record['train_accuracy']:.4f} "
-              f"test {record['test_accuracy']:.4f}", flush=True)
+              f"test {record['test_accuracy']:.4f}{held_out}", flush=True)
         if time_budget_s is not None and time.monotonic() - started > time_budget_s:
             break
     state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), record["generation"],

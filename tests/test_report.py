@@ -22,13 +22,14 @@ def small_mnist(mnist):
                                train_labels=mnist.train_labels[:3000])
 
 
-def test_backprop_learns_and_writes_a_run(small_mnist, tmp_path):
+def test_backprop_learns_and_writes_a_run(small_mnist, tmp_path, capsys):
     run_dir = tmp_path / "bp"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"method": "backprop", "status": "finished", "device": "cpu"}))
     (run_dir / "config.yaml").write_text("network: {arithmetic: tf-ftz}\n")
     record = train_backprop(tiny_config(), run_dir, small_mnist, "cpu", epochs=2, batch_size=100)
     assert record["test_accuracy"] > 0.6 and record["validation_accuracy"] > 0.6 and record["generation"] == 2
+    assert f"validation {record['validation_accuracy']:.4f}" in capsys.readouterr().out.splitlines()[-1]
     assert checkpoint.load(run_dir / "checkpoint.pt")["generation"] == 2
     es_dir = tmp_path / "es"
     run_local(tiny_config(), small_mnist, es_dir)
