@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import device_facts, write_json
-from es_service import network, noise, plan as planning
+from es_service import noise, plan as planning
 from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     set_process_arithmetic(base.network.arithmetic)
     data = load_mnist(base.data_dir)
     table = noise.make_table(planning.derive_seed(base.seed, planning.STREAM_NOISE), base.noise.table_size)
-    theta0 = network.init_theta(planning.derive_seed(base.seed, planning.STREAM_INIT))
+    theta0 = planning.seed_theta(base.seed)
     ray = None
     rows = []
     try:

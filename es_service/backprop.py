@@ -60,7 +60,7 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
     arithmetic = config.network.arithmetic
     logits_of = logits_fn(arithmetic, gradient)
     if theta is None:
-        theta = network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT))
+        theta = planning.seed_theta(config.seed)
     theta = theta.detach().clone().to(device)
     theta.requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=learning_rate)
@@ -92,9 +92,9 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
                 "time": time.time(),
             }
         log.append(record)
-        held_out = f" validation {record['validation_accuracy']:.4f}" if "validation_accuracy" in record else ""
-        print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} train {record['train_accuracy']:.4f} "
-              f"test {record['test_accuracy']:.4f}{held_out}", flush=True)
+        scores = " ".join(f"{key.removesuffix('_accuracy')} {value:.4f}" for key, value in record.items()
+                          if key.endswith("_accuracy"))
+        print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} {scores}", flush=True)
         if time_budget_s is not None and time.monotonic() - started > time_budget_s:
             break
     state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), record["generation"],

@@ -269,6 +269,15 @@ def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, sca
     return epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), head[:, -LAYER_SIZES[-1] :].unsqueeze(-2))
 
 
+def _corrected(epilogue: Callable) -> Callable:
+    """A layer's epilogue with the matmul's correction ``u * v`` added first (one fused kernel compiled)."""
+
+    def layer(z, u, v, b):
+        return epilogue(z + u * v, b)
+
+    return layer
+
+
 def _shared_first_layer(hidden1: Callable, ops: Epilogues) -> Callable:
     def members(xw1, xe1, tail, scale):
         b1, w2, b2, w3, b3 = unflatten(tail, first=1)
@@ -360,15 +369,6 @@ def low_rank_dense(noise: torch.Tensor, rank: int) -> torch.Tensor:
     for a, b, e in low_rank_factors(noise, rank):
         parts += [(a @ b.T * rank**-0.5).flatten(), e]
     return torch.cat(parts)
-
-
-def _corrected(epilogue: Callable) -> Callable:
-    """A layer's epilogue with the matmul's correction ``u * v`` added first (one fused kernel compiled)."""
-
-    def layer(z, u, v, b):
-        return epilogue(z + u * v, b)
-
-    return layer
 
 
 def _low_rank_epilogue(epilogue: Callable) -> Callable:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from es_service import noise, strategy
+import torch
+
+from es_service import network, noise, strategy
 from es_service.config import Config
 
 STREAM_INIT, STREAM_NOISE, STREAM_GENERATION, STREAM_HEAD = 1, 2, 3, 4
@@ -20,6 +22,11 @@ STREAM_INIT, STREAM_NOISE, STREAM_GENERATION, STREAM_HEAD = 1, 2, 3, 4
 def derive_seed(seed: int, stream: int) -> int:
     """An independent 63-bit seed for one purpose (init, noise table, generations, head members)."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def seed_theta(seed: int) -> torch.Tensor:
+    """The seed's initialisation for a run whose config says ``seed``: every run, ES or backprop, starts here."""
+    return network.init_theta(derive_seed(seed, STREAM_INIT))
 
 
 @dataclass(frozen=True)

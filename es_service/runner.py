@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from es_service import checkpoint, network, noise, plan as planning
+from es_service import checkpoint, noise, plan as planning
 from es_service.config import Config, ConfigError, from_dict
 from es_service.data import load_mnist
 from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
@@ -147,7 +147,7 @@ def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor,
     """The seed's initialisation, or the theta of the checkpoint ``init_from`` (with where it came from,
     for run.json). Only theta is taken: the new run starts its own optimizer and schedules."""
     if init_from is None:
-        return network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None
+        return planning.seed_theta(config.seed), None
     try:
         state = checkpoint.load(init_from)
     except checkpoint.CheckpointError as err:
@@ -224,7 +224,7 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     write_run_info(run_dir, status="finished", generation=record["generation"],
                    final={k: record[k] for k in FINAL_ACCURACIES if k in record})
     _plot(run_dir)
-    return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", "train_accuracy", "test_accuracy")}}
+    return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", *FINAL_ACCURACIES) if k in record}}
 
 
 def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:

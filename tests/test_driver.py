@@ -18,7 +18,7 @@ def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=
     executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
                              merge_tiles=merge_tiles)
     if state is None:
-        state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
+        state = TrainState(planning.seed_theta(config.seed), None, 0)
     trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
     trainer.run(stop_after=generations)
     return trainer
@@ -70,7 +70,7 @@ def test_head_members_move_only_the_output_layer_estimate(mnist, tmp_path):
 
 def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):
     trainer = run_local(tiny_config(), mnist, tmp_path)
-    assert not torch.equal(trainer.theta, network.init_theta(planning.derive_seed(3, planning.STREAM_INIT)))
+    assert not torch.equal(trainer.theta, planning.seed_theta(3))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert '"test_accuracy"' in lines[1] and '"test_accuracy"' not in lines[0]  # eval.every = 2

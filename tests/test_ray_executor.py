@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from es_service import network, noise, plan as planning
+from es_service import noise, plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
 from tests.conftest import tiny_config
@@ -23,7 +23,7 @@ def make_trainer(config, mnist, run_dir):
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     table = noise.make_table(noise_seed, config.noise.table_size)
     executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
-    state = TrainState(network.init_theta(planning.derive_seed(config.seed, planning.STREAM_INIT)), None, 0)
+    state = TrainState(planning.seed_theta(config.seed), None, 0)
     return Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
 
 

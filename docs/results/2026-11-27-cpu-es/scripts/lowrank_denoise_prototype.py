@@ -13,7 +13,7 @@ orig_step = driver.Trainer.step
 def step(self, evaluate=False):
     global init
     if init is None:
-        init = network.unflatten(network.init_theta(driver.planning.derive_seed(self.config.seed, driver.planning.STREAM_INIT)))
+        init = network.unflatten(driver.planning.seed_theta(self.config.seed))
     record = orig_step(self, evaluate)
     if self.generation % EVERY == 0:
         params = network.unflatten(self.adam.theta.data)
