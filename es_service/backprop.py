@@ -21,13 +21,11 @@ from typing import Callable
 import torch
 
 from es_service import checkpoint, network, plan as planning
-from es_service.config import Config
+from es_service.config import GRADIENTS, Config
 from es_service.driver import CHECKPOINT_NAME
 from es_service.metrics import MetricsLog
 from workers.evaluator import center_accuracies
 
-
-GRADIENTS = ("masked", "straight-through")
 
 
 def straight_through(flushing: Callable, linear: Callable) -> Callable:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from es_service import jobs
+from es_service.config import DEVICES, GRADIENTS
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     backprop.add_argument("--epochs", type=_positive_int, default=10)
     backprop.add_argument("--learning-rate", type=_positive_float, default=1e-3)
     backprop.add_argument("--time-budget", type=_positive_float, metavar="SECONDS")
-    backprop.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    backprop.add_argument("--gradient", choices=("masked", "straight-through"), default="masked",
+    backprop.add_argument("--device", choices=DEVICES, default="auto")
+    backprop.add_argument("--gradient", choices=GRADIENTS, default="masked",
                           help="masked: autograd through the flushes (flushed elements pass no gradient); "
                                "straight-through: the linear network's gradient, as the seed's TensorFlow computed it")
     _init_from_option(backprop)

@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 DECAY_MODES = ("l2", "decoupled")
 SHAPINGS = ("centered_rank", "normalized")
+GRADIENTS = ("masked", "straight-through")  # backprop's gradients; see es_service/backprop.py
 MAX_RANK = 64  # far past where low rank pays: a rank-64 member already reads 27% of a full slice
 
 
@@ -136,6 +137,23 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    epochs: int = 0
+    """Backprop epochs (torch autograd + Adam, on the run's training images) before ES; ES starts from
+    their theta, not the seed's initialisation. 0: no warm start (ES from scratch)."""
+    learning_rate: float = 0.001
+    """Adam step size of those epochs."""
+    finetune_epochs: int = 0
+    """Then this many more epochs with a fresh Adam at finetune_learning_rate (0: none)."""
+    finetune_learning_rate: float = 0.0001
+    """Adam step size of the fine-tuning epochs."""
+    batch_size: int = 128
+    """Images per backprop step."""
+    gradient: str = "masked"
+    """masked: autograd through the flushes; straight-through: the linear network's (the seed's TensorFlow gradient)."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     """Base seed: noise table, member offsets and minibatches all derive from it."""
@@ -152,6 +170,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,8 +358,32 @@ def validate(config: Config) -> Config:
         0 <= config.eval.train_size <= 60000,
         f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to 60000",
     )
+    _validate_warm_start(config)
     _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")
     return config
+
+
+def _validate_warm_start(config: Config) -> None:
+    warm = config.warm_start
+    for name in ("epochs", "finetune_epochs"):
+        value = getattr(warm, name)
+        _require(value >= 0, f"warm_start.{name}: {value}; use 0 (none) or a positive number of epochs")
+    _require(
+        not (warm.finetune_epochs and not warm.epochs),
+        f"warm_start.finetune_epochs: {warm.finetune_epochs} with warm_start.epochs 0: fine-tuning follows "
+        "the first backprop epochs; set warm_start.epochs >= 1, or finetune_epochs: 0",
+    )
+    for name in ("learning_rate", "finetune_learning_rate"):
+        value = getattr(warm, name)
+        _require(0 < value < math.inf, f"warm_start.{name}: {value}; use a finite number > 0")
+    _require(1 <= warm.batch_size <= 60000,
+             f"warm_start.batch_size: {warm.batch_size}; use an integer from 1 to 60000 (the MNIST training set)")
+    _require(warm.gradient in GRADIENTS, f"warm_start.gradient: {warm.gradient!r}; allowed: {', '.join(GRADIENTS)}")
+    _require(
+        not (warm.epochs and config.network.arithmetic == "cpu-ftz"),
+        "warm_start with network.arithmetic 'cpu-ftz': backprop supports tf-ftz and linear (autograd); "
+        "use tf-ftz or warm_start.epochs: 0",
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

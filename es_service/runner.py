@@ -7,6 +7,7 @@ and is never replaced without ``force``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import torch
 import yaml
 
 from es_service import checkpoint, noise, plan as planning
-from es_service.config import Config, ConfigError, from_dict
+from es_service.config import Config, ConfigError, WarmStartConfig, from_dict
 from es_service.data import load_mnist
 from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
@@ -78,7 +79,7 @@ def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
     try:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_run_info(tmp, status="created", created=time.time(), torch=torch.__version__, **info)
+        write_run_info(tmp, **{"status": "created", "created": time.time(), "torch": torch.__version__, **info})
         if state is not None:
             checkpoint.save(state, tmp / CHECKPOINT_NAME)
         if run_dir.exists() and force:
@@ -164,17 +165,45 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
           stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False,
           init_from: Path | None = None) -> dict:
     check_run_dir(run_dir, force)
+    if init_from is not None and config.warm_start.epochs:
+        print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
+        config = dataclasses.replace(config, warm_start=WarmStartConfig())
     theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
     data = load_data(config)
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     from es_service.strategy import AdamES
 
+    if config.warm_start.epochs:
+        create_run_dir(run_dir, config, None, force, status="warm start")
+        theta, origin = warm_start(config, run_dir, theta, data)
     adam = AdamES.from_config(theta, config.es)
     state = checkpoint.build(config, theta, adam.state_dict(), 0, noise_seed)
-    create_run_dir(run_dir, config, state, force, init_from=origin)
+    if config.warm_start.epochs:
+        checkpoint.save(state, run_dir / CHECKPOINT_NAME)
+        write_run_info(run_dir, status="created", init_from=origin)
+    else:
+        create_run_dir(run_dir, config, state, force, init_from=origin)
     return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, address,
                   stop_after, time_budget_s, quiet)
+
+
+def warm_start(config: Config, run_dir: Path, theta: torch.Tensor, data) -> tuple[torch.Tensor, dict]:
+    """``config.warm_start``'s backprop stages, each a run directory under ``run_dir/warm_start/``
+    (``es-service report`` reads them); returns the last stage's theta and where it came from."""
+    warm = config.warm_start
+    stages = [("backprop", warm.epochs, warm.learning_rate),
+              ("finetune", warm.finetune_epochs, warm.finetune_learning_rate)]
+    device = resolve_device(config.workers.device)
+    origin = None
+    for name, epochs, learning_rate in stages:
+        if not epochs:
+            continue
+        stage_dir = run_dir / "warm_start" / name
+        _backprop_run(config, stage_dir, False, data, device, epochs, learning_rate, None, warm.gradient,
+                      theta, origin, warm.batch_size)
+        theta, origin = initial_theta(config, stage_dir / CHECKPOINT_NAME)
+    return theta, origin
 
 
 def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
@@ -182,6 +211,9 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
     path = run_dir / CHECKPOINT_NAME
     if not run_dir.is_dir():
         raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
+    if not path.exists() and (run_dir / "warm_start").is_dir():
+        raise UsageError(f"run {str(run_dir)!r} stopped during its warm start (backprop), before ES began: there is "
+                         "nothing to resume; start it again with `es-service train ... --force`")
     state = checkpoint.load(path)
     config: Config = state["config"]
     for text in overrides:
@@ -208,23 +240,29 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
 def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_rate: float,
              time_budget_s: float | None, device: str, gradient: str = "masked", init_from: Path | None = None) -> dict:
     """The ablation's backprop row, in a run directory of the usual format."""
-    from es_service.backprop import train_backprop
-
     check_run_dir(run_dir, force)
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     theta, origin = initial_theta(config, init_from)
-    data = load_data(config)
-    device = resolve_device(device)
+    record = _backprop_run(config, run_dir, force, load_data(config), resolve_device(device), epochs, learning_rate,
+                           time_budget_s, gradient, theta, origin)
+    return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", *FINAL_ACCURACIES) if k in record}}
+
+
+def _backprop_run(config: Config, run_dir: Path, force: bool, data, device: str, epochs: int, learning_rate: float,
+                  time_budget_s: float | None, gradient: str, theta: torch.Tensor, origin: dict | None,
+                  batch_size: int = 128) -> dict:
+    from es_service.backprop import train_backprop
+
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     method = "backprop" if gradient == "masked" else f"backprop ({gradient})"
     create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}", init_from=origin)
-    record = train_backprop(config, run_dir, data, device, epochs, learning_rate=learning_rate,
+    record = train_backprop(config, run_dir, data, device, epochs, batch_size=batch_size, learning_rate=learning_rate,
                             time_budget_s=time_budget_s, gradient=gradient, theta=theta)
     write_run_info(run_dir, status="finished", generation=record["generation"],
                    final={k: record[k] for k in FINAL_ACCURACIES if k in record})
     _plot(run_dir)
-    return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", *FINAL_ACCURACIES) if k in record}}
+    return record
 
 
 def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:

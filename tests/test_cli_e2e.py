@@ -96,6 +96,47 @@ def test_validation_images_are_held_out_and_scored(tmp_path, mnist):
     assert not torch.equal(held_out.theta, run_local(tiny_config("generations=2"), mnist, tmp_path / "all").theta)
 
 
+def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
+    """warm_start's backprop stages, then ES, in one command: the same theta, bit for bit, as backprop,
+    backprop --init-from (fine-tuning), then train --init-from. 10,000 training images keep epochs short."""
+    warm = {"epochs": 2, "learning_rate": 0.001, "finetune_epochs": 1, "finetune_learning_rate": 0.0001}
+    config = write_config(tmp_path / "h.yaml", generations=2, validation_size=50000, warm_start=warm)
+    one = tmp_path / "one"
+    cli("train", "--config", config, "--run-dir", one, "--quiet")
+    stages = [json.loads((one / "warm_start" / name / "run.json").read_text()) for name in ("backprop", "finetune")]
+    assert [s["generation"] for s in stages] == [2, 1] and stages[0]["final"]["validation_accuracy"] > 0.5
+    cli("backprop", "--config", config, "--run-dir", tmp_path / "bp", "--epochs", 2, "--device", "cpu")
+    cli("backprop", "--config", config, "--run-dir", tmp_path / "ft", "--epochs", 1, "--learning-rate", 0.0001,
+        "--device", "cpu", "--init-from", tmp_path / "bp" / "checkpoint.pt")
+    assert torch.equal(theta_of(one / "warm_start" / "finetune"), theta_of(tmp_path / "ft"))
+    three = tmp_path / "three"
+    result = cli("train", "--config", config, "--run-dir", three, "--init-from", tmp_path / "ft" / "checkpoint.pt",
+                 "--quiet")
+    assert "warm_start skipped" in result.stdout
+    assert yaml.safe_load((three / "config.yaml").read_text())["warm_start"]["epochs"] == 0
+    assert not (three / "warm_start").exists()
+    assert torch.equal(theta_of(one), theta_of(three))
+    assert not torch.equal(theta_of(one), theta_of(tmp_path / "ft"))
+    origin = json.loads((one / "run.json").read_text())["init_from"]
+    assert origin["checkpoint"] == str((one / "warm_start" / "finetune" / "checkpoint.pt").resolve())
+
+
+def test_a_run_stopped_in_its_warm_start_cannot_resume(tmp_path):
+    config = write_config(tmp_path / "h.yaml", validation_size=50000, warm_start={"epochs": 500})
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", "train", "--config", str(config),
+                             "--run-dir", str(run), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "warm_start" / "backprop" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert metrics.read_text() and not (run / "checkpoint.pt").exists()
+    result = cli("resume", run, check=False)
+    assert result.returncode == 2 and "during its warm start" in result.stderr and "--force" in result.stderr
+
+
 def _start_and_wait(config, run_dir, min_lines):
     proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", "train", "--config", str(config),
                              "--run-dir", str(run_dir), "--quiet"],

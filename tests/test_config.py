@@ -238,6 +238,13 @@ RANGE_CASES = {
     "zero checkpoint interval": (["checkpoint.every=0"], ["checkpoint.every", "0", ">= 1"]),
     "negative validation": (["validation_size=-1"], ["validation_size", "-1", "0 (none) up to 50000"]),
     "validation leaving too little training": (["validation_size=50001"], ["validation_size", "50001", "10,000"]),
+    "negative warm-start epochs": (["warm_start.epochs=-1"], ["warm_start.epochs", "-1", "0 (none)"]),
+    "fine-tuning without warm start": (["warm_start.finetune_epochs=10"],
+                                       ["warm_start.finetune_epochs", "10", "warm_start.epochs 0", ">= 1"]),
+    "zero warm-start step": (["warm_start.epochs=1", "warm_start.learning_rate=0"], ["warm_start.learning_rate", "> 0"]),
+    "zero warm-start batch": (["warm_start.batch_size=0"], ["warm_start.batch_size", "0", "1 to 60000"]),
+    "unknown warm-start gradient": (["warm_start.gradient=sign"], ["warm_start.gradient", "'sign'", "masked", "straight-through"]),
+    "warm start with cpu-ftz": (["warm_start.epochs=1", "network.arithmetic=cpu-ftz"], ["warm_start", "cpu-ftz", "tf-ftz"]),
 }
 
 
