@@ -6,7 +6,9 @@
 # A run dir carried in .devdata/seed_tfftz (untar the last session's seed_tfftz.tgz there) is resumed.
 # COMPARE_SETS="es.rank=1 es.pop_size=8192" trains runs/compare alongside the main run (same GPU, same
 # budget; SETS apply first). SIDE=0 skips the linear and backprop rows (already in docs/results).
-# INIT_FROM=.devdata/theta.pt starts the main run at that checkpoint's theta (es-service train --init-from).
+# INIT_FROM=.devdata/theta.pt starts the main run at that checkpoint's theta (es-service train --init-from;
+# it skips a config's warm_start). CONFIG=configs/mnist_es_finetune.yaml without INIT_FROM runs the whole
+# hybrid there: its warm_start backprop epochs on the GPU, then ES (--time-budget bounds the ES stage only).
 set -uo pipefail
 OUT=${OUT:-/tmp/devout}
 mkdir -p "$OUT" runs
