@@ -28,16 +28,21 @@ def summarize(run_dir: Path) -> dict:
         arithmetic = yaml.safe_load((run_dir / "config.yaml").read_text())["network"]["arithmetic"]
     except Exception:
         arithmetic = "?"
+    method, wall_s = info.get("method", "es"), sum(r.get("wall_s", 0.0) for r in records)
+    stages = [read_metrics(path) for path in sorted(run_dir.glob("warm_start/*/metrics.jsonl"))]  # backprop, finetune
+    if stages:  # a hybrid: its warm start's epochs and time belong to the row
+        method += f" after {'+'.join(str(len(epochs)) for epochs in stages)} backprop epochs"
+        wall_s += sum(r.get("wall_s", 0.0) for epochs in stages for r in epochs)
     return {
         "run": run_dir.name,
-        "method": info.get("method", "es"),
+        "method": method,
         "arithmetic": arithmetic,
         "train_accuracy": last.get("train_accuracy"),
         "test_accuracy": last.get("test_accuracy"),
         "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
         "test_accuracy_unflushed": last.get("test_accuracy_unflushed"),
         "generations": records[-1]["generation"] if records else 0,
-        "wall_s": sum(r.get("wall_s", 0.0) for r in records),
+        "wall_s": wall_s,
         "device": info.get("device", "?"),
         "status": info.get("status", "?"),
     }

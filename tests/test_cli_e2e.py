@@ -119,6 +119,8 @@ def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
     assert not torch.equal(theta_of(one), theta_of(tmp_path / "ft"))
     origin = json.loads((one / "run.json").read_text())["init_from"]
     assert origin["checkpoint"] == str((one / "warm_start" / "finetune" / "checkpoint.pt").resolve())
+    table = cli("report", one, three, "--plot", tmp_path / "r.png").stdout
+    assert "| one | es after 2+1 backprop epochs |" in table and "| three | es |" in table
 
 
 def test_a_run_stopped_in_its_warm_start_cannot_resume(tmp_path):
