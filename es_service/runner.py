@@ -174,12 +174,13 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     from es_service.strategy import AdamES
 
-    if config.warm_start.epochs:
+    warm = config.warm_start.epochs > 0
+    if warm:  # the directory appears first, to hold the stages; its ES checkpoint comes after them
         create_run_dir(run_dir, config, None, force, status="warm start")
         theta, origin = warm_start(config, run_dir, theta, data)
     adam = AdamES.from_config(theta, config.es)
     state = checkpoint.build(config, theta, adam.state_dict(), 0, noise_seed)
-    if config.warm_start.epochs:
+    if warm:
         checkpoint.save(state, run_dir / CHECKPOINT_NAME)
         write_run_info(run_dir, status="created", init_from=origin)
     else:
@@ -200,8 +201,8 @@ def warm_start(config: Config, run_dir: Path, theta: torch.Tensor, data) -> tupl
         if not epochs:
             continue
         stage_dir = run_dir / "warm_start" / name
-        _backprop_run(config, stage_dir, False, data, device, epochs, learning_rate, None, warm.gradient,
-                      theta, origin, warm.batch_size)
+        _backprop_run(config, stage_dir, False, data, device, epochs, learning_rate, time_budget_s=None,
+                      gradient=warm.gradient, theta=theta, origin=origin, batch_size=warm.batch_size)
         theta, origin = initial_theta(config, stage_dir / CHECKPOINT_NAME)
     return theta, origin
 
