@@ -358,6 +358,11 @@ def validate(config: Config) -> Config:
         0 <= config.eval.train_size <= 60000,
         f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to 60000",
     )
+    _require(
+        config.eval.train_size <= 60000 - config.validation_size,
+        f"eval.train_size: {config.eval.train_size} is more than the {60000 - config.validation_size} training "
+        f"images validation_size {config.validation_size} leaves; use 0 (all of them) or a smaller number",
+    )
     _validate_warm_start(config)
     _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")
     return config

@@ -238,6 +238,8 @@ RANGE_CASES = {
     "zero checkpoint interval": (["checkpoint.every=0"], ["checkpoint.every", "0", ">= 1"]),
     "negative validation": (["validation_size=-1"], ["validation_size", "-1", "0 (none) up to 50000"]),
     "validation leaving too little training": (["validation_size=50001"], ["validation_size", "50001", "10,000"]),
+    "eval train size above what validation leaves": (["validation_size=10000", "eval.train_size=55000"],
+                                                     ["eval.train_size", "55000", "50000", "validation_size", "0 (all"]),
     "negative warm-start epochs": (["warm_start.epochs=-1"], ["warm_start.epochs", "-1", "0 (none)"]),
     "fine-tuning without warm start": (["warm_start.finetune_epochs=10"],
                                        ["warm_start.finetune_epochs", "10", "warm_start.epochs 0", ">= 1"]),
