@@ -27,7 +27,6 @@ from es_service.metrics import MetricsLog
 from workers.evaluator import center_accuracies
 
 
-
 def straight_through(flushing: Callable, linear: Callable) -> Callable:
     """An epilogue whose value is ``flushing``'s, bit for bit wherever ``linear``'s is finite, and whose
     gradient is ``linear``'s."""

@@ -25,6 +25,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 DECAY_MODES = ("l2", "decoupled")
 SHAPINGS = ("centered_rank", "normalized")
 GRADIENTS = ("masked", "straight-through")  # backprop's gradients; see es_service/backprop.py
+WARM_START_STAGES = ("backprop", "finetune")  # in the order they run; each a run directory RUN_DIR/warm_start/NAME
 MAX_RANK = 64  # far past where low rank pays: a rank-64 member already reads 27% of a full slice
 
 
@@ -354,14 +355,11 @@ def validate(config: Config) -> Config:
     _require(workers.tile_timeout_s > 0, f"workers.tile_timeout_s: {workers.tile_timeout_s}; use a number > 0")
     _require(workers.no_worker_timeout_s > 0, f"workers.no_worker_timeout_s: {workers.no_worker_timeout_s}; use a number > 0")
     _require(config.eval.every >= 1, f"eval.every: {config.eval.every}; use an integer >= 1")
+    training_images = 60000 - config.validation_size
     _require(
-        0 <= config.eval.train_size <= 60000,
-        f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to 60000",
-    )
-    _require(
-        config.eval.train_size <= 60000 - config.validation_size,
-        f"eval.train_size: {config.eval.train_size} is more than the {60000 - config.validation_size} training "
-        f"images validation_size {config.validation_size} leaves; use 0 (all of them) or a smaller number",
+        0 <= config.eval.train_size <= training_images,
+        f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to {training_images} "
+        f"(the training images validation_size {config.validation_size} leaves)",
     )
     _validate_warm_start(config)
     _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from es_service.config import WARM_START_STAGES
 from es_service.metrics import read as read_metrics
 from es_service.plot import plot_runs
 
@@ -29,7 +30,8 @@ def summarize(run_dir: Path) -> dict:
     except Exception:
         arithmetic = "?"
     method, wall_s = info.get("method", "es"), sum(r.get("wall_s", 0.0) for r in records)
-    stages = [read_metrics(path) for path in sorted(run_dir.glob("warm_start/*/metrics.jsonl"))]  # backprop, finetune
+    stages = [read_metrics(path) for name in WARM_START_STAGES
+              if (path := run_dir / "warm_start" / name / "metrics.jsonl").is_file()]
     if stages:  # a hybrid: its warm start's epochs and time belong to the row
         method += f" after {'+'.join(str(len(epochs)) for epochs in stages)} backprop epochs"
         wall_s += sum(r.get("wall_s", 0.0) for epochs in stages for r in epochs)

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from es_service import checkpoint, noise, plan as planning
-from es_service.config import Config, ConfigError, WarmStartConfig, from_dict
+from es_service.config import WARM_START_STAGES, Config, ConfigError, WarmStartConfig, from_dict
 from es_service.data import load_mnist
 from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
@@ -193,11 +193,10 @@ def warm_start(config: Config, run_dir: Path, theta: torch.Tensor, data) -> tupl
     """``config.warm_start``'s backprop stages, each a run directory under ``run_dir/warm_start/``
     (``es-service report`` reads them); returns the last stage's theta and where it came from."""
     warm = config.warm_start
-    stages = [("backprop", warm.epochs, warm.learning_rate),
-              ("finetune", warm.finetune_epochs, warm.finetune_learning_rate)]
+    schedules = [(warm.epochs, warm.learning_rate), (warm.finetune_epochs, warm.finetune_learning_rate)]
     device = resolve_device(config.workers.device)
     origin = None
-    for name, epochs, learning_rate in stages:
+    for name, (epochs, learning_rate) in zip(WARM_START_STAGES, schedules, strict=True):
         if not epochs:
             continue
         stage_dir = run_dir / "warm_start" / name
