@@ -24,6 +24,7 @@ from es_service import checkpoint, network, plan as planning
 from es_service.config import GRADIENTS, Config
 from es_service.driver import CHECKPOINT_NAME
 from es_service.metrics import MetricsLog
+from es_service.stopping import StopSignals
 from workers.evaluator import center_accuracies
 
 
@@ -51,9 +52,13 @@ def logits_fn(arithmetic: str, gradient: str) -> Callable[[torch.Tensor, list[to
 
 def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int, batch_size: int = 128,
                    learning_rate: float = 1e-3, time_budget_s: float | None = None, gradient: str = "masked",
-                   theta: torch.Tensor | None = None) -> dict:
-    """Minibatch Adam on cross-entropy; one metrics line per epoch. ``run_dir`` must exist. ``theta``:
-    where to start (default: the seed's initialisation, as ES runs start)."""
+                   theta: torch.Tensor | None = None, optimizer_state: dict | None = None, start_epoch: int = 0,
+                   quiet: bool = False) -> dict:
+    """Minibatch Adam on cross-entropy; one metrics line and one checkpoint per epoch. ``run_dir`` must
+    exist. ``theta``: where to start (default: the seed's initialisation, as ES runs start). A resume
+    passes its checkpoint's theta, ``optimizer_state`` and epoch as ``start_epoch``: the epochs it skips
+    draw their orders all the same, so the result is the uninterrupted run's, bit for bit. SIGTERM and
+    SIGINT stop it within a minibatch with Interrupted; the last whole epoch's checkpoint stays."""
     arithmetic = config.network.arithmetic
     logits_of = logits_fn(arithmetic, gradient)
     if theta is None:
@@ -61,40 +66,49 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
     theta = theta.detach().clone().to(device)
     theta.requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=learning_rate)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     images = data.train_images.reshape(-1, 784).to(device)
     labels = data.train_labels.to(device)
     eval_sets = data.eval_sets(device)
     generator = torch.Generator().manual_seed(planning.derive_seed(config.seed, planning.STREAM_GENERATION))
+    for _ in range(start_epoch):  # the orders of the epochs already run
+        torch.randperm(images.shape[0], generator=generator)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    log.truncate_after(start_epoch)
+    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     started = time.monotonic()
-    record: dict = {}
-    for epoch in range(1, epochs + 1):
-        epoch_start = time.perf_counter()
-        order = torch.randperm(images.shape[0], generator=generator).to(device)
-        total_loss = 0.0
-        for start in range(0, images.shape[0], batch_size):
-            index = order[start : start + batch_size]
-            logits = logits_of(images[index].float() / 255.0, network.unflatten(theta))
-            loss = torch.nn.functional.cross_entropy(logits, labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(index)
-        with torch.no_grad():
-            record = {
-                "generation": epoch,
-                "wall_s": time.perf_counter() - epoch_start,
-                "fitness_mean": -total_loss / images.shape[0],
-                **center_accuracies(theta.detach(), eval_sets, arithmetic),
-                "time": time.time(),
-            }
-        log.append(record)
-        scores = " ".join(f"{key.removesuffix('_accuracy')} {value:.4f}" for key, value in record.items()
-                          if key.endswith("_accuracy"))
-        print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} {scores}", flush=True)
-        if time_budget_s is not None and time.monotonic() - started > time_budget_s:
-            break
-    state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), record["generation"],
-                             planning.derive_seed(config.seed, planning.STREAM_NOISE))
-    checkpoint.save(state, run_dir / CHECKPOINT_NAME)
+    record: dict = {"generation": start_epoch}
+    with StopSignals() as stop:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            epoch_start = time.perf_counter()
+            order = torch.randperm(images.shape[0], generator=generator).to(device)
+            total_loss = 0.0
+            for start in range(0, images.shape[0], batch_size):
+                stop.raise_if_stopped(f"in epoch {epoch} of {epochs}; " + (f"the checkpoint after epoch {epoch - 1} stays"
+                                      if epoch > 1 else "no epoch had finished, so a resume starts it over"))
+                index = order[start : start + batch_size]
+                logits = logits_of(images[index].float() / 255.0, network.unflatten(theta))
+                loss = torch.nn.functional.cross_entropy(logits, labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * len(index)
+            with torch.no_grad():
+                record = {
+                    "generation": epoch,
+                    "wall_s": time.perf_counter() - epoch_start,
+                    "fitness_mean": -total_loss / images.shape[0],
+                    **center_accuracies(theta.detach(), eval_sets, arithmetic),
+                    "time": time.time(),
+                }
+            log.append(record)  # then the checkpoint: a line past it is dropped and redone by a resume
+            state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), epoch, noise_seed)
+            checkpoint.save(state, run_dir / CHECKPOINT_NAME)
+            if not quiet:
+                scores = " ".join(f"{key.removesuffix('_accuracy')} {value:.4f}" for key, value in record.items()
+                                  if key.endswith("_accuracy"))
+                print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} {scores}", flush=True)
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                break
     return record

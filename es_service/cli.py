@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
     _init_from_option(train)
     _run_options(train)
-    resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
+    resume = commands.add_parser("resume", help="continue a run (ES, a hybrid's warm start, or backprop) from its "
+                                                        "last checkpoint")
     resume.add_argument("run_dir")
     _run_options(resume)
     evaluate = commands.add_parser("eval", help="train and test accuracy of a checkpoint (and test with no flushing)")
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     from es_service.checkpoint import CheckpointError
     from es_service.config import ConfigError
     from es_service.data import DataError
-    from es_service.driver import Interrupted
     from es_service.report import ReportError
     from es_service.runner import UsageError
+    from es_service.stopping import Interrupted
 
     try:
         result = _dispatch(args)

@@ -153,6 +153,10 @@ class WarmStartConfig:
     gradient: str = "masked"
     """masked: autograd through the flushes; straight-through: the linear network's (the seed's TensorFlow gradient)."""
 
+    def schedules(self) -> list[tuple[int, float]]:
+        """(epochs, learning rate) of each stage, in WARM_START_STAGES's order."""
+        return [(self.epochs, self.learning_rate), (self.finetune_epochs, self.finetune_learning_rate)]
+
 
 @dataclass(frozen=True)
 class Config:

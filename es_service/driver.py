@@ -7,8 +7,6 @@ of the table. Fitness is maximised (see strategy.py for the sign convention).
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 from es_service import checkpoint, network, plan as planning, strategy
 from es_service.config import Config
 from es_service.metrics import MetricsLog
+from es_service.stopping import Interrupted, StopSignals
 from workers.evaluator import center_accuracies
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -29,10 +28,6 @@ class TrainState:
     theta: torch.Tensor
     optimizer_state: dict | None
     generation: int
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was written."""
 
 
 class Trainer:
@@ -53,7 +48,6 @@ class Trainer:
         self.eval_sets = data.eval_sets(device, config.eval.train_size)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.metrics.truncate_after(self.generation)
-        self._stop_signal = None
         self.last_accuracy: dict[str, float] = {}
 
     @property
@@ -129,43 +123,32 @@ class Trainer:
         fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
         return fitness, strategy.slice_weights(strategy.shape_fitness(fitness, es.fitness_shaping), antithetic)
 
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signum
-
     def run(self, stop_after: int | None = None, time_budget_s: float | None = None) -> dict:
         """Train to config.generations (or stop_after more generations, or the time budget)."""
-        in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-                    if in_main_thread}
         started = time.monotonic()
         last_record: dict = {}
         target = self.config.generations
         if stop_after is not None:
             target = min(target, self.generation + stop_after)
-        try:
-            while self.generation < target:
-                elapsed = time.monotonic() - started
-                out_of_time = time_budget_s is not None and elapsed + last_record.get("wall_s", 0.0) >= time_budget_s
-                last = out_of_time or self.generation + 1 >= target
-                last_record = self.step(evaluate=last)
-                self.metrics.append(last_record)
-                if self.progress:
-                    self.progress.update(last_record, self.last_accuracy)
-                if self.generation % self.config.checkpoint.every == 0:
-                    self.checkpoint()
-                if self._stop_signal is not None:
-                    self.checkpoint()
-                    raise Interrupted(f"stopped by signal {signal.Signals(self._stop_signal).name} "
-                                      f"at generation {self.generation}; checkpoint written")
-                if out_of_time:
-                    break
-            self.checkpoint()
-        except Interrupted:
-            raise
-        except Exception:
-            self.checkpoint()  # theta only changes at a generation's end, so this state is consistent
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with StopSignals() as stop:
+            try:
+                while self.generation < target:
+                    elapsed = time.monotonic() - started
+                    out_of_time = time_budget_s is not None and elapsed + last_record.get("wall_s", 0.0) >= time_budget_s
+                    last = out_of_time or self.generation + 1 >= target
+                    last_record = self.step(evaluate=last)
+                    self.metrics.append(last_record)
+                    if self.progress:
+                        self.progress.update(last_record, self.last_accuracy)
+                    if self.generation % self.config.checkpoint.every == 0 or stop.signum is not None:
+                        self.checkpoint()
+                    stop.raise_if_stopped(f"at generation {self.generation}; checkpoint written")
+                    if out_of_time:
+                        break
+                self.checkpoint()
+            except Interrupted:
+                raise
+            except Exception:
+                self.checkpoint()  # theta only changes at a generation's end, so this state is consistent
+                raise
         return last_record

@@ -21,12 +21,13 @@ import torch
 import yaml
 
 from es_service import checkpoint, noise, plan as planning
-from es_service.config import WARM_START_STAGES, Config, ConfigError, WarmStartConfig, from_dict
+from es_service.config import WARM_START_STAGES, Config, ConfigError, WarmStartConfig, from_dict, load as load_config
 from es_service.data import load_mnist
 from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
 from es_service.metrics import read as read_metrics
 from es_service.progress import Progress
+from es_service.stopping import Interrupted
 from workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
@@ -120,7 +121,7 @@ def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, da
     try:
         record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
     except BaseException as err:
-        write_run_info(run_dir, status="failed" if not type(err).__name__ == "Interrupted" else "interrupted",
+        write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed",
                        error=str(err), generation=trainer.generation)
         raise
     finally:
@@ -171,63 +172,98 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
     data = load_data(config)
-    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
-    from es_service.strategy import AdamES
-
-    warm = config.warm_start.epochs > 0
-    if warm:  # the directory appears first, to hold the stages; its ES checkpoint comes after them
+    if config.warm_start.epochs:  # the directory appears first, to hold the stages; its ES checkpoint comes after them
         create_run_dir(run_dir, config, None, force, status="warm start")
-        theta, origin = warm_start(config, run_dir, theta, data)
-    adam = AdamES.from_config(theta, config.es)
-    state = checkpoint.build(config, theta, adam.state_dict(), 0, noise_seed)
-    if warm:
-        checkpoint.save(state, run_dir / CHECKPOINT_NAME)
-        write_run_info(run_dir, status="created", init_from=origin)
-    else:
-        create_run_dir(run_dir, config, state, force, init_from=origin)
-    return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, address,
+        return _warm_start_then_train(config, run_dir, data, address, stop_after, time_budget_s, quiet)
+    create_run_dir(run_dir, config, _es_start(config, theta), force, init_from=origin)
+    return _train(config, run_dir, TrainState(theta, None, 0), _noise_seed(config), data, address,
                   stop_after, time_budget_s, quiet)
 
 
-def warm_start(config: Config, run_dir: Path, theta: torch.Tensor, data) -> tuple[torch.Tensor, dict]:
+def _noise_seed(config: Config) -> int:
+    return planning.derive_seed(config.seed, planning.STREAM_NOISE)
+
+
+def _es_start(config: Config, theta: torch.Tensor) -> dict:
+    """The checkpoint of generation 0: theta and a fresh Adam."""
+    from es_service.strategy import AdamES
+
+    return checkpoint.build(config, theta, AdamES.from_config(theta, config.es).state_dict(), 0, _noise_seed(config))
+
+
+def _warm_start_then_train(config: Config, run_dir: Path, data, address: str | None, stop_after: int | None,
+                           time_budget_s: float | None, quiet: bool) -> dict:
+    try:
+        theta, origin = warm_start(config, run_dir, data, quiet)
+    except BaseException as err:
+        write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err))
+        raise
+    checkpoint.save(_es_start(config, theta), run_dir / CHECKPOINT_NAME)
+    write_run_info(run_dir, status="created", init_from=origin, error=None)
+    return _train(config, run_dir, TrainState(theta, None, 0), _noise_seed(config), data, address,
+                  stop_after, time_budget_s, quiet)
+
+
+def warm_start(config: Config, run_dir: Path, data, quiet: bool = False) -> tuple[torch.Tensor, dict]:
     """``config.warm_start``'s backprop stages, each a run directory under ``run_dir/warm_start/``
-    (``es-service report`` reads them); returns the last stage's theta and where it came from."""
+    (``es-service report`` reads them); returns the last stage's theta and where it came from. A stage
+    already there is continued from its last epoch (or kept, when finished): a resume redoes nothing."""
     warm = config.warm_start
-    schedules = [(warm.epochs, warm.learning_rate), (warm.finetune_epochs, warm.finetune_learning_rate)]
-    device = resolve_device(config.workers.device)
-    origin = None
-    for name, (epochs, learning_rate) in zip(WARM_START_STAGES, schedules, strict=True):
+    theta, origin = initial_theta(config, None)
+    for name, (epochs, learning_rate) in zip(WARM_START_STAGES, warm.schedules(), strict=True):
         if not epochs:
             continue
         stage_dir = run_dir / "warm_start" / name
-        _backprop_run(config, stage_dir, False, data, device, epochs, learning_rate, time_budget_s=None,
-                      gradient=warm.gradient, theta=theta, origin=origin, batch_size=warm.batch_size)
+        try:
+            if (stage_dir / "run.json").is_file():
+                _continue_backprop(config, stage_dir, data, None, quiet)
+            else:
+                schedule = BackpropSchedule(epochs, learning_rate, warm.gradient, warm.batch_size, config.workers.device)
+                _backprop_run(config, stage_dir, False, data, schedule, None, theta, origin, quiet)
+        except Interrupted as err:
+            raise Interrupted(f"{err} (warm start, {name} stage)") from None
         theta, origin = initial_theta(config, stage_dir / CHECKPOINT_NAME)
     return theta, origin
 
 
-def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
-           stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
-    path = run_dir / CHECKPOINT_NAME
-    if not run_dir.is_dir():
-        raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
-    if not path.exists() and (run_dir / "warm_start").is_dir():
-        raise UsageError(f"run {str(run_dir)!r} stopped during its warm start (backprop), before ES began: there is "
-                         "nothing to resume; start it again with `es-service train ... --force`")
-    state = checkpoint.load(path)
-    config: Config = state["config"]
+def _resume_config(saved: Config, overrides: list[str]) -> Config:
+    """The saved config with resume's --set overrides, which may not change theta's path."""
     for text in overrides:
         if not text.startswith(RESUME_OVERRIDABLE):
             raise ConfigError(
                 f"--set {text!r}: resume may change only {', '.join(RESUME_OVERRIDABLE)} "
                 "(other fields would change theta's path); start a new run instead"
             )
-    config = from_dict(config.to_dict(), list(overrides))
-    if config.digest() != state["config"].digest():
+    config = from_dict(saved.to_dict(), list(overrides))
+    if config.digest() != saved.digest():
         raise ConfigError(
             "--set generations: this run's schedules (es.*_final) stretch over `generations`, so changing it "
             "would change theta's path; resume without it or start a new run"
         )
+    return config
+
+
+def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
+           stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
+    """Continue a run where it stopped: an ES run from its checkpoint, a hybrid still in its warm start
+    from its stage's last epoch, a backprop run from its last epoch."""
+    path = run_dir / CHECKPOINT_NAME
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
+    info = _run_info(run_dir) if (run_dir / "run.json").exists() else {}  # an ES run's checkpoint is enough
+    if info.get("method", "es").startswith("backprop"):
+        if stop_after is not None:
+            raise UsageError("--stop-after counts ES generations; a backprop run resumes to its --epochs "
+                             "(--time-budget stops it sooner)")
+        config = _resume_config(load_config(run_dir / "config.yaml"), overrides)
+        record = _continue_backprop(config, run_dir, load_data(config), time_budget_s, quiet)
+        return {"run_dir": str(run_dir), **record}
+    if not path.exists() and (run_dir / "warm_start").is_dir():  # stopped in its warm start, before ES began
+        config = _resume_config(load_config(run_dir / "config.yaml"), overrides)
+        set_process_arithmetic(config.network.arithmetic)
+        return _warm_start_then_train(config, run_dir, load_data(config), address, stop_after, time_budget_s, quiet)
+    state = checkpoint.load(path)
+    config = _resume_config(state["config"], overrides)
     if state["generation"] > config.generations:
         raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -237,6 +273,26 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
     return _train(config, run_dir, train_state, state["noise"]["seed"], data, address, stop_after, time_budget_s, quiet)
 
 
+def _run_info(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{str(path)!r} cannot be read ({err}); {str(run_dir)!r} is not a whole run directory: "
+                         "start the run again with --force") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackpropSchedule:
+    """What a backprop run trains for, kept in its run.json (``backprop``) so that it can be resumed."""
+
+    epochs: int
+    learning_rate: float
+    gradient: str = "masked"
+    batch_size: int = 128
+    device: str = "auto"  # as asked for: resolved when it (re)starts
+
+
 def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_rate: float,
              time_budget_s: float | None, device: str, gradient: str = "masked", init_from: Path | None = None) -> dict:
     """The ablation's backprop row, in a run directory of the usual format."""
@@ -244,25 +300,71 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     theta, origin = initial_theta(config, init_from)
-    record = _backprop_run(config, run_dir, force, load_data(config), resolve_device(device), epochs, learning_rate,
-                           time_budget_s, gradient, theta, origin)
-    return {"run_dir": str(run_dir), **{k: record[k] for k in ("generation", *FINAL_ACCURACIES) if k in record}}
+    record = _backprop_run(config, run_dir, force, load_data(config), BackpropSchedule(epochs, learning_rate, gradient,
+                           device=device), time_budget_s, theta, origin)
+    return {"run_dir": str(run_dir), **record}
 
 
-def _backprop_run(config: Config, run_dir: Path, force: bool, data, device: str, epochs: int, learning_rate: float,
-                  time_budget_s: float | None, gradient: str, theta: torch.Tensor, origin: dict | None,
-                  batch_size: int = 128) -> dict:
+def _backprop_run(config: Config, run_dir: Path, force: bool, data, schedule: BackpropSchedule,
+                  time_budget_s: float | None, theta: torch.Tensor, origin: dict | None, quiet: bool = False) -> dict:
+    device = resolve_device(schedule.device)
+    gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
+    method = "backprop" if schedule.gradient == "masked" else f"backprop ({schedule.gradient})"
+    create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}", init_from=origin,
+                   backprop=dataclasses.asdict(schedule))
+    return _continue_backprop(config, run_dir, data, time_budget_s, quiet, theta)
+
+
+def _continue_backprop(config: Config, run_dir: Path, data, time_budget_s: float | None, quiet: bool,
+                       theta: torch.Tensor | None = None) -> dict:
+    """Train a backprop run directory to its schedule's epochs, from its checkpoint when it has one
+    (else from ``theta``, or from the start its run.json records); returns its generation and accuracies."""
     from es_service.backprop import train_backprop
 
-    gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
-    method = "backprop" if gradient == "masked" else f"backprop ({gradient})"
-    create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}", init_from=origin)
-    record = train_backprop(config, run_dir, data, device, epochs, batch_size=batch_size, learning_rate=learning_rate,
-                            time_budget_s=time_budget_s, gradient=gradient, theta=theta)
-    write_run_info(run_dir, status="finished", generation=record["generation"],
-                   final={k: record[k] for k in FINAL_ACCURACIES if k in record})
+    info = _run_info(run_dir)
+    try:
+        schedule = BackpropSchedule(**info["backprop"])
+    except (KeyError, TypeError):
+        raise UsageError(f"{str(run_dir)!r}: run.json does not record its backprop schedule (made by an older "
+                         "es-service, or edited); start it again with --force") from None
+    if info.get("status") == "finished":
+        return {"generation": info.get("generation"), **info.get("final", {})}
+    optimizer_state, start_epoch = None, 0
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        state = checkpoint.load(run_dir / CHECKPOINT_NAME)
+        theta, optimizer_state, start_epoch = state["theta"], state["optimizer"], state["generation"]
+    elif theta is None:
+        theta = _recorded_start(config, run_dir, info.get("init_from"))
+    write_run_info(run_dir, status="running", pid=os.getpid(), error=None)
+    try:
+        record = train_backprop(config, run_dir, data, resolve_device(schedule.device), schedule.epochs,
+                                batch_size=schedule.batch_size, learning_rate=schedule.learning_rate,
+                                time_budget_s=time_budget_s, gradient=schedule.gradient, theta=theta,
+                                optimizer_state=optimizer_state, start_epoch=start_epoch, quiet=quiet)
+    except BaseException as err:
+        write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err))
+        raise
+    final = {k: record[k] for k in FINAL_ACCURACIES if k in record}
+    final = final or info.get("final")  # no epoch left to run: the accuracies it had
+    write_run_info(run_dir, status="finished", generation=record["generation"], final=final)
     _plot(run_dir)
-    return record
+    return {"generation": record["generation"], **(final or {})}
+
+
+def _recorded_start(config: Config, run_dir: Path, origin: dict | None) -> torch.Tensor:
+    """The theta a run without a checkpoint started from: the seed's, or its init_from checkpoint's,
+    which must still be there, unchanged."""
+    if origin is None:
+        return initial_theta(config, None)[0]
+    try:
+        theta, now = initial_theta(config, Path(origin["checkpoint"]))
+    except checkpoint.CheckpointError as err:
+        raise UsageError(f"{str(run_dir)!r} has no checkpoint yet, and the one it started from cannot be read "
+                         f"({err}); start it again with --force") from None
+    if now["theta_sha256"] != origin["theta_sha256"]:
+        raise UsageError(f"{str(run_dir)!r} has no checkpoint yet, and the one it started from, "
+                         f"{origin['checkpoint']!r}, has changed since; start it again with --force")
+    return theta
 
 
 def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:

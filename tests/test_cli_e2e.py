@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,34 +124,78 @@ def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
     assert "| one | es after 2+1 backprop epochs |" in table and "| three | es |" in table
 
 
-def test_a_run_stopped_in_its_warm_start_cannot_resume(tmp_path):
-    config = write_config(tmp_path / "h.yaml", validation_size=50000, warm_start={"epochs": 500})
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", "train", "--config", str(config),
-                             "--run-dir", str(run), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run / "warm_start" / "backprop" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    assert metrics.read_text() and not (run / "checkpoint.pt").exists()
-    result = cli("resume", run, check=False)
-    assert result.returncode == 2 and "during its warm start" in result.stderr and "--force" in result.stderr
-
-
-def _start_and_wait(config, run_dir, min_lines):
-    proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", "train", "--config", str(config),
-                             "--run-dir", str(run_dir), "--quiet"],
+def _start_and_wait(args, metrics, min_lines):
+    """Start the CLI with ``args`` and return once ``metrics`` has ``min_lines`` lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= min_lines:
             return proc
         time.sleep(0.05)
     proc.kill()
-    raise AssertionError(f"run did not reach {min_lines} generations: {proc.communicate()}")
+    raise AssertionError(f"{metrics} did not reach {min_lines} lines: {proc.communicate()}")
+
+
+def test_a_hybrid_killed_in_its_warm_start_resumes_to_the_same_theta(tmp_path):
+    """SIGKILL in the second backprop epoch: `resume` continues that stage from its first epoch's checkpoint,
+    runs the fine-tuning stage and ES, and ends at the uninterrupted run's theta, bit for bit."""
+    warm = {"epochs": 3, "learning_rate": 0.001, "finetune_epochs": 1, "finetune_learning_rate": 0.0001}
+    config = write_config(tmp_path / "h.yaml", generations=2, validation_size=50000, warm_start=warm)
+    cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
+    run = tmp_path / "killed"
+    stage = run / "warm_start" / "backprop"
+    proc = _start_and_wait(["train", "--config", config, "--run-dir", run, "--quiet"],
+                                     stage / "metrics.jsonl", 1)
+    proc.kill()
+    proc.wait()
+    assert not (run / "checkpoint.pt").exists() and not (run / "warm_start" / "finetune").exists()
+    assert 1 <= torch.load(stage / "checkpoint.pt", weights_only=True)["generation"] < 3
+    result = cli("resume", run, "--quiet")
+    assert "epoch" not in result.stdout  # --quiet: no epoch lines either
+    assert torch.equal(theta_of(tmp_path / "full"), theta_of(run))
+    assert torch.equal(theta_of(tmp_path / "full" / "warm_start" / "finetune"), theta_of(run / "warm_start" / "finetune"))
+    assert [json.loads((run / "warm_start" / name / "run.json").read_text())["generation"]
+            for name in ("backprop", "finetune")] == [3, 1]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_backprop_run_stopped_by_sigint_resumes_to_the_same_theta(tmp_path):
+    """Ctrl-C in epoch 2 of 3: exit 130 within a minibatch, epoch 1's checkpoint kept; `resume` ends
+    at the uninterrupted run's theta. A run with no checkpoint yet restarts from the start it records,
+    and refuses when that checkpoint has changed since."""
+    config = write_config(tmp_path / "b.yaml", validation_size=50000)
+    args = ["--config", config, "--epochs", 3, "--device", "cpu"]
+    cli("backprop", *args, "--run-dir", tmp_path / "full")
+    run = tmp_path / "stopped"
+    proc = _start_and_wait(["backprop", *args, "--run-dir", run], run / "metrics.jsonl", 1)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by signal SIGINT in epoch" in stderr, stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert cli("resume", run, "--stop-after", 1, check=False).returncode == 2  # --stop-after counts ES generations
+    result = cli("resume", run)
+    assert "epoch 3:" in result.stdout
+    assert torch.equal(theta_of(tmp_path / "full"), theta_of(run))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["generation"] == 3 and "error" not in info
+
+    # a run killed in its first epoch has no checkpoint: it starts over from the theta it began at
+    cli("backprop", *args[:2], "--epochs", 1, "--device", "cpu", "--run-dir", tmp_path / "next",
+        "--init-from", run / "checkpoint.pt")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tmp_path / "next", fresh)
+    (fresh / "checkpoint.pt").unlink()
+    (fresh / "metrics.jsonl").unlink()
+    info = json.loads((fresh / "run.json").read_text())
+    (fresh / "run.json").write_text(json.dumps({**info, "status": "running", "final": None}))
+    cli("resume", fresh)
+    assert torch.equal(theta_of(tmp_path / "next"), theta_of(fresh))
+    (fresh / "checkpoint.pt").unlink()
+    (fresh / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    shutil.copy(tmp_path / "next" / "checkpoint.pt", run / "checkpoint.pt")  # the start it records has changed
+    result = cli("resume", fresh, check=False)
+    assert result.returncode == 2 and "has changed since" in result.stderr and "--force" in result.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -158,7 +203,8 @@ def test_driver_killed_mid_run_resumes_to_the_same_theta(tmp_path, sig):
     generations = 12
     config = write_config(tmp_path / "c.yaml", generations=generations, checkpoint={"every": 3})
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
-    proc = _start_and_wait(config, tmp_path / "killed", min_lines=4)
+    proc = _start_and_wait(["train", "--config", config, "--run-dir", tmp_path / "killed", "--quiet"],
+                           tmp_path / "killed" / "metrics.jsonl", 4)
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:

@@ -6,9 +6,11 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from es_service import checkpoint
 from es_service.backprop import train_backprop
+from es_service.metrics import read as read_metrics
 from es_service.report import ReportError, report, summarize
 from tests.conftest import tiny_config
 from tests.test_driver import run_local
@@ -45,6 +47,26 @@ def test_backprop_learns_and_writes_a_run(small_mnist, tmp_path, capsys):
     assert es_row["test_accuracy_unflushed"] == unflushed
     assert unflushed != accuracy(theta, small_mnist.test_images, small_mnist.test_labels, "tf-ftz")
     assert "| test, no flush |" in text and f"{100 * es_row['test_accuracy_unflushed']:.2f}%" in text
+
+
+def test_backprop_continued_from_an_epochs_checkpoint_is_the_uninterrupted_run(small_mnist, tmp_path):
+    """Two epochs, then a third from the second's checkpoint (theta, Adam state, epoch): the same theta and
+    metrics lines, bit for bit, as three epochs in one go. The skipped epochs' orders are drawn all the same."""
+    config = tiny_config()
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir(), split.mkdir()
+    train_backprop(config, full, small_mnist, "cpu", epochs=3, batch_size=100, quiet=True)
+    train_backprop(config, split, small_mnist, "cpu", epochs=2, batch_size=100, quiet=True)
+    with open(split / "metrics.jsonl", "a") as log:  # a line past the checkpoint, as a kill can leave
+        log.write('{"generation": 3, "stale": true}\n')
+    state = checkpoint.load(split / "checkpoint.pt")
+    assert state["generation"] == 2
+    train_backprop(config, split, small_mnist, "cpu", epochs=3, batch_size=100, theta=state["theta"],
+                   optimizer_state=state["optimizer"], start_epoch=2, quiet=True)
+    assert torch.equal(checkpoint.load(full / "checkpoint.pt")["theta"], checkpoint.load(split / "checkpoint.pt")["theta"])
+    drop = ("wall_s", "time")
+    lines = [[{k: v for k, v in r.items() if k not in drop} for r in read_metrics(d / "metrics.jsonl")] for d in (full, split)]
+    assert lines[0] == lines[1] and [r["generation"] for r in lines[0]] == [1, 2, 3]
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
