@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     base = make_config(args, max(counts))
     set_process_arithmetic(base.network.arithmetic)
     data = load_mnist(base.data_dir)
-    table = noise.make_table(planning.derive_seed(base.seed, planning.STREAM_NOISE), base.noise.table_size)
+    table = noise.make_table(planning.noise_seed(base.seed), base.noise.table_size)
     theta0 = planning.seed_theta(base.seed)
     ray = None
     rows = []

@@ -76,7 +76,6 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
         torch.randperm(images.shape[0], generator=generator)
     log = MetricsLog(run_dir / "metrics.jsonl")
     log.truncate_after(start_epoch)
-    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
     started = time.monotonic()
     record: dict = {"generation": start_epoch}
     with StopSignals() as stop:
@@ -103,7 +102,8 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
                     "time": time.time(),
                 }
             log.append(record)  # then the checkpoint: a line past it is dropped and redone by a resume
-            state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), epoch, noise_seed)
+            state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), epoch,
+                                     planning.noise_seed(config.seed))
             checkpoint.save(state, run_dir / CHECKPOINT_NAME)
             if not quiet:
                 scores = " ".join(f"{key.removesuffix('_accuracy')} {value:.4f}" for key, value in record.items()

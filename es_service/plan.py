@@ -29,6 +29,11 @@ def seed_theta(seed: int) -> torch.Tensor:
     return network.init_theta(derive_seed(seed, STREAM_INIT))
 
 
+def noise_seed(seed: int) -> int:
+    """The noise table's seed for a run whose config says ``seed`` (checkpoints record it)."""
+    return derive_seed(seed, STREAM_NOISE)
+
+
 @dataclass(frozen=True)
 class Tile:
     """The unit of work: members [member_start, member_stop) on one shard of the minibatch (``head``:

@@ -176,19 +176,16 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
         create_run_dir(run_dir, config, None, force, status="warm start")
         return _warm_start_then_train(config, run_dir, data, address, stop_after, time_budget_s, quiet)
     create_run_dir(run_dir, config, _es_start(config, theta), force, init_from=origin)
-    return _train(config, run_dir, TrainState(theta, None, 0), _noise_seed(config), data, address,
+    return _train(config, run_dir, TrainState(theta, None, 0), planning.noise_seed(config.seed), data, address,
                   stop_after, time_budget_s, quiet)
-
-
-def _noise_seed(config: Config) -> int:
-    return planning.derive_seed(config.seed, planning.STREAM_NOISE)
 
 
 def _es_start(config: Config, theta: torch.Tensor) -> dict:
     """The checkpoint of generation 0: theta and a fresh Adam."""
     from es_service.strategy import AdamES
 
-    return checkpoint.build(config, theta, AdamES.from_config(theta, config.es).state_dict(), 0, _noise_seed(config))
+    adam = AdamES.from_config(theta, config.es)
+    return checkpoint.build(config, theta, adam.state_dict(), 0, planning.noise_seed(config.seed))
 
 
 def _warm_start_then_train(config: Config, run_dir: Path, data, address: str | None, stop_after: int | None,
@@ -200,7 +197,7 @@ def _warm_start_then_train(config: Config, run_dir: Path, data, address: str | N
         raise
     checkpoint.save(_es_start(config, theta), run_dir / CHECKPOINT_NAME)
     write_run_info(run_dir, status="created", init_from=origin, error=None)
-    return _train(config, run_dir, TrainState(theta, None, 0), _noise_seed(config), data, address,
+    return _train(config, run_dir, TrainState(theta, None, 0), planning.noise_seed(config.seed), data, address,
                   stop_after, time_budget_s, quiet)
 
 

@@ -124,17 +124,18 @@ def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
     assert "| one | es after 2+1 backprop epochs |" in table and "| three | es |" in table
 
 
-def _start_and_wait(args, metrics, min_lines):
-    """Start the CLI with ``args`` and return once ``metrics`` has ``min_lines`` lines."""
+def _start_and_wait(args, path, min_lines=0):
+    """Start the CLI with ``args`` and return once ``path`` exists with ``min_lines`` lines (0: a
+    checkpoint, which appears whole)."""
     proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= min_lines:
+        if path.exists() and (min_lines == 0 or len(path.read_text().splitlines()) >= min_lines):
             return proc
         time.sleep(0.05)
     proc.kill()
-    raise AssertionError(f"{metrics} did not reach {min_lines} lines: {proc.communicate()}")
+    raise AssertionError(f"{path} did not appear with {min_lines} lines: {proc.communicate()}")
 
 
 def test_a_hybrid_killed_in_its_warm_start_resumes_to_the_same_theta(tmp_path):
@@ -145,8 +146,7 @@ def test_a_hybrid_killed_in_its_warm_start_resumes_to_the_same_theta(tmp_path):
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
     run = tmp_path / "killed"
     stage = run / "warm_start" / "backprop"
-    proc = _start_and_wait(["train", "--config", config, "--run-dir", run, "--quiet"],
-                                     stage / "metrics.jsonl", 1)
+    proc = _start_and_wait(["train", "--config", config, "--run-dir", run, "--quiet"], stage / "checkpoint.pt")
     proc.kill()
     proc.wait()
     assert not (run / "checkpoint.pt").exists() and not (run / "warm_start" / "finetune").exists()
@@ -168,7 +168,7 @@ def test_a_backprop_run_stopped_by_sigint_resumes_to_the_same_theta(tmp_path):
     args = ["--config", config, "--epochs", 3, "--device", "cpu"]
     cli("backprop", *args, "--run-dir", tmp_path / "full")
     run = tmp_path / "stopped"
-    proc = _start_and_wait(["backprop", *args, "--run-dir", run], run / "metrics.jsonl", 1)
+    proc = _start_and_wait(["backprop", *args, "--run-dir", run], run / "checkpoint.pt")
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopped by signal SIGINT in epoch" in stderr, stderr

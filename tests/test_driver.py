@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 
 def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
     run_dir.mkdir(parents=True, exist_ok=True)
-    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
+    noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
     executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
                              merge_tiles=merge_tiles)

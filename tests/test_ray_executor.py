@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 
 def make_trainer(config, mnist, run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
-    noise_seed = planning.derive_seed(config.seed, planning.STREAM_NOISE)
+    noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
     executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
     state = TrainState(planning.seed_theta(config.seed), None, 0)
