@@ -12,6 +12,9 @@
 #              request_resources(num_cpus=5)"      # 2 on the head + 3 fake 1-CPU workers
 #   es-service submit --address http://127.0.0.1:8265 configs/quick.yaml
 #
+# A job's run directory is under the head's results root: $ES_RESULTS_ROOT as set when
+# `start` runs (the head's processes and job drivers inherit it), else ~/es-service-runs.
+#
 # How it differs from a bare `ray start` / `ray stop` (both of which still work):
 # * The head runs with its own --temp-dir (default /tmp/ray-es-local) instead of /tmp/ray,
 #   so a plain `ray.init()` elsewhere on this machine (tests, another checkout) keeps
@@ -21,9 +24,10 @@
 #   it (Ray workers, job drivers), in `ray stop`'s order: raylets, then the rest, then
 #   gcs_server; SIGKILL after a grace period. It never touches other Ray clusters on the
 #   machine, which `ray stop` would (it kills every Ray process of the user by name).
-# * Token authentication is on (RAY_AUTH_MODE=token). The token is ~/.ray/auth_token,
-#   created by `ray get-auth-token --generate` if missing; clients on this machine use the
-#   same file, with RAY_AUTH_MODE=token set (ray.init() also picks it up by itself).
+# * Token authentication is on (RAY_AUTH_MODE=token). The token is ~/.ray/auth_token (or
+#   $RAY_AUTH_TOKEN_PATH), created by `ray get-auth-token --generate` with mode 0600 if
+#   missing; clients on this machine use the same file, with RAY_AUTH_MODE=token set
+#   (ray.init() also picks it up by itself). A token file others can read is reported.
 #
 # Environment knobs: ES_LOCAL_HEAD_CPUS (2), ES_LOCAL_TEMP_DIR (/tmp/ray-es-local),
 # ES_LOCAL_DASHBOARD_PORT (8265), ES_LOCAL_GCS_PORT (6379, which the fake provider assumes;
@@ -153,8 +157,14 @@ cmd_start() {
         rm -f "$STATE"
     fi
     mkdir -p "$TEMP_DIR"
-    # Make sure a token exists (no-op when ~/.ray/auth_token is already there).
-    "$RAY" get-auth-token --generate >/dev/null 2>&1 || die "could not create an auth token"
+    # Make sure a token exists (no-op when it is already there). Ray writes it with the
+    # process umask: 077 keeps it (and a new ~/.ray) private to this user.
+    (umask 077 && "$RAY" get-auth-token --generate >/dev/null 2>&1) || die "could not create an auth token"
+    local token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" mode
+    mode="$(stat -c %a "$token_file" 2>/dev/null || stat -f %Lp "$token_file" 2>/dev/null || true)"
+    if [[ -n "$mode" && "$mode" != 600 && "$mode" != 400 ]]; then
+        echo "local.sh: warning: the auth token $token_file has mode $mode (others may read it): chmod 600 $token_file" >&2
+    fi
 
     local config="$CONFIG"
     if [[ "$GCS_PORT" != 6379 ]]; then
@@ -214,7 +224,9 @@ Fake autoscaling cluster up: head with $HEAD_CPUS CPUs, up to 3 fake 1-CPU worke
   export RAY_ADDRESS=$address RAY_AUTH_MODE=token
   python -c "import ray; ray.init(); from ray.autoscaler.sdk import request_resources; request_resources(num_cpus=5)"
   $0 status                         # watch fake nodes join, then leave when idle
-  dashboard / job API: http://127.0.0.1:$DASHBOARD_PORT (token: ~/.ray/auth_token)
+  dashboard / job API: http://127.0.0.1:$DASHBOARD_PORT (token: ${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token})
+  es-service submit --address http://127.0.0.1:$DASHBOARD_PORT configs/quick.yaml
+  runs go to ${ES_RESULTS_ROOT:-~/es-service-runs}/<config>-<job id> (ES_RESULTS_ROOT when starting sets it)
   $0 stop
 EOF
 }

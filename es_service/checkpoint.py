@@ -1,20 +1,20 @@
-"""Checkpoints: one dict, written atomically (temporary file, then os.replace).
+"""Checkpoints: one dict, written atomically (rundir.atomic_write).
 
 Holds theta, the Adam state, the generation, the seeds (the only RNG state: every generation's
 randomness derives from (seed, generation), see plan.py), the config and its digest, and the noise
-table's seed and size. Loading refuses a checkpoint whose layout or trajectory config does not match.
+table's seed and size. Loading checks every field, and refuses a checkpoint whose layout or trajectory
+config does not match, or whose theta or Adam state holds inf or nan.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from es_service import network
+from es_service import network, rundir
 from es_service.config import Config, ConfigError, digest_of, from_dict
 
 FORMAT_VERSION = 1
@@ -44,16 +44,9 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()  # serialised first: a pickling error then never touches the disk
+    torch.save(state, buffer)
+    rundir.atomic_write(path, buffer.getbuffer())
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -82,12 +75,56 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r}: theta is {theta.dtype}, expected torch.float32")
     try:
         config = from_dict(state["config"])
-    except ConfigError as err:
+    except (ConfigError, KeyError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {err}") from None
     if digest_of(state["config"]) != state.get("config_digest"):
         raise CheckpointError(
             f"checkpoint {str(path)!r}: its config does not match its digest (edited by hand?); "
             "restore the original config or start a new run"
         )
+    problem = _field_problem(state, config)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {problem}; it is damaged or was not written by "
+                              "es-service: use another checkpoint")
+    if not bool(torch.isfinite(theta).all()):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a theta with inf or nan (the run diverged); "
+                              "use an earlier checkpoint or start a new run with a smaller es.learning_rate")
+    if not _finite_moments(state["optimizer"]):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds an optimizer state with inf or nan; "
+                              "use an earlier checkpoint or start a new run")
     state["config"] = config
     return state
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _field_problem(state: dict[str, Any], config: Config) -> str | None:
+    """What is wrong with the fields besides theta and the config, or None."""
+    if not _is_count(state.get("generation")):
+        return f"generation is {state.get('generation')!r}, expected an integer >= 0"
+    noise = state.get("noise")
+    if not isinstance(noise, dict) or not _is_count(noise.get("seed")):
+        return f"noise is {noise!r}, expected {{'seed': integer >= 0, 'table_size': integer}}"
+    if noise.get("table_size") != config.noise.table_size:
+        return f"noise.table_size is {noise.get('table_size')!r} but its config says {config.noise.table_size}"
+    optimizer = state.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list) or len(optimizer["param_groups"]) != 1:
+        return "optimizer is not the state of one torch Adam over theta"
+    for moments in optimizer["state"].values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            value = moments.get(name) if isinstance(moments, dict) else None
+            if not isinstance(value, torch.Tensor) or value.shape != (network.NUM_PARAMS,) \
+                    or value.dtype != torch.float32:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                return f"optimizer {name} is {shape}, expected float32 of shape ({network.NUM_PARAMS},)"
+        if not isinstance(moments.get("step"), (torch.Tensor, int, float)):
+            return "optimizer step count is missing"
+    return None
+
+
+def _finite_moments(optimizer: dict) -> bool:
+    return all(bool(torch.isfinite(torch.as_tensor(value)).all())
+               for moments in optimizer["state"].values() for value in moments.values())

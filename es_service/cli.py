@@ -1,13 +1,15 @@
 """``es-service``: train, resume and evaluate ES runs; submit them to a Ray cluster.
 
-Exit codes: 0 done, 1 the run failed (e.g. no workers), 2 bad input (config, data, checkpoint,
-arguments), 130 interrupted (a checkpoint was written; `es-service resume RUN_DIR` continues).
+Exit codes: 0 done, 1 the run failed (no workers, cluster unreachable, theta diverged, disk full),
+2 bad input (config, data, checkpoint, run directory, arguments), 130 interrupted (a checkpoint was
+written; `es-service resume RUN_DIR` continues). Every error is one line: the problem and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,6 +17,12 @@ from es_service import jobs
 from es_service.config import DEVICES, GRADIENTS
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other refusal (argparse's usage block would bury it)."""
+        self.exit(2, f"es-service: error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def _positive_int(text: str) -> int:
@@ -26,8 +34,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: use a number > 0")
+    if not (0 < value < math.inf):  # also refuses nan, which every comparison would let through
+        raise argparse.ArgumentTypeError(f"{text}: use a finite number > 0")
     return value
 
 
@@ -51,7 +59,7 @@ def _init_from_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="es-service", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="es-service", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="start a run from a YAML config")
     train.add_argument("--config", required=True, help="YAML config file (see README: config reference)")
@@ -129,22 +137,28 @@ def main(argv: list[str] | None = None) -> int:
     from es_service.checkpoint import CheckpointError
     from es_service.config import ConfigError
     from es_service.data import DataError
+    from es_service.driver import Diverged
+    from es_service.metrics import MetricsError
     from es_service.report import ReportError
-    from es_service.runner import UsageError
+    from es_service.rundir import LockedError, WriteError
+    from es_service.runner import RunFailed, UsageError
     from es_service.stopping import Interrupted
 
     try:
         result = _dispatch(args)
-    except (ConfigError, DataError, CheckpointError, UsageError, ReportError) as err:
+    except (ConfigError, DataError, CheckpointError, UsageError, ReportError, MetricsError, LockedError) as err:
         print(f"es-service: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as err:
         print(f"es-service: {err}; continue with `es-service resume`", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (Diverged, RunFailed, WriteError) as err:
+        print(f"es-service: error: run failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as err:
-        if type(err).__name__ != "NoWorkersError":
+        if type(err).__name__ != "NoWorkersError":  # ray_executor is imported only when Ray runs
             raise
-        print(f"es-service: run failed: {err}; a checkpoint was written", file=sys.stderr)
+        print(f"es-service: error: run failed: {err}; a checkpoint was written", file=sys.stderr)
         return EXIT_FAILED
     if result is not None:
         print(json.dumps(result, indent=2))

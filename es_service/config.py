@@ -43,6 +43,22 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class LayerMembersConfig:
+    pop_size: int = 0
+    """Members (antithetic pairs) that move only this layer's weight and bias (es_service.layer_members);
+    ranked among themselves, their estimate replaces the whole members' for this layer (0: none)."""
+    noise_scale: float = 1.0
+    """Their sigma, as a multiple of the scheduled es.noise_std."""
+
+
+@dataclass(frozen=True)
+class FirstLayerMembersConfig(LayerMembersConfig):
+    subspace: int = 0
+    """The rank-1 move's input factor lies in the span of the training images' top-k uncentered
+    principal components (0: all 784 pixels); unsupervised image statistics, no labels."""
+
+
+@dataclass(frozen=True)
 class ESConfig:
     pop_size: int = 64
     """Members per generation (even when antithetic)."""
@@ -79,16 +95,22 @@ class ESConfig:
     """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
     shard_size: int = 0
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
-    head_pop_size: int = 0
-    """Extra members (antithetic pairs) that move only the output layer W3, b3, evaluated from the
-    center's last hidden layer (about 1/10 of a rank-1 member's time on CPU); their estimate replaces the members' for
-    W3, b3 (5,130 of 669,706 parameters). 0: none."""
+    w1: FirstLayerMembersConfig = field(default_factory=FirstLayerMembersConfig)
+    """Layer-1 members: a rank-1 move of W1 (and b1), evaluated from the shared x W1."""
+    w2: LayerMembersConfig = field(default_factory=LayerMembersConfig)
+    """Layer-2 members: a rank-1 move of W2 (and b2), evaluated from the center's first hidden layer."""
+    w3: LayerMembersConfig = field(default_factory=LayerMembersConfig)
+    """Layer-3 members: a full move of W3 and b3 (5,130 floats), evaluated from the center's last hidden
+    layer (about 1/10 of a rank-1 member's time on CPU)."""
     rank: int = 0
     """0: each member's perturbation is a full table slice; r >= 1: each weight matrix moves by A B^T / sqrt(r), A and B r columns (low-rank ES)."""
     shared_first_layer: bool = False
     """Full rank only: compute a member's first layer as x W1 + sign * sigma * (x E1), with x W1 shared by
     the tile and x E1 by each antithetic pair (W1 + sigma E1 is never built): a pair costs 0.70 of two
     members' FLOPs. Rounds differently from building W1 + sigma E1, so theta's bits differ."""
+
+    def layers(self) -> tuple[LayerMembersConfig, LayerMembersConfig, LayerMembersConfig]:
+        return self.w1, self.w2, self.w3
 
 
 @dataclass(frozen=True)
@@ -271,7 +293,8 @@ def validate(config: Config) -> Config:
         "network.arithmetic: 'cpu-ftz' with workers.gpus_per_worker > 0: torch.set_flush_denormal "
         "does nothing on CUDA; use tf-ftz (the portable FTZ semantics) or gpus_per_worker: 0",
     )
-    _require(es.pop_size >= 2, f"es.pop_size: {es.pop_size}; use an integer >= 2")
+    _require(es.pop_size == 0 or es.pop_size >= 2,
+             f"es.pop_size: {es.pop_size}; use an integer >= 2, or 0 when every layer has its own members (es.w1, w2, w3)")
     _require(
         not (es.antithetic and es.pop_size % 2),
         f"es.pop_size: {es.pop_size} is odd but es.antithetic is true; use an even population",
@@ -299,15 +322,7 @@ def validate(config: Config) -> Config:
             value is None or 1 <= value <= 60000,
             f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
         )
-    _require(
-        es.head_pop_size >= 0 and es.head_pop_size % 2 == 0,
-        f"es.head_pop_size: {es.head_pop_size}; use 0 (no head members) or an even number (antithetic pairs)",
-    )
-    _require(
-        not (es.head_pop_size and config.network.arithmetic == "cpu-ftz"),
-        "es.head_pop_size with network.arithmetic 'cpu-ftz': head members start from the scaled frame's "
-        "hidden layer; use tf-ftz (the portable FTZ semantics) or es.head_pop_size: 0",
-    )
+    _validate_layer_members(config)
     _require(0 <= es.rank <= MAX_RANK, f"es.rank: {es.rank}; use 0 (full-rank perturbations) or 1 to {MAX_RANK}")
     _require(
         not (es.rank and config.network.arithmetic == "cpu-ftz"),
@@ -366,8 +381,28 @@ def validate(config: Config) -> Config:
         f"(the training images validation_size {config.validation_size} leaves)",
     )
     _validate_warm_start(config)
+    _validate_limits(config)
     _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")
     return config
+
+
+def _validate_layer_members(config: Config) -> None:
+    es = config.es
+    for layer, members in enumerate(es.layers(), start=1):
+        name = f"es.w{layer}"
+        _require(members.pop_size >= 0 and members.pop_size % 2 == 0,
+                 f"{name}.pop_size: {members.pop_size}; use 0 (none) or an even number (antithetic pairs)")
+        _require(0 < members.noise_scale < math.inf,
+                 f"{name}.noise_scale: {members.noise_scale}; use a finite number > 0 (1.0: es.noise_std itself)")
+        _require(
+            not (members.pop_size and config.network.arithmetic == "cpu-ftz"),
+            f"{name}.pop_size with network.arithmetic 'cpu-ftz': layer members start from the scaled frame's "
+            f"shared products; use tf-ftz (the portable FTZ semantics) or {name}.pop_size: 0",
+        )
+        _require(members.pop_size or es.pop_size,
+                 f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0 or es.pop_size > 0")
+    _require(0 <= es.w1.subspace <= 784,
+             f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components")
 
 
 def _validate_warm_start(config: Config) -> None:
@@ -393,6 +428,96 @@ def _validate_warm_start(config: Config) -> None:
     )
 
 
+SIGMA_RANGE = (1e-6, 10.0)
+MAX_LEARNING_RATE = 10.0
+MNIST_BYTES = 300 << 20  # the images as uint8 for the members, the evaluation sets as float32
+
+
+def _validate_limits(config: Config) -> None:
+    """Bounds that keep a run inside float32 and inside this machine's memory: values that could only
+    waste a run are refused before its directory exists."""
+    es, workers = config.es, config.workers
+    low, high = SIGMA_RANGE
+    for name in ("noise_std", "noise_std_final"):
+        value = getattr(es, name)
+        _require(value is None or low <= value <= high,
+                 f"es.{name}: {value}; use a sigma from {low:g} to {high:g}: the estimate divides by sigma, so a "
+                 "smaller one overflows float32, and a larger one swamps theta's weights (below 0.1) with noise")
+    for name in ("learning_rate", "learning_rate_final"):
+        value = getattr(es, name)
+        _require(value is None or value <= MAX_LEARNING_RATE,
+                 f"es.{name}: {value}; use at most {MAX_LEARNING_RATE:g}: Adam moves every parameter by about "
+                 "the learning rate each generation, and theta's weights start below 0.1 (default 0.01)")
+    for name in ("gpus_per_worker", "tile_timeout_s", "no_worker_timeout_s"):
+        value = getattr(workers, name)
+        _require(math.isfinite(value), f"workers.{name}: {value}; use a finite number")
+    need, largest = memory_needed(config)
+    total = physical_memory()
+    _require(total is None or need <= total,
+             f"{largest}: {_field(config, largest)} would need about {need / 2**30:.1f} GiB of memory for this run, "
+             f"and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}")
+
+
+def _field(config: Config, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def memory_needed(config: Config) -> tuple[int, str]:
+    """Bytes a run holds at once on the driver (and on each worker): the noise table, the population's
+    offsets, scores and (low rank) gathered noise rows, and one member's activations per CPU thread;
+    with the field whose share is largest."""
+    import os
+
+    from es_service.network import NUM_PARAMS, noise_length
+
+    es = config.es
+    batch = max(es.batch_size, es.batch_size_final or 0)
+    shards = -(-batch // es.shard_size) if es.shard_size else 1
+    members = es.pop_size + sum(layer.pop_size for layer in es.layers())
+    shares = {
+        "noise.table_size": 4 * config.noise.table_size,
+        "es.pop_size": members * (8 * (4 + 2 * shards) + (4 * noise_length(es.rank) if es.rank else 0)),
+        "es.batch_size": min(members, os.cpu_count() or 1) * 4 * (NUM_PARAMS + batch * (784 + 4 * 512 + 20)),
+    }
+    return sum(shares.values()) + MNIST_BYTES, max(shares, key=shares.get)
+
+
+def physical_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=True)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def _yaml_problem(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(err, 'problem', None) or type(err).__name__}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``key.sub=value`` into a key path and a YAML-parsed value."""
     import yaml
@@ -402,7 +527,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: empty key; expected key=value, e.g. --set generations=50")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    try:
+        return key.split("."), _yaml_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML{_yaml_problem(err)}; "
+                          "quote a string value, e.g. --set 'key=\"text\"'") from None
+
+
+def _rename_head_members(data: Any) -> None:
+    """es.head_pop_size, the members of the output layer only, is es.w3.pop_size now: configs and
+    checkpoints written with the old name load unchanged."""
+    es = data.get("es") if isinstance(data, dict) else None
+    if isinstance(es, dict) and "head_pop_size" in es:
+        w3 = es.setdefault("w3", {})
+        if isinstance(w3, dict):
+            w3.setdefault("pop_size", es.pop("head_pop_size"))
 
 
 def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
@@ -411,6 +550,7 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
     except TypeError as err:
         raise ConfigError(f"the config holds a value that is not a plain number, string, list or mapping ({err}); "
                           "quote dates and other special YAML values") from None
+    _rename_head_members(data)
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -427,15 +567,21 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({err.strerror}); check its permissions") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(err)}") from None
+    if data is None:  # an empty file: all defaults
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping of fields at the top level")
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of fields at the top level, got {data!r} "
+                          "(e.g. `generations: 100`)")
     return from_dict(data, overrides)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from es_service import rundir
+
 # SHA-256 of the uncompressed files, under torchvision's names (FINDINGS §5).
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -138,10 +140,7 @@ def _write_marker(dest: Path, source: list | None) -> None:
     # The marker records the cache file's size+mtime (so a verified file is not re-hashed on every load)
     # and, for a copy from a named folder, the source's path+size+mtime (so that folder is not
     # decompressed and re-hashed on every load either). Atomic, as several workers may load at once.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"stat": _stat_key(dest), "source": source}, f)
-    os.replace(tmp, _marker(dest))
+    rundir.atomic_write(_marker(dest), json.dumps({"stat": _stat_key(dest), "source": source}).encode())
 
 
 def _marker_ok(dest: Path, source: list | None = None) -> bool:
@@ -158,23 +157,23 @@ def _mismatch(name: str, where: object, actual: str, fix: str) -> DataError:
 
 
 def _install(name: str, src: Path, dest: Path, fix: str) -> None:
-    """Copy (or gunzip) ``src`` into the cache as ``dest``, verified, via tmp + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
+    """Copy (or gunzip) ``src`` into the cache as ``dest``, verified, written atomically."""
+
+    def copy(out) -> None:
+        digest = hashlib.sha256()
+        with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != SHA256[name]:
             raise _mismatch(name, src, digest.hexdigest(), fix)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache holds public data
-        os.replace(tmp, dest)
+
+    try:
+        rundir.atomic_write(dest, copy)
+    except rundir.WriteError as e:
+        raise DataError(f"MNIST cache: {e}; or set XDG_CACHE_HOME to a folder with space") from None
     except (OSError, EOFError, zlib.error) as e:  # unreadable or corrupt gzip stream
         raise DataError(f"MNIST file {src} could not be read or copied ({e}); {fix}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     _write_marker(dest, _source_key(src))
 
 

@@ -14,13 +14,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from es_service import checkpoint, network, plan as planning, strategy
+from es_service import checkpoint, layer_members, network, plan as planning, strategy
 from es_service.config import Config
 from es_service.metrics import MetricsLog
+from es_service.rundir import CHECKPOINT_NAME
 from es_service.stopping import Interrupted, StopSignals
 from workers.evaluator import center_accuracies
 
-CHECKPOINT_NAME = "checkpoint.pt"
+
+class Diverged(RuntimeError):
+    """theta turned inf or nan; the last finite checkpoint stays."""
+
+
+def estimate(config: Config, table: torch.Tensor, basis: torch.Tensor | None, plan, outcome) -> tuple[torch.Tensor, np.ndarray]:
+    """(the gradient estimate, every member's fitness) of one generation: the whole members' estimate,
+    with each layer that has layer members taking theirs instead (each group ranked among itself)."""
+    es = config.es
+
+    def slice_weights(loss_sums: np.ndarray, correct: np.ndarray, antithetic: bool):
+        fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
+        return fitness, strategy.slice_weights(strategy.shape_fitness(fitness, es.fitness_shaping), antithetic)
+
+    fitness, weights = slice_weights(outcome.loss_sums, outcome.correct, es.antithetic)
+    grad = (strategy.grad_estimate(table, plan.slice_offsets, weights, plan.noise_std, len(fitness), rank=plan.rank)
+            if len(fitness) else torch.zeros(network.NUM_PARAMS, device=table.device))
+    every_fitness = [fitness]
+    for layer in layer_members.LAYERS:
+        offsets = plan.layer_offsets[layer - 1]
+        if not len(offsets):
+            continue
+        layer_fitness, layer_weights = slice_weights(*outcome.results(layer), True)
+        start, stop = layer_members.param_range(layer)
+        grad[start:stop] = strategy.layer_estimate(table, offsets, layer_weights, layer, plan.noise_std_of(layer),
+                                                   len(layer_fitness), plan.subspace, basis)
+        every_fitness.append(layer_fitness)
+    return grad, np.concatenate(every_fitness)
 
 
 @dataclass
@@ -32,7 +60,7 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, data, table: torch.Tensor, noise_seed: int,
-                 executor, state: TrainState, device: str = "cpu", progress=None):
+                 executor, state: TrainState, device: str = "cpu", progress=None, basis: torch.Tensor | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.table = table
@@ -40,7 +68,10 @@ class Trainer:
         self.executor = executor
         self.progress = progress
         self.device = device
+        self.basis = None if basis is None else basis.to(device)
+        """Layer-1 members' input subspace (es_service.layer_members.image_basis), as the workers hold it."""
         self.generation = state.generation
+        self.saved_generation = state.generation  # the checkpoint on disk: run.json never claims more
         self.adam = strategy.AdamES.from_config(state.theta.to(device), config.es)
         if state.optimizer_state is not None:
             self.adam.load_state_dict(state.optimizer_state)
@@ -57,6 +88,7 @@ class Trainer:
     def checkpoint(self) -> None:
         state = checkpoint.build(self.config, self.theta, self.adam.state_dict(), self.generation, self.noise_seed)
         checkpoint.save(state, self.run_dir / CHECKPOINT_NAME)
+        self.saved_generation = self.generation
 
     def evaluate_center(self) -> dict[str, float]:
         self.last_accuracy = center_accuracies(self.theta, self.eval_sets, self.config.network.arithmetic,
@@ -71,23 +103,19 @@ class Trainer:
         planned = time.perf_counter()
         outcome = self.executor.run_generation(self.theta, plan)
         evaluated = time.perf_counter()
-        fitness, weights = self._slice_weights(outcome.loss_sums, outcome.correct, plan, self.config.es.antithetic)
-        grad = strategy.grad_estimate(self.table, plan.slice_offsets, weights, plan.noise_std, len(fitness),
-                                      rank=plan.rank)
-        if len(plan.head_offsets):  # head members' estimate of W3, b3 replaces the members'
-            head_fitness, head_weights = self._slice_weights(outcome.head_loss_sums, outcome.head_correct, plan, True)
-            grad[network.NUM_PARAMS - network.HEAD_SIZE :] = strategy.grad_estimate(
-                self.table, plan.head_offsets, head_weights, plan.noise_std, len(head_fitness),
-                length=network.HEAD_SIZE,
-            )
+        grad, fitness = estimate(self.config, self.table, self.basis, plan, outcome)
         if grad.is_cuda:
             torch.cuda.synchronize()
         estimated = time.perf_counter()
-        step_norm = self.adam.step(grad, plan.learning_rate)
+        # no member scored: nothing to learn from, yet Adam's momentum would still move theta
+        skipped = not np.isfinite(fitness).any()
+        step_norm = 0.0 if skipped else self.adam.step(grad, plan.learning_rate)
+        self._check_finite(plan)
         stepped = time.perf_counter()
         self.generation += 1
         finite = np.isfinite(fitness)
-        batch_accuracy = outcome.correct.sum(axis=1) / len(plan.batch_indices)
+        correct = np.concatenate([outcome.results(layer)[1] for layer in (0, *layer_members.LAYERS)])
+        batch_accuracy = correct.sum(axis=1) / len(plan.batch_indices)
         record = {
             "generation": self.generation,
             "wall_s": time.perf_counter() - started,
@@ -106,6 +134,7 @@ class Trainer:
             "step_norm": step_norm,
             "theta_norm": float(torch.linalg.vector_norm(self.theta)),
             "nonfinite": int((~finite).sum()),
+            "step_skipped": skipped,
             "workers_alive": outcome.workers_alive,
             "tiles_reissued": outcome.tiles_reissued,
             "worker_failures": outcome.worker_failures,
@@ -117,11 +146,13 @@ class Trainer:
         record["time"] = time.time()
         return record
 
-    def _slice_weights(self, loss_sums: np.ndarray, correct: np.ndarray, plan, antithetic: bool):
-        """(each member's fitness, one shaped weight per noise slice) from per-(member, shard) results."""
-        es = self.config.es
-        fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
-        return fitness, strategy.slice_weights(strategy.shape_fitness(fitness, es.fitness_shaping), antithetic)
+    def _check_finite(self, plan) -> None:
+        if not bool(torch.isfinite(self.theta).all()):
+            raise Diverged(
+                f"theta has inf or nan after generation {self.generation + 1} (sigma {plan.noise_std:g}, learning "
+                f"rate {plan.learning_rate:g}): too small a sigma or too large a learning rate (or weight decay); "
+                f"the checkpoint of generation {self.saved_generation} is kept: start a new run with other values"
+            )
 
     def run(self, stop_after: int | None = None, time_budget_s: float | None = None) -> dict:
         """Train to config.generations (or stop_after more generations, or the time budget)."""
@@ -146,7 +177,7 @@ class Trainer:
                     if out_of_time:
                         break
                 self.checkpoint()
-            except Interrupted:
+            except (Interrupted, Diverged):
                 raise
             except Exception:
                 self.checkpoint()  # theta only changes at a generation's end, so this state is consistent

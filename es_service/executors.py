@@ -22,10 +22,8 @@ class GenerationOutcome:
     """(pop_size, num_shards) float64 loss sums."""
     correct: np.ndarray
     """(pop_size, num_shards) int64 correct counts."""
-    head_loss_sums: np.ndarray
-    """(head_pop_size, num_shards) float64 loss sums of the head members."""
-    head_correct: np.ndarray
-    """(head_pop_size, num_shards) int64 correct counts of the head members."""
+    layer_results: tuple[tuple[np.ndarray, np.ndarray], ...]
+    """Per layer 1, 2, 3: (loss sums, correct counts) of its layer members, shaped as above."""
     workers_alive: int = 1
     tiles_reissued: int = 0
     worker_failures: int = 0
@@ -36,13 +34,19 @@ class GenerationOutcome:
 
     @classmethod
     def empty(cls, plan: GenerationPlan) -> "GenerationOutcome":
-        shape = (len(plan.member_offsets), len(plan.shard_bounds))
-        head_shape = (2 * len(plan.head_offsets), len(plan.shard_bounds))
-        return cls(np.full(shape, np.nan), np.zeros(shape, dtype=np.int64),
-                   np.full(head_shape, np.nan), np.zeros(head_shape, dtype=np.int64))
+        def results(members: int) -> tuple[np.ndarray, np.ndarray]:
+            shape = (members, len(plan.shard_bounds))
+            return np.full(shape, np.nan), np.zeros(shape, dtype=np.int64)
+
+        return cls(*results(len(plan.member_offsets)),
+                   tuple(results(2 * len(offsets)) for offsets in plan.layer_offsets))
+
+    def results(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(loss sums, correct counts) of the whole members (layer 0) or of one layer's members."""
+        return (self.loss_sums, self.correct) if layer == 0 else self.layer_results[layer - 1]
 
     def fill(self, tile: Tile, result: TileResult) -> None:
-        loss_sums, correct = (self.head_loss_sums, self.head_correct) if tile.head else (self.loss_sums, self.correct)
+        loss_sums, correct = self.results(tile.layer)
         loss_sums[tile.member_start : tile.member_stop, tile.shard] = result.loss_sums
         correct[tile.member_start : tile.member_stop, tile.shard] = result.correct
         self.compute_s += result.compute_s
@@ -50,17 +54,18 @@ class GenerationOutcome:
 
 def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
     members = slice(tile.member_start, tile.member_stop)
-    offsets, signs = plan.head_members if tile.head else (plan.member_offsets, plan.member_signs)
+    offsets, signs = plan.members(tile.layer)
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,
         offsets=offsets[members],
         signs=signs[members],
-        noise_std=float(plan.noise_std),
+        noise_std=float(plan.noise_std_of(tile.layer)),
         image_indices=plan.shard_indices(tile.shard),
         rank=plan.rank,
         shared_first_layer=plan.shared_first_layer,
-        head=tile.head,
+        layer=tile.layer,
+        subspace=plan.subspace if tile.layer == 1 else 0,
     )
 
 
@@ -77,10 +82,11 @@ class LocalExecutor:
     or one per planned tile."""
 
     def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str,
-                 fused: bool = False, merge_tiles: bool = True):
-        self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused)
+                 fused: bool = False, merge_tiles: bool = True, basis: torch.Tensor | None = None):
+        self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused, basis=basis)
         self.device = device  # where the driver's update runs too
         self.table = self.evaluator.table
+        self.basis = self.evaluator.basis
         self.merge_tiles = merge_tiles
 
     def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:

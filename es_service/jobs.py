@@ -5,6 +5,15 @@ cluster's head node (``es-service`` must be installed there), with its own run d
 worker actors. The config is checked here first: a bad config fails with exit code 2 before the
 cluster is contacted.
 
+Run directories live under a results root on the head: ``$ES_RESULTS_ROOT`` in the head's
+environment, else ``~/es-service-runs`` (expanded by the job's shell there). Never under the job's
+working directory: Ray deletes that with the job, and re-extracts it (deleting the old copy) when a
+node that shares the head's session directory, such as a fake autoscaler node, sets the job up again.
+
+``--working-dir DIR`` uploads DIR to the cluster, minus files that look like credentials (token
+files, ``.env``, ``*.pem``/``*.key`` and ``id_*`` keys, the token file in use): those are left out
+and named on stderr.
+
 The commands talk to the Ray jobs API (the dashboard, ``http://HEAD:8265``) through
 :class:`ray.job_submission.JobSubmissionClient`. Ray 2.60 clusters started with ``ray start --head``
 or ``ray.init()`` require a bearer token (token authentication). Ray's client attaches one only when
@@ -41,6 +50,13 @@ the run to finish its generation and write a checkpoint. Sent as RAY_JOB_STOP_WA
 PASSED_ENV = ("ES_DATA_DIR",)
 """Variables copied from the submitting shell into the job's environment when they are set."""
 META_PREFIX = "es_service."
+RESULTS_ROOT_ENV = "ES_RESULTS_ROOT"
+DEFAULT_RESULTS_ROOT = "~/es-service-runs"
+RESULTS_ROOT_SHELL = f'"${{{RESULTS_ROOT_ENV}:-${{HOME:-/tmp}}/es-service-runs}}"'
+"""The results root as the job's shell on the head expands it (the client cannot know the head's home)."""
+RESULTS_ROOT_SHOWN = f"${{{RESULTS_ROOT_ENV}:-{DEFAULT_RESULTS_ROOT}}}"
+SECRET_PATTERNS = ("auth_token", "*.token", "token", ".env", ".env.*", "*.pem", "*.key", "id_*")
+"""File names never uploaded with --working-dir (gitignore-style, at any depth)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,10 +69,12 @@ def add_commands(commands) -> None:
     submit.add_argument("config", help="YAML config file (checked here before anything is sent)")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable); passed on to the job")
-    submit.add_argument("--run-dir", help="the job's run directory: absolute, or relative to the job's working "
-                                          "directory on the head (default runs/<config stem>-<submission id>)")
+    submit.add_argument("--run-dir", help="the job's run directory on the head: absolute, or relative to the "
+                                          f"results root there (${RESULTS_ROOT_ENV}, default {DEFAULT_RESULTS_ROOT}); "
+                                          "default <config stem>-<submission id>")
     submit.add_argument("--working-dir", help="directory uploaded as the job's working directory; it must hold "
-                                              "the config (default: a fresh directory holding only the config)")
+                                              "the config; token files, .env and *.pem/*.key/id_* keys are left out "
+                                              "(default: a fresh directory holding only the config)")
     submit.add_argument("--data-dir", help="MNIST folder on the head node, passed to `train --data-dir`")
     submit.add_argument("--submission-id", help="job id to use (default es-<random>); must be new on the cluster")
     submit.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
@@ -85,6 +103,9 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
                                           f"$RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or {DEFAULT_ADDRESS})")
     parser.add_argument("--token-file", help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
                                              "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a plain http:// --address that is not loopback (the token then crosses the "
+                             "network unencrypted); prefer the SSH tunnel of `ray dashboard cluster/config.yaml`")
 
 
 def _time(ms: int | None) -> str | None:
@@ -138,7 +159,8 @@ def build_submission(args) -> tuple[str, dict, dict, str, str]:
     """Validate locally; return (entrypoint, runtime_env, metadata, submission_id, run_dir).
 
     ``runtime_env["working_dir"]`` is a local directory; a fresh one is made when --working-dir is not
-    given (the caller removes it after submitting).
+    given (the caller removes it after submitting). ``run_dir`` is the run directory as shown to the
+    user (a relative one under ``$ES_RESULTS_ROOT``); the entrypoint makes the head's shell resolve it.
     """
     from es_service.config import ConfigError, load
 
@@ -158,29 +180,75 @@ def build_submission(args) -> tuple[str, dict, dict, str, str]:
         except ValueError:
             raise JobsError(f"config {args.config!r} is not inside --working-dir {args.working_dir!r}; the job "
                             "reads it from there: move it in, or leave out --working-dir", EXIT_BAD_INPUT) from None
+        excludes = secret_excludes(working_dir, relative, getattr(args, "token_file", None))
     else:
         working_dir = Path(tempfile.mkdtemp(prefix="es-service-submit-"))
         shutil.copyfile(config_path, working_dir / config_path.name)
         relative = Path(config_path.name)
+        excludes = []
     submission_id = args.submission_id or f"es-{secrets.token_hex(6)}"
-    run_dir = args.run_dir or f"runs/{config_path.stem}-{submission_id}"
-    command = ["es-service", "train", "--config", relative.as_posix(), "--run-dir", run_dir, "--quiet"]
+    run_dir = args.run_dir or f"{config_path.stem}-{submission_id}"
+    if os.path.isabs(run_dir):
+        run_dir_words = shlex.quote(run_dir)
+    else:  # the root unquoted-in-double-quotes so the head's shell expands it; the rest quoted literally
+        run_dir_words = f"{RESULTS_ROOT_SHELL}/{shlex.quote(run_dir)}"
+        run_dir = f"{RESULTS_ROOT_SHOWN}/{run_dir}"
+    command = shlex.join(["es-service", "train", "--config", relative.as_posix(), "--run-dir"])
+    command += f" {run_dir_words} --quiet"
     for text in overrides:
-        command += ["--set", text]
+        command += " " + shlex.join(["--set", text])
     if args.data_dir:
-        command += ["--data-dir", args.data_dir]
+        command += " " + shlex.join(["--data-dir", args.data_dir])
     env_vars = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_GRACE_S)
-    runtime_env = {"working_dir": str(working_dir), "env_vars": env_vars}
+    # eager_install off: otherwise every node that joins sets the job's working_dir up again, and fake
+    # nodes, sharing the head's session directory, delete the driver's current directory doing it
+    runtime_env = {"working_dir": str(working_dir), "env_vars": env_vars, "config": {"eager_install": False}}
+    if excludes:
+        runtime_env["excludes"] = excludes
     metadata = {META_PREFIX + "config": config_path.name, META_PREFIX + "run_dir": run_dir}
-    return shlex.join(command), runtime_env, metadata, submission_id, run_dir
+    return command, runtime_env, metadata, submission_id, run_dir
+
+
+def secret_excludes(working_dir: Path, config: Path, token_file: str | None) -> list[str]:
+    """Ray ``excludes`` patterns that keep credentials in ``working_dir`` out of the upload; the files
+    they leave out are named on stderr. The config itself must not look like one (exit 2)."""
+    import fnmatch
+
+    patterns = list(SECRET_PATTERNS)
+    root = working_dir.resolve()
+    for candidate in filter(None, [token_file, os.environ.get("RAY_AUTH_TOKEN_PATH")]):
+        try:  # the token file in use, whatever its name
+            inside = Path(candidate).expanduser().resolve().relative_to(root)
+        except ValueError:
+            continue
+        patterns.append("/" + inside.as_posix())
+    anchored = {p[1:] for p in patterns if p.startswith("/")}
+
+    def secret(relative: Path) -> bool:
+        return relative.as_posix() in anchored or any(fnmatch.fnmatchcase(relative.name, p) for p in SECRET_PATTERNS)
+
+    if secret(config):
+        raise JobsError(f"the config {config.as_posix()!r} has the name of a credential file, which --working-dir "
+                        "never uploads; rename it", EXIT_BAD_INPUT)
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
+        for name in files:
+            relative = (Path(folder) / name).relative_to(root)
+            if secret(relative):
+                found.append(relative.as_posix())
+    if found:
+        print(f"es-service: not uploading what looks like credentials from --working-dir: {', '.join(sorted(found))}",
+              file=sys.stderr, flush=True)
+    return patterns
 
 
 def cmd_submit(args):
     entrypoint, runtime_env, metadata, submission_id, run_dir = build_submission(args)
     staged = None if args.working_dir else runtime_env["working_dir"]
     try:
-        cluster = Cluster(args.address, args.token_file)
+        cluster = Cluster(args.address, args.token_file, args.insecure)
         cluster._call(lambda: cluster.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                                                          runtime_env=runtime_env, metadata=metadata))
     finally:
@@ -188,7 +256,7 @@ def cmd_submit(args):
             shutil.rmtree(staged, ignore_errors=True)
     args._submitted = submission_id
     print(submission_id, flush=True)
-    where = "" if os.path.isabs(run_dir) else " (relative to the job's working directory on the head)"
+    where = "" if os.path.isabs(run_dir) else f" on the head ({RESULTS_ROOT_ENV} there, default {DEFAULT_RESULTS_ROOT})"
     print(f"es-service: submitted {submission_id} to {cluster.address}: {entrypoint}\n"
           f"es-service: run dir {run_dir}{where}; `es-service status {submission_id}` or "
           f"`es-service logs --follow {submission_id}`", file=sys.stderr, flush=True)
@@ -205,12 +273,12 @@ def cmd_submit(args):
 
 
 def cmd_status(args):
-    cluster = Cluster(args.address, args.token_file)
+    cluster = Cluster(args.address, args.token_file, args.insecure)
     return describe(cluster.info(args.job_id))
 
 
 def cmd_logs(args):
-    cluster = Cluster(args.address, args.token_file)
+    cluster = Cluster(args.address, args.token_file, args.insecure)
     if args.follow:
         cluster.follow(args.job_id)
     else:
@@ -221,7 +289,7 @@ def cmd_logs(args):
 
 
 def cmd_stop(args):
-    cluster = Cluster(args.address, args.token_file)
+    cluster = Cluster(args.address, args.token_file, args.insecure)
     cluster.info(args.job_id)
     requested = cluster._call(lambda: cluster.client.stop_job(args.job_id), args.job_id)
     info = cluster.info(args.job_id) if args.no_wait else cluster.wait_terminal(args.job_id, STOP_GRACE_S + 30)
@@ -230,7 +298,7 @@ def cmd_stop(args):
 
 
 def cmd_list(args):
-    cluster = Cluster(args.address, args.token_file)
+    cluster = Cluster(args.address, args.token_file, args.insecure)
     jobs = [job for job in cluster._call(cluster.client.list_jobs) if job.submission_id]
     jobs.sort(key=lambda job: job.start_time or 0)
     return [describe(job) for job in jobs]

@@ -1,21 +1,30 @@
 """The Ray jobs API client behind ``es-service submit/status/logs/stop/list``: where the cluster is,
 which auth token to send, and Ray's errors turned into :class:`JobsError` (message with the fix, exit
 code). Ray is imported only when a client is made.
+
+The token is a bearer credential for the whole cluster (anyone holding it can run code there), so it
+only travels over https or to a loopback address (the SSH tunnel of ``ray dashboard``); plain http to
+any other host needs ``--insecure``. A token file that other users can read is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import stat
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+TUNNEL_HINT = ("open the SSH tunnel to the head with `ray dashboard cluster/config.yaml` (it forwards "
+               "http://127.0.0.1:8265) and pass --address http://127.0.0.1:8265")
 
 
 class JobsError(Exception):
@@ -26,8 +35,11 @@ class JobsError(Exception):
         self.code = code
 
 
-def resolve_address(address: str | None) -> str:
-    """The jobs API URL: --address, $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, the local default."""
+def resolve_address(address: str | None, insecure: bool = False) -> str:
+    """The jobs API URL: --address, $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, the local default.
+
+    Plain http to a host that is not loopback is refused unless ``insecure`` (then a warning is printed):
+    the bearer token would cross the network in clear text."""
     source = "--address"
     if not address:
         for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
@@ -45,7 +57,27 @@ def resolve_address(address: str | None) -> str:
                         "e.g. --address http://HEAD:8265 (not a ray:// or GCS address)", EXIT_BAD_INPUT)
     if "://" not in address:
         address = f"http://{address}"
+    host = urlsplit(address).hostname or ""
+    if address.startswith("http://") and not is_loopback(host):
+        if not insecure:
+            raise JobsError(f"{source} {address!r} would send the cluster's auth token unencrypted to {host}; "
+                            f"{TUNNEL_HINT}, use an https:// address, or pass --insecure to send it anyway",
+                            EXIT_BAD_INPUT)
+        print(f"es-service: warning: --insecure: the auth token goes to {host} over plain http, readable by anyone "
+              "on the network path; prefer the SSH tunnel of `ray dashboard cluster/config.yaml`", file=sys.stderr,
+              flush=True)
     return address
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (a literal address or localhost)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name that might resolve anywhere: not trusted with the token
 
 
 def resolve_token(token_file: str | None) -> tuple[str | None, str]:
@@ -72,7 +104,19 @@ def _read_token(path: Path, source: str) -> str:
     if not token:
         raise JobsError(f"{source} {str(path)!r} is empty; put the cluster's token in it "
                         "(`ray get-auth-token` on the head prints it)", EXIT_BAD_INPUT)
+    warn_if_shared(path)
     return token
+
+
+def warn_if_shared(path: Path) -> None:
+    """A warning on stderr when group or others may read the token file."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        print(f"es-service: warning: the auth token file {str(path)!r} is readable by other users (mode "
+              f"{mode:04o}); restrict it with `chmod 600 {path}`", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,8 +126,8 @@ def _read_token(path: Path, source: str) -> str:
 class Cluster:
     """A JobSubmissionClient that always carries the token and turns Ray's errors into JobsError."""
 
-    def __init__(self, address: str | None, token_file: str | None):
-        self.address = resolve_address(address)
+    def __init__(self, address: str | None, token_file: str | None, insecure: bool = False):
+        self.address = resolve_address(address, insecure)
         self.token, self.token_source = resolve_token(token_file)
         # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address; ours must win.
         for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
@@ -111,9 +155,8 @@ class Cluster:
                 "~/.ray/auth_token)", EXIT_BAD_INPUT) from None
         except ConnectionError as err:
             raise JobsError(
-                f"cannot reach the Ray jobs API at {self.address} ({_first_line(err)}); start the head with "
-                "`ray start --head --dashboard-host=0.0.0.0` or pass --address http://HEAD:8265 "
-                "(or set RAY_API_SERVER_ADDRESS)", EXIT_FAILED) from None
+                f"cannot reach the Ray jobs API at {self.address} ({_first_line(err)}); is the cluster up? For a "
+                f"remote head, {TUNNEL_HINT} (or set RAY_API_SERVER_ADDRESS)", EXIT_FAILED) from None
         except RuntimeError as err:
             text = str(err)
             if job_id is not None and ("404" in text or "does not exist" in text):
@@ -125,7 +168,7 @@ class Cluster:
         except Exception as err:  # requests errors (bad URL, TLS, timeouts) and aiohttp errors
             if type(err).__module__.split(".")[0] in ("requests", "urllib3", "aiohttp"):
                 raise JobsError(f"cannot talk to the Ray jobs API at {self.address}: {_first_line(err)}; "
-                                "check --address (http://HEAD:8265)", EXIT_FAILED) from None
+                                f"check --address; for a remote head, {TUNNEL_HINT}", EXIT_FAILED) from None
             raise
 
     def info(self, job_id: str):

@@ -16,11 +16,12 @@ import torch
 from es_service import network, noise, strategy
 from es_service.config import Config
 
-STREAM_INIT, STREAM_NOISE, STREAM_GENERATION, STREAM_HEAD = 1, 2, 3, 4
+STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
+LAYER_STREAMS = {3: 4, 1: 5, 2: 6}  # 4 first: runs made when only layer 3 could have members keep their draws
 
 
 def derive_seed(seed: int, stream: int) -> int:
-    """An independent 63-bit seed for one purpose (init, noise table, generations, head members)."""
+    """An independent 63-bit seed for one purpose (init, noise table, generations, each layer's members)."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
@@ -36,14 +37,14 @@ def noise_seed(seed: int) -> int:
 
 @dataclass(frozen=True)
 class Tile:
-    """The unit of work: members [member_start, member_stop) on one shard of the minibatch (``head``:
-    of the head members, which move only the output layer)."""
+    """The unit of work: members [member_start, member_stop) on one shard of the minibatch, of the whole
+    members (``layer`` 0) or of one layer's members (1, 2 or 3: es_service.layer_members)."""
 
     tile_id: int
     member_start: int
     member_stop: int
     shard: int
-    head: bool = False
+    layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,22 @@ class GenerationPlan:
     """Full-rank members' first layer as x W1 + scale * x E1 (network.shared_first_layer_forward)."""
     shard_bounds: tuple[tuple[int, int], ...]
     tiles: tuple[Tile, ...]
-    head_offsets: np.ndarray
-    """One table offset per antithetic pair of head members (es.head_pop_size / 2; empty when off)."""
+    layer_offsets: tuple[np.ndarray, np.ndarray, np.ndarray]
+    """Per layer 1, 2, 3: one table offset per antithetic pair of its layer members (es.wL.pop_size / 2)."""
+    layer_noise_stds: tuple[float, float, float]
+    """Per layer: its members' sigma (the scheduled sigma times es.wL.noise_scale)."""
+    subspace: int
+    """Layer-1 members: principal components of the images their input factor lies in (0: none)."""
 
-    @property
-    def head_members(self) -> tuple[np.ndarray, np.ndarray]:
-        """(offsets, signs) of the head members: each head offset at +sigma, then at -sigma."""
-        return antithetic_members(self.head_offsets)
+    def members(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, signs) of the whole members (layer 0) or of one layer's members, each of whose
+        offsets is at +sigma, then at -sigma."""
+        if layer == 0:
+            return self.member_offsets, self.member_signs
+        return antithetic_members(self.layer_offsets[layer - 1])
+
+    def noise_std_of(self, layer: int) -> float:
+        return self.noise_std if layer == 0 else self.layer_noise_stds[layer - 1]
 
     def shard_indices(self, shard: int) -> np.ndarray:
         start, stop = self.shard_bounds[shard]
@@ -97,28 +107,31 @@ def shard_bounds(batch_size: int, shard_size: int) -> tuple[tuple[int, int], ...
     return tuple((start, min(start + step, batch_size)) for start in range(0, batch_size, step))
 
 
-def make_tiles(pop_size: int, members_per_tile: int, num_shards: int, head_pop_size: int = 0) -> tuple[Tile, ...]:
-    """Tiles of at most members_per_tile members per shard; then, per shard, one tile of all the head
-    members (they are cheap, and one fixed tile keeps their batched matmul's shape fixed)."""
+def make_tiles(pop_size: int, members_per_tile: int, num_shards: int,
+               layer_pop_sizes: tuple[int, int, int] = (0, 0, 0)) -> tuple[Tile, ...]:
+    """Tiles of at most members_per_tile members per shard, for the whole members, then layer 1's and
+    layer 2's; then, per shard, one tile of all of layer 3's members (they are cheap, and one fixed
+    tile keeps their batched matmul's shape fixed)."""
     tiles = []
-    for member_start in range(0, pop_size, members_per_tile):
-        for shard in range(num_shards):
-            stop = min(member_start + members_per_tile, pop_size)
-            tiles.append(Tile(len(tiles), member_start, stop, shard))
-    if head_pop_size:
-        tiles += [Tile(len(tiles) + shard, 0, head_pop_size, shard, head=True) for shard in range(num_shards)]
+    for layer, size in enumerate((pop_size, *layer_pop_sizes[:2])):
+        for member_start in range(0, size, members_per_tile):
+            for shard in range(num_shards):
+                stop = min(member_start + members_per_tile, size)
+                tiles.append(Tile(len(tiles), member_start, stop, shard, layer))
+    if layer_pop_sizes[2]:
+        tiles += [Tile(len(tiles) + shard, 0, layer_pop_sizes[2], shard, layer=3) for shard in range(num_shards)]
     return tuple(tiles)
 
 
 def merge_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
-    """One tile per (head, shard) spanning all of its members. A member's result never depends on its
+    """One tile per (layer, shard) spanning all of its members. A member's result never depends on its
     tile mates, so in one process fewer, larger tiles change no bit and save each call's overhead (the
     batch gather, the member threads' start and end)."""
-    spans: dict[tuple[bool, int], tuple[int, int]] = {}
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
     for tile in tiles:
-        start, stop = spans.get((tile.head, tile.shard), (tile.member_start, tile.member_stop))
-        spans[(tile.head, tile.shard)] = (min(start, tile.member_start), max(stop, tile.member_stop))
-    return tuple(Tile(k, start, stop, shard, head) for k, ((head, shard), (start, stop)) in enumerate(spans.items()))
+        start, stop = spans.get((tile.layer, tile.shard), (tile.member_start, tile.member_stop))
+        spans[(tile.layer, tile.shard)] = (min(start, tile.member_start), max(stop, tile.member_stop))
+    return tuple(Tile(k, start, stop, shard, layer) for k, ((layer, shard), (start, stop)) in enumerate(spans.items()))
 
 
 def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan:
@@ -135,12 +148,16 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
     batch_indices = rng.choice(num_train, size=batch_size, replace=False).astype(np.int64)
     bounds = shard_bounds(batch_size, es.shard_size)
     progress = generation / max(1, config.generations - 1)
-    # a stream of their own: runs without head members keep every draw they had before
-    head_rng = np.random.default_rng([derive_seed(config.seed, STREAM_HEAD), generation])
-    head_offsets = head_rng.integers(0, noise.max_offset(config.noise.table_size) + 1, size=es.head_pop_size // 2)
+    noise_std = strategy.scheduled(es.noise_std, es.noise_std_final, progress, es.schedule)
+    layers = es.layers()
+    # a stream per layer: runs without layer members keep every draw they had before
+    layer_offsets = tuple(
+        np.random.default_rng([derive_seed(config.seed, LAYER_STREAMS[layer]), generation])
+        .integers(0, noise.max_offset(config.noise.table_size) + 1, size=members.pop_size // 2).astype(np.int64)
+        for layer, members in zip((1, 2, 3), layers))
     return GenerationPlan(
         generation=generation,
-        noise_std=strategy.scheduled(es.noise_std, es.noise_std_final, progress, es.schedule),
+        noise_std=noise_std,
         learning_rate=strategy.scheduled(es.learning_rate, es.learning_rate_final, progress, es.schedule),
         slice_offsets=slice_offsets.astype(np.int64),
         member_offsets=member_offsets.astype(np.int64),
@@ -149,8 +166,11 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         rank=es.rank,
         shared_first_layer=es.shared_first_layer,
         shard_bounds=bounds,
-        tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds), es.head_pop_size),
-        head_offsets=head_offsets.astype(np.int64),
+        tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds),
+                         tuple(members.pop_size for members in layers)),
+        layer_offsets=layer_offsets,
+        layer_noise_stds=tuple(noise_std * members.noise_scale for members in layers),
+        subspace=es.w1.subspace,
     )
 
 

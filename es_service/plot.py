@@ -6,9 +6,12 @@ Right panel: mean and best fitness per generation. One colour per run.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from es_service import rundir
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 WIDTH, MARGIN, PANEL_HEIGHT, LEGEND_ROW = 1200, 60, 440, 14
@@ -82,8 +85,6 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str | Path) -> Path:
     bottom = 40 + PANEL_HEIGHT
     _panel(draw, (MARGIN, 40, half - 20, bottom), "accuracy (zoomed)", accuracy_curves, _zoomed_range(accuracy_curves))
     _panel(draw, (half + MARGIN, 40, WIDTH - 20, bottom), "fitness", fitness_curves)
-    path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return rundir.atomic_write(path, buffer.getbuffer())

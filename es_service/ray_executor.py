@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -28,6 +29,23 @@ POOL_CHECK_S = 1.0
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: hides the dispatch round trip
 
 
+def worker_runtime_env() -> dict:
+    """Actor options that start workers in the installed package's directory instead of the job's.
+
+    A job's working_dir is a directory Ray may delete while workers use it: nodes that share the head's
+    session directory (the fake autoscaler's) re-extract it on setup, removing the copy in use, and
+    Ray removes it when the job ends. A worker whose current directory is gone cannot even import torch
+    (MKL's loader calls getcwd). Workers read nothing from the working_dir (the package is installed on
+    every node), so they get a ``local://`` one that every node already has and nothing ever deletes,
+    and the job's package is never set up on worker nodes at all."""
+    if not ray.get_runtime_context().runtime_env.get("working_dir"):
+        return {}
+    import workers
+
+    installed = Path(workers.__file__).resolve().parent.parent
+    return {"runtime_env": {"working_dir": f"local://{installed}"}}
+
+
 class NoWorkersError(RuntimeError):
     """No worker actor has been alive for longer than workers.no_worker_timeout_s."""
 
@@ -42,9 +60,10 @@ class _Worker:
 
 class RayExecutor:
     def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str,
-                 workers: WorkersConfig, autoscale: bool = False):
+                 workers: WorkersConfig, autoscale: bool = False, basis: torch.Tensor | None = None):
         self.config = workers
         self.table, self.device = table, "cpu"  # the driver's update reads this table on the CPU
+        self.basis = basis
         self._requested = not autoscale  # an embedded local Ray has no autoscaler worth asking
         self._asked_autoscaler = False
         self.arithmetic = arithmetic
@@ -53,8 +72,11 @@ class RayExecutor:
             "images": ray.put(images.numpy()),
             "labels": ray.put(labels.numpy()),
         }
+        if basis is not None:  # computed once here: every worker must hold the driver's bits
+            self.refs["basis"] = ray.put(basis.numpy())
         self.actor_class = ray.remote(PopulationWorker).options(
-            num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker, max_restarts=0, max_concurrency=1
+            num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker, max_restarts=0, max_concurrency=1,
+            **worker_runtime_env(),
         )
         self.workers: dict[int, _Worker] = {}
         self.failures = 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from es_service import rundir
 from es_service.config import WARM_START_STAGES
 from es_service.metrics import read as read_metrics
 from es_service.plot import plot_runs
@@ -15,18 +15,18 @@ class ReportError(RuntimeError):
 
 
 def summarize(run_dir: Path) -> dict:
-    info_path, metrics_path = run_dir / "run.json", run_dir / "metrics.jsonl"
+    info_path, metrics_path = run_dir / rundir.RUN_INFO_NAME, run_dir / rundir.METRICS_NAME
     if not info_path.is_file() or not metrics_path.is_file():
         raise ReportError(f"{str(run_dir)!r} is not a run directory (no run.json or metrics.jsonl); "
                           "pass directories made by `es-service train` or `es-service backprop`")
-    info = json.loads(info_path.read_text())
+    info = rundir.read_run_info(run_dir) or {"status": "? (run.json damaged)"}
     records = read_metrics(metrics_path)
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     last = evaluated[-1] if evaluated else {}
     try:
         import yaml
 
-        arithmetic = yaml.safe_load((run_dir / "config.yaml").read_text())["network"]["arithmetic"]
+        arithmetic = yaml.safe_load((run_dir / rundir.CONFIG_NAME).read_text())["network"]["arithmetic"]
     except Exception:
         arithmetic = "?"
     method, wall_s = info.get("method", "es"), sum(r.get("wall_s", 0.0) for r in records)
@@ -67,5 +67,5 @@ def render(rows: list[dict]) -> str:
 
 def report(run_dirs: list[Path], plot_path: Path) -> str:
     rows = [summarize(path) for path in run_dirs]
-    plot_runs([(path.name, read_metrics(path / "metrics.jsonl")) for path in run_dirs], plot_path)
+    plot_runs([(path.name, read_metrics(path / rundir.METRICS_NAME)) for path in run_dirs], plot_path)
     return render(rows) + f"\n\nlearning curves: {plot_path}"

@@ -1,41 +1,48 @@
 """Start, resume and evaluate runs: everything between the CLI's arguments and the Trainer.
 
-A run directory holds config.yaml (resolved), run.json (status, device, timings), metrics.jsonl,
-checkpoint.pt and learning_curve.png. It appears whole (built in a temporary sibling, then renamed)
-and is never replaced without ``force``.
+A run directory (es_service/rundir.py) holds config.yaml (resolved), run.json (status, device,
+timings), metrics.jsonl, checkpoint.pt and learning_curve.png. It appears whole (built in a temporary
+sibling, then renamed), is never replaced without ``force``, and then only once everything that can
+fail before the first generation (config, data, executor, cluster) has been built. One process at a
+time writes it (its lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import platform
-import shutil
-import tempfile
+import socket
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from es_service import checkpoint, noise, plan as planning
+from es_service import checkpoint, layer_members, noise, plan as planning, rundir
 from es_service.config import WARM_START_STAGES, Config, ConfigError, WarmStartConfig, from_dict, load as load_config
 from es_service.data import load_mnist
-from es_service.driver import CHECKPOINT_NAME, Trainer, TrainState
+from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
 from es_service.metrics import read as read_metrics
 from es_service.progress import Progress
+from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, PLOT_NAME, RUN_INFO_NAME, write_run_info
 from es_service.stopping import Interrupted
 from workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
 FINAL_ACCURACIES = ("train_accuracy", "test_accuracy", "validation_accuracy")  # what run.json's "final" keeps
+CONNECT_TIMEOUT_S = 10.0
 
 
 class UsageError(RuntimeError):
     """A bad argument or path, phrased with the fix."""
+
+
+class RunFailed(RuntimeError):
+    """The input was fine but the run could not go on (e.g. the cluster is unreachable)."""
 
 
 def load_data(config: Config, data_dir: str | None = None):
@@ -48,13 +55,25 @@ def default_run_dir(config_path: str | Path) -> Path:
 
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse, before anything is loaded, a --run-dir that cannot become this run's directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {str(run_dir)!r} is a file; pass the path of a directory (it is created)")
+    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--run-dir {str(run_dir)!r} lies under the file {str(existing)!r}; pass a path in a directory")
+    folder = existing if existing != run_dir else run_dir.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--run-dir {str(run_dir)!r}: {str(folder)!r} is not writable by this user; "
+                         "pass a --run-dir in a writable directory")
     if run_dir.exists() and not force:
         raise UsageError(
             f"run directory {str(run_dir)!r} already exists; pick another --run-dir, "
             f"resume it with `es-service resume {run_dir}`, or pass --force to replace it"
         )
-    if run_dir.exists() and not (run_dir / "run.json").exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and not (run_dir / RUN_INFO_NAME).exists() and any(run_dir.iterdir()):
         raise UsageError(f"{str(run_dir)!r} exists and is not a run directory; refusing to replace it even with --force")
+    if (run_dir / LOCK_NAME).exists():
+        rundir.Lock(run_dir).release()  # refuse now, not after loading everything, when a process writes it
 
 
 def device_description(executor) -> str:
@@ -63,76 +82,101 @@ def device_description(executor) -> str:
     return f"{executor.describe()}; driver CPU {cpu} x{os.cpu_count()}" + (f"; GPU {gpu}" if gpu else "")
 
 
-def write_run_info(run_dir: Path, **fields) -> None:
-    """Update run.json atomically; a field given as None is removed (a resumed run drops its old error)."""
-    path = run_dir / "run.json"
-    info = json.loads(path.read_text()) if path.exists() else {}
-    info.update(fields)
-    info = {key: value for key, value in info.items() if value is not None}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_config(folder: Path, config: Config) -> None:
+    rundir.atomic_write(Path(folder) / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
 
 
-def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: bool, **info) -> None:
-    """Build the directory in a temporary sibling and rename it into place: never half-written."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
-    try:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_run_info(tmp, **{"status": "created", "created": time.time(), "torch": torch.__version__, **info})
+def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: bool, **info) -> rundir.Lock:
+    """Build the directory in a temporary sibling and rename it into place (never half-written), replacing
+    an old run when ``force``; returns its lock, held."""
+
+    def fill(folder: Path) -> None:
+        write_config(folder, config)
+        write_run_info(folder, **{"status": "created", "created": time.time(), "torch": torch.__version__,
+                                  "config_digest": config.digest(), "noise_seed": planning.noise_seed(config.seed),
+                                  **info})
         if state is not None:
-            checkpoint.save(state, tmp / CHECKPOINT_NAME)
-        if run_dir.exists() and force:
-            shutil.rmtree(run_dir)
-        os.replace(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            checkpoint.save(state, folder / CHECKPOINT_NAME)
+
+    return rundir.create(run_dir, fill, force)
+
+
+def resolve(preference: str, option: str, fix: str) -> str:
+    """resolve_device, with a missing GPU reported as the option that asked for it."""
+    try:
+        return resolve_device(preference)
+    except RuntimeError:
+        raise UsageError(f"{option} is 'cuda' but torch sees no CUDA device on this machine; {fix}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries an unreachable cluster for minutes; a TCP connect to it answers within seconds."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # "auto" and the like: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise RunFailed(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); check --address "
+                        "(or $RAY_ADDRESS) and that the cluster is up") from None
 
 
 def build_executor(config: Config, table, data, address: str | None):
     arithmetic = config.network.arithmetic
+    w1 = config.es.w1  # layer-1 members' subspace: from the run's training images (never validation or test)
+    basis = layer_members.image_basis(data.train_images, w1.subspace) if w1.pop_size and w1.subspace else None
     if config.workers.executor == "local":
-        device = "cpu" if arithmetic == "cpu-ftz" else resolve_device(config.workers.device)
-        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused)
+        device = "cpu" if arithmetic == "cpu-ftz" else resolve(config.workers.device, "workers.device",
+                                                                  "use --set workers.device=cpu (or auto)")
+        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused,
+                             basis=basis)
     import ray
 
     from es_service.ray_executor import RayExecutor
 
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):  # a cluster (inside a Ray job RAY_ADDRESS is set)
+            _check_reachable(address or os.environ["RAY_ADDRESS"])
             kwargs = {"address": address} if address else {}
         else:  # a private embedded Ray: never join some other `ray start` cluster on this machine
             kwargs = {"address": "local", "include_dashboard": False}
         ray.init(logging_level="WARNING", log_to_driver=True, **kwargs)
     autoscale = bool(address or os.environ.get("RAY_ADDRESS"))
-    return RayExecutor(table, data.train_images, data.train_labels, arithmetic, config.workers, autoscale)
+    return RayExecutor(table, data.train_images, data.train_labels, arithmetic, config.workers, autoscale, basis)
 
 
-def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, data, address: str | None,
-           stop_after: int | None, time_budget_s: float | None, quiet: bool) -> dict:
-    table = noise.make_table(noise_seed, config.noise.table_size)
-    executor = build_executor(config, table, data, address)
-    progress = None if quiet else Progress(config.generations, start=state.generation)
-    # the driver's update shares the executor's copy of the table (on the GPU for a local CUDA executor)
-    trainer = Trainer(config, run_dir, data, executor.table, noise_seed, executor, state, executor.device, progress)
-    write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid(), error=None)
+@contextlib.contextmanager
+def started_executor(config: Config, noise_seed: int, data, address: str | None):
+    """The executor (with its noise table, and a connection to the cluster), closed on the way out."""
+    executor = build_executor(config, noise.make_table(noise_seed, config.noise.table_size), data, address)
     try:
-        record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
-    except BaseException as err:
-        write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed",
-                       error=str(err), generation=trainer.generation)
-        raise
+        yield executor
     finally:
         executor.close()
+
+
+def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, data, executor,
+           stop_after: int | None, time_budget_s: float | None, quiet: bool) -> dict:
+    trainer = None
+    try:
+        progress = None if quiet else Progress(config.generations, start=state.generation)
+        # the driver's update shares the executor's copy of the table (on the GPU for a local CUDA executor)
+        trainer = Trainer(config, run_dir, data, executor.table, noise_seed, executor, state, executor.device, progress,
+                          basis=executor.basis)
+        write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid(), error=None)
+        record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
+    except BaseException as err:
+        write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err),
+                       generation=trainer.saved_generation if trainer else state.generation)
+        raise
+    finally:
         _plot(run_dir)
     finished = trainer.generation >= config.generations
     if not any(key.endswith("_accuracy") for key in record):
         record.update(trainer.evaluate_center())
-    write_run_info(run_dir, status="finished" if finished else "paused", generation=trainer.generation,
+    write_run_info(run_dir, status="finished" if finished else "paused", generation=trainer.saved_generation,
                    final={k: record[k] for k in FINAL_ACCURACIES if k in record},
-                   wall_s_total=sum(r["wall_s"] for r in read_metrics(run_dir / "metrics.jsonl")))
+                   wall_s_total=sum(r["wall_s"] for r in read_metrics(run_dir / METRICS_NAME)))
     return {"generation": trainer.generation, "run_dir": str(run_dir), **trainer.last_accuracy}
 
 
@@ -140,7 +184,7 @@ def _plot(run_dir: Path) -> None:
     try:
         from es_service.plot import plot_runs
 
-        plot_runs([(run_dir.name, read_metrics(run_dir / "metrics.jsonl"))], run_dir / "learning_curve.png")
+        plot_runs([(run_dir.name, read_metrics(run_dir / METRICS_NAME))], run_dir / PLOT_NAME)
     except Exception as err:  # a plot must never cost a run
         print(f"warning: could not draw the learning curve: {err}")
 
@@ -155,9 +199,6 @@ def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor,
     except checkpoint.CheckpointError as err:
         raise checkpoint.CheckpointError(f"--init-from: {err}") from None
     theta = state["theta"].clone()
-    if not bool(torch.isfinite(theta).all()):
-        raise checkpoint.CheckpointError(f"--init-from: checkpoint {str(init_from)!r} holds a theta with inf or nan; "
-                                         "start from another checkpoint")
     digest = hashlib.sha256(theta.numpy().tobytes()).hexdigest()
     return theta, {"checkpoint": str(Path(init_from).resolve()), "generation": state["generation"], "theta_sha256": digest}
 
@@ -172,12 +213,14 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
     data = load_data(config)
-    if config.warm_start.epochs:  # the directory appears first, to hold the stages; its ES checkpoint comes after them
-        create_run_dir(run_dir, config, None, force, status="warm start")
-        return _warm_start_then_train(config, run_dir, data, address, stop_after, time_budget_s, quiet)
-    create_run_dir(run_dir, config, _es_start(config, theta), force, init_from=origin)
-    return _train(config, run_dir, TrainState(theta, None, 0), planning.noise_seed(config.seed), data, address,
-                  stop_after, time_budget_s, quiet)
+    noise_seed = planning.noise_seed(config.seed)
+    with started_executor(config, noise_seed, data, address) as executor:
+        if config.warm_start.epochs:  # the directory holds the stages; its ES checkpoint comes after them
+            with create_run_dir(run_dir, config, None, force, status="warm start"):
+                return _warm_start_then_train(config, run_dir, data, executor, stop_after, time_budget_s, quiet)
+        with create_run_dir(run_dir, config, _es_start(config, theta), force, init_from=origin):
+            return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, executor, stop_after,
+                          time_budget_s, quiet)
 
 
 def _es_start(config: Config, theta: torch.Tensor) -> dict:
@@ -188,16 +231,16 @@ def _es_start(config: Config, theta: torch.Tensor) -> dict:
     return checkpoint.build(config, theta, adam.state_dict(), 0, planning.noise_seed(config.seed))
 
 
-def _warm_start_then_train(config: Config, run_dir: Path, data, address: str | None, stop_after: int | None,
+def _warm_start_then_train(config: Config, run_dir: Path, data, executor, stop_after: int | None,
                            time_budget_s: float | None, quiet: bool) -> dict:
     try:
         theta, origin = warm_start(config, run_dir, data, quiet)
+        checkpoint.save(_es_start(config, theta), run_dir / CHECKPOINT_NAME)
     except BaseException as err:
         write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err))
         raise
-    checkpoint.save(_es_start(config, theta), run_dir / CHECKPOINT_NAME)
     write_run_info(run_dir, status="created", init_from=origin, error=None)
-    return _train(config, run_dir, TrainState(theta, None, 0), planning.noise_seed(config.seed), data, address,
+    return _train(config, run_dir, TrainState(theta, None, 0), planning.noise_seed(config.seed), data, executor,
                   stop_after, time_budget_s, quiet)
 
 
@@ -212,7 +255,7 @@ def warm_start(config: Config, run_dir: Path, data, quiet: bool = False) -> tupl
             continue
         stage_dir = run_dir / "warm_start" / name
         try:
-            if (stage_dir / "run.json").is_file():
+            if (stage_dir / RUN_INFO_NAME).is_file():
                 _continue_backprop(config, stage_dir, data, None, quiet)
             else:
                 schedule = BackpropSchedule(epochs, learning_rate, warm.gradient, warm.batch_size, config.workers.device)
@@ -244,39 +287,84 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
            stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
     """Continue a run where it stopped: an ES run from its checkpoint, a hybrid still in its warm start
     from its stage's last epoch, a backprop run from its last epoch."""
-    path = run_dir / CHECKPOINT_NAME
     if not run_dir.is_dir():
         raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
-    info = _run_info(run_dir) if (run_dir / "run.json").exists() else {}  # an ES run's checkpoint is enough
-    if info.get("method", "es").startswith("backprop"):
+    with rundir.Lock(run_dir):
+        return _resume(run_dir, list(overrides), address, stop_after, time_budget_s, quiet)
+
+
+def _resume(run_dir: Path, overrides: list[str], address: str | None, stop_after: int | None,
+            time_budget_s: float | None, quiet: bool) -> dict:
+    path = run_dir / CHECKPOINT_NAME
+    read_metrics(run_dir / METRICS_NAME)  # a damaged line is refused before anything changes
+    info = rundir.read_run_info(run_dir)
+    if info is None and path.is_file():  # the checkpoint and config.yaml hold the state: run.json is rebuilt
+        info = {}
+        if any("noise_std" not in record for record in read_metrics(run_dir / METRICS_NAME)):
+            raise UsageError(f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and this is a backprop run, "
+                             "whose schedule only run.json records; start it again with --force")
+    elif info is None and not (run_dir / "warm_start").is_dir():
+        info = _run_info(run_dir)  # raises, naming what is wrong
+    if (info or {}).get("method", "es").startswith("backprop"):
         if stop_after is not None:
             raise UsageError("--stop-after counts ES generations; a backprop run resumes to its --epochs "
                              "(--time-budget stops it sooner)")
-        config = _resume_config(load_config(run_dir / "config.yaml"), overrides)
+        config = _resume_config(load_config(run_dir / CONFIG_NAME), overrides)
         record = _continue_backprop(config, run_dir, load_data(config), time_budget_s, quiet)
         return {"run_dir": str(run_dir), **record}
     if not path.exists() and (run_dir / "warm_start").is_dir():  # stopped in its warm start, before ES began
-        config = _resume_config(load_config(run_dir / "config.yaml"), overrides)
+        config = _resume_config(load_config(run_dir / CONFIG_NAME), overrides)
         set_process_arithmetic(config.network.arithmetic)
-        return _warm_start_then_train(config, run_dir, load_data(config), address, stop_after, time_budget_s, quiet)
+        data = load_data(config)
+        with started_executor(config, planning.noise_seed(config.seed), data, address) as executor:
+            return _warm_start_then_train(config, run_dir, data, executor, stop_after, time_budget_s, quiet)
     state = checkpoint.load(path)
+    _check_belongs(run_dir, path, state, info or {})
     config = _resume_config(state["config"], overrides)
     if state["generation"] > config.generations:
         raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     set_process_arithmetic(config.network.arithmetic)
     data = load_data(config)
-    train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
-    return _train(config, run_dir, train_state, state["noise"]["seed"], data, address, stop_after, time_budget_s, quiet)
+    noise_seed = state["noise"]["seed"]
+    with started_executor(config, noise_seed, data, address) as executor:
+        write_config(run_dir, config)
+        if not info:
+            write_run_info(run_dir, config_digest=config.digest(), noise_seed=noise_seed)
+        train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
+        return _train(config, run_dir, train_state, noise_seed, data, executor, stop_after, time_budget_s, quiet)
+
+
+def _check_belongs(run_dir: Path, path: Path, state: dict, info: dict) -> None:
+    """Refuse a checkpoint that is not this run's (another run's copied in, or a changed noise seed):
+    resuming from it would silently turn this directory into another run."""
+    try:
+        saved = load_config(run_dir / CONFIG_NAME)
+    except ConfigError:
+        saved = None
+    digest = saved.digest() if saved is not None else info.get("config_digest")
+    if digest is None:
+        raise UsageError(f"{str(run_dir)!r}: config.yaml cannot be read and run.json does not record the run's "
+                         "config, so nothing shows that checkpoint.pt belongs to this run; start a new run "
+                         f"with `es-service train --init-from {path}`")
+    if state["config"].digest() != digest:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {str(path)!r} was made with another config than this run directory's (digest "
+            f"{state['config'].digest()}, not {digest}): it belongs to another run; put this run's checkpoint "
+            f"back, or start a new run with `es-service train --init-from {path}`")
+    seed = info.get("noise_seed", planning.noise_seed(state["config"].seed))
+    if state["noise"]["seed"] != seed:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {str(path)!r} has noise seed {state['noise']['seed']}, but this run's is {seed}: "
+            "its theta followed other noise; put this run's checkpoint back or start a new run")
 
 
 def _run_info(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{str(path)!r} cannot be read ({err}); {str(run_dir)!r} is not a whole run directory: "
-                         "start the run again with --force") from None
+    path = run_dir / RUN_INFO_NAME
+    info = rundir.read_run_info(run_dir)
+    if info is None:
+        raise UsageError(f"{str(path)!r} is missing or damaged, and {str(run_dir)!r} cannot be continued without "
+                         "it: start the run again with --force")
+    return info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +384,7 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
     check_run_dir(run_dir, force)
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
+    resolve(device, "--device", "use --device cpu (or auto)")
     theta, origin = initial_theta(config, init_from)
     record = _backprop_run(config, run_dir, force, load_data(config), BackpropSchedule(epochs, learning_rate, gradient,
                            device=device), time_budget_s, theta, origin)
@@ -304,12 +393,12 @@ def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_r
 
 def _backprop_run(config: Config, run_dir: Path, force: bool, data, schedule: BackpropSchedule,
                   time_budget_s: float | None, theta: torch.Tensor, origin: dict | None, quiet: bool = False) -> dict:
-    device = resolve_device(schedule.device)
+    device = resolve(schedule.device, "--device", "use --device cpu (or auto)")
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     method = "backprop" if schedule.gradient == "masked" else f"backprop ({schedule.gradient})"
-    create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}", init_from=origin,
-                   backprop=dataclasses.asdict(schedule))
-    return _continue_backprop(config, run_dir, data, time_budget_s, quiet, theta)
+    with create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}",
+                        init_from=origin, backprop=dataclasses.asdict(schedule)):
+        return _continue_backprop(config, run_dir, data, time_budget_s, quiet, theta)
 
 
 def _continue_backprop(config: Config, run_dir: Path, data, time_budget_s: float | None, quiet: bool,
@@ -334,7 +423,8 @@ def _continue_backprop(config: Config, run_dir: Path, data, time_budget_s: float
         theta = _recorded_start(config, run_dir, info.get("init_from"))
     write_run_info(run_dir, status="running", pid=os.getpid(), error=None)
     try:
-        record = train_backprop(config, run_dir, data, resolve_device(schedule.device), schedule.epochs,
+        record = train_backprop(config, run_dir, data, resolve(schedule.device, "--device", "use --device cpu"),
+                                schedule.epochs,
                                 batch_size=schedule.batch_size, learning_rate=schedule.learning_rate,
                                 time_budget_s=time_budget_s, gradient=schedule.gradient, theta=theta,
                                 optimizer_state=optimizer_state, start_epoch=start_epoch, quiet=quiet)
@@ -365,11 +455,15 @@ def _recorded_start(config: Config, run_dir: Path, origin: dict | None) -> torch
 
 
 def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:
+    if path.is_dir():
+        raise UsageError(f"{str(path)!r} is a directory; pass the checkpoint file itself, e.g. "
+                         f"`es-service eval {path / CHECKPOINT_NAME}`")
+    device = resolve(device, "--device", "use --device cpu (or auto)")
     state = checkpoint.load(path)
     config: Config = state["config"]
     set_process_arithmetic(config.network.arithmetic)
-    data = load_data(config, data_dir)
-    device = resolve_device(device)
+    # the checkpoint's data_dir is where it was made, maybe another machine: this machine's folder first
+    data = load_data(config, data_dir or os.environ.get("ES_DATA_DIR"))
     if config.network.arithmetic == "cpu-ftz":
         device = "cpu"
     return {

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from es_service import network, noise
+from es_service import layer_members, network, noise
 
 if TYPE_CHECKING:
     from es_service.config import ESConfig
@@ -26,7 +26,10 @@ GRAD_CHUNK_ROWS = {"cpu": 8, "cuda": 64}
 
 
 def centered_ranks(fitness: np.ndarray) -> np.ndarray:
-    """Ranks mapped to [-0.5, 0.5]; non-finite fitness ranks worst. Ties break by member index."""
+    """Ranks mapped to [-0.5, 0.5]; non-finite fitness ranks worst. Ties break by member index. With no
+    finite fitness at all, zeros: ranks by index alone would be a made-up direction."""
+    if not np.isfinite(fitness).any():
+        return np.zeros(len(fitness))
     values = np.where(np.isfinite(fitness), fitness, -np.inf)
     order = np.argsort(values, kind="stable")
     ranks = np.empty(len(values), dtype=np.float64)
@@ -102,6 +105,17 @@ def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tenso
             stacked_b = (b * weights[:, None, None]).permute(0, 2, 1).reshape(count * rank, -1)
             parts += [torch.mm(stacked_a, stacked_b).mul_(rank**-0.5).flatten(), torch.mv(e.T, weights)]
     return torch.cat(parts)
+
+
+def layer_estimate(table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, layer: int, noise_std: float,
+                   pop_size: int, subspace: int = 0, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad_estimate`` for one layer's members (es_service.layer_members): the estimate of that layer's
+    weight and bias only, flat in theta's order for them."""
+    if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
+        return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.HEAD_SIZE)
+    rows = noise.slices(table, offsets, layer_members.noise_length(layer, subspace))
+    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+    return layer_members.estimate(rows, weight_tensor, layer, subspace, basis) / (pop_size * noise_std)
 
 
 def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:

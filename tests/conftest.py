@@ -1,6 +1,11 @@
-"""Shared fixtures: real MNIST (ES_DATA_DIR in CI), a tiny config, one local Ray per session."""
+"""Shared fixtures: real MNIST (ES_DATA_DIR in CI), a tiny config, one local Ray per session, and a guard
+on the memory each test adds to the pytest process."""
 
 from __future__ import annotations
+
+import os
+import resource
+import sys
 
 import pytest
 
@@ -70,3 +75,31 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+RSS_GROWTH_LIMIT_MB = float(os.environ.get("ES_TEST_RSS_GROWTH_LIMIT_MB", 3 * 1024))
+"""Most a single test may raise the pytest process's peak resident memory (MB). The suite shares a
+24 GB machine with other work: a test that materialises gigabytes fails where it is written instead of
+pushing the whole run towards the OOM killer. Subprocesses (the CLI, Ray workers) are not counted."""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+@pytest.fixture(autouse=True)
+def memory_guard(request):
+    """Fail a test that raises the process's peak RSS by more than RSS_GROWTH_LIMIT_MB.
+
+    The peak only grows, so this measures what the test adds above everything before it (session
+    fixtures such as MNIST are set up before this fixture and count against no test); a test that
+    stays under an earlier test's peak passes whatever it allocates."""
+    before = peak_rss_mb()
+    yield
+    grown = peak_rss_mb() - before
+    if grown > RSS_GROWTH_LIMIT_MB:
+        pytest.fail(f"{request.node.nodeid} raised the test process's peak RSS by {grown:,.0f} MB "
+                    f"(limit {RSS_GROWTH_LIMIT_MB:,.0f} MB, ES_TEST_RSS_GROWTH_LIMIT_MB): reduce on the fly "
+                    "instead of stacking large tensors", pytrace=False)

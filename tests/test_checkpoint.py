@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -243,3 +245,22 @@ def test_a_checkpoint_from_before_newer_fields_still_loads(tmp_path, config, tra
     resave(path, config, trained, written_by_the_old_version)
     loaded = checkpoint.load(path)["config"]
     assert loaded == config and loaded.es.rank == 0 and loaded.es.fitness_shaping == "centered_rank"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda state: state.update(generation=-3), "generation is -3"),
+    (lambda state: state.update(generation=True), "generation is True"),
+    (lambda state: state.pop("noise"), "noise is None"),
+    (lambda state: state["noise"].update(seed="7"), "noise is"),
+    (lambda state: state["noise"].update(table_size=99), "noise.table_size is 99"),
+    (lambda state: state.update(optimizer=[]), "optimizer is not the state"),
+    (lambda state: state["optimizer"]["state"][0].update(exp_avg_sq=torch.zeros(3, 3)), "exp_avg_sq is (3, 3)"),
+    (lambda state: state["theta"].__setitem__(4, float("inf")), "theta with inf or nan"),
+    (lambda state: state["optimizer"]["state"][0]["exp_avg"].__setitem__(0, float("nan")), "optimizer state with inf"),
+])
+def test_every_field_is_checked(tmp_path, config, trained, edit, expected):
+    path = tmp_path / "checkpoint.pt"
+    state = copy.deepcopy(build_state(config, trained))  # an edit must not reach the shared optimizer state
+    edit(state)
+    torch.save(state, path)
+    assert expected in refusal(path)

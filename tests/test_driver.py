@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from es_service import network, noise, plan as planning
+from es_service import layer_members, network, noise, plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
 from tests.conftest import tiny_config
+
+
+def basis_of(config, mnist):
+    """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
+    subspace = config.es.w1.subspace
+    return layer_members.image_basis(mnist.train_images, subspace) if subspace else None
 
 
 def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
+    basis = basis_of(config, mnist)
     executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
-                             merge_tiles=merge_tiles)
+                             merge_tiles=merge_tiles, basis=basis)
     if state is None:
         state = TrainState(planning.seed_theta(config.seed), None, 0)
-    trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
+    trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
     trainer.run(stop_after=generations)
     return trainer
 
@@ -52,20 +61,39 @@ def test_other_evaluations_are_deterministic_and_differ_from_full_rank(mnist, tm
     assert torch.equal(a.theta, b.theta) and not torch.equal(a.theta, full.theta)
 
 
-def test_head_members_move_only_the_output_layer_estimate(mnist, tmp_path):
-    """Head members change W3, b3's estimate and nothing else: Adam is per coordinate, so after one
-    generation every other parameter is bitwise what it is without them (later generations differ
-    everywhere, since the members then start from another W3)."""
-    head = network.NUM_PARAMS - network.HEAD_SIZE
+LAYER_SETS = {1: ("es.w1.pop_size=16", "es.w1.subspace=32"), 2: ("es.w2.pop_size=16",), 3: ("es.w3.pop_size=64",)}
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_layer_members_move_only_their_layers_estimate(mnist, tmp_path, layer):
+    """A layer's members change that layer's estimate and nothing else: Adam is per coordinate, so after
+    one generation every other parameter is bitwise what it is without them (later generations differ
+    everywhere, since the members then start from another theta). Tile size and shards never matter."""
+    start, stop = layer_members.param_range(layer)
+    inside = torch.zeros(network.NUM_PARAMS, dtype=torch.bool)
+    inside[start:stop] = True
     plain = run_local(tiny_config("es.rank=1"), mnist, tmp_path / "plain", generations=1)
-    one = run_local(tiny_config("es.rank=1", "es.head_pop_size=64"), mnist, tmp_path / "one", generations=1)
-    assert torch.equal(one.theta[:head], plain.theta[:head]) and not torch.equal(one.theta[head:], plain.theta[head:])
-    b = run_local(tiny_config("es.rank=1", "es.head_pop_size=64", "workers.members_per_tile=1",
-                              "es.shard_size=16"), mnist, tmp_path / "b")
-    assert not torch.equal(b.theta, run_local(tiny_config("es.rank=1", "es.shard_size=16"), mnist,
-                                              tmp_path / "no_head").theta)
-    sharded = run_local(tiny_config("es.rank=1", "es.head_pop_size=64", "es.shard_size=16"), mnist, tmp_path / "s")
-    assert torch.equal(b.theta, sharded.theta)  # tile size never matters, head members included
+    one = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer]), mnist, tmp_path / "one", generations=1)
+    assert torch.equal(one.theta[~inside], plain.theta[~inside]) and not torch.equal(one.theta[inside], plain.theta[inside])
+    b = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer], "workers.members_per_tile=1", "es.shard_size=16"),
+                  mnist, tmp_path / "b", merge_tiles=False)
+    sharded = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer], "es.shard_size=16"), mnist, tmp_path / "s")
+    assert torch.equal(b.theta, sharded.theta)
+
+
+def test_layer_members_alone_train_every_layer_deterministically(mnist, tmp_path):
+    """With no whole members, each layer learns from its own members only: every layer moves, the same
+    config gives the same theta bit for bit, and another subspace gives another."""
+    sets = ("es.pop_size=0", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w2.pop_size=8", "es.w3.pop_size=8")
+    a = run_local(tiny_config(*sets), mnist, tmp_path / "a")
+    b = run_local(tiny_config(*sets), mnist, tmp_path / "b")
+    assert torch.equal(a.theta, b.theta)
+    start = planning.seed_theta(3)
+    for layer in layer_members.LAYERS:
+        low, high = layer_members.param_range(layer)
+        assert not torch.equal(a.theta[low:high], start[low:high]), layer
+    other = run_local(tiny_config(*sets[:2], "es.w1.subspace=16", *sets[3:]), mnist, tmp_path / "other")
+    assert not torch.equal(a.theta, other.theta)
 
 
 def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):
@@ -77,7 +105,8 @@ def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):
 
 
 def test_nonfinite_fitness_never_poisons_theta(mnist, tmp_path):
-    config = tiny_config("es.noise_std=1e12", "generations=2")
+    base = tiny_config("generations=2")  # a sigma past validate()'s bound, so that members overflow
+    config = dataclasses.replace(base, es=dataclasses.replace(base.es, noise_std=1e12))
     trainer = run_local(config, mnist, tmp_path)
     records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any('"nonfinite": 0' not in line for line in records)  # some members overflowed

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -76,7 +77,8 @@ def head():
     gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager = free_ports(8)
     env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_JOBS_TEST_HEAD=temp.name)
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_JOBS_TEST_HEAD=temp.name,
+               ES_RESULTS_ROOT=str(temp / "results"))  # the head's results root: jobs inherit it
     log = open(temp / "head.log", "wb")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3", "--include-dashboard=true",
@@ -161,7 +163,8 @@ def test_bad_config_fails_locally_without_contacting_the_cluster(tmp_path):
     finally:
         listener.close()
     closed = f"http://127.0.0.1:{free_ports(1)[0]}"
-    result = cli("submit", "--address", closed, tmp_path / "good.yaml", "--no-wait", check=False)
+    result = cli("submit", "--address", closed, tmp_path / "good.yaml", "--no-wait", check=False,
+                 env=client_env(HOME=str(tmp_path)))  # no ~/.ray/auth_token: no warning about its mode either
     assert result.returncode == 1, result
     assert "cannot reach the Ray jobs API" in result.stderr and "--address" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -195,10 +198,11 @@ def test_three_concurrent_jobs_each_with_its_own_run_dir(head, tmp_path):
     spans = [(info["start_time"], info["end_time"]) for info in (head.get(f"/api/jobs/{i}") for i in ids.values())]
     assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # they ran at the same time
 
-    # run dirs: alpha's default lands under its working dir on the head; beta and gamma where asked
-    found = list(head.temp.glob(f"session_2*/runtime_resources/working_dir_files/*/runs/alpha-{ids['alpha']}"))
-    assert len(found) == 1, found
-    run_dirs = {"alpha": found[0], "beta": configs["beta"][1], "gamma": configs["gamma"][1]}
+    # run dirs: alpha's default lands under the head's results root, never in Ray's working dir; beta and
+    # gamma where asked
+    assert not list(head.temp.glob(f"session_2*/runtime_resources/working_dir_files/*/runs/alpha-{ids['alpha']}"))
+    run_dirs = {"alpha": head.temp / "results" / f"alpha-{ids['alpha']}", "beta": configs["beta"][1],
+                "gamma": configs["gamma"][1]}
     for name, run_dir in run_dirs.items():
         generations = 2 if name == "alpha" else 3
         assert (run_dir / "checkpoint.pt").is_file(), name
@@ -218,8 +222,10 @@ def test_three_concurrent_jobs_each_with_its_own_run_dir(head, tmp_path):
     assert status["run_dir"] == str(run_dirs["beta"]) and status["config"] == "beta.yaml"
     assert status["entrypoint"].startswith("es-service train --config beta.yaml --run-dir ")
     assert status["driver_exit_code"] == 0
+    alpha = json.loads(cli("status", "--address", head.address, "--token-file", head.token_file, ids["alpha"]).stdout)
+    assert alpha["run_dir"] == f"${{ES_RESULTS_ROOT:-~/es-service-runs}}/alpha-{ids['alpha']}", alpha
     logs = cli("logs", "--address", head.address, "--token-file", head.token_file, ids["alpha"]).stdout
-    assert f"runs/alpha-{ids['alpha']}" in logs and '"generation": 2' in logs and "test_accuracy" in logs
+    assert '"generation": 2' in logs and "test_accuracy" in logs
     followed = cli("logs", "--follow", "--address", head.address, ids["beta"], env=env).stdout
     assert '"generation": 3' in followed
     listed = json.loads(cli("list", "--address", head.address, env=env).stdout)
@@ -271,3 +277,169 @@ def test_token_is_required_and_checked(head, tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "interrupted", info
     assert (run_dir / "checkpoint.pt").is_file()
+
+
+# --- transport, token file and upload safety ---------------------------------------------------
+
+
+def non_loopback_ip() -> str:
+    """An address of this machine that is not loopback (what a remote client would dial), or skip."""
+    candidates = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent, the kernel just picks a source
+        candidates.append(probe.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    try:
+        candidates += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+    except OSError:
+        pass
+    for ip in candidates:
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    pytest.skip("this machine has no non-loopback IPv4 address")
+
+
+class Listener:
+    """A TCP listener on every interface that records what each connection sends."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn.settimeout(2)
+            try:
+                self.received.append(conn.recv(65536))
+            except OSError:
+                self.received.append(b"")
+            conn.close()  # no HTTP answer: the client fails to reach a jobs API
+
+    def close(self):
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_plain_http_to_a_remote_host_is_refused_unless_insecure(tmp_path):
+    ip = non_loopback_ip()
+    token = secrets.token_hex(32)
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    config = write_config(tmp_path / "tiny.yaml")
+    listener = Listener()
+    try:
+        for address in (f"{ip}:{listener.port}", f"http://{ip}:{listener.port}"):
+            for command in (["submit", "--address", address, config, "--no-wait"], ["list", "--address", address]):
+                result = cli(*command, "--token-file", token_file, check=False)
+                assert result.returncode == 2, result
+                lines = result.stderr.strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("es-service: error: "), result.stderr
+                assert "unencrypted" in lines[0] and "ray dashboard cluster/config.yaml" in lines[0], lines
+                assert "--insecure" in lines[0] and "https://" in lines[0], lines
+        env = client_env(RAY_API_SERVER_ADDRESS=f"http://{ip}:{listener.port}")  # the variable gets the same check
+        result = cli("list", "--token-file", token_file, env=env, check=False)
+        assert result.returncode == 2 and "$RAY_API_SERVER_ADDRESS" in result.stderr, result
+        time.sleep(0.5)
+        assert listener.received == []  # nothing was sent anywhere
+
+        # --insecure: a warning, then the token really goes out in clear text
+        result = cli("list", "--address", f"{ip}:{listener.port}", "--token-file", token_file, "--insecure",
+                     check=False, timeout=120)
+        assert result.returncode == 1, result  # nobody answers like a jobs API there
+        assert "es-service: warning: --insecure" in result.stderr and ip in result.stderr, result.stderr
+        deadline = time.monotonic() + 10
+        while not listener.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(f"Bearer {token}".encode() in request for request in listener.received), listener.received
+    finally:
+        listener.close()
+
+    # https or loopback: no refusal (these fail only because nothing listens there)
+    closed = free_ports(1)[0]
+    for address in (f"https://{ip}:{closed}", f"localhost:{closed}", f"http://[::1]:{closed}"):
+        result = cli("list", "--address", address, "--token-file", token_file, check=False, timeout=120)
+        assert result.returncode == 1, result
+        assert "unencrypted" not in result.stderr and "warning" not in result.stderr, result.stderr
+
+
+def test_connection_error_points_to_the_ssh_tunnel(tmp_path):
+    result = cli("list", "--address", f"http://127.0.0.1:{free_ports(1)[0]}", check=False,
+                 env=client_env(HOME=str(tmp_path)))
+    assert result.returncode == 1, result
+    assert "ray dashboard cluster/config.yaml" in result.stderr, result.stderr
+    assert "0.0.0.0" not in result.stderr, result.stderr  # never advise exposing the dashboard
+
+
+def test_a_token_file_others_can_read_gets_a_warning(tmp_path):
+    address = f"http://127.0.0.1:{free_ports(1)[0]}"
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_hex(32))
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    default = home / ".ray" / "auth_token"
+    default.write_text(secrets.token_hex(32))
+    cases = [(["--token-file", token_file], token_file, {}), ([], default, {}),
+             ([], token_file, {"RAY_AUTH_TOKEN_PATH": str(token_file)})]
+    for args, path, extra in cases:
+        for mode, warned in ((0o644, True), (0o640, True), (0o600, False), (0o400, False)):
+            path.chmod(mode)
+            result = cli("list", "--address", address, *args, check=False, env=client_env(HOME=str(home), **extra))
+            assert result.returncode == 1, result  # nothing listens; the warning comes before that
+            warning = [line for line in result.stderr.splitlines() if line.startswith("es-service: warning:")]
+            if warned:
+                assert len(warning) == 1 and f"chmod 600 {path}" in warning[0], (oct(mode), result.stderr)
+                assert f"{mode:04o}" in warning[0], warning
+            else:
+                assert warning == [], (oct(mode), result.stderr)
+
+
+def test_working_dir_upload_leaves_credentials_out(head, tmp_path):
+    upload = tmp_path / "upload"
+    (upload / "sub").mkdir(parents=True)
+    config = write_config(upload / "tiny.yaml", generations=1)
+    (upload / "notes.txt").write_text("kept")
+    (upload / "sub" / "kept.py").write_text("x = 1\n")
+    secrets_inside = ["auth_token", ".env", "sub/.env.local", "sub/server.pem", "tls.key", "id_ed25519",
+                      "sub/id_rsa", "my.token", "cluster-token"]
+    for name in secrets_inside:
+        (upload / name).write_text(f"SECRET-{name}")
+    run_dir = tmp_path / "run"
+    # the token file in use lies in the folder too, under a name no pattern catches
+    (upload / "cluster-token").write_text(head.token)
+    result = cli("submit", "--address", head.address, config, "--working-dir", upload, "--run-dir", run_dir,
+                 "--token-file", upload / "cluster-token", "--no-wait")
+    job_id = result.stdout.splitlines()[0].strip()
+    notice = [line for line in result.stderr.splitlines() if "not uploading" in line]
+    assert len(notice) == 1, result.stderr
+    for name in secrets_inside:
+        assert name in notice[0], (name, notice)
+    head.wait_status(job_id, ("SUCCEEDED",))
+    (package,) = [p.parent for p in head.temp.glob("session_2*/runtime_resources/working_dir_files/*/tiny.yaml")]
+    uploaded = sorted(p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file())
+    assert uploaded == ["notes.txt", "sub/kept.py", "tiny.yaml"], uploaded
+    assert not any(b"SECRET" in p.read_bytes() or head.token.encode() in p.read_bytes()
+                   for p in package.rglob("*") if p.is_file())
+
+    # a config with a credential's name is refused before anything is sent
+    bad = upload / "id_config.yaml"
+    bad.write_text(config.read_text())
+    result = cli("submit", "--address", head.address, bad, "--working-dir", upload, "--no-wait", check=False)
+    assert result.returncode == 2 and "rename it" in result.stderr, result

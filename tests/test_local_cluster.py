@@ -13,10 +13,14 @@ Ray instance on the machine, and it is never stopped with ``ray stop`` (which ki
 the user). Every process of it carries a marker variable in its environment, which the final check and
 the emergency cleanup use besides its session id and temp dir.
 
-Not asserted: that no worker fails. On this fake cluster every node shares the head's session dir, and
-a new node's runtime-env agent deletes and re-extracts the job's working_dir package there; head workers
-that are starting at that moment (their cwd) die and the pool replaces them. The run dir is absolute
-because a relative one, under the working_dir, is deleted with it.
+The second test is the workflow exactly as ``local.sh start`` prints it, as a new user runs it: a fresh
+HOME (local.sh creates ``~/.ray/auth_token`` there, mode 0600), the printed ``es-service submit`` line
+with no ``--run-dir`` and no token option, and fake nodes joining while the job runs. Every fake node
+shares the head's session dir; before the fix a joining node's runtime-env agent re-extracted the job's
+working_dir there, deleting the driver's current directory (the relative run dir failed with
+FileNotFoundError) and the one workers were starting in (MKL aborts torch's import without a current
+directory). Asserted: the job succeeds, its run dir is under the default results root, no generation
+counts a worker failure, no worker actor was ever replaced, and no worker log has MKL's fatal error.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -58,13 +64,19 @@ FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the 
 class LocalCluster:
     """``cluster/local.sh`` run with the module's own temp dir, state file, ports and token."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, user_home: Path | None = None):
+        """``user_home``: run as a user with that HOME and no token yet (local.sh makes ~/.ray/auth_token);
+        otherwise the module's own token file, through RAY_AUTH_TOKEN_PATH."""
         self.root = root
         self.temp = root / "ray"  # the cluster's --temp-dir (short: Ray's unix sockets live under it)
         self.state = root / "state"
-        self.token = secrets.token_hex(32)
-        self.token_file = root / "token"
-        self.token_file.write_text(self.token)
+        if user_home is None:
+            self.token = secrets.token_hex(32)
+            self.token_file = root / "token"
+            self.token_file.write_text(self.token)
+        else:
+            self.token = ""  # read once local.sh has made it
+            self.token_file = user_home / ".ray" / "auth_token"
         self.marker = f"ES_LOCAL_CLUSTER_TEST={root.name}"
         dashboard, gcs, client = free_ports(3)
         self.address = f"http://127.0.0.1:{dashboard}"
@@ -72,10 +84,15 @@ class LocalCluster:
         env.update(
             ES_LOCAL_TEMP_DIR=str(self.temp), ES_LOCAL_STATE=str(self.state), ES_LOCAL_DASHBOARD_PORT=str(dashboard),
             ES_LOCAL_GCS_PORT=str(gcs), ES_LOCAL_CLIENT_PORT=str(client), ES_LOCAL_AGENT_PORT="0",
-            ES_LOCAL_HEAD_CPUS=str(HEAD_CPUS), RAY=str(BIN / "ray"), RAY_AUTH_TOKEN_PATH=str(self.token_file),
+            ES_LOCAL_HEAD_CPUS=str(HEAD_CPUS), RAY=str(BIN / "ray"),
             RAY_USAGE_STATS_ENABLED="0", XDG_CACHE_HOME=str(root / "cache"), TMPDIR=str(root),
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_LOCAL_CLUSTER_TEST=root.name,
         )
+        env.pop("ES_RESULTS_ROOT", None)
+        if user_home is None:
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.token_file)
+        else:
+            env["HOME"] = str(user_home)
         self.env = env
         self.pgid: int | None = None
         self.gcs_address = ""
@@ -149,20 +166,32 @@ def sentinels(root: Path) -> list[subprocess.Popen]:
                              stderr=subprocess.DEVNULL) for exe in (shutil.which("sleep"), fake_ray)]
 
 
-@pytest.fixture
-def local_cluster():
+def _cluster_fixture(own_home: bool):
     pytest.importorskip("ray")
     if not (BIN / "ray").exists() or not (BIN / "es-service").exists():
         pytest.skip(f"`ray` and `es-service` must be installed next to {sys.executable}")
     if sys.platform != "linux":
         pytest.skip("the process checks read /proc")
     root = Path(tempfile.mkdtemp(prefix="esl-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    cluster = LocalCluster(root)
+    home = root / "home" if own_home else None
+    if home is not None:
+        home.mkdir()
+    cluster = LocalCluster(root, home)
     try:
         yield cluster
     finally:
         cluster.emergency_cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def local_cluster():
+    yield from _cluster_fixture(own_home=False)
+
+
+@pytest.fixture
+def new_user_cluster():
+    yield from _cluster_fixture(own_home=True)
 
 
 def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path):
@@ -240,6 +269,7 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         alive = [r["workers_alive"] for r in records]
         assert max(alive) > HEAD_CPUS, f"workers_alive never exceeded the head's {HEAD_CPUS}: {alive}"
         assert max(alive) <= MAX_WORKERS, alive
+        assert [r["worker_failures"] for r in records] == [0] * GENERATIONS, [r["worker_failures"] for r in records]
         assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
         runs = []  # run-length summary, e.g. "1x16 2x42 3x342"
         for count in alive:
@@ -275,3 +305,76 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         for proc in others:
             proc.kill()
             proc.wait()
+
+
+def test_printed_workflow_with_the_default_run_dir_and_nodes_joining_mid_run(new_user_cluster):
+    data_dir = mnist_dir()
+    cluster = new_user_cluster
+    home = Path(cluster.env["HOME"])
+    out = cluster.start()
+    assert stat.S_IMODE(cluster.token_file.stat().st_mode) == 0o600, oct(cluster.token_file.stat().st_mode)
+    assert stat.S_IMODE(cluster.token_file.parent.stat().st_mode) == 0o700
+    cluster.token = cluster.token_file.read_text().strip()
+    (submit_line,) = [line.strip() for line in out.splitlines() if line.strip().startswith("es-service submit")]
+    assert submit_line == f"es-service submit --address {cluster.address} configs/quick.yaml", out
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            nodes = cluster.alive_nodes()
+            break
+        except (OSError, urllib.error.URLError, KeyError):
+            assert time.monotonic() < deadline, "the state API of the new head never answered"
+            time.sleep(1)
+    assert not fake_workers(nodes), nodes  # every fake node that shows up below joined because of the job
+
+    # the printed line, from the repository root, by a user whose only token is the one local.sh made
+    client_env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_RESULTS_ROOT",)}
+    client_env.update(HOME=str(home), ES_DATA_DIR=str(data_dir), PATH=cluster.env["PATH"],
+                      XDG_CACHE_HOME=str(cluster.root / "client-cache"))
+    generations = 30
+    submit = subprocess.Popen(shlex.split(submit_line) + ["--set", f"generations={generations}"], env=client_env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        most_fake, joined_while_running = 0, False
+        deadline = time.monotonic() + 600
+        while submit.poll() is None:
+            assert time.monotonic() < deadline, "the submitted job did not end within 10 minutes"
+            joined = len(fake_workers(cluster.alive_nodes()))
+            most_fake = max(most_fake, joined)
+            if joined:
+                jobs = cluster.get("/api/jobs/")
+                joined_while_running |= any(job.get("status") == "RUNNING" for job in jobs)
+            time.sleep(1)
+        stdout, stderr = submit.communicate(timeout=60)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+            submit.communicate()
+    assert submit.returncode == 0, f"submit: exit {submit.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    job_id = stdout.splitlines()[0].strip()
+    assert f"job {job_id} SUCCEEDED" in stderr, stderr
+    assert joined_while_running and 1 <= most_fake <= MAX_WORKERS, (most_fake, joined_while_running)
+
+    run_dir = home / "es-service-runs" / f"quick-{job_id}"  # the default results root under the head's HOME
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records] == list(range(1, generations + 1))
+    assert [r["worker_failures"] for r in records] == [0] * generations, records
+    alive = [r["workers_alive"] for r in records]
+    assert max(alive) > HEAD_CPUS, f"the pool never grew past the head's {HEAD_CPUS} workers: {alive}"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    status = json.loads(subprocess.run([str(BIN / "es-service"), "status", "--address", cluster.address, job_id],
+                                       env=client_env, cwd=REPO, capture_output=True, text=True, check=True,
+                                       timeout=120).stdout)
+    assert status["run_dir"] == f"${{ES_RESULTS_ROOT:-~/es-service-runs}}/quick-{job_id}", status
+
+    # no worker actor died and was replaced, not even before the first generation
+    actors = cluster.get("/api/v0/actors?limit=1000&detail=true")["data"]["result"]["result"]
+    workers = [a for a in actors if a.get("class_name") == "PopulationWorker"]
+    assert len(workers) == max(alive), [(a["actor_id"], a["state"], a.get("death_cause")) for a in workers]
+    fatal = [path.name for path in cluster.temp.glob("session_*/logs/*")
+             if path.is_file() and b"oneMKL FATAL" in path.read_bytes()]
+    assert not fatal, fatal
+
+    result = cluster.sh("stop", timeout=120)
+    assert result.returncode == 0, f"local.sh stop: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert not cluster.processes(), cluster.processes()

@@ -43,29 +43,54 @@ def test_tile_size_does_not_change_anything_but_tiles():
     assert len(a.tiles) == 8 and len(b.tiles) == 2
 
 
-def test_merged_tiles_cover_each_shard_and_head_group_once():
+def test_merged_tiles_cover_each_shard_and_layer_group_once():
     plan = planning.make_plan(tiny_config("workers.members_per_tile=3", "es.batch_size=100", "es.shard_size=50",
-                                          "es.head_pop_size=12"), 1, 60000)
+                                          "es.w3.pop_size=12", "es.w2.pop_size=4"), 1, 60000)
     merged = planning.merge_tiles(plan.tiles)
-    assert len(plan.tiles) == 3 * 2 + 2 and len(merged) == 4
-    assert sorted((t.head, t.shard, t.member_start, t.member_stop) for t in merged) == [
-        (False, 0, 0, 8), (False, 1, 0, 8), (True, 0, 0, 12), (True, 1, 0, 12)]
-    assert [t.tile_id for t in merged] == [0, 1, 2, 3]
+    assert len(plan.tiles) == 3 * 2 + 2 * 2 + 2 and len(merged) == 6
+    assert sorted((t.layer, t.shard, t.member_start, t.member_stop) for t in merged) == [
+        (0, 0, 0, 8), (0, 1, 0, 8), (2, 0, 0, 4), (2, 1, 0, 4), (3, 0, 0, 12), (3, 1, 0, 12)]
+    assert [t.tile_id for t in merged] == list(range(6))
 
 
-def test_head_members_draw_from_their_own_stream_and_get_one_tile_per_shard():
-    plain = planning.make_plan(tiny_config("es.batch_size=100", "es.shard_size=50"), 3, 60000)
-    head = planning.make_plan(tiny_config("es.batch_size=100", "es.shard_size=50", "es.head_pop_size=12"), 3, 60000)
-    for field in ("member_offsets", "member_signs", "batch_indices"):  # runs without head members are unchanged
-        assert np.array_equal(getattr(plain, field), getattr(head, field))
-    assert len(plain.head_offsets) == 0 and head.tiles[: len(plain.tiles)] == plain.tiles
-    assert len(head.head_offsets) == 6 and len(np.unique(head.head_offsets)) == 6
-    head_offsets, head_signs = head.head_members
-    assert head_signs.tolist() == [1.0, -1.0] * 6
-    assert np.array_equal(head_offsets[0::2], head.head_offsets)
-    assert [(t.member_start, t.member_stop, t.shard) for t in head.tiles if t.head] == [(0, 12, 0), (0, 12, 1)]
-    later = planning.make_plan(tiny_config("es.head_pop_size=12"), 4, 60000)
-    assert not np.array_equal(later.head_offsets, planning.make_plan(tiny_config("es.head_pop_size=12"), 3, 60000).head_offsets)
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_layer_members_draw_from_their_own_stream(layer):
+    """Each layer's members draw from a stream of their own: runs without them keep every other draw,
+    and their offsets come in antithetic pairs. Layer 3's members get one tile per shard; layers 1 and 2
+    are split by members_per_tile like whole members."""
+    sets = ("es.batch_size=100", "es.shard_size=50", "workers.members_per_tile=5")
+    plain = planning.make_plan(tiny_config(*sets), 3, 60000)
+    moved = planning.make_plan(tiny_config(*sets, f"es.w{layer}.pop_size=12", f"es.w{layer}.noise_scale=0.5"), 3, 60000)
+    for field in ("member_offsets", "member_signs", "batch_indices"):
+        assert np.array_equal(getattr(plain, field), getattr(moved, field))
+    assert moved.tiles[: len(plain.tiles)] == plain.tiles
+    offsets = moved.layer_offsets[layer - 1]
+    assert len(offsets) == 6 and len(np.unique(offsets)) == 6
+    assert all(len(other) == 0 for k, other in enumerate(moved.layer_offsets, start=1) if k != layer)
+    member_offsets, signs = moved.members(layer)
+    assert signs.tolist() == [1.0, -1.0] * 6 and np.array_equal(member_offsets[0::2], offsets)
+    assert moved.noise_std_of(layer) == pytest.approx(0.5 * moved.noise_std)
+    spans = [(t.member_start, t.member_stop, t.shard) for t in moved.tiles if t.layer == layer]
+    if layer == 3:
+        assert spans == [(0, 12, 0), (0, 12, 1)]
+    else:
+        assert spans == [(0, 5, 0), (0, 5, 1), (5, 10, 0), (5, 10, 1), (10, 12, 0), (10, 12, 1)]
+    streams = [planning.make_plan(tiny_config(f"es.w{k}.pop_size=12"), 3, 60000).layer_offsets[k - 1] for k in (1, 2, 3)]
+    assert not np.array_equal(streams[0], streams[1]) and not np.array_equal(streams[1], streams[2])
+    later = planning.make_plan(tiny_config(f"es.w{layer}.pop_size=12"), 4, 60000)
+    assert not np.array_equal(later.layer_offsets[layer - 1], streams[layer - 1])
+
+
+def test_old_head_members_are_layer_three_members():
+    """A config or checkpoint written with es.head_pop_size loads as es.w3.pop_size, with the same draws."""
+    from es_service.config import from_dict
+    from tests.conftest import TINY
+
+    old = {**TINY, "es": {**TINY["es"], "head_pop_size": 12}}
+    config = from_dict(old)
+    assert config.es.w3.pop_size == 12
+    assert np.array_equal(planning.make_plan(config, 2, 60000).layer_offsets[2],
+                          planning.make_plan(tiny_config("es.w3.pop_size=12"), 2, 60000).layer_offsets[2])
 
 
 def test_member_fitness_combines_shards():

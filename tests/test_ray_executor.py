@@ -13,7 +13,7 @@ from es_service import noise, plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
 from tests.conftest import tiny_config
-from tests.test_driver import run_local
+from tests.test_driver import basis_of, run_local
 
 pytestmark = pytest.mark.ray
 
@@ -22,9 +22,11 @@ def make_trainer(config, mnist, run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
-    executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers)
+    basis = basis_of(config, mnist)
+    executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers,
+                           basis=basis)
     state = TrainState(planning.seed_theta(config.seed), None, 0)
-    return Trainer(config, run_dir, mnist, table, noise_seed, executor, state)
+    return Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
 
 
 def run_ray(config, mnist, run_dir, during=None, wait=True):
@@ -58,8 +60,10 @@ def run_ray(config, mnist, run_dir, during=None, wait=True):
     return trainer
 
 
-@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.head_pop_size=16"),
-                                  ("es.shared_first_layer=true",)])
+@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.w3.pop_size=16"),
+                                  ("es.shared_first_layer=true",),
+                                  ("es.pop_size=0", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w2.pop_size=8",
+                                   "es.w3.pop_size=8")])
 def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):
     config = tiny_config("workers.executor=ray", "workers.count=2", *sets)
     remote = run_ray(config, mnist, tmp_path / "ray")

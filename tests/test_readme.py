@@ -1,13 +1,21 @@
-"""The README's config reference stays true: every config field is documented there."""
+"""The documentation stays true and readable: every config field is in docs/configuration.md with the
+code's default, the README stays short, and no doc points at work-log numbers or files outside the
+repository."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from es_service.config import Config
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+CONFIG_REFERENCE = ROOT / "docs" / "configuration.md"
+README_LIMIT_BYTES = 15_000
+# "issue 6", "stop 13", "FINDINGS §7": pointers into a work log this repository does not hold.
+WORK_LOG_REFERENCE = re.compile(r"\bissue\s+#?\d|\bstop\s+\d|FINDINGS", re.IGNORECASE)
 
 
 def field_paths(cls=Config, prefix=""):
@@ -19,19 +27,44 @@ def field_paths(cls=Config, prefix=""):
             yield f"{prefix}{field.name}"
 
 
-def test_every_config_field_is_in_the_readme_reference():
-    text = README.read_text()
+def reference_row(text: str, path: str) -> list[str]:
+    """The cells of the field's row: | `path` | type | default | description |."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{path}` |"))
+    return [cell.strip() for cell in row.split("|")[1:-1]]
+
+
+def test_every_config_field_is_in_the_configuration_reference():
+    text = CONFIG_REFERENCE.read_text()
     missing = [path for path in field_paths() if f"| `{path}` |" not in text]
-    assert not missing, f"document these fields in README.md's configuration reference: {missing}"
+    assert not missing, f"document these fields in docs/configuration.md: {missing}"
 
 
-def test_readme_defaults_match_the_code():
-    text = README.read_text()
+def test_reference_defaults_match_the_code():
+    text = CONFIG_REFERENCE.read_text()
     config = Config()
     for path in field_paths():
         value = config
         for part in path.split("."):
             value = getattr(value, part)
         shown = {None: "null", True: "true", False: "false"}.get(value, value) if not isinstance(value, (int, float)) or isinstance(value, bool) else value
-        row = next(line for line in text.splitlines() if line.startswith(f"| `{path}` |"))
-        assert row.split("|")[2].strip() == str(shown), f"{path}: README says {row.split('|')[2].strip()}, code {shown}"
+        default = reference_row(text, path)[2]
+        assert default == str(shown), f"{path}: docs/configuration.md says {default}, code {shown}"
+
+
+def test_the_readme_links_the_configuration_reference():
+    assert "docs/configuration.md" in README.read_text()
+
+
+def test_the_readme_stays_short():
+    size = len(README.read_bytes())
+    assert size <= README_LIMIT_BYTES, (
+        f"README.md is {size} bytes, over {README_LIMIT_BYTES}: move detail to docs/ and link it")
+
+
+def test_docs_cite_no_work_log():
+    documents = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+             for path in documents
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if WORK_LOG_REFERENCE.search(line)]
+    assert not found, "pin figures by date, device and command, not by work-log number:\n" + "\n".join(found)

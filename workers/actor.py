@@ -31,8 +31,9 @@ class PopulationWorker:
         table, images, labels = ray.get([refs["table"], refs["images"], refs["labels"]])
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
+        basis = _tensor(ray.get(refs["basis"])) if "basis" in refs else None
         self.evaluator = PopulationEvaluator(
-            _tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device, fused
+            _tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device, fused, basis=basis
         )
         self.node_id = ray.get_runtime_context().get_node_id()
         self._generation = -1

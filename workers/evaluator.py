@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from es_service import network, noise
+from es_service import layer_members, network, noise
 
 
 HEAD_CHUNK = 64  # head members per batched matmul: fixed, so a head member's bits never depend on the tile
@@ -53,6 +53,7 @@ class PopulationEvaluator:
         memory_fraction: float = 0.6,
         batched: bool | None = None,
         threads: int | None = None,
+        basis: torch.Tensor | None = None,
     ):
         self.device = torch.device(device)
         if arithmetic == "cpu-ftz" and self.device.type != "cpu":
@@ -73,6 +74,8 @@ class PopulationEvaluator:
         self._pool: ThreadPoolExecutor | None = None
         self._compiled_for: set[tuple[int, ...]] = set()
         self._xw1: tuple | None = None  # (theta, key, x @ W1): see shared_xw1
+        self.basis = None if basis is None else basis.to(self.device, dtype=torch.float32)
+        """(784, k) principal components of the training images: layer-1 members' input subspace."""
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
@@ -215,6 +218,41 @@ class PopulationEvaluator:
             chunk, chunks, first_alone=self._first_of_shape(("head", *x.shape)))
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
+    def evaluate_layer(self, theta: torch.Tensor, layer: int, offsets: np.ndarray, signs: np.ndarray,
+                       noise_std: float, image_indices: np.ndarray, subspace: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``evaluate`` for layer members (es_service.layer_members), which move layer 1, 2 or 3 only.
+        What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
+        hidden layer h1 and h1 W2 for layer 2; then one member per thread on CPU, batched on CUDA."""
+        if layer == 3:
+            return self.evaluate_head(theta, offsets, signs, noise_std, image_indices)
+        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
+        length = layer_members.noise_length(layer, subspace)
+        with network.single_threaded() if not self.batched else contextlib.nullcontext():
+            if layer == 1:
+                if subspace and (self.basis is None or self.basis.shape[1] != subspace):
+                    raise ValueError(f"layer-1 members in a {subspace}-dimensional subspace need the evaluator's "
+                                     "basis of that many principal components")
+                shared = (x @ self.basis if subspace else x, self.shared_xw1(theta, x, image_indices))
+            else:
+                h1 = layer_members.center_hidden1(x, theta, self.arithmetic, self.fused)
+                shared = (h1, torch.mm(h1, network.unflatten(theta)[2]))
+
+        def forward(rows, member_scales):
+            if layer == 1:
+                return layer_members.first_layer_forward(*shared, theta, rows, member_scales, subspace,
+                                                         self.arithmetic, self.fused)
+            return layer_members.second_layer_forward(*shared, theta, rows, member_scales, self.arithmetic, self.fused)
+
+        if self.batched:
+            step = self.chunk_size(len(y), rank=1)
+            results = [self._score(forward(noise.slices(self.table, offsets[start : start + step], length),
+                                           scales[start : start + step]), y)
+                       for start in range(0, len(offsets), step)]
+        else:
+            results = self.map_members(lambda j: self._score(forward(self.windows[int(offsets[j]), :length], scales[j]), y),
+                                       len(offsets), first_alone=self._first_of_shape((f"layer {layer}", *x.shape)))
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
     def _first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
         first = key not in self._compiled_for
@@ -277,8 +315,11 @@ class TileTask:
     image_indices: np.ndarray
     rank: int = 0
     shared_first_layer: bool = False
-    head: bool = False
-    """Head members: only the output layer moves (network.head_forward); ``rank`` does not apply."""
+    layer: int = 0
+    """0: whole members; 1, 2 or 3: layer members, which move that layer only (es_service.layer_members);
+    ``rank`` and ``shared_first_layer`` do not apply to them."""
+    subspace: int = 0
+    """Layer-1 members: principal components their input factor lies in (0: all 784 pixels)."""
 
     def __post_init__(self):
         assert self.offsets.dtype == np.int64 and self.offsets.ndim == 1, self.offsets.dtype
@@ -305,9 +346,9 @@ class TileResult:
 
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
     started = time.perf_counter()
-    if task.head:
-        loss_sums, correct = evaluator.evaluate_head(theta, task.offsets, task.signs, task.noise_std,
-                                                     task.image_indices)
+    if task.layer:
+        loss_sums, correct = evaluator.evaluate_layer(theta, task.layer, task.offsets, task.signs, task.noise_std,
+                                                      task.image_indices, task.subspace)
     else:
         loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std,
                                                 task.image_indices, task.rank, task.shared_first_layer)

@@ -1,0 +1,141 @@
+"""Layer members: population members that move one layer of the network only.
+
+A whole member moves all 669,706 parameters at once, and its fitness change is dominated by the
+layers with the largest share of the gradient (W2 and W3 hold about 81% of its squared norm at an ES
+theta), so the estimate of W1 drowns. A layer member moves one layer (its weight and its bias), and
+each layer's estimate comes from its own members, ranked among themselves, with its own sigma: a
+block-structured population (block-coordinate ES; compare Salimans et al. 2017 for the estimator).
+
+  * layer 1: a rank-1 move ``c * (U a) b^T`` of W1 and ``e`` of b1. With ``subspace`` k > 0 the
+    input factor ``U a`` lies in the span of the training images' top-k uncentered principal
+    components (``U``: 784 x k, orthonormal; ``a``: k standard normals), where nearly all of W1's
+    gradient lies (an image x only sees W1 through x^T W1, and x lies close to that span). With
+    k = 0, ``U`` is the identity. ``c = sqrt(784 / k)`` keeps the move's mean squared entry at
+    sigma^2, as for a whole member. Unsupervised image statistics only: no labels, no gradients.
+  * layer 2: a rank-1 move ``a b^T`` of W2 and ``e`` of b2, from the center's first hidden layer.
+  * layer 3: a full move of W3 and b3 (5,130 floats), from the center's last hidden layer.
+
+A layer-1 member costs the second and third layers' matmuls (x W1 and x U are shared by the tile);
+layer-2 and layer-3 members cost only elementwise work and the small output matmul. No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from es_service import network
+
+LAYERS = (1, 2, 3)
+INPUTS, HIDDEN, OUTPUTS = network.LAYER_SIZES[0], network.LAYER_SIZES[1], network.LAYER_SIZES[-1]
+
+
+def param_range(layer: int) -> tuple[int, int]:
+    """[start, stop) of the layer's weight and bias in theta (they are adjacent: W_l then b_l)."""
+    start = 0
+    for index, (name, shape) in enumerate(network.PARAM_SHAPES):
+        if name == f"W{layer}":
+            size = math.prod(shape) + math.prod(network.PARAM_SHAPES[index + 1][1])
+            return start, start + size
+        start += math.prod(shape)
+    raise ValueError(f"no layer {layer}; layers are {LAYERS}")
+
+
+def noise_length(layer: int, subspace: int = 0) -> int:
+    """Table floats one member of ``layer`` reads: its factors (a, b) and its bias move e."""
+    if layer == 1:
+        return (subspace or INPUTS) + 2 * HIDDEN
+    if layer == 2:
+        return 3 * HIDDEN
+    if layer == 3:
+        return network.HEAD_SIZE
+    raise ValueError(f"no layer {layer}; layers are {LAYERS}")
+
+
+def input_scale(subspace: int) -> float:
+    """c for layer 1: sqrt(784 / k), so the move's mean squared entry is sigma^2 (1 with no subspace)."""
+    return math.sqrt(INPUTS / subspace) if subspace else 1.0
+
+
+def image_basis(images: torch.Tensor, subspace: int) -> torch.Tensor:
+    """(784, k) float32: the top-k eigenvectors of X^T X over the uint8 images (k uncentered principal
+    components), each signed so its largest-magnitude entry is positive. Float64 on one thread: the same
+    images give the same basis, bit for bit, on this machine."""
+    if not 1 <= subspace <= INPUTS:
+        raise ValueError(f"subspace {subspace}: use 1 to {INPUTS} principal components")
+    with network.single_threaded():
+        x = images.reshape(-1, INPUTS).double() / 255.0
+        _, vectors = torch.linalg.eigh(x.T @ x)
+        basis = vectors[:, -subspace:].flip(-1)
+        peak = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
+        return (basis * torch.sign(peak)).float().contiguous()
+
+
+def factors(noise: torch.Tensor, layer: int, subspace: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views (a (..., m, 1), b (..., n, 1), e (..., n)) of rank-1 members' table rows (layers 1 and 2)."""
+    size_a = (subspace or INPUTS) if layer == 1 else HIDDEN
+    a = noise[..., :size_a]
+    b = noise[..., size_a : size_a + HIDDEN]
+    e = noise[..., size_a + HIDDEN : size_a + 2 * HIDDEN]
+    return a.unsqueeze(-1), b.unsqueeze(-1), e
+
+
+def _bias(b: torch.Tensor, batched: bool) -> torch.Tensor:
+    return b.unsqueeze(-2) if batched else b
+
+
+def _scale(scales: torch.Tensor, batched: bool) -> torch.Tensor:
+    return scales.reshape(-1, 1, 1) if batched else scales
+
+
+def first_layer_forward(xu: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
+                        scales: torch.Tensor, subspace: int, arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """Logits of layer-1 members: noise (L,) with a 0-d scale (one member, (B, 10)) or (n, L) with
+    scales (n,) ((n, B, 10)). ``xu = x U`` (x itself with no subspace) and ``xw1 = x W1`` are shared."""
+    _, b1, w2, b2, w3, b3 = network.unflatten(theta)
+    a, b, e = factors(noise, 1, subspace)
+    batched = noise.dim() == 2
+    scale = _scale(scales, batched)
+    moved = network.low_rank_epilogues(arithmetic, fused)
+    ops = network.epilogues(arithmetic, fused)
+    h1 = moved.hidden1(xw1, *network.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1,
+                       _bias(e, batched), scale)
+    h2 = ops.hidden2(torch.matmul(h1, w2), b2)
+    return ops.logits(torch.matmul(h2, w3), b3)
+
+
+def second_layer_forward(h1: torch.Tensor, h1w2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
+                         scales: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """Logits of layer-2 members (shapes as ``first_layer_forward``) from the center's first hidden
+    layer ``h1`` and ``h1w2 = h1 W2``, both shared."""
+    _, _, _, b2, w3, b3 = network.unflatten(theta)
+    a, b, e = factors(noise, 2)
+    batched = noise.dim() == 2
+    scale = _scale(scales, batched)
+    moved = network.low_rank_epilogues(arithmetic, fused)
+    h2 = moved.hidden2(h1w2, *network.low_rank_correction(h1, a, b, scale), b2, _bias(e, batched), scale)
+    return network.epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), b3)
+
+
+def center_hidden1(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
+    """(B, 512) first hidden layer of the unperturbed network (scaled frame)."""
+    w1, b1 = network.unflatten(theta)[:2]
+    return network.epilogues(arithmetic, fused).hidden1(torch.mm(x, w1), b1)
+
+
+def estimate(rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int = 0,
+             basis: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights_k * (layer's move of member k), flat in theta's order for that layer (weight, then
+    bias). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; on
+    CPU single-threaded, so the bits do not depend on the thread count."""
+    if layer == 3:
+        return torch.mv(rows.T, weights)
+    a, b, e = factors(rows, layer, subspace)
+    with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():
+        weight = torch.mm(a.squeeze(-1).T, b.squeeze(-1) * weights[:, None])
+        if layer == 1 and subspace:
+            weight = torch.mm(basis, weight).mul_(input_scale(subspace))
+        return torch.cat([weight.flatten(), torch.mv(e.T, weights)])
+

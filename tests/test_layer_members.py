@@ -1,0 +1,161 @@
+"""Layer members (es_service/layer_members.py): their moves, forwards, estimate and the image basis. No Ray."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from es_service import layer_members, network, noise, strategy
+from workers.evaluator import PopulationEvaluator
+
+
+def dense_move(row: torch.Tensor, layer: int, subspace: int = 0, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """The (NUM_PARAMS,) move a layer member's table row stands for: zeros outside its layer."""
+    move = torch.zeros(network.NUM_PARAMS, dtype=torch.float64)
+    start, stop = layer_members.param_range(layer)
+    if layer == 3:
+        move[start:stop] = row.double()
+        return move
+    a, b, e = (part.double() for part in layer_members.factors(row, layer, subspace))
+    if layer == 1 and subspace:
+        a = basis.double() @ a * layer_members.input_scale(subspace)
+    move[start:stop] = torch.cat([(a @ b.T).flatten(), e])
+    return move
+
+
+def test_param_ranges_are_each_layers_weight_and_bias():
+    theta = torch.arange(network.NUM_PARAMS, dtype=torch.float32)
+    views = network.unflatten(theta)
+    for layer in layer_members.LAYERS:
+        start, stop = layer_members.param_range(layer)
+        expected = torch.cat([views[2 * layer - 2].flatten(), views[2 * layer - 1]])
+        assert torch.equal(theta[start:stop], expected)
+    assert layer_members.param_range(3)[1] == network.NUM_PARAMS
+    with pytest.raises(ValueError):
+        layer_members.param_range(4)
+
+
+def test_image_basis_is_orthonormal_deterministic_and_holds_most_of_the_images_energy(mnist):
+    images = mnist.train_images[:20000]
+    basis = layer_members.image_basis(images, 32)
+    assert basis.shape == (784, 32) and basis.dtype == torch.float32
+    assert torch.allclose(basis.T @ basis, torch.eye(32), atol=1e-5)
+    assert torch.equal(basis, layer_members.image_basis(images, 32))
+    x = images.reshape(-1, 784).double() / 255
+    kept = float((x @ basis.double()).square().sum() / x.square().sum())
+    assert 0.8 < kept < 1.0  # 85% at k = 32 on MNIST; random directions would keep 32/784 = 4%
+    assert torch.allclose(layer_members.image_basis(images, 8), basis[:, :8], atol=1e-4)
+
+
+@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 24), (2, 0)])
+def test_a_rank1_layer_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
+    """The forward from shared products equals the plain forward of theta + scale * dense move, up to the
+    matmuls' rounding (linear arithmetic: tight; tf-ftz: the same predictions almost everywhere)."""
+    table = noise.make_table(5, 1 << 20)
+    theta = network.init_theta(0)
+    basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
+    x = mnist.train_images[:128].reshape(-1, 784).float() / 255
+    for arithmetic in ("linear", "tf-ftz"):
+        length = layer_members.noise_length(layer, subspace)
+        for offset, sign in ((11, 1.0), (9000, -1.0)):
+            row = table[offset : offset + length]
+            scale = torch.tensor(np.float32(sign * 0.05))
+            if layer == 1:
+                xu = x @ basis if subspace else x
+                got = layer_members.first_layer_forward(xu, x @ network.unflatten(theta)[0], theta, row, scale,
+                                                        subspace, arithmetic)
+            else:
+                h1 = layer_members.center_hidden1(x, theta, arithmetic)
+                got = layer_members.second_layer_forward(h1, h1 @ network.unflatten(theta)[2], theta, row, scale,
+                                                         arithmetic)
+            moved = (theta.double() + float(scale) * dense_move(row, layer, subspace, basis)).float()
+            expected = network.forward(x, network.unflatten(moved), arithmetic)
+            if arithmetic == "linear":
+                assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+            else:
+                assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+            # batched (what CUDA runs): the same members from (n, L) rows
+            rows = torch.stack([row, row])
+            scales = torch.stack([scale, -scale])
+            if layer == 1:
+                batched = layer_members.first_layer_forward(xu, x @ network.unflatten(theta)[0], theta, rows, scales,
+                                                            subspace, arithmetic)
+            else:
+                batched = layer_members.second_layer_forward(h1, h1 @ network.unflatten(theta)[2], theta, rows,
+                                                             scales, arithmetic)
+            assert torch.allclose(batched[0], got, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 16), (2, 0), (3, 0)])
+def test_layer_estimate_is_the_weighted_sum_of_dense_moves(mnist, layer, subspace):
+    table = noise.make_table(2, 1 << 20)
+    basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
+    offsets = np.array([3, 500, 70000, 123456, 9], dtype=np.int64)
+    weights = np.array([0.5, -0.25, 0.125, -0.5, 0.3])
+    got = strategy.layer_estimate(table, offsets, weights, layer, 0.02, 10, subspace, basis)
+    length = layer_members.noise_length(layer, subspace)
+    expected = sum(w * dense_move(table[o : o + length], layer, subspace, basis) for o, w in zip(offsets, weights))
+    start, stop = layer_members.param_range(layer)
+    assert got.shape == (stop - start,)
+    assert torch.allclose(got.double(), expected[start:stop] / (10 * 0.02), rtol=1e-4, atol=1e-5)
+    assert torch.all(expected[:start] == 0) and torch.all(expected[stop:] == 0)
+
+
+def test_layer_estimate_is_a_gradient_on_average():
+    """Sign and scale: for a linear fitness F = <gradient, theta> on layer 2, antithetic pairs score
+    F(+) - F(-) = 2 sigma <gradient, eps>, and the estimate over many pairs has unit slope along the
+    gradient and points its way (a random direction's cosine would be about 0.002)."""
+    table = noise.make_table(4, 1 << 21)
+    gradient = torch.outer(torch.linspace(-1, 1, 512), torch.linspace(1, 2, 512)).double()
+    sigma, pairs = 0.01, 1000
+    offsets = np.random.default_rng(0).integers(0, noise.max_offset(1 << 21) + 1, size=pairs)
+    weights = np.empty(pairs)
+    for k, offset in enumerate(offsets):
+        a, b, _ = layer_members.factors(table[offset : offset + layer_members.noise_length(2)], 2)
+        weights[k] = float(2 * sigma * (a.double().T @ gradient @ b.double()))
+    estimate = strategy.layer_estimate(table, offsets, weights, 2, sigma, 2 * pairs).double()[: 512 * 512]
+    flat = gradient.flatten()
+    cosine = float(estimate @ flat / (estimate.norm() * flat.norm()))
+    slope = float(estimate @ flat / (flat @ flat))
+    assert cosine > 0.03 and slope == pytest.approx(1.0, rel=0.3)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, layer):
+    table = noise.make_table(7, 1 << 20)
+    theta = network.init_theta(0)
+    subspace = 32 if layer == 1 else 0
+    basis = layer_members.image_basis(mnist.train_images[:5000], 32) if subspace else None
+    rng = np.random.default_rng(1)
+    offsets = np.repeat(rng.integers(0, noise.max_offset(1 << 20) + 1, size=5), 2).astype(np.int64)
+    signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), 5)
+    images = np.arange(3000, 3064, dtype=np.int64)
+    results = []
+    for threads in (1, 2):
+        evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu",
+                                        threads=threads, basis=basis)
+        results.append(evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    assert len(set(results[0][0].tolist())) == len(offsets)
+    alone = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis)
+    for j in (0, 7):
+        one = alone.evaluate_layer(theta, layer, offsets[j : j + 1], signs[j : j + 1], 0.05, images, subspace)
+        assert one[0][0] == results[0][0][j]
+    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis,
+                                  batched=True).evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace)
+    assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
+
+
+def test_a_subspace_without_its_basis_is_refused(mnist):
+    evaluator = PopulationEvaluator(noise.make_table(7, 1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz")
+    with pytest.raises(ValueError, match="basis"):
+        evaluator.evaluate_layer(network.init_theta(0), 1, np.array([0, 0]), np.array([1.0, -1.0], dtype=np.float32),
+                                 0.05, np.arange(8), subspace=16)
+
+
+def test_input_scale_keeps_the_moves_mean_square_entry():
+    assert layer_members.input_scale(0) == 1.0
+    assert layer_members.input_scale(49) == pytest.approx(math.sqrt(16))
