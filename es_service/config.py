@@ -49,6 +49,10 @@ class LayerMembersConfig:
     ranked among themselves, their estimate replaces the whole members' for this layer (0: none)."""
     noise_scale: float = 1.0
     """Their sigma, as a multiple of the scheduled es.noise_std."""
+    step_scale: float = 1.0
+    """This layer's optimizer step (Adam's update and its decay), as a multiple of the scheduled
+    es.learning_rate, whoever estimates it: below 1 for a layer whose estimate is mostly noise, whose
+    full steps would randomise it; 0 freezes the layer."""
 
 
 @dataclass(frozen=True)
@@ -399,8 +403,11 @@ def _validate_layer_members(config: Config) -> None:
             f"{name}.pop_size with network.arithmetic 'cpu-ftz': layer members start from the scaled frame's "
             f"shared products; use tf-ftz (the portable FTZ semantics) or {name}.pop_size: 0",
         )
-        _require(members.pop_size or es.pop_size,
-                 f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0 or es.pop_size > 0")
+        _require(0 <= members.step_scale < math.inf,
+                 f"{name}.step_scale: {members.step_scale}; use a finite number >= 0 (0 freezes the layer)")
+        _require(members.pop_size or es.pop_size or members.step_scale == 0,
+                 f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0, es.pop_size > 0, "
+                 f"or freeze it with {name}.step_scale: 0")
     _require(0 <= es.w1.subspace <= 784,
              f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components")
 

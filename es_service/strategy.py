@@ -156,9 +156,12 @@ class AdamES:
     """
 
     def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False,
-                 weight_norm_cap: float | None = None, betas: tuple[float, float] = (0.9, 0.999)):
+                 weight_norm_cap: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                 layer_step_scales: tuple[float, float, float] = (1.0, 1.0, 1.0)):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
         self.weight_norm_cap = weight_norm_cap
+        self.layer_step_scales = {layer: scale for layer, scale in zip(layer_members.LAYERS, layer_step_scales)
+                                  if scale != 1.0}
         if decoupled:
             self.weight_decay = 0.0
             self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, betas=betas, weight_decay=weight_decay)
@@ -170,7 +173,8 @@ class AdamES:
     def from_config(cls, theta: torch.Tensor, es: ESConfig) -> AdamES:
         """The optimizer an ``ESConfig`` describes."""
         return cls(theta, es.learning_rate, es.weight_decay, decoupled=es.weight_decay_mode == "decoupled",
-                   weight_norm_cap=es.weight_norm_cap, betas=(es.adam_beta1, es.adam_beta2))
+                   weight_norm_cap=es.weight_norm_cap, betas=(es.adam_beta1, es.adam_beta2),
+                   layer_step_scales=tuple(members.step_scale for members in es.layers()))
 
     def step(self, grad: torch.Tensor, learning_rate: float) -> float:
         """One descent step on -grad + weight_decay * theta; returns the step's L2 norm."""
@@ -183,6 +187,10 @@ class AdamES:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.theta.grad = None
+        for layer, scale in self.layer_step_scales.items():  # Adam's whole step, decay included, scales with lr
+            start, stop = layer_members.param_range(layer)
+            now, then = self.theta.detach()[start:stop], before[start:stop]
+            now.copy_(then if scale == 0 else then + scale * (now - then))
         if self.weight_norm_cap is not None:
             cap_weight_norms(self.theta.detach(), self.weight_norm_cap)
         return float(torch.linalg.vector_norm(self.theta.detach() - before))

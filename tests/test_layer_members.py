@@ -159,3 +159,21 @@ def test_a_subspace_without_its_basis_is_refused(mnist):
 def test_input_scale_keeps_the_moves_mean_square_entry():
     assert layer_members.input_scale(0) == 1.0
     assert layer_members.input_scale(49) == pytest.approx(math.sqrt(16))
+
+
+def test_a_layers_step_scale_scales_its_step_and_zero_freezes_it():
+    """step_scale s on a layer: its step is s times the full one (Adam's update and decoupled decay alike
+    scale with the learning rate), the other layers' steps are bit for bit unchanged; 0 freezes it."""
+    theta = network.init_theta(1)
+    grad = torch.randn(network.NUM_PARAMS, generator=torch.Generator().manual_seed(2))
+    full = strategy.AdamES(theta, 0.01, 0.5, decoupled=True)
+    half = strategy.AdamES(theta, 0.01, 0.5, decoupled=True, layer_step_scales=(1.0, 0.5, 0.0))
+    for _ in range(3):
+        full.step(grad, 0.01)
+        half.step(grad, 0.01)
+    (start2, stop2), (start3, stop3) = layer_members.param_range(2), layer_members.param_range(3)
+    assert torch.equal(half.theta[:start2], full.theta[:start2])
+    assert torch.equal(half.theta[start3:], theta[start3:])
+    moved_full = full.theta.detach()[start2:stop2] - theta[start2:stop2]
+    moved_half = half.theta.detach()[start2:stop2] - theta[start2:stop2]
+    assert torch.allclose(moved_half, 0.5 * moved_full, rtol=1e-2, atol=1e-5)

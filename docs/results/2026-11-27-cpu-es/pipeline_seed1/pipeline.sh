@@ -1,6 +1,6 @@
 set -x
 # from the repository root
-# ES_DATA_DIR: the MNIST folder (see README "Data")
+# ES_DATA_DIR: the MNIST folder (see README "Quick start")
 R=${R:-runs/pipeline_seed1}
 mkdir -p $R
 es-service backprop --config configs/mnist_seed.yaml --run-dir $R/backprop_masked --epochs 30 --device cpu --set seed=1 --force > $R/bp.log 2>&1
