@@ -8,7 +8,7 @@ directory) and times `Trainer.step()`: for each Ray worker count on one private 
 LocalExecutor (the `workers=0` row, no Ray). Each row starts from the same theta, waits for its pool,
 runs warm-up generations (torch.compile, caches), then reports medians over the timed generations.
 Ray overhead = eval_s - worker_compute_s / workers (the critical path if tiles split evenly).
-Reference: FINDINGS §7 (EvoTorch 0.6.1, P=64, minibatch 256, 2 Ray actors, this 2-core machine).
+Reference: docs/performance.md (EvoTorch 0.6.1, P=64, minibatch 256, 2 Ray actors, this 2-core machine).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
 from workers.evaluator import set_process_arithmetic
 
-REFERENCE = {  # FINDINGS §7
+REFERENCE = {  # docs/performance.md
     "setting": {"pop_size": 64, "batch_size": 256, "workers": 2},
     "evotorch_wall_s": 0.886, "evotorch_mb_sent": 10.7, "evotorch_mb_returned": 10.7,
     "target_wall_s": 0.20, "target_mb_sent": 3.0,
@@ -117,7 +117,7 @@ def print_table(rows: list[dict], args) -> None:
             f" {m['bytes_from_workers'] / MB:8.4f}"
             f" {ref['evotorch_wall_s'] / m['wall_s']:11.2f}x {m['wall_s'] / ref['target_wall_s']:9.2f}x")
     print(f"{'EvoTorch':>8} {ref['evotorch_wall_s'] * 1e3:7.1f} {'':>53} {ref['evotorch_mb_sent']:6.2f} "
-          f"{ref['evotorch_mb_returned']:8.4f}   (FINDINGS §7: P=64, B=256, 2 Ray actors)")
+          f"{ref['evotorch_mb_returned']:8.4f}   (docs/performance.md: P=64, B=256, 2 Ray actors)")
     print(f"{'target':>8} {ref['target_wall_s'] * 1e3:7.1f} {'':>53} {ref['target_mb_sent']:6.2f}")
     s = ref["setting"]
     if (args.pop_size, args.batch_size) != (s["pop_size"], s["batch_size"]):

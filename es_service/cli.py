@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="es-service", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="start a run from a YAML config")
-    train.add_argument("--config", required=True, help="YAML config file (see README: config reference)")
+    train.add_argument("--config", required=True, help="YAML config file (fields: docs/configuration.md)")
     train.add_argument("--run-dir", help="where the run writes (default runs/<config>-<time>)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
     _init_from_option(train)

@@ -34,7 +34,7 @@ import torch
 
 from es_service import rundir
 
-# SHA-256 of the uncompressed files, under torchvision's names (FINDINGS §5).
+# SHA-256 of the uncompressed files, under torchvision's names.
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",

@@ -6,7 +6,7 @@ elementwise ops the network is nonlinear; with denormals kept it is exactly line
 
     h1 = (x W1 + b1) / s,   h2 = h1 W2 + b2 / s,   o = (h2 W3 + b3 / s) * s
 
-Arithmetic modes (see FINDINGS §1):
+Arithmetic modes (docs/design.md has the float32 measurements behind them):
   * ``tf-ftz``: matmuls in IEEE float32 keeping denormals; every elementwise op flushes its inputs and
     its result (|x| < 2**-126 becomes 0). TensorFlow-on-GPU semantics, identical on CPU and CUDA.
   * ``linear``: no flushing anywhere (the control).

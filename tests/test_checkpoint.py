@@ -228,7 +228,7 @@ def test_edits_that_keep_the_trajectory_are_accepted(tmp_path, config, trained):
 
 
 def test_a_checkpoint_from_before_newer_fields_still_loads(tmp_path, config, trained):
-    """Checkpoints written before es.fitness_shaping and es.rank existed (stop 7's GPU runs) hold a config
+    """Checkpoints written before es.fitness_shaping and es.rank existed (the 2026-11-26 GPU runs) hold a config
     without them, hashed without them. They ran with what is now the default, so they must load as that."""
     import hashlib
     import json

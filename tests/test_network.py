@@ -82,7 +82,7 @@ def test_tf_ftz_is_nonlinear_and_linear_is_exact_at_init(mnist):
     ftz = network.forward(x, params, "tf-ftz")
     linear = network.forward(x, params, "linear")
     ftz_agree = float((ftz.argmax(dim=1) == exact).float().mean())
-    assert ftz_agree < 0.8, ftz_agree  # FINDINGS §1 measured ~45% with the native formula
+    assert ftz_agree < 0.8, ftz_agree  # ~45% measured with the native formula (docs/design.md)
     assert float((ftz == 0).float().mean()) > 0.2  # many logits flushed to exactly 0
     assert torch.equal(linear.argmax(dim=1), exact)  # the control is a linear map: agrees on all 10,000
 

@@ -6,7 +6,7 @@ evaluator's device from its cached noise table (low-rank members, ``rank`` >= 1,
 see network.low_rank_forward); only scalars go back.
 
 A member's results never depend on which other members share its tile, nor on the thread count: on
-CPU each member runs with single-threaded ops (small intermediates stay in cache, FINDINGS §7), one
+CPU each member runs with single-threaded ops (small intermediates stay in cache; docs/performance.md), one
 member per thread; on CUDA a tile runs as batched matmuls. Loss sums
 use exact summation (math.fsum), so a shard's sum does not depend on reduction order either.
 """
