@@ -20,7 +20,9 @@ import json
 import numpy as np
 import torch
 
-from es_service import checkpoint, layer_members, network, noise, plan as planning
+from es_service import checkpoint, plan as planning
+
+from workers import layer_members, network, noise
 from es_service.backprop import logits_fn
 from es_service.config import Config, load
 from es_service.driver import estimate

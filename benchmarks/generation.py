@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import device_facts, write_json
-from es_service import noise, plan as planning
+from es_service import plan as planning
+from workers import noise
 from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState

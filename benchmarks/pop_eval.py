@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import FLOP_PER_IMAGE, device_facts, interleaved_times, median_time, write_json
-from es_service import network, noise
+from workers import members, network, noise
 from workers.evaluator import PopulationEvaluator
 
 DEFAULT_SHAPES = {"cpu": "32x256,64x256", "cuda": "512x512,2048x1024"}
@@ -57,11 +57,11 @@ def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x
     c = torch.tensor(0.02, device=x.device)
 
     def plus_correction(z, h, a, f):
-        u, v = network.low_rank_correction(h, a, f, c)
+        u, v = members.low_rank_correction(h, a, f, c)
         return z + u * v
 
     def layers(xw1, rows):
-        (a1, f1, _), (a2, f2, _), (a3, f3, _) = network.low_rank_factors(rows, rank)
+        (a1, f1, _), (a2, f2, _), (a3, f3, _) = members.low_rank_factors(rows, rank)
         h1 = plus_correction(xw1, x, a1, f1)
         h2 = plus_correction(torch.matmul(h1, w2), h1, a2, f2)
         return plus_correction(torch.matmul(h2, w3), h2, a3, f3)
@@ -82,7 +82,7 @@ def shared_first_layer_ceiling(evaluator, theta: torch.Tensor, offsets: np.ndarr
     w1 = network.unflatten(theta)[0]
     _, w2, _, w3, _ = network.unflatten(tails, first=1)
     distinct, which = np.unique(offsets, return_inverse=True)
-    e1 = network.first_layer_noise(noise.slices(evaluator.table, distinct, network.W1_SIZE))
+    e1 = members.first_layer_noise(noise.slices(evaluator.table, distinct, network.W1_SIZE))
     sharers = [np.flatnonzero(which.reshape(-1) == k) for k in range(len(distinct))]  # members of each slice
     which = torch.as_tensor(which.reshape(-1), device=x.device)
 
@@ -134,7 +134,7 @@ def bench_shape(evaluator, members: int, images: int, repeats: int, rank: int = 
     prebuilt = None
     if rank:
         index = torch.as_tensor(offsets, device=device)
-        noise_rows = evaluator.windows[:, : network.noise_length(rank)].index_select(0, index)
+        noise_rows = evaluator.windows[:, : members.noise_length(rank)].index_select(0, index)
         ceiling = low_rank_ceiling(evaluator, theta, noise_rows, x, rank)
     elif shared_first_layer:
         prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device), network.W1_SIZE)
@@ -193,10 +193,10 @@ def main(argv=None) -> dict:
           "(evaluation, ceiling and mm peak take turns each round)")
     print(f"{'P x B':>12} {'eval ms':>9} {'GFLOP/s':>9} {'fwd/s':>11} {'noflush GFLOP/s':>16} "
           f"{'mm GFLOP/s':>11} {'eval/noflush':>13} {'eval/mm':>8}")
-    for members, images in parse_shapes(args.shapes or DEFAULT_SHAPES[device.type]):
-        row = bench_shape(evaluator, members, images, args.repeats, args.rank, args.shared_first_layer)
+    for pop, images in parse_shapes(args.shapes or DEFAULT_SHAPES[device.type]):
+        row = bench_shape(evaluator, pop, images, args.repeats, args.rank, args.shared_first_layer)
         rows.append(row)
-        print(f"{members:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
+        print(f"{pop:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
               f"{row['forward_passes_per_s']:11.0f} {row['noflush_matmul_flops'] / 1e9:16.1f} "
               f"{row['mm_peak_flops'] / 1e9:11.1f} {row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}"
               + (f"   full rank {row['full_rank_s'] * 1e3:.2f} ms, {variant} {row['speedup_over_full_rank']:.2f}x faster"

@@ -17,10 +17,11 @@ import time
 import ray
 
 from benchmarks.common import write_json
-from es_service import noise, plan as planning
+from es_service import plan as planning
+from workers import noise
 from es_service.config import from_dict
 from es_service.data import load_mnist
-from es_service.network import init_theta
+from workers.network import init_theta
 from es_service.ray_executor import RayExecutor
 
 

@@ -20,7 +20,9 @@ from typing import Callable
 
 import torch
 
-from es_service import checkpoint, network, plan as planning
+from es_service import checkpoint, plan as planning
+
+from workers import network
 from es_service.config import GRADIENTS, Config
 from es_service.driver import CHECKPOINT_NAME
 from es_service.metrics import MetricsLog

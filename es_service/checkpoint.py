@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from es_service import network, rundir
+from es_service import rundir
+
+from workers import network
 from es_service.config import Config, ConfigError, digest_of, from_dict
 
 FORMAT_VERSION = 1

@@ -1,21 +1,21 @@
 """Typed, frozen run configuration: loaded from YAML, overridden with ``--set``, validated up front.
 
-Every field is checked before anything starts; a bad value raises :class:`ConfigError` naming the
-field, the value and what is allowed.
+The sections are pydantic models; each field's docstring is its description, and docs/configuration.md
+is generated from them (``python -m es_service.config_docs``). Every field is checked before anything
+starts; a bad value raises :class:`ConfigError` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import re
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 ARITHMETIC_MODES = ("tf-ftz", "linear", "cpu-ftz")
 FITNESS_KINDS = ("cross_entropy", "accuracy")
@@ -36,16 +36,31 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the user: field, bad value, what is allowed."""
 
 
-@dataclass(frozen=True)
-class NetworkConfig:
+class Section(BaseModel):
+    """One block of the config. Strict types, because a value of the wrong type is a mistake in the file:
+    a bool is not an int, nor "8" an int; an int widens to a float."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _float_text(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if (isinstance(value, str) and float in (annotation, *typing.get_args(annotation))
+                and _FLOAT_TEXT.fullmatch(value.strip())):
+            return float(value)  # PyYAML reads `1e-3` (no dot) as a string
+        return value
+
+
+class NetworkConfig(Section):
     arithmetic: str = "tf-ftz"
-    """tf-ftz: explicit flush in every elementwise op (portable); linear: no flushing; cpu-ftz: torch.set_flush_denormal, CPU only."""
+    """tf-ftz: explicit flush in every elementwise op (portable); linear: no flushing; cpu-ftz:
+    torch.set_flush_denormal, CPU only."""
 
 
-@dataclass(frozen=True)
-class LayerMembersConfig:
+class LayerMembersConfig(Section):
     pop_size: int = 0
-    """Members (antithetic pairs) that move only this layer's weight and bias (es_service.layer_members);
+    """Members (antithetic pairs) that move only this layer's weight and bias (workers.layer_members);
     ranked among themselves, their estimate replaces the whole members' for this layer (0: none)."""
     noise_scale: float = 1.0
     """Their sigma, as a multiple of the scheduled es.noise_std."""
@@ -55,25 +70,24 @@ class LayerMembersConfig:
     full steps would randomise it; 0 freezes the layer."""
 
 
-@dataclass(frozen=True)
 class FirstLayerMembersConfig(LayerMembersConfig):
     subspace: int = 0
     """The rank-1 move's input factor lies in the span of the training images' top-k uncentered
     principal components (0: all 784 pixels); unsupervised image statistics, no labels."""
 
 
-@dataclass(frozen=True)
-class ESConfig:
+class ESConfig(Section):
     pop_size: int = 64
-    """Members per generation (even when antithetic)."""
+    """Members per generation (even when antithetic). 0 only when every layer has its own members
+    (es.wN.pop_size) or is frozen (es.wN.step_scale: 0)."""
     antithetic: bool = True
     """Evaluate each noise slice at +sigma and -sigma (mirrored sampling)."""
     noise_std: float = 0.02
-    """sigma: standard deviation of the parameter perturbation."""
+    """sigma: standard deviation of the parameter perturbation (1e-6 to 10)."""
     noise_std_final: float | None = None
     """sigma at the last generation (None: constant); follows `schedule`."""
     learning_rate: float = 0.01
-    """Adam step size."""
+    """Adam step size (at most 10)."""
     learning_rate_final: float | None = None
     """Adam step size at the last generation (None: constant); follows `schedule`."""
     adam_beta1: float = 0.9
@@ -88,7 +102,7 @@ class ESConfig:
     """l2: Adam descends on -grad + wd * theta (OpenAI-ES); decoupled: AdamW, theta *= 1 - lr * wd each step."""
     weight_norm_cap: float | None = None
     """Largest Frobenius norm of each weight matrix, in units of its He-init norm sqrt(2 * fan_out)
-    (None: no cap); a matrix above it is scaled back onto it after each step."""
+    (32, 32 and 4.47 for W1, W2, W3; None: no cap); a matrix above it is scaled back onto it after each step."""
     fitness: str = "cross_entropy"
     """cross_entropy (negative mean cross-entropy) or accuracy, on the generation's minibatch."""
     fitness_shaping: str = "centered_rank"
@@ -99,15 +113,16 @@ class ESConfig:
     """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
     shard_size: int = 0
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
-    w1: FirstLayerMembersConfig = field(default_factory=FirstLayerMembersConfig)
+    w1: FirstLayerMembersConfig = FirstLayerMembersConfig()
     """Layer-1 members: a rank-1 move of W1 (and b1), evaluated from the shared x W1."""
-    w2: LayerMembersConfig = field(default_factory=LayerMembersConfig)
+    w2: LayerMembersConfig = LayerMembersConfig()
     """Layer-2 members: a rank-1 move of W2 (and b2), evaluated from the center's first hidden layer."""
-    w3: LayerMembersConfig = field(default_factory=LayerMembersConfig)
+    w3: LayerMembersConfig = LayerMembersConfig()
     """Layer-3 members: a full move of W3 and b3 (5,130 floats), evaluated from the center's last hidden
     layer (about 1/10 of a rank-1 member's time on CPU)."""
     rank: int = 0
-    """0: each member's perturbation is a full table slice; r >= 1: each weight matrix moves by A B^T / sqrt(r), A and B r columns (low-rank ES)."""
+    """0: each member's perturbation is a full table slice; r from 1 to 64: each weight matrix moves by
+    A B^T / sqrt(r), A and B r columns (low-rank ES)."""
     shared_first_layer: bool = False
     """Full rank only: compute a member's first layer as x W1 + sign * sigma * (x E1), with x W1 shared by
     the tile and x E1 by each antithetic pair (W1 + sigma E1 is never built): a pair costs 0.70 of two
@@ -117,20 +132,20 @@ class ESConfig:
         return self.w1, self.w2, self.w3
 
 
-@dataclass(frozen=True)
-class NoiseConfig:
+class NoiseConfig(Section):
     table_size: int = 1 << 25
-    """Float32 entries in the shared noise table (must exceed the parameter count, 669,706)."""
+    """Float32 entries in the shared noise table (must exceed the parameter count, 669,706; at most 2**31)."""
 
 
-@dataclass(frozen=True)
-class WorkersConfig:
+class WorkersConfig(Section):
     executor: str = "ray"
     """ray (stateless Ray actors) or local (the same evaluator in the driver's process)."""
     device: str = "auto"
-    """Evaluator device for the local executor: auto (CUDA if present), cpu or cuda. Ray actors use CUDA iff they hold a GPU."""
+    """Evaluator device for the local executor: auto (CUDA if present), cpu or cuda. Ray actors use CUDA iff
+    they hold a GPU."""
     fused: bool = True
-    """Compile each layer's elementwise work into one kernel (torch.compile; bitwise equal to eager)."""
+    """Compile each layer's elementwise work into one kernel (torch.compile; bitwise equal to eager, which
+    it falls back to if compiling fails)."""
     members_per_tile: int = 8
     """Population members evaluated together in one tile (one worker call); never changes theta."""
     count: int = 0
@@ -144,34 +159,31 @@ class WorkersConfig:
     gpus_per_worker: float = 0.0
     """GPUs each worker actor reserves (0: evaluate on CPU)."""
     tile_timeout_s: float = 600.0
-    """A tile not returned after this long is handed out again."""
+    """A tile not returned after this many seconds is handed out again."""
     no_worker_timeout_s: float = 120.0
-    """With no live worker for this long, checkpoint and fail."""
+    """With no live worker for this many seconds, checkpoint and fail (exit 1)."""
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     every: int = 10
     """Evaluate the center's train/test accuracy every this many generations (and at the end)."""
     train_size: int = 10000
-    """Training images used for the periodic train accuracy (0: all 60,000)."""
+    """Training images used for the periodic train accuracy (0: all 60,000; at most what validation_size leaves)."""
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = 10
     """Write a checkpoint every this many generations (and at the end, and on SIGTERM/SIGINT)."""
 
 
-@dataclass(frozen=True)
-class WarmStartConfig:
+class WarmStartConfig(Section):
     epochs: int = 0
     """Backprop epochs (torch autograd + Adam, on the run's training images) before ES; ES starts from
     their theta, not the seed's initialisation. 0: no warm start (ES from scratch)."""
     learning_rate: float = 0.001
     """Adam step size of those epochs."""
     finetune_epochs: int = 0
-    """Then this many more epochs with a fresh Adam at finetune_learning_rate (0: none)."""
+    """Then this many more epochs with a fresh Adam at finetune_learning_rate (0: none; needs epochs >= 1)."""
     finetune_learning_rate: float = 0.0001
     """Adam step size of the fine-tuning epochs."""
     batch_size: int = 128
@@ -184,27 +196,29 @@ class WarmStartConfig:
         return [(self.epochs, self.learning_rate), (self.finetune_epochs, self.finetune_learning_rate)]
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Section):
     seed: int = 0
-    """Base seed: noise table, member offsets and minibatches all derive from it."""
+    """Base seed: the initialisation, the noise table, member offsets and minibatches all derive from it."""
     generations: int = 100
     """Generations to train."""
     data_dir: str | None = None
     """MNIST location (raw or .gz files); None: ES_DATA_DIR, the user cache, download, registry fallback."""
     validation_size: int = 0
     """The last N training images, held out: never in a minibatch or a backprop epoch, scored as
-    validation_accuracy with every evaluation of the center (0: none). Choose settings on it, not on test."""
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    es: ESConfig = field(default_factory=ESConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    validation_accuracy with every evaluation of the center (0: none; at most 50000). Choose settings on
+    it, not on test."""
+    network: NetworkConfig = NetworkConfig()
+    es: ESConfig = ESConfig()
+    noise: NoiseConfig = NoiseConfig()
+    workers: WorkersConfig = WorkersConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    """Backprop epochs run before ES in the same command; ES starts from their theta. Each stage is a run
+    directory of its own under RUN_DIR/warm_start/. `--init-from` skips the warm start."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def digest(self) -> str:
         """Hash of the fields that define the trajectory of theta (not where or how fast it runs)."""
@@ -226,56 +240,38 @@ def digest_of(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        inner = [opt for opt in options if opt is not type(None)][0]
-        return _check_type(path, value, inner)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads `1e-3` (no dot) as a string
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported annotation {annotation} at {path}")
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "model_type": "a mapping of fields", "dict_type": "a mapping of fields"}
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown field; allowed in {where}: {', '.join(names)}"
-        )
-    values = {}
-    for name in names:
-        if name not in data:
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, data[name], f"{prefix}{name}.")
-        else:
-            values[name] = _check_type(f"{prefix}{name}", data[name], hint)
-    return cls(**values)
+def _model_at(loc: list[str] | tuple[str, ...]) -> type[BaseModel]:
+    section = Config
+    for part in loc:
+        section = section.model_fields[part].annotation
+    return section
+
+
+def _position(problem: dict[str, Any]) -> list[tuple[int, Any]]:
+    """Where a reader meets the problem going through the file: a section's unknown keys first (a
+    misspelt key explains the errors after it), by name, then its fields in order, depth first."""
+    loc, unknown = problem["loc"], problem["type"] == "extra_forbidden"
+    return [(0, part) if unknown and depth == len(loc) - 1
+            else (1, list(_model_at(loc[:depth]).model_fields).index(part)) for depth, part in enumerate(loc)]
+
+
+def _config_error(error: ValidationError) -> ConfigError:
+    """The first of pydantic's problems, phrased like every other ConfigError: one line with the field
+    path, the value and what is allowed."""
+    problem = min(error.errors(include_url=False), key=_position)
+    loc = [str(part) for part in problem["loc"]]
+    path, value = ".".join(loc) or "the config", problem["input"]
+    if problem["type"] == "extra_forbidden":
+        return ConfigError(f"{path}: unknown field; allowed in {'.'.join(loc[:-1]) or 'the config'}: "
+                           f"{', '.join(_model_at(loc[:-1]).model_fields)}")
+    expected = _EXPECTED.get(problem["type"])
+    if expected:
+        return ConfigError(f"{path}: expected {expected}, got {value!r}")
+    return ConfigError(f"{path}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {value!r}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -283,26 +279,23 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{path}: {value!r}; allowed: {', '.join(allowed)}")
+
+
 def validate(config: Config) -> Config:
     """Check value ranges and cross-field rules; return the config unchanged."""
-    es, workers = config.es, config.workers
+    es, workers, arithmetic = config.es, config.workers, config.network.arithmetic
     _require(config.seed >= 0, f"seed: {config.seed} is negative; use an integer >= 0")
     _require(config.generations >= 1, f"generations: {config.generations}; use an integer >= 1")
-    _require(
-        config.network.arithmetic in ARITHMETIC_MODES,
-        f"network.arithmetic: {config.network.arithmetic!r}; allowed: {', '.join(ARITHMETIC_MODES)}",
-    )
-    _require(
-        not (config.network.arithmetic == "cpu-ftz" and workers.gpus_per_worker > 0),
-        "network.arithmetic: 'cpu-ftz' with workers.gpus_per_worker > 0: torch.set_flush_denormal "
-        "does nothing on CUDA; use tf-ftz (the portable FTZ semantics) or gpus_per_worker: 0",
-    )
-    _require(es.pop_size == 0 or es.pop_size >= 2,
-             f"es.pop_size: {es.pop_size}; use an integer >= 2, or 0 when every layer has its own members (es.w1, w2, w3)")
-    _require(
-        not (es.antithetic and es.pop_size % 2),
-        f"es.pop_size: {es.pop_size} is odd but es.antithetic is true; use an even population",
-    )
+    _choice("network.arithmetic", arithmetic, ARITHMETIC_MODES)
+    _require(not (arithmetic == "cpu-ftz" and workers.gpus_per_worker > 0),
+             "network.arithmetic: 'cpu-ftz' with workers.gpus_per_worker > 0: torch.set_flush_denormal "
+             "does nothing on CUDA; use tf-ftz (the portable FTZ semantics) or gpus_per_worker: 0")
+    _require(es.pop_size == 0 or es.pop_size >= 2, f"es.pop_size: {es.pop_size}; use an integer >= 2, "
+             "or 0 when every layer has its own members (es.w1, w2, w3)")
+    _require(not (es.antithetic and es.pop_size % 2),
+             f"es.pop_size: {es.pop_size} is odd but es.antithetic is true; use an even population")
     for name in ("noise_std", "noise_std_final", "learning_rate", "learning_rate_final"):
         value = getattr(es, name)
         _require(value is None or 0 < value < math.inf, f"es.{name}: {value}; use a finite number > 0")
@@ -310,80 +303,56 @@ def validate(config: Config) -> Config:
         value = getattr(es, name)
         _require(0 <= value < 1, f"es.{name}: {value}; use a number in [0, 1) (Adam's defaults: 0.9 and 0.999)")
     _require(0 <= es.weight_decay < math.inf, f"es.weight_decay: {es.weight_decay}; use a finite number >= 0")
-    _require(es.weight_decay_mode in DECAY_MODES,
-             f"es.weight_decay_mode: {es.weight_decay_mode!r}; allowed: {', '.join(DECAY_MODES)}")
-    _require(
-        es.weight_norm_cap is None or 0 < es.weight_norm_cap < math.inf,
-        f"es.weight_norm_cap: {es.weight_norm_cap}; use null (no cap) or a finite number > 0 (1.0: the init norm)",
-    )
-    _require(es.fitness in FITNESS_KINDS, f"es.fitness: {es.fitness!r}; allowed: {', '.join(FITNESS_KINDS)}")
-    _require(es.fitness_shaping in SHAPINGS,
-             f"es.fitness_shaping: {es.fitness_shaping!r}; allowed: {', '.join(SHAPINGS)}")
-    _require(es.schedule in SCHEDULES, f"es.schedule: {es.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    _choice("es.weight_decay_mode", es.weight_decay_mode, DECAY_MODES)
+    _require(es.weight_norm_cap is None or 0 < es.weight_norm_cap < math.inf, f"es.weight_norm_cap: "
+             f"{es.weight_norm_cap}; use null (no cap) or a finite number > 0 (1.0: the init norm)")
+    _choice("es.fitness", es.fitness, FITNESS_KINDS)
+    _choice("es.fitness_shaping", es.fitness_shaping, SHAPINGS)
+    _choice("es.schedule", es.schedule, SCHEDULES)
     for name in ("batch_size", "batch_size_final"):
         value = getattr(es, name)
-        _require(
-            value is None or 1 <= value <= 60000,
-            f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
-        )
+        _require(value is None or 1 <= value <= 60000,
+                 f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)")
     _validate_layer_members(config)
     _require(0 <= es.rank <= MAX_RANK, f"es.rank: {es.rank}; use 0 (full-rank perturbations) or 1 to {MAX_RANK}")
-    _require(
-        not (es.rank and config.network.arithmetic == "cpu-ftz"),
-        f"es.rank: {es.rank} with network.arithmetic 'cpu-ftz': low-rank members need the scaled frame "
-        "(cpu-ftz runs at native scale); use es.rank: 0 or tf-ftz",
-    )
-    _require(
-        not (es.shared_first_layer and es.rank),
-        f"es.shared_first_layer with es.rank: {es.rank}: low-rank members already share x W1; "
-        "set es.shared_first_layer: false, or es.rank: 0",
-    )
-    _require(
-        not (es.shared_first_layer and config.network.arithmetic == "cpu-ftz"),
-        "es.shared_first_layer with network.arithmetic 'cpu-ftz': a shared first layer needs the scaled "
-        "frame (cpu-ftz runs at native scale); use tf-ftz or es.shared_first_layer: false",
-    )
-    _require(
-        0 <= config.validation_size <= 50000,
-        f"validation_size: {config.validation_size}; use 0 (none) up to 50000 (at least 10,000 images stay for training)",
-    )
+    _require(not (es.rank and arithmetic == "cpu-ftz"),
+             f"es.rank: {es.rank} with network.arithmetic 'cpu-ftz': low-rank members need the scaled frame "
+             "(cpu-ftz runs at native scale); use es.rank: 0 or tf-ftz")
+    _require(not (es.shared_first_layer and es.rank),
+             f"es.shared_first_layer with es.rank: {es.rank}: low-rank members already share x W1; "
+             "set es.shared_first_layer: false, or es.rank: 0")
+    _require(not (es.shared_first_layer and arithmetic == "cpu-ftz"),
+             "es.shared_first_layer with network.arithmetic 'cpu-ftz': a shared first layer needs the scaled "
+             "frame (cpu-ftz runs at native scale); use tf-ftz or es.shared_first_layer: false")
+    _require(0 <= config.validation_size <= 50000, f"validation_size: {config.validation_size}; "
+             "use 0 (none) up to 50000 (at least 10,000 images stay for training)")
     _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
-    _require(workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")
-    from es_service.network import NUM_PARAMS
+    _require(workers.members_per_tile >= 1,
+             f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")
+    from workers.network import NUM_PARAMS
 
-    _require(
-        config.noise.table_size > NUM_PARAMS,
-        f"noise.table_size: {config.noise.table_size}; must exceed the parameter count {NUM_PARAMS} "
-        "(2**25 = 33554432 is a good default)",
-    )
-    _require(
-        config.noise.table_size <= 1 << 31,
-        f"noise.table_size: {config.noise.table_size}; at most 2**31 entries (8 GiB)",
-    )
-    _require(workers.executor in EXECUTORS, f"workers.executor: {workers.executor!r}; allowed: {', '.join(EXECUTORS)}")
-    _require(workers.device in DEVICES, f"workers.device: {workers.device!r}; allowed: {', '.join(DEVICES)}")
-    _require(
-        not (config.network.arithmetic == "cpu-ftz" and workers.device == "cuda"),
-        "network.arithmetic: 'cpu-ftz' with workers.device 'cuda': torch.set_flush_denormal does nothing "
-        "on CUDA; use tf-ftz (the portable FTZ semantics) or workers.device: cpu",
-    )
+    table_size = config.noise.table_size
+    _require(table_size > NUM_PARAMS, f"noise.table_size: {table_size}; must exceed the parameter count "
+             f"{NUM_PARAMS} (2**25 = 33554432 is a good default)")
+    _require(table_size <= 1 << 31, f"noise.table_size: {table_size}; at most 2**31 entries (8 GiB)")
+    _choice("workers.executor", workers.executor, EXECUTORS)
+    _choice("workers.device", workers.device, DEVICES)
+    _require(not (arithmetic == "cpu-ftz" and workers.device == "cuda"),
+             "network.arithmetic: 'cpu-ftz' with workers.device 'cuda': torch.set_flush_denormal does nothing "
+             "on CUDA; use tf-ftz (the portable FTZ semantics) or workers.device: cpu")
     _require(workers.count >= 0, f"workers.count: {workers.count}; use 0 (auto) or a positive integer")
     _require(workers.min_count >= 1, f"workers.min_count: {workers.min_count}; use an integer >= 1")
-    _require(
-        workers.max_count >= workers.min_count,
-        f"workers.max_count: {workers.max_count} is below workers.min_count {workers.min_count}",
-    )
+    _require(workers.max_count >= workers.min_count,
+             f"workers.max_count: {workers.max_count} is below workers.min_count {workers.min_count}")
     _require(workers.cpus_per_worker >= 1, f"workers.cpus_per_worker: {workers.cpus_per_worker}; use an integer >= 1")
     _require(workers.gpus_per_worker >= 0, f"workers.gpus_per_worker: {workers.gpus_per_worker}; use a number >= 0")
-    _require(workers.tile_timeout_s > 0, f"workers.tile_timeout_s: {workers.tile_timeout_s}; use a number > 0")
-    _require(workers.no_worker_timeout_s > 0, f"workers.no_worker_timeout_s: {workers.no_worker_timeout_s}; use a number > 0")
+    for name in ("tile_timeout_s", "no_worker_timeout_s"):
+        _require(getattr(workers, name) > 0, f"workers.{name}: {getattr(workers, name)}; use a number > 0")
     _require(config.eval.every >= 1, f"eval.every: {config.eval.every}; use an integer >= 1")
     training_images = 60000 - config.validation_size
-    _require(
-        0 <= config.eval.train_size <= training_images,
-        f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to {training_images} "
-        f"(the training images validation_size {config.validation_size} leaves)",
-    )
+    _require(0 <= config.eval.train_size <= training_images,
+             f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to {training_images} "
+             f"(the training images validation_size {config.validation_size} leaves)")
     _validate_warm_start(config)
     _validate_limits(config)
     _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")
@@ -398,11 +367,9 @@ def _validate_layer_members(config: Config) -> None:
                  f"{name}.pop_size: {members.pop_size}; use 0 (none) or an even number (antithetic pairs)")
         _require(0 < members.noise_scale < math.inf,
                  f"{name}.noise_scale: {members.noise_scale}; use a finite number > 0 (1.0: es.noise_std itself)")
-        _require(
-            not (members.pop_size and config.network.arithmetic == "cpu-ftz"),
-            f"{name}.pop_size with network.arithmetic 'cpu-ftz': layer members start from the scaled frame's "
-            f"shared products; use tf-ftz (the portable FTZ semantics) or {name}.pop_size: 0",
-        )
+        _require(not (members.pop_size and config.network.arithmetic == "cpu-ftz"),
+                 f"{name}.pop_size with network.arithmetic 'cpu-ftz': layer members start from the scaled frame's "
+                 f"shared products; use tf-ftz (the portable FTZ semantics) or {name}.pop_size: 0")
         _require(0 <= members.step_scale < math.inf,
                  f"{name}.step_scale: {members.step_scale}; use a finite number >= 0 (0 freezes the layer)")
         _require(members.pop_size or es.pop_size or members.step_scale == 0,
@@ -417,22 +384,18 @@ def _validate_warm_start(config: Config) -> None:
     for name in ("epochs", "finetune_epochs"):
         value = getattr(warm, name)
         _require(value >= 0, f"warm_start.{name}: {value}; use 0 (none) or a positive number of epochs")
-    _require(
-        not (warm.finetune_epochs and not warm.epochs),
-        f"warm_start.finetune_epochs: {warm.finetune_epochs} with warm_start.epochs 0: fine-tuning follows "
-        "the first backprop epochs; set warm_start.epochs >= 1, or finetune_epochs: 0",
-    )
+    _require(not (warm.finetune_epochs and not warm.epochs),
+             f"warm_start.finetune_epochs: {warm.finetune_epochs} with warm_start.epochs 0: fine-tuning follows "
+             "the first backprop epochs; set warm_start.epochs >= 1, or finetune_epochs: 0")
     for name in ("learning_rate", "finetune_learning_rate"):
         value = getattr(warm, name)
         _require(0 < value < math.inf, f"warm_start.{name}: {value}; use a finite number > 0")
     _require(1 <= warm.batch_size <= 60000,
              f"warm_start.batch_size: {warm.batch_size}; use an integer from 1 to 60000 (the MNIST training set)")
-    _require(warm.gradient in GRADIENTS, f"warm_start.gradient: {warm.gradient!r}; allowed: {', '.join(GRADIENTS)}")
-    _require(
-        not (warm.epochs and config.network.arithmetic == "cpu-ftz"),
-        "warm_start with network.arithmetic 'cpu-ftz': backprop supports tf-ftz and linear (autograd); "
-        "use tf-ftz or warm_start.epochs: 0",
-    )
+    _choice("warm_start.gradient", warm.gradient, GRADIENTS)
+    _require(not (warm.epochs and config.network.arithmetic == "cpu-ftz"),
+             "warm_start with network.arithmetic 'cpu-ftz': backprop supports tf-ftz and linear (autograd); "
+             "use tf-ftz or warm_start.epochs: 0")
 
 
 SIGMA_RANGE = (1e-6, 10.0)
@@ -460,14 +423,10 @@ def _validate_limits(config: Config) -> None:
         _require(math.isfinite(value), f"workers.{name}: {value}; use a finite number")
     need, largest = memory_needed(config)
     total = physical_memory()
+    section, name = largest.split(".")
     _require(total is None or need <= total,
-             f"{largest}: {_field(config, largest)} would need about {need / 2**30:.1f} GiB of memory for this run, "
-             f"and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}")
-
-
-def _field(config: Config, dotted: str) -> Any:
-    section, name = dotted.split(".")
-    return getattr(getattr(config, section), name)
+             f"{largest}: {getattr(getattr(config, section), name)} would need about {need / 2**30:.1f} GiB of "
+             f"memory for this run, and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}")
 
 
 def memory_needed(config: Config) -> tuple[int, str]:
@@ -476,7 +435,8 @@ def memory_needed(config: Config) -> tuple[int, str]:
     with the field whose share is largest."""
     import os
 
-    from es_service.network import NUM_PARAMS, noise_length
+    from workers.members import noise_length
+    from workers.network import NUM_PARAMS
 
     es = config.es
     batch = max(es.batch_size, es.batch_size_final or 0)
@@ -566,7 +526,11 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {part} is not a section")
         node[path[-1]] = value
-    return validate(_build(Config, data, ""))
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise _config_error(err) from None
+    return validate(config)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from es_service import checkpoint, layer_members, network, plan as planning, strategy
+from es_service import checkpoint, plan as planning, strategy
+
+from workers import layer_members, network
 from es_service.config import Config
 from es_service.metrics import MetricsLog
 from es_service.rundir import CHECKPOINT_NAME
@@ -69,7 +71,7 @@ class Trainer:
         self.progress = progress
         self.device = device
         self.basis = None if basis is None else basis.to(device)
-        """Layer-1 members' input subspace (es_service.layer_members.image_basis), as the workers hold it."""
+        """Layer-1 members' input subspace (workers.layer_members.image_basis), as the workers hold it."""
         self.generation = state.generation
         self.saved_generation = state.generation  # the checkpoint on disk: run.json never claims more
         self.adam = strategy.AdamES.from_config(state.theta.to(device), config.es)

@@ -13,7 +13,9 @@ import numpy as np
 
 import torch
 
-from es_service import network, noise, strategy
+from es_service import strategy
+
+from workers import network, noise
 from es_service.config import Config
 
 STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
@@ -38,7 +40,7 @@ def noise_seed(seed: int) -> int:
 @dataclass(frozen=True)
 class Tile:
     """The unit of work: members [member_start, member_stop) on one shard of the minibatch, of the whole
-    members (``layer`` 0) or of one layer's members (1, 2 or 3: es_service.layer_members)."""
+    members (``layer`` 0) or of one layer's members (1, 2 or 3: workers.layer_members)."""
 
     tile_id: int
     member_start: int
@@ -59,9 +61,9 @@ class GenerationPlan:
     """+1 or -1 per member: theta_i = theta + sign_i * sigma * slice_i."""
     batch_indices: np.ndarray
     rank: int
-    """0: full-rank slices; r: low-rank members (network.low_rank_forward)."""
+    """0: full-rank slices; r: low-rank members (members.low_rank_forward)."""
     shared_first_layer: bool
-    """Full-rank members' first layer as x W1 + scale * x E1 (network.shared_first_layer_forward)."""
+    """Full-rank members' first layer as x W1 + scale * x E1 (members.shared_first_layer_forward)."""
     shard_bounds: tuple[tuple[int, int], ...]
     tiles: tuple[Tile, ...]
     layer_offsets: tuple[np.ndarray, np.ndarray, np.ndarray]

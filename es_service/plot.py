@@ -1,90 +1,129 @@
-"""Learning curves as PNG, drawn with Pillow (already a torchvision dependency; no matplotlib).
+"""Learning curves as PNG, drawn with matplotlib's Agg renderer.
 
-Left panel: accuracy (test and train of the center, batch mean of the population) per generation.
-Right panel: mean and best fitness per generation. One colour per run.
+Top panel: the center's accuracy on evaluation generations (train, validation when the run holds
+one out, test, and test evaluated with no flushing). Bottom panel: the population's mean fitness on
+each generation's minibatch. With one run each curve has its own colour; with several, the colour
+is the run and the line style the curve.
+
+matplotlib is imported when a plot is drawn, not with this module, so a machine without it still
+trains and reports; ``PlotUnavailable`` then says how to get the PNG.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
-
-from PIL import Image, ImageDraw
+from typing import TYPE_CHECKING
 
 from es_service import rundir
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-WIDTH, MARGIN, PANEL_HEIGHT, LEGEND_ROW = 1200, 60, 440, 14
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+INSTALL_HINT = "pip install matplotlib"
+# (metrics key, legend label, line style)
+ACCURACY_CURVES = (
+    ("train_accuracy", "train", ":"),
+    ("validation_accuracy", "validation", "--"),
+    ("test_accuracy", "test", "-"),
+    ("test_accuracy_unflushed", "test, no flushing", "-."),
+)
+FITNESS_CURVE = ("fitness_mean", "mean fitness", "-")
+WIDTH_IN, HEIGHT_IN, DPI = 12, 8, 100  # 1200 x 800 pixels
+# Beyond this many points markers would merge into a thick line; below it they show which
+# generations were evaluated (accuracies are sparse) and keep a lone point visible.
+MARKER_LIMIT = 60
+# The first generations move from chance to most of the final accuracy; scaling the y axis to
+# them would flatten the differences of a tenth of a percent that the comparison is about.
+ZOOM_SKIP = 0.1
 
 
-def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
-    return [(r["generation"], r[key]) for r in records if r.get(key) is not None]
+class PlotUnavailable(RuntimeError):
+    """matplotlib cannot be imported: the run and the report go on without their PNG."""
 
 
-def _zoomed_range(curves) -> tuple[float, float]:
-    """Skip each curve's first 10% of generations so the interesting end is not squashed."""
-    tail = [y for _, _, pts in curves for x, y in pts if pts and x >= 0.1 * pts[-1][0]]
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator, PercentFormatter
+    except ImportError:
+        raise PlotUnavailable(f"matplotlib is not installed; `{INSTALL_HINT}` to draw learning curves") from None
+    return Figure, FigureCanvasAgg, MaxNLocator, PercentFormatter
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["generation"], r[key]) for r in records
+              if r.get("generation") is not None and isinstance(r.get(key), (int, float))
+              and math.isfinite(r[key])]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _tail_limits(curves: list[tuple[list[float], list[float]]], margin: float,
+                 clamp: tuple[float, float] | None = None) -> tuple[float, float] | None:
+    """y limits that fit every curve past its first ``ZOOM_SKIP`` of generations."""
+    tail = [y for xs, ys in curves if xs for x, y in zip(xs, ys) if x >= ZOOM_SKIP * xs[-1]]
     if not tail:
-        return (0.0, 1.0)
-    return (max(0.0, min(tail) - 0.02), min(1.0, max(tail) + 0.01))
+        return None
+    low, high = min(tail), max(tail)
+    pad = margin * (high - low if high > low else max(abs(high), 1e-3))
+    low, high = low - pad, high + pad
+    if clamp:
+        low, high = max(clamp[0], low), min(clamp[1], high)
+    return (low, high) if high > low else None
 
 
-def _panel(draw, box, title, curves, y_range=None):
-    left, top, right, bottom = box
-    draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((left, top - 18), title, fill=(0, 0, 0))
-    points = [p for _, _, pts in curves for p in pts]
-    if not points:
-        draw.text((left + 10, top + 10), "no data", fill=(0, 0, 0))
+def _draw(ax: Axes, runs: list[tuple[str, list[dict]]], curves, margin: float, clamp=None) -> None:
+    drawn = []
+    for run_index, (label, records) in enumerate(runs):
+        for curve_index, (key, name, style) in enumerate(curves):
+            xs, ys = _series(records, key)
+            if not xs:
+                continue
+            color = f"C{curve_index if len(runs) == 1 else run_index % 10}"
+            ax.plot(xs, ys, linestyle=style, color=color, linewidth=1.6,
+                    marker="o" if len(xs) <= MARKER_LIMIT else None, markersize=3,
+                    label=name if len(runs) == 1 else f"{label}: {name}")
+            drawn.append((xs, ys))
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
         return
-    x_max = max(1.0, max(x for x, _ in points))
-    y_low, y_high = y_range or (min(y for _, y in points), max(y for _, y in points))
-    if y_high <= y_low:
-        y_high = y_low + 1e-9
-    def to_px(x, y):
-        return (left + (right - left) * x / x_max, bottom - (bottom - top) * (y - y_low) / (y_high - y_low))
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = y_low + (y_high - y_low) * fraction
-        _, py = to_px(0, y)
-        draw.line([(left, py), (right, py)], fill=(225, 225, 225))
-        draw.text((left - 55, py - 6), f"{y:.3g}", fill=(0, 0, 0))
-    draw.text((right - 60, bottom + 6), f"gen {x_max:.0f}", fill=(0, 0, 0))
-    for row, (label, color, pts) in enumerate(curves):
-        visible = [(x, min(max(y, y_low), y_high)) for x, y in pts]
-        if len(visible) > 1:
-            draw.line([to_px(x, y) for x, y in visible], fill=color, width=2)
-        for x, y in visible[-1:]:
-            px, py = to_px(x, y)
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((left, bottom + 24 + LEGEND_ROW * row), label, fill=color)  # legend below the panel
+    limits = _tail_limits(drawn, margin, clamp)
+    if limits:
+        ax.set_ylim(*limits)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
-def _shade(color, amount):
-    return tuple(int(c + (255 - c) * amount) for c in color)
+def figure(runs: list[tuple[str, list[dict]]]) -> Figure:
+    """The chart of ``runs`` ([(label, metrics records)]) as a matplotlib Figure on an Agg canvas."""
+    Figure, FigureCanvasAgg, MaxNLocator, PercentFormatter = _matplotlib()
+    # Figure + Agg canvas rather than pyplot: no GUI backend is ever chosen (no display needed)
+    # and no global figure list keeps the figure alive after the run has drawn it.
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    accuracy_ax, fitness_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    _draw(accuracy_ax, runs, ACCURACY_CURVES, margin=0.1, clamp=(0.0, 1.0))
+    zoomed = f"(y axis fitted to generations past the first {ZOOM_SKIP:.0%})"
+    accuracy_ax.set_title(f"accuracy of the center {zoomed}", fontsize="medium")
+    accuracy_ax.set_ylabel("accuracy")
+    accuracy_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    _draw(fitness_ax, runs, (FITNESS_CURVE,), margin=0.1)
+    fitness_ax.set_title(f"fitness: population mean on the generation's minibatch {zoomed}", fontsize="medium")
+    fitness_ax.set_ylabel("fitness (mean)")
+    fitness_ax.set_xlabel("generation")
+    fitness_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (accuracy_ax, fitness_ax):
+        ax.grid(True, color="0.9")
+        ax.tick_params(labelbottom=True)  # sharex hides the top panel's generation labels otherwise
+    fig.suptitle(runs[0][0] if len(runs) == 1 else "learning curves")
+    return fig
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path: str | Path) -> Path:
-    """Draw one PNG comparing runs; ``runs`` is [(label, metrics records)]."""
-    accuracy_curves, fitness_curves = [], []
-    for index, (label, records) in enumerate(runs):
-        color = COLORS[index % len(COLORS)]
-        accuracy_curves += [
-            (f"{label} test", color, _series(records, "test_accuracy")),
-            (f"{label} train", _shade(color, 0.45), _series(records, "train_accuracy")),
-        ]
-        if len(runs) == 1:
-            accuracy_curves.append((f"{label} batch mean", _shade(color, 0.75), _series(records, "batch_accuracy_mean")))
-        fitness_curves += [
-            (f"{label} best", color, _series(records, "fitness_max")),
-            (f"{label} mean", _shade(color, 0.6), _series(records, "fitness_mean")),
-        ]
-    legend_height = 40 + LEGEND_ROW * max(len(accuracy_curves), len(fitness_curves))
-    image = Image.new("RGB", (WIDTH, 40 + PANEL_HEIGHT + legend_height), "white")
-    draw = ImageDraw.Draw(image)
-    half = WIDTH // 2
-    bottom = 40 + PANEL_HEIGHT
-    _panel(draw, (MARGIN, 40, half - 20, bottom), "accuracy (zoomed)", accuracy_curves, _zoomed_range(accuracy_curves))
-    _panel(draw, (half + MARGIN, 40, WIDTH - 20, bottom), "fitness", fitness_curves)
+    """Draw one PNG comparing runs; ``runs`` is [(label, metrics records)]. Raises ``PlotUnavailable``
+    without matplotlib."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return rundir.atomic_write(path, buffer.getbuffer())
+    figure(runs).savefig(buffer, format="png")
+    return rundir.atomic_write(path, buffer.getvalue())

@@ -15,13 +15,16 @@ import hashlib
 import os
 import platform
 import socket
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from es_service import checkpoint, layer_members, noise, plan as planning, rundir
+from es_service import checkpoint, plan as planning, rundir
+
+from workers import layer_members, noise
 from es_service.config import WARM_START_STAGES, Config, ConfigError, WarmStartConfig, from_dict, load as load_config
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
@@ -186,7 +189,8 @@ def _plot(run_dir: Path) -> None:
 
         plot_runs([(run_dir.name, read_metrics(run_dir / METRICS_NAME))], run_dir / PLOT_NAME)
     except Exception as err:  # a plot must never cost a run
-        print(f"warning: could not draw the learning curve: {err}")
+        # stderr: stdout carries the run's JSON summary
+        print(f"es-service: warning: could not draw the learning curve: {err}", file=sys.stderr, flush=True)
 
 
 def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor, dict | None]:
@@ -209,7 +213,7 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
     check_run_dir(run_dir, force)
     if init_from is not None and config.warm_start.epochs:
         print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
-        config = dataclasses.replace(config, warm_start=WarmStartConfig())
+        config = config.model_copy(update={"warm_start": WarmStartConfig()})
     theta, origin = initial_theta(config, init_from)
     set_process_arithmetic(config.network.arithmetic)
     data = load_data(config)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from es_service import layer_members, network, noise
+from workers import layer_members, members, network, noise
 
 if TYPE_CHECKING:
     from es_service.config import ESConfig
@@ -93,13 +93,13 @@ def grad_estimate(
 
 
 def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tensor, rank: int) -> torch.Tensor:
-    """sum_k weights_k * network.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
+    """sum_k weights_k * members.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
     matmul of the stacked factors (the K dense perturbations are never built) and one for the biases.
     On CPU single-threaded: from 256 slices on, MKL's two-thread GEMM here gave other bits than one."""
-    rows = noise.slices(table, offsets, network.noise_length(rank))
+    rows = noise.slices(table, offsets, members.noise_length(rank))
     parts = []
     with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
-        for a, b, e in network.low_rank_factors(rows, rank):
+        for a, b, e in members.low_rank_factors(rows, rank):
             count, fan_in, _ = a.shape
             stacked_a = a.permute(1, 0, 2).reshape(fan_in, count * rank)
             stacked_b = (b * weights[:, None, None]).permute(0, 2, 1).reshape(count * rank, -1)
@@ -109,7 +109,7 @@ def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tenso
 
 def layer_estimate(table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, layer: int, noise_std: float,
                    pop_size: int, subspace: int = 0, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """``grad_estimate`` for one layer's members (es_service.layer_members): the estimate of that layer's
+    """``grad_estimate`` for one layer's members (workers.layer_members): the estimate of that layer's
     weight and bias only, flat in theta's order for them."""
     if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
         return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.HEAD_SIZE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from es_service import network
+from workers import network
 from es_service.backprop import logits_fn
 
 

@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 
-from es_service import checkpoint, network
+from es_service import checkpoint
+
+from workers import network
 from es_service.checkpoint import CheckpointError
 from es_service.config import from_dict
 from es_service.strategy import AdamES

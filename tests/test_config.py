@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
+from pydantic import BaseModel, ValidationError
 
+from es_service import config_docs
 from es_service.config import Config, ConfigError, from_dict, load, parse_override, validate
-from es_service.network import NUM_PARAMS
+from workers.network import NUM_PARAMS
 from tests.helpers import REPO, TINY, tiny_dict, write_yaml
 
 
@@ -78,9 +78,9 @@ def test_an_empty_file_is_the_defaults(tmp_path):
 
 def test_config_is_frozen():
     config = from_dict(TINY)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.seed = 1  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.es.noise_std = 1.0  # type: ignore[misc]
 
 
@@ -328,3 +328,20 @@ def test_digest_changes_with_a_trajectory_field(override):
 ])
 def test_digest_ignores_where_and_how_often(override):
     assert digest(override) == digest()
+
+
+# ---- the generated reference ------------------------------------------------------------------------
+
+
+def test_configuration_reference_is_generated_from_the_models():
+    path = REPO / "docs" / "configuration.md"
+    assert path.read_text(encoding="utf-8") == config_docs.render(), (
+        f"docs/configuration.md is stale: regenerate it with `{config_docs.COMMAND}`")
+
+
+def test_every_field_has_a_description_for_the_reference():
+    for path, _, model in config_docs.sections(Config, "", None):
+        for name, field in model.model_fields.items():
+            assert isinstance(field.default, BaseModel) or field.description, f"{path}{name} has no docstring"
+    text = config_docs.render()
+    assert "| `es.w1.subspace` | int | 0 |" in text and "| `es.noise_std_final` | float \\| null | null |" in text

@@ -7,7 +7,8 @@ import json
 import torch
 
 from benchmarks import diagnostics
-from es_service import network, plan as planning
+from es_service import plan as planning
+from workers import network
 from tests.conftest import tiny_config
 
 

@@ -140,6 +140,8 @@ def test_the_exact_pins_are_there():
         ('        "numpy==2.4.6" \\\n', ""),  # dependency dropped
         ('"numpy==2.4.6"', "numpy"),  # left to whatever pip resolves on the day of the build
         ('"pyyaml==6.0.4"', '"pyyaml>=6"'),
+        ('"matplotlib==3.11.2"', '"matplotlib==3.8.4"'),  # outside pyproject.toml's range
+        ('        "matplotlib==3.11.2" \\\n', ""),  # the charts' dependency dropped
         ('"boto3==1.44.5"', "boto3"),
     ],
 )

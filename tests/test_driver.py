@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from es_service import layer_members, network, noise, plan as planning
+from es_service import plan as planning
+
+from workers import layer_members, network, noise
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
 from tests.conftest import tiny_config
@@ -106,7 +106,7 @@ def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):
 
 def test_nonfinite_fitness_never_poisons_theta(mnist, tmp_path):
     base = tiny_config("generations=2")  # a sigma past validate()'s bound, so that members overflow
-    config = dataclasses.replace(base, es=dataclasses.replace(base.es, noise_std=1e12))
+    config = base.model_copy(update={"es": base.es.model_copy(update={"noise_std": 1e12})})
     trainer = run_local(config, mnist, tmp_path)
     records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any('"nonfinite": 0' not in line for line in records)  # some members overflowed

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from es_service import network, noise
+from workers import compiled, members, network, noise
 from workers.evaluator import PopulationEvaluator, TileTask, accuracy, center_accuracies, set_process_arithmetic
 
 
@@ -118,9 +118,9 @@ def test_fused_member_is_bitwise_equal_to_the_reference(mnist, arithmetic):
     x = mnist.test_images[:500].reshape(-1, 784).float() / 255.0
     params = network.unflatten(theta)
     assert torch.equal(network.forward(x, params, arithmetic, fused=True), network.forward(x, params, arithmetic))
-    compiled = network.compiled_functions()
-    assert arithmetic != "tf-ftz" or ("member", "tf-ftz") in network._CACHE  # tf-ftz members: one region
-    assert not any(fn.failed for fn in compiled)  # really compiled, not the eager fallback
+    built = compiled.compiled_functions()
+    assert arithmetic != "tf-ftz" or ("member", "tf-ftz") in compiled.CACHE  # tf-ftz members: one region
+    assert not any(fn.failed for fn in built)  # really compiled, not the eager fallback
 
 
 def test_batched_path_equals_member_loop_on_cpu(mnist):
@@ -150,7 +150,7 @@ def test_batched_fused_path_is_bitwise_equal_to_batched_eager(mnist):
     scales = torch.tensor([0.03, -0.03, 0.01])
     rows = fused.perturbed(theta, offsets[:3], scales)
     assert torch.equal(rows, eager.perturbed(theta, offsets[:3], scales))
-    assert not network._CACHE[("perturb_rows",)].failed
+    assert not compiled.CACHE[("perturb_rows",)].failed
 
 
 @pytest.mark.parametrize("arithmetic,fused", [("tf-ftz", True), ("tf-ftz", False), ("cpu-ftz", False)])
@@ -261,7 +261,7 @@ def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(
     assert np.allclose(expected[0], got[0], rtol=1e-4, atol=0) and np.abs(expected[1] - got[1]).max() <= 1
     x, y = loop.batch(images)
     for j in range(len(offsets)):
-        perturbation = network.low_rank_dense(table[offsets[j] : offsets[j] + network.noise_length(rank)], rank)
+        perturbation = members.low_rank_dense(table[offsets[j] : offsets[j] + members.noise_length(rank)], rank)
         logits = network.forward(x, network.unflatten(theta + float(signs[j] * 0.03) * perturbation), "tf-ftz")
         loss = float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         assert loss == pytest.approx(expected[0][j], rel=1e-4)
@@ -291,7 +291,7 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
         padded = torch.zeros(network.NUM_PARAMS)
         padded[-network.HEAD_SIZE :] = table[offsets[j] : offsets[j] + network.HEAD_SIZE]
         with network.single_threaded():
-            logits = network.member_forward(x, theta, padded, torch.tensor(np.float32(signs[j] * 0.05)), "tf-ftz")
+            logits = members.member_forward(x, theta, padded, torch.tensor(np.float32(signs[j] * 0.05)), "tf-ftz")
         loss_sums, correct = eager._score(logits, y)
         assert loss_sums[0] == results[0][0][j] and correct[0] == results[0][1][j]
         alone = evaluator().evaluate_head(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)

@@ -1,4 +1,4 @@
-"""Layer members (es_service/layer_members.py): their moves, forwards, estimate and the image basis. No Ray."""
+"""Layer members (workers/layer_members.py): their moves, forwards, estimate and the image basis. No Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from es_service import layer_members, network, noise, strategy
+from es_service import strategy
+
+from workers import layer_members, network, noise
 from workers.evaluator import PopulationEvaluator
 
 
@@ -171,7 +173,7 @@ def test_a_layers_step_scale_scales_its_step_and_zero_freezes_it():
     for _ in range(3):
         full.step(grad, 0.01)
         half.step(grad, 0.01)
-    (start2, stop2), (start3, stop3) = layer_members.param_range(2), layer_members.param_range(3)
+    (start2, stop2), (start3, _) = layer_members.param_range(2), layer_members.param_range(3)
     assert torch.equal(half.theta[:start2], full.theta[:start2])
     assert torch.equal(half.theta[start3:], theta[start3:])
     moved_full = full.theta.detach()[start2:stop2] - theta[start2:stop2]

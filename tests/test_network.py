@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from es_service import network
-from es_service.network import MIN_NORMAL, SCALE, flush
+from workers import members, network
+from workers.network import MIN_NORMAL, SCALE, flush
 
 m = torch.tensor(MIN_NORMAL, dtype=torch.float32)
 
@@ -136,15 +136,15 @@ def test_low_rank_member_is_the_dense_member_up_to_matmul_rounding(mnist, arithm
     the same function, the matmuls only rounded differently (never bitwise: the sums are reordered)."""
     torch.manual_seed(2)
     theta = network.init_theta(0)
-    noise_rows = torch.randn(3, network.noise_length(rank))
+    noise_rows = torch.randn(3, members.noise_length(rank))
     scales = torch.tensor([0.05, -0.05, 0.02])
     x = _test_images(mnist, 500)
     xw1 = x @ network.unflatten(theta)[0]
-    batched = network.low_rank_forward(x, xw1, theta, noise_rows, scales, rank, arithmetic)
+    batched = members.low_rank_forward(x, xw1, theta, noise_rows, scales, rank, arithmetic)
     for j in range(3):
-        dense = network.forward(x, network.unflatten(theta + scales[j] * network.low_rank_dense(noise_rows[j], rank)),
+        dense = network.forward(x, network.unflatten(theta + scales[j] * members.low_rank_dense(noise_rows[j], rank)),
                                 arithmetic)
-        single = network.low_rank_forward(x, xw1, theta, noise_rows[j], scales[j], rank, arithmetic)
+        single = members.low_rank_forward(x, xw1, theta, noise_rows[j], scales[j], rank, arithmetic)
         # a rounding difference next to a flush threshold flips that one flush: compare almost all logits
         for other in (dense, batched[j]):
             assert float(torch.isclose(single, other, rtol=1e-4, atol=1e-4).float().mean()) >= 0.99
@@ -153,13 +153,13 @@ def test_low_rank_member_is_the_dense_member_up_to_matmul_rounding(mnist, arithm
 
 
 def test_low_rank_layout():
-    assert network.noise_length(0) == network.NUM_PARAMS
-    assert network.noise_length(1) == (784 + 512 + 512) + (512 + 512 + 512) + (512 + 10 + 10) == 3876
-    noise_slice = torch.arange(network.noise_length(2), dtype=torch.float32)
-    (a1, b1, e1), _, (a3, b3, e3) = network.low_rank_factors(noise_slice, 2)
+    assert members.noise_length(0) == network.NUM_PARAMS
+    assert members.noise_length(1) == (784 + 512 + 512) + (512 + 512 + 512) + (512 + 10 + 10) == 3876
+    noise_slice = torch.arange(members.noise_length(2), dtype=torch.float32)
+    (a1, b1, e1), _, (a3, b3, e3) = members.low_rank_factors(noise_slice, 2)
     assert a1.shape == (784, 2) and b1.shape == (512, 2) and e1.shape == (512,) and b3.shape == (10, 2)
-    assert a1[0, 1] == 1 and b1[0, 0] == 784 * 2 and e3[-1] == network.noise_length(2) - 1  # contiguous, in order
-    dense = network.low_rank_dense(noise_slice, 2)
+    assert a1[0, 1] == 1 and b1[0, 0] == 784 * 2 and e3[-1] == members.noise_length(2) - 1  # contiguous, in order
+    dense = members.low_rank_dense(noise_slice, 2)
     w1, bias1 = network.unflatten(dense)[:2]
     assert torch.equal(bias1, e1) and torch.allclose(w1, a1 @ b1.T / 2**0.5)
 
@@ -167,19 +167,19 @@ def test_low_rank_layout():
 @pytest.mark.parametrize("rank", [1, 3])
 def test_low_rank_fused_epilogues_are_bitwise_equal_to_eager(mnist, rank):
     theta = network.init_theta(0)
-    noise_rows = torch.randn(2, network.noise_length(rank), generator=torch.Generator().manual_seed(3))
+    noise_rows = torch.randn(2, members.noise_length(rank), generator=torch.Generator().manual_seed(3))
     x = _test_images(mnist, 64)
     xw1 = x @ network.unflatten(theta)[0]
     scales = torch.tensor([0.02, -0.02])
     for rows, s in ((noise_rows, scales), (noise_rows[1], scales[1])):
-        eager = network.low_rank_forward(x, xw1, theta, rows, s, rank, "tf-ftz")
-        assert torch.equal(network.low_rank_forward(x, xw1, theta, rows, s, rank, "tf-ftz", fused=True), eager)
+        eager = members.low_rank_forward(x, xw1, theta, rows, s, rank, "tf-ftz")
+        assert torch.equal(members.low_rank_forward(x, xw1, theta, rows, s, rank, "tf-ftz", fused=True), eager)
 
 
 def test_low_rank_refuses_cpu_ftz():
     with pytest.raises(ValueError, match="scaled frame"):
-        network.low_rank_forward(torch.zeros(1, 784), torch.zeros(1, 512), network.init_theta(0),
-                                 torch.zeros(network.noise_length(1)), torch.tensor(0.1), 1, "cpu-ftz")
+        members.low_rank_forward(torch.zeros(1, 784), torch.zeros(1, 512), network.init_theta(0),
+                                 torch.zeros(members.noise_length(1)), torch.tensor(0.1), 1, "cpu-ftz")
 
 
 def _shared_members(mnist, count=3, seed=4):
@@ -196,12 +196,12 @@ def test_shared_first_layer_member_is_the_dense_member_up_to_matmul_rounding(mni
     """x W1 + scale * (x E1) is x (W1 + scale * E1) with the first layer's sums rounded differently."""
     theta, noise_rows, x, xw1 = _shared_members(mnist)
     scales = torch.tensor([0.05, -0.05, 0.02])
-    xe1 = torch.stack([x @ network.first_layer_noise(row) for row in noise_rows])
-    tails = network.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
-    batched = network.shared_first_layer_forward(xw1, xe1, tails, scales, arithmetic)
+    xe1 = torch.stack([x @ members.first_layer_noise(row) for row in noise_rows])
+    tails = members.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
+    batched = members.shared_first_layer_forward(xw1, xe1, tails, scales, arithmetic)
     for j in range(3):
-        dense = network.forward(x, network.unflatten(network.perturb(theta, noise_rows[j], scales[j])), arithmetic)
-        single = network.shared_first_layer_member(xw1, xe1[j], theta, noise_rows[j], scales[j], arithmetic)
+        dense = network.forward(x, network.unflatten(members.perturb(theta, noise_rows[j], scales[j])), arithmetic)
+        single = members.shared_first_layer_member(xw1, xe1[j], theta, noise_rows[j], scales[j], arithmetic)
         assert not torch.equal(single, dense)  # really another rounding, not the dense path in disguise
         for other in (dense, batched[j]):
             assert float(torch.isclose(single, other, rtol=1e-4, atol=1e-4).float().mean()) >= 0.99
@@ -211,20 +211,20 @@ def test_shared_first_layer_member_is_the_dense_member_up_to_matmul_rounding(mni
 def test_shared_first_layer_fused_is_bitwise_equal_to_eager(mnist):
     theta, noise_rows, x, xw1 = _shared_members(mnist, count=2, seed=5)
     scales = torch.tensor([0.02, -0.02])
-    xe1 = x @ network.first_layer_noise(noise_rows[0])
+    xe1 = x @ members.first_layer_noise(noise_rows[0])
     for j in range(2):  # one slice, both signs: the antithetic pair sharing x E1
-        eager = network.shared_first_layer_member(xw1, xe1, theta, noise_rows[0], scales[j], "tf-ftz")
-        fused = network.shared_first_layer_member(xw1, xe1, theta, noise_rows[0], scales[j], "tf-ftz", fused=True)
+        eager = members.shared_first_layer_member(xw1, xe1, theta, noise_rows[0], scales[j], "tf-ftz")
+        fused = members.shared_first_layer_member(xw1, xe1, theta, noise_rows[0], scales[j], "tf-ftz", fused=True)
         assert torch.equal(fused, eager)
-    tails = network.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
+    tails = members.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
     pair = xe1.expand(2, -1, -1)
-    assert torch.equal(network.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz", fused=True),
-                       network.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz"))
+    assert torch.equal(members.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz", fused=True),
+                       members.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz"))
 
 
 def test_shared_first_layer_refuses_cpu_ftz_and_unflatten_checks_the_tail():
     with pytest.raises(ValueError, match="scaled frame"):
-        network.shared_first_layer_forward(torch.zeros(1, 512), torch.zeros(1, 512),
+        members.shared_first_layer_forward(torch.zeros(1, 512), torch.zeros(1, 512),
                                            torch.zeros(network.NUM_PARAMS - network.W1_SIZE), torch.tensor(0.1),
                                            "cpu-ftz")
     tail = torch.arange(network.NUM_PARAMS - network.W1_SIZE, dtype=torch.float32)

@@ -9,7 +9,9 @@ import pytest
 import ray
 import torch
 
-from es_service import noise, plan as planning
+from es_service import plan as planning
+
+from workers import noise
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
 from tests.conftest import tiny_config

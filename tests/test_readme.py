@@ -4,9 +4,10 @@ repository."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from es_service.config import Config
 
@@ -19,12 +20,11 @@ WORK_LOG_REFERENCE = re.compile(r"\bissue\s+#?\d|\bstop\s+\d|FINDINGS", re.IGNOR
 
 
 def field_paths(cls=Config, prefix=""):
-    for field in dataclasses.fields(cls):
-        value = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(value):
-            yield from field_paths(type(value), f"{prefix}{field.name}.")
+    for name, field in cls.model_fields.items():
+        if isinstance(field.default, BaseModel):
+            yield from field_paths(type(field.default), f"{prefix}{name}.")
         else:
-            yield f"{prefix}{field.name}"
+            yield f"{prefix}{name}"
 
 
 def reference_row(text: str, path: str) -> list[str]:

@@ -3,7 +3,6 @@ metrics lines, and the driver's refusal to step on nothing or to keep a non-fini
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -109,7 +108,7 @@ def test_centered_ranks_of_no_finite_fitness_are_zero():
 
 def with_sigma(config, sigma):
     """The config with a sigma that validate() refuses: how a run would get there if nothing checked."""
-    return dataclasses.replace(config, es=dataclasses.replace(config.es, noise_std=sigma))
+    return config.model_copy(update={"es": config.es.model_copy(update={"noise_std": sigma})})
 
 
 def test_a_generation_where_no_member_scores_does_not_step(mnist, tmp_path):

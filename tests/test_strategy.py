@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from es_service import network, noise, strategy
+from es_service import strategy
+
+from workers import members, network, noise
 
 
 def test_centered_ranks_span_and_order():
@@ -160,8 +162,8 @@ def test_low_rank_grad_estimate_equals_the_sum_of_dense_perturbations(rank):
     offsets = np.array([0, 17, 4999, 17, 3], dtype=np.int64)
     weights = np.array([0.5, -0.25, 0.125, 1.0, -1.0])
     got = strategy.grad_estimate(table, offsets, weights, noise_std=0.1, pop_size=10, rank=rank)
-    length = network.noise_length(rank)
-    expected = sum(w * network.low_rank_dense(table[o : o + length].double(), rank) for w, o in zip(weights, offsets))
+    length = members.noise_length(rank)
+    expected = sum(w * members.low_rank_dense(table[o : o + length].double(), rank) for w, o in zip(weights, offsets))
     assert torch.allclose(got.double(), expected / (10 * 0.1), atol=1e-5)
 
 
@@ -172,9 +174,9 @@ def test_low_rank_estimate_is_a_gradient_on_average():
     target = torch.randn(noise.NUM_PARAMS, generator=torch.Generator().manual_seed(4))
     rng = np.random.default_rng(5)
     offsets = rng.integers(0, noise.max_offset(table.numel()) + 1, size=4000)
-    rows = noise.windows(table)[:, : network.noise_length(1)].index_select(0, torch.as_tensor(offsets))
+    rows = noise.windows(table)[:, : members.noise_length(1)].index_select(0, torch.as_tensor(offsets))
     # F(+) - F(-) over 2 sigma, one slice at a time: stacked, the 4,000 dense perturbations would take 10.7 GB
-    slopes = torch.tensor([float(network.low_rank_dense(row, 1) @ target) for row in rows])
+    slopes = torch.tensor([float(members.low_rank_dense(row, 1) @ target) for row in rows])
     got = strategy.grad_estimate(table, offsets, slopes.numpy(), noise_std=1.0, pop_size=len(offsets), rank=1)
     cosine = float(torch.nn.functional.cosine_similarity(got, target, dim=0))
     assert cosine > 0.5 * (len(offsets) / noise.NUM_PARAMS) ** 0.5  # chance is ~0; the expected value ~0.077

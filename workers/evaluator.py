@@ -3,7 +3,7 @@
 Plain torch, no Ray: the same object runs inside a Ray actor, in the driver's process (``--executor
 local``), on a GPU machine without Ray, and in unit tests. Perturbed weights are built on the
 evaluator's device from its cached noise table (low-rank members, ``rank`` >= 1, never build them:
-see network.low_rank_forward); only scalars go back.
+see members.low_rank_forward); only scalars go back.
 
 A member's results never depend on which other members share its tile, nor on the thread count: on
 CPU each member runs with single-threaded ops (small intermediates stay in cache; docs/performance.md), one
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from es_service import layer_members, network, noise
+from workers import layer_members, members, network, noise
 
 
 HEAD_CHUNK = 64  # head members per batched matmul: fixed, so a head member's bits never depend on the tile
@@ -83,12 +83,12 @@ class PopulationEvaluator:
 
     def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, start: int = 0) -> torch.Tensor:
         """(n, NUM_PARAMS - start) perturbed parameters for the batched path: theta + (sign * sigma) * slice
-        from parameter ``start`` on, rounded in that order (as ``network.perturb``), built on this device
+        from parameter ``start`` on, rounded in that order (as ``members.perturb``), built on this device
         from the cached table; fused, in one pass (gather, scale and add in one kernel)."""
         index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
         table, theta = self.table[start:], theta[start:]
         if self.fused:
-            return network.perturb_rows_fused(table, index, scales, theta)
+            return members.perturb_rows_fused(table, index, scales, theta)
         return noise.slices(table, index, theta.shape[0]).mul_(scales.unsqueeze(1)).add_(theta)
 
     def chunk_size(self, batch_size: int, rank: int = 0) -> int:
@@ -97,7 +97,7 @@ class PopulationEvaluator:
             return 64
         free, _ = torch.cuda.mem_get_info(self.device)
         if rank:  # no per-member weights: the noise rows and ~6 activations of 512 per image
-            per_member = 4 * (network.noise_length(rank) + batch_size * (6 * 512 + 2 * 10 + 3 * rank))
+            per_member = 4 * (members.noise_length(rank) + batch_size * (6 * 512 + 2 * 10 + 3 * rank))
         else:  # x may be expanded per member
             per_member = 4 * (network.NUM_PARAMS + batch_size * (784 + 4 * 512 + 2 * 10))
         return max(1, int(free * self.memory_fraction // per_member))
@@ -109,7 +109,7 @@ class PopulationEvaluator:
 
     def member_logits(self, theta: torch.Tensor, offset: int, scale: torch.Tensor, x: torch.Tensor):
         """(B, 10) logits of one member from plain matmuls, its weights read straight from the table."""
-        return network.member_forward(x, theta, self.windows[offset], scale, self.arithmetic, self.fused)
+        return members.member_forward(x, theta, self.windows[offset], scale, self.arithmetic, self.fused)
 
     def evaluate(
         self,
@@ -122,8 +122,8 @@ class PopulationEvaluator:
         shared_first_layer: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Loss sums (float64) and correct counts (int64) of each member on the given images; ``rank``
-        r >= 1 makes the members low-rank (network.low_rank_forward); ``shared_first_layer`` computes
-        full-rank members' first layer from shared products (network.shared_first_layer_forward)."""
+        r >= 1 makes the members low-rank (members.low_rank_forward); ``shared_first_layer`` computes
+        full-rank members' first layer from shared products (members.shared_first_layer_forward)."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         if shared_first_layer or rank:
             xw1 = self.shared_xw1(theta, x, image_indices)
@@ -167,21 +167,21 @@ class PopulationEvaluator:
                 chunk = offsets[part]
                 pairs = len(chunk) % 2 == 0 and np.array_equal(chunk[0::2], chunk[1::2])
                 distinct, which = (chunk[0::2], None) if pairs else np.unique(chunk, return_inverse=True)
-                xe1 = torch.matmul(x, network.first_layer_noise(noise.slices(self.table, distinct, network.W1_SIZE)))
+                xe1 = torch.matmul(x, members.first_layer_noise(noise.slices(self.table, distinct, network.W1_SIZE)))
                 if pairs:
                     xe1 = xe1.unsqueeze(1)
                 elif len(distinct) < len(chunk):
                     xe1 = xe1.index_select(0, torch.as_tensor(which.reshape(-1), device=self.device))
                 tail = self.perturbed(theta, offsets[part], scales[part], start=network.W1_SIZE)
-                results.append(self._score(network.shared_first_layer_forward(
+                results.append(self._score(members.shared_first_layer_forward(
                     xw1, xe1, tail, scales[part], self.arithmetic, self.fused), y))
         else:
             starts = np.flatnonzero(np.diff(offsets, prepend=-1))  # runs of equal offsets, e.g. a pair
             stops = np.append(starts[1:], len(offsets))
 
             def run(k: int) -> list:
-                xe1 = torch.mm(x, network.first_layer_noise(self.windows[int(offsets[starts[k]])]))
-                return [self._score(network.shared_first_layer_member(
+                xe1 = torch.mm(x, members.first_layer_noise(self.windows[int(offsets[starts[k]])]))
+                return [self._score(members.shared_first_layer_member(
                     xw1, xe1, theta, self.windows[int(offsets[j])], scales[j], self.arithmetic, self.fused), y)
                     for j in range(starts[k], stops[k])]
 
@@ -201,7 +201,7 @@ class PopulationEvaluator:
 
     def evaluate_head(self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float,
                       image_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for head members (network.head_forward): the center's hidden layer once, then one
+        """``evaluate`` for head members (members.head_forward): the center's hidden layer once, then one
         small batched matmul per fixed chunk of HEAD_CHUNK members (on CPU one chunk per thread, with
         single-threaded ops, like members), so no result depends on the thread count."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
@@ -211,7 +211,7 @@ class PopulationEvaluator:
 
         def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
             part = slice(k * HEAD_CHUNK, (k + 1) * HEAD_CHUNK)
-            return self._score(network.head_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y)
+            return self._score(members.head_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y)
 
         chunks = -(-len(offsets) // HEAD_CHUNK)
         results = [chunk(k) for k in range(chunks)] if self.batched else self.map_members(
@@ -220,7 +220,7 @@ class PopulationEvaluator:
 
     def evaluate_layer(self, theta: torch.Tensor, layer: int, offsets: np.ndarray, signs: np.ndarray,
                        noise_std: float, image_indices: np.ndarray, subspace: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for layer members (es_service.layer_members), which move layer 1, 2 or 3 only.
+        """``evaluate`` for layer members (workers.layer_members), which move layer 1, 2 or 3 only.
         What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
         hidden layer h1 and h1 W2 for layer 2; then one member per thread on CPU, batched on CUDA."""
         if layer == 3:
@@ -261,10 +261,10 @@ class PopulationEvaluator:
 
     def _low_rank_forwards(self, theta, offsets, scales, x, rank: int, xw1: torch.Tensor):
         """(one member j's logits, the logits of members[part]) for low-rank members sharing x W1."""
-        length = network.noise_length(rank)
+        length = members.noise_length(rank)
 
         def forward(rows, member_scales):
-            return network.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
+            return members.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
 
         return (lambda j: forward(self.windows[int(offsets[j]), :length], scales[j]),
                 lambda part: forward(noise.slices(self.table, offsets[part], length), scales[part]))
@@ -316,7 +316,7 @@ class TileTask:
     rank: int = 0
     shared_first_layer: bool = False
     layer: int = 0
-    """0: whole members; 1, 2 or 3: layer members, which move that layer only (es_service.layer_members);
+    """0: whole members; 1, 2 or 3: layer members, which move that layer only (workers.layer_members);
     ``rank`` and ``shared_first_layer`` do not apply to them."""
     subspace: int = 0
     """Layer-1 members: principal components their input factor lies in (0: all 784 pixels)."""

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from es_service import network
+from workers import members, network
 
 LAYERS = (1, 2, 3)
 INPUTS, HIDDEN, OUTPUTS = network.LAYER_SIZES[0], network.LAYER_SIZES[1], network.LAYER_SIZES[-1]
@@ -98,9 +98,9 @@ def first_layer_forward(xu: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor
     a, b, e = factors(noise, 1, subspace)
     batched = noise.dim() == 2
     scale = _scale(scales, batched)
-    moved = network.low_rank_epilogues(arithmetic, fused)
+    moved = members.low_rank_epilogues(arithmetic, fused)
     ops = network.epilogues(arithmetic, fused)
-    h1 = moved.hidden1(xw1, *network.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1,
+    h1 = moved.hidden1(xw1, *members.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1,
                        _bias(e, batched), scale)
     h2 = ops.hidden2(torch.matmul(h1, w2), b2)
     return ops.logits(torch.matmul(h2, w3), b3)
@@ -114,8 +114,8 @@ def second_layer_forward(h1: torch.Tensor, h1w2: torch.Tensor, theta: torch.Tens
     a, b, e = factors(noise, 2)
     batched = noise.dim() == 2
     scale = _scale(scales, batched)
-    moved = network.low_rank_epilogues(arithmetic, fused)
-    h2 = moved.hidden2(h1w2, *network.low_rank_correction(h1, a, b, scale), b2, _bias(e, batched), scale)
+    moved = members.low_rank_epilogues(arithmetic, fused)
+    h2 = moved.hidden2(h1w2, *members.low_rank_correction(h1, a, b, scale), b2, _bias(e, batched), scale)
     return network.epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), b3)
 
 
