@@ -1,0 +1,65 @@
+"""The import graph: packages depend one way, and the math core imports neither Ray nor any I/O."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("es_service", "workers", "benchmarks")
+MATH_CORE = ("workers/network.py", "workers/members.py", "workers/layer_members.py", "workers/noise.py",
+             "workers/compiled.py", "workers/evaluator.py", "es_service/strategy.py", "es_service/plan.py")
+IO_OR_RAY = {"ray", "yaml", "json", "pickle", "pathlib", "shutil", "tempfile", "socket", "urllib", "requests",
+             "subprocess", "csv", "sqlite3"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph = {package: set() for package in PACKAGES}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for name in imported_modules(path):
+                top = name.split(".")[0]
+                if top in PACKAGES and top != package:
+                    graph[package].add(top)
+    return graph
+
+
+def test_workers_import_nothing_from_the_driver_side():
+    offenders = [str(path.relative_to(REPO)) for path in (REPO / "workers").rglob("*.py")
+                 if any(name.split(".")[0] in ("es_service", "benchmarks") for name in imported_modules(path))]
+    assert offenders == []
+
+
+def test_no_cycle_between_top_level_packages():
+    graph = package_graph()
+    assert graph["workers"] == set() and "benchmarks" not in graph["es_service"]
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(step == goal or (step not in seen and reaches(step, goal, seen | {step})) for step in graph[start])
+
+    assert not [package for package in PACKAGES if reaches(package, package)]
+
+
+def test_the_math_core_imports_neither_ray_nor_io():
+    for relative in MATH_CORE:
+        found = {name.split(".")[0] for name in imported_modules(REPO / relative)} & IO_OR_RAY
+        assert not found, f"{relative} imports {sorted(found)}"
+        assert "open(" not in (REPO / relative).read_text(), relative
+
+
+def test_the_checks_can_fail(tmp_path):
+    """The helpers see imports inside functions too, so a lazy upward import would not slip through."""
+    module = tmp_path / "lazy.py"
+    module.write_text("def f():\n    from es_service import config\n    import ray\n")
+    assert imported_modules(module) == {"es_service", "ray"}
