@@ -16,6 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from es_service import plan as planning
+from es_service.driver import Trainer, TrainState
+from es_service.executors import LocalExecutor
+from workers import layer_members, noise
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed
 # Client settings that would point a test's commands at some other Ray (or its token)
@@ -135,3 +140,25 @@ def kill_all(pids) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+# --- the driver loop in-process (test_driver, test_ray_executor, test_report, test_rundir, test_cli_e2e) ---
+
+def basis_of(config, mnist):
+    """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
+    subspace = config.es.w1.subspace
+    return layer_members.image_basis(mnist.train_images, subspace) if subspace else None
+
+
+def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    noise_seed = planning.noise_seed(config.seed)
+    table = noise.make_table(noise_seed, config.noise.table_size)
+    basis = basis_of(config, mnist)
+    executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
+                             merge_tiles=merge_tiles, basis=basis)
+    if state is None:
+        state = TrainState(planning.seed_theta(config.seed), None, 0)
+    trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
+    trainer.run(stop_after=generations)
+    return trainer

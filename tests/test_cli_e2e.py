@@ -17,7 +17,7 @@ import yaml
 
 from es_service.driver import TrainState
 from tests.conftest import TINY, tiny_config
-from tests.test_driver import run_local
+from tests.helpers import run_local
 
 pytestmark = pytest.mark.e2e
 

@@ -7,30 +7,10 @@ import torch
 
 from es_service import plan as planning
 
-from workers import layer_members, network, noise
-from es_service.driver import Trainer, TrainState
-from es_service.executors import LocalExecutor
+from workers import layer_members, network
+from es_service.driver import TrainState
 from tests.conftest import tiny_config
-
-
-def basis_of(config, mnist):
-    """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
-    subspace = config.es.w1.subspace
-    return layer_members.image_basis(mnist.train_images, subspace) if subspace else None
-
-
-def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    noise_seed = planning.noise_seed(config.seed)
-    table = noise.make_table(noise_seed, config.noise.table_size)
-    basis = basis_of(config, mnist)
-    executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
-                             merge_tiles=merge_tiles, basis=basis)
-    if state is None:
-        state = TrainState(planning.seed_theta(config.seed), None, 0)
-    trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
-    trainer.run(stop_after=generations)
-    return trainer
+from tests.helpers import run_local
 
 
 def test_same_config_and_seed_give_bitwise_same_theta(mnist, tmp_path):

@@ -15,7 +15,7 @@ from workers import noise
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
 from tests.conftest import tiny_config
-from tests.test_driver import basis_of, run_local
+from tests.helpers import basis_of, run_local
 
 pytestmark = pytest.mark.ray
 
