@@ -24,8 +24,8 @@ import torch
 from benchmarks import pop_eval
 from benchmarks.common import device_facts, median_time, write_json
 from es_service import strategy
-from workers import network, noise
 from es_service.data import load_mnist
+from workers import network, noise
 from workers.evaluator import PopulationEvaluator
 
 

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from es_service import checkpoint, plan as planning
-
-from workers import layer_members, network, noise
 from es_service.backprop import logits_fn
 from es_service.config import Config, load
 from es_service.driver import estimate
 from es_service.executors import LocalExecutor
 from es_service.runner import load_data
+from workers import layer_members, network, noise
 
 BLOCKS = [name for name, _ in network.PARAM_SHAPES]
 

@@ -24,11 +24,11 @@ import torch
 
 from benchmarks.common import device_facts, write_json
 from es_service import plan as planning
-from workers import noise
 from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
+from workers import noise
 from workers.evaluator import set_process_arithmetic
 
 REFERENCE = {  # docs/performance.md

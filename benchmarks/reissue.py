@@ -18,11 +18,11 @@ import ray
 
 from benchmarks.common import write_json
 from es_service import plan as planning
-from workers import noise
 from es_service.config import from_dict
 from es_service.data import load_mnist
-from workers.network import init_theta
 from es_service.ray_executor import RayExecutor
+from workers import noise
+from workers.network import init_theta
 
 
 def main(argv=None) -> dict:

@@ -21,12 +21,11 @@ from typing import Callable
 import torch
 
 from es_service import checkpoint, plan as planning
-
-from workers import network
 from es_service.config import GRADIENTS, Config
 from es_service.driver import CHECKPOINT_NAME
 from es_service.metrics import MetricsLog
 from es_service.stopping import StopSignals
+from workers import network
 from workers.evaluator import center_accuracies
 
 

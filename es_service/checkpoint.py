@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from es_service import rundir
-
-from workers import network
 from es_service.config import Config, ConfigError, digest_of, from_dict
+from workers import network
 
 FORMAT_VERSION = 1
 

@@ -404,8 +404,8 @@ MNIST_BYTES = 300 << 20  # the images as uint8 for the members, the evaluation s
 
 
 def _validate_limits(config: Config) -> None:
-    """Bounds that keep a run inside float32 and inside this machine's memory: values that could only
-    waste a run are refused before its directory exists."""
+    """Bounds that keep a run inside float32: values that could only waste a run are refused before its
+    directory exists."""
     es, workers = config.es, config.workers
     low, high = SIGMA_RANGE
     for name in ("noise_std", "noise_std_final"):
@@ -421,6 +421,11 @@ def _validate_limits(config: Config) -> None:
     for name in ("gpus_per_worker", "tile_timeout_s", "no_worker_timeout_s"):
         value = getattr(workers, name)
         _require(math.isfinite(value), f"workers.{name}: {value}; use a finite number")
+
+
+def check_fits_memory(config: Config) -> None:
+    """Refuse a run that cannot fit in this machine's memory, before its noise table exists. Checked
+    where a run starts, not in ``validate``: a checkpoint made on a larger machine must still load here."""
     need, largest = memory_needed(config)
     total = physical_memory()
     section, name = largest.split(".")

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from es_service import checkpoint, plan as planning, strategy
-
-from workers import layer_members, network
 from es_service.config import Config
 from es_service.metrics import MetricsLog
 from es_service.rundir import CHECKPOINT_NAME
 from es_service.stopping import Interrupted, StopSignals
+from workers import layer_members, network
 from workers.evaluator import center_accuracies
 
 

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from es_service import strategy
-
-from workers import network, noise
 from es_service.config import Config
+from workers import network, noise
 
 STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
 LAYER_STREAMS = {3: 4, 1: 5, 2: 6}  # 4 first: runs made when only layer 3 could have members keep their draws

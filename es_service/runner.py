@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from es_service import checkpoint, plan as planning, rundir
-
-from workers import layer_members, noise
-from es_service.config import WARM_START_STAGES, Config, ConfigError, WarmStartConfig, from_dict, load as load_config
+from es_service.config import (
+    WARM_START_STAGES, Config, ConfigError, WarmStartConfig, check_fits_memory, from_dict, load as load_config,
+)
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
@@ -33,6 +33,7 @@ from es_service.metrics import read as read_metrics
 from es_service.progress import Progress
 from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, PLOT_NAME, RUN_INFO_NAME, write_run_info
 from es_service.stopping import Interrupted
+from workers import layer_members, noise
 from workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
@@ -151,6 +152,7 @@ def build_executor(config: Config, table, data, address: str | None):
 @contextlib.contextmanager
 def started_executor(config: Config, noise_seed: int, data, address: str | None):
     """The executor (with its noise table, and a connection to the cluster), closed on the way out."""
+    check_fits_memory(config)
     executor = build_executor(config, noise.make_table(noise_seed, config.noise.table_size), data, address)
     try:
         yield executor

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import network
 from es_service.backprop import logits_fn
+from workers import network
 
 
 def _theta_with_biases(seed: int = 0) -> torch.Tensor:

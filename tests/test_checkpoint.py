@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from es_service import checkpoint
-
-from workers import network
 from es_service.checkpoint import CheckpointError
 from es_service.config import from_dict
 from es_service.strategy import AdamES
+from workers import network
 from tests.helpers import TINY
 
 NOISE_SEED = 123456789

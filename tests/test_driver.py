@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from es_service import plan as planning
-
-from workers import layer_members, network
 from es_service.driver import TrainState
+from workers import layer_members, network
 from tests.conftest import tiny_config
 from tests.helpers import run_local
 

@@ -10,10 +10,9 @@ import ray
 import torch
 
 from es_service import plan as planning
-
-from workers import noise
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
+from workers import noise
 from tests.conftest import tiny_config
 from tests.helpers import basis_of, run_local
 
