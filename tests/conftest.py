@@ -83,6 +83,28 @@ RSS_GROWTH_LIMIT_MB = float(os.environ.get("ES_TEST_RSS_GROWTH_LIMIT_MB", 3 * 10
 pushing the whole run towards the OOM killer. Subprocesses (the CLI, Ray workers) are not counted."""
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux), in MB; None where there is no such file."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux: "5" to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -91,14 +113,15 @@ def peak_rss_mb() -> float:
 
 @pytest.fixture(autouse=True)
 def memory_guard(request):
-    """Fail a test that raises the process's peak RSS by more than RSS_GROWTH_LIMIT_MB.
+    """Fail a test that raises the process's resident memory by more than RSS_GROWTH_LIMIT_MB at its peak.
 
-    The peak only grows, so this measures what the test adds above everything before it (session
-    fixtures such as MNIST are set up before this fixture and count against no test); a test that
-    stays under an earlier test's peak passes whatever it allocates."""
-    before = peak_rss_mb()
+    On Linux the peak is reset as the test starts, so the test's own peak above its starting RSS is
+    measured, whatever earlier tests or imports reached. Elsewhere the lifetime peak is the fallback
+    (a test that stays under an earlier peak passes whatever it allocates)."""
+    exact = _reset_peak() and _status_mb("VmHWM") is not None
+    before = _status_mb("VmRSS") if exact else peak_rss_mb()
     yield
-    grown = peak_rss_mb() - before
+    grown = (_status_mb("VmHWM") if exact else peak_rss_mb()) - before
     if grown > RSS_GROWTH_LIMIT_MB:
         pytest.fail(f"{request.node.nodeid} raised the test process's peak RSS by {grown:,.0f} MB "
                     f"(limit {RSS_GROWTH_LIMIT_MB:,.0f} MB, ES_TEST_RSS_GROWTH_LIMIT_MB): reduce on the fly "
