@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the layer without Ray and without CLI subprocesses
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray and not e2e"
 
 clean:
 	rm -rf $(VENV) runs
