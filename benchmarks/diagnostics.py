@@ -4,11 +4,15 @@ place besides backprop where autograd runs, and never part of ES training.
   * ``alignment``: one generation's estimate from the service itself (its plan, evaluator and update
     estimate, in-process) at a theta, against minus the masked autograd gradient of the cross-entropy
     on the same minibatch, per parameter block (the cosine of i.i.d. noise is about 1/sqrt(block size)).
+  * ``capacity``: masked backprop restricted to layer members' search space (W1 = W1_0 + U M with U the
+    images' top-k principal components, only M and the later layers trained; optionally W2 frozen):
+    how much accuracy that space can hold, whatever estimator searches it.
   * ``displacement``: per weight matrix, how far it moved from the seed's initialisation and the share
     of that move's squared norm in its top-10 singular values (i.i.d. noise puts about 6% of a 784 x 512
     move there, 7% of a 512 x 512 one: a move at that share is a random walk, not learned features).
 
     python -m benchmarks.diagnostics alignment --config CONFIG [--checkpoint CK] [--set K=V ...] [--generations N]
+    python -m benchmarks.diagnostics capacity --subspace K [--freeze-w2] [--epochs N] [--validation-size N]
     python -m benchmarks.diagnostics displacement NAME=CHECKPOINT ...
 """
 
@@ -23,6 +27,7 @@ import torch
 from es_service import checkpoint, plan as planning
 from es_service.backprop import logits_fn
 from es_service.config import Config, load
+from es_service.data import load_mnist
 from es_service.driver import estimate
 from es_service.executors import LocalExecutor
 from es_service.runner import load_data
@@ -69,6 +74,41 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
             "mean": {name: float(np.mean([row[name] for row in rows])) for name in names}}
 
 
+def capacity(data, subspace: int, freeze_w2: bool = False, epochs: int = 6, learning_rate: float = 1e-3,
+             batch_size: int = 128, seed: int = 0, arithmetic: str = "tf-ftz") -> list[dict]:
+    """Masked backprop (Adam) from the seed's initialisation with W1 = W1_0 + U M: one row per epoch
+    with the validation accuracy (when ``data`` holds images out) and the train accuracy."""
+    basis = layer_members.image_basis(data.train_images, subspace)
+    w1, b1, w2, b2, w3, b3 = (part.clone() for part in network.unflatten(planning.seed_theta(seed)))
+    moves = torch.zeros(subspace, w1.shape[1], requires_grad=True)
+    trained = [moves, b1.requires_grad_(), b2.requires_grad_(), w3.requires_grad_(), b3.requires_grad_()]
+    if not freeze_w2:
+        trained.append(w2.requires_grad_())
+    optimizer = torch.optim.Adam(trained, lr=learning_rate)
+    forward = logits_fn(arithmetic, "masked")
+    images = data.train_images.reshape(-1, 784).float() / 255.0
+
+    def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            params = [w1 + basis @ moves, b1, w2, b2, w3, b3]
+            return float((forward(x.reshape(-1, 784).float() / 255.0, params).argmax(-1) == y).float().mean())
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for epoch in range(1, epochs + 1):
+        for index in torch.randperm(images.shape[0], generator=generator).split(batch_size):
+            params = [w1 + basis @ moves, b1, w2, b2, w3, b3]
+            loss = torch.nn.functional.cross_entropy(forward(images[index], params), data.train_labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        row = {"epoch": epoch, "train_accuracy": accuracy(data.train_images[:10000], data.train_labels[:10000])}
+        if data.validation_images is not None:
+            row["validation_accuracy"] = accuracy(data.validation_images, data.validation_labels)
+        rows.append(row)
+    return rows
+
+
 def top10_share(matrix: torch.Tensor) -> float:
     values = torch.linalg.svdvals(matrix.double())
     return float((values[:10] ** 2).sum() / (values**2).sum())
@@ -100,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     align.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     align.add_argument("--generations", type=int, default=3, help="planned generations to average over")
     align.add_argument("--out", help="append the result as one JSON line to this file")
+    room = commands.add_parser("capacity")
+    room.add_argument("--subspace", type=int, required=True, help="principal components W1 moves in")
+    room.add_argument("--freeze-w2", action="store_true")
+    room.add_argument("--epochs", type=int, default=6)
+    room.add_argument("--validation-size", type=int, default=10000)
+    room.add_argument("--out")
     moved = commands.add_parser("displacement")
     moved.add_argument("thetas", nargs="+", metavar="NAME=CHECKPOINT")
     moved.add_argument("--out")
@@ -109,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         theta = checkpoint.load(args.checkpoint)["theta"] if args.checkpoint else planning.seed_theta(config.seed)
         result = {"config": args.config, "checkpoint": args.checkpoint, "overrides": args.overrides,
                   **alignment(config, theta, load_data(config), tuple(range(args.generations)))}
+    elif args.command == "capacity":
+        data = load_mnist().hold_out(args.validation_size)
+        result = {"subspace": args.subspace, "freeze_w2": args.freeze_w2,
+                  "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs)}
     else:
         result = {"noise_top10_share": noise_top10_shares()}
         for item in args.thetas:
