@@ -77,7 +77,7 @@ def grad_estimate(
     """(1 / (pop_size * sigma)) * sum_k weights_k * perturbation_k, on the table's device.
 
     Full rank (``rank`` 0), perturbation_k is table[offset_k : offset_k + length] (``length``
-    network.HEAD_SIZE for head members): slices are gathered from a zero-copy strided view, a fixed
+    network.OUTPUT_LAYER_SIZE for layer-3 members): slices are gathered from a zero-copy strided view, a fixed
     number of rows at a time, and reduced with one matrix-vector product per chunk. Low rank, see
     ``low_rank_grad``. No Python loop over members either way.
     """
@@ -112,7 +112,7 @@ def layer_estimate(table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray
     """``grad_estimate`` for one layer's members (workers.layer_members): the estimate of that layer's
     weight and bias only, flat in theta's order for them."""
     if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
-        return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.HEAD_SIZE)
+        return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.OUTPUT_LAYER_SIZE)
     rows = noise.slices(table, offsets, layer_members.noise_length(layer, subspace))
     weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
     return layer_members.estimate(rows, weight_tensor, layer, subspace, basis) / (pop_size * noise_std)

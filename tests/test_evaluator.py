@@ -269,7 +269,7 @@ def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(mnist, fused):
-    """A head member scores bit for bit as the full member theta + scale * (zeros, then its head slice),
+    """A layer-3 member scores bit for bit as the full member theta + scale * (zeros, then its head slice),
     alike with 1 and 2 threads and whoever shares its tile; fused equals eager. 70 members: two chunks."""
     table = noise.make_table(7, 1 << 20)
     theta = network.init_theta(0)
@@ -278,23 +278,23 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
     def evaluator():  # one per thread count: it sizes its member threads from torch's count
         return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
 
-    results = _at_thread_counts((1, 2), lambda _: evaluator().evaluate_head(theta, offsets, signs, 0.05, images))
+    results = _at_thread_counts((1, 2), lambda _: evaluator().evaluate_output_layer(theta, offsets, signs, 0.05, images))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
     # the batched path (what CUDA runs) agrees: same chunks, ops on all threads
     batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused,
-                                  batched=True).evaluate_head(theta, offsets, signs, 0.05, images)
+                                  batched=True).evaluate_output_layer(theta, offsets, signs, 0.05, images)
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
     eager = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")
     x, y = eager.batch(images)
     for j in (0, 1, 63, 64, 69):
         padded = torch.zeros(network.NUM_PARAMS)
-        padded[-network.HEAD_SIZE :] = table[offsets[j] : offsets[j] + network.HEAD_SIZE]
+        padded[-network.OUTPUT_LAYER_SIZE :] = table[offsets[j] : offsets[j] + network.OUTPUT_LAYER_SIZE]
         with network.single_threaded():
             logits = members.member_forward(x, theta, padded, torch.tensor(np.float32(signs[j] * 0.05)), "tf-ftz")
         loss_sums, correct = eager._score(logits, y)
         assert loss_sums[0] == results[0][0][j] and correct[0] == results[0][1][j]
-        alone = evaluator().evaluate_head(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
+        alone = evaluator().evaluate_output_layer(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
         assert alone[0][0] == results[0][0][j]
 
 

@@ -25,7 +25,7 @@ import torch
 from workers import layer_members, members, network, noise
 
 
-HEAD_CHUNK = 64  # head members per batched matmul: fixed, so a head member's bits never depend on the tile
+OUTPUT_LAYER_CHUNK = 64  # layer-3 members per batched matmul: fixed, so a layer-3 member's bits never depend on the tile
 
 
 def set_process_arithmetic(arithmetic: str) -> None:
@@ -199,23 +199,23 @@ class PopulationEvaluator:
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         return theta, x, y, scales
 
-    def evaluate_head(self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float,
+    def evaluate_output_layer(self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float,
                       image_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for head members (members.head_forward): the center's hidden layer once, then one
-        small batched matmul per fixed chunk of HEAD_CHUNK members (on CPU one chunk per thread, with
+        """``evaluate`` for layer-3 members (members.output_layer_forward): the center's hidden layer once, then one
+        small batched matmul per fixed chunk of OUTPUT_LAYER_CHUNK members (on CPU one chunk per thread, with
         single-threaded ops, like members), so no result depends on the thread count."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        rows = noise.slices(self.table, offsets, network.HEAD_SIZE)
+        rows = noise.slices(self.table, offsets, network.OUTPUT_LAYER_SIZE)
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             h2 = network.center_hidden2(x, theta, self.arithmetic, self.fused)
 
         def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
-            part = slice(k * HEAD_CHUNK, (k + 1) * HEAD_CHUNK)
-            return self._score(members.head_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y)
+            part = slice(k * OUTPUT_LAYER_CHUNK, (k + 1) * OUTPUT_LAYER_CHUNK)
+            return self._score(members.output_layer_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y)
 
-        chunks = -(-len(offsets) // HEAD_CHUNK)
+        chunks = -(-len(offsets) // OUTPUT_LAYER_CHUNK)
         results = [chunk(k) for k in range(chunks)] if self.batched else self.map_members(
-            chunk, chunks, first_alone=self._first_of_shape(("head", *x.shape)))
+            chunk, chunks, first_alone=self._first_of_shape(("output layer", *x.shape)))
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def evaluate_layer(self, theta: torch.Tensor, layer: int, offsets: np.ndarray, signs: np.ndarray,
@@ -224,7 +224,7 @@ class PopulationEvaluator:
         What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
         hidden layer h1 and h1 W2 for layer 2; then one member per thread on CPU, batched on CUDA."""
         if layer == 3:
-            return self.evaluate_head(theta, offsets, signs, noise_std, image_indices)
+            return self.evaluate_output_layer(theta, offsets, signs, noise_std, image_indices)
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         length = layer_members.noise_length(layer, subspace)
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
@@ -275,11 +275,11 @@ class PopulationEvaluator:
         with network.single_threaded():
             if self.threads == 1:
                 return [fn(j) for j in range(count)]
-            head = [fn(0)] if first_alone and count else []
+            first = [fn(0)] if first_alone and count else []
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="member",
                                                 initializer=_member_thread_init, initargs=(self.arithmetic,))
-            return head + list(self._pool.map(fn, range(len(head), count)))
+            return first + list(self._pool.map(fn, range(len(first), count)))
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if logits.dim() == 2:

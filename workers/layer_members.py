@@ -50,7 +50,7 @@ def noise_length(layer: int, subspace: int = 0) -> int:
     if layer == 2:
         return 3 * HIDDEN
     if layer == 3:
-        return network.HEAD_SIZE
+        return network.OUTPUT_LAYER_SIZE
     raise ValueError(f"no layer {layer}; layers are {LAYERS}")
 
 

@@ -4,7 +4,7 @@
   * the shared first layer: full-rank members whose first layer is x W1 + scale * x E1, with x W1
     shared by the tile and x E1 by each antithetic pair (``shared_first_layer_forward``);
   * low rank: each weight moves by A B^T / sqrt(r) and is never built (``low_rank_forward``);
-  * output-layer moves from the center's last hidden layer (``head_forward``, what layer-3 members use).
+  * output-layer moves from the center's last hidden layer (``output_layer_forward``, what layer-3 members use).
 
 Every kind runs the network's own epilogues (the flushes), so the network is the same; the matmuls
 differ from building the perturbed weights by rounding only. No Ray, no I/O.
@@ -18,7 +18,7 @@ import torch
 
 from workers.compiled import Compiled, cached
 from workers.network import (
-    EAGER, HEAD_SIZE, LAYER_SIZES, NUM_PARAMS, W1_SIZE, Epilogues, _bias, epilogues, forward_native,
+    EAGER, OUTPUT_LAYER_SIZE, LAYER_SIZES, NUM_PARAMS, W1_SIZE, Epilogues, _bias, epilogues, forward_native,
     unflatten,
 )
 
@@ -69,16 +69,16 @@ def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tens
 
 
 
-def head_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, scales: torch.Tensor,
+def output_layer_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, scales: torch.Tensor,
                  arithmetic: str, fused: bool = False) -> torch.Tensor:
-    """(n, B, 10) logits of n head members: theta with only its output layer (W3, b3) moved to
-    theta + scales[j] * noise[j], noise (n, HEAD_SIZE), from the center's last hidden layer ``h2``.
-    A head member costs one (B, 512) @ (512, 10) matmul, 1/65 of a member's FLOPs. Its logits are the full
+    """(n, B, 10) logits of n layer-3 members: theta with only its output layer (W3, b3) moved to
+    theta + scales[j] * noise[j], noise (n, OUTPUT_LAYER_SIZE), from the center's last hidden layer ``h2``.
+    A layer-3 member costs one (B, 512) @ (512, 10) matmul, 1/65 of a member's FLOPs. Its logits are the full
     forward's of theta + scale * (zeros, then noise[j]): bitwise on CPU (a test checks it), and up to the
     last matmul's rounding where a batched matmul sums in another order."""
-    head = perturb(theta[NUM_PARAMS - HEAD_SIZE :], noise, scales[:, None])
-    w3 = head[:, : -LAYER_SIZES[-1]].reshape(-1, *LAYER_SIZES[-2:])
-    return epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), head[:, -LAYER_SIZES[-1] :].unsqueeze(-2))
+    moved = perturb(theta[NUM_PARAMS - OUTPUT_LAYER_SIZE :], noise, scales[:, None])
+    w3 = moved[:, : -LAYER_SIZES[-1]].reshape(-1, *LAYER_SIZES[-2:])
+    return epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), moved[:, -LAYER_SIZES[-1] :].unsqueeze(-2))
 
 
 def _corrected(epilogue: Callable) -> Callable:

@@ -43,7 +43,7 @@ def _layout() -> list[tuple[str, tuple[int, ...]]]:
 
 PARAM_SHAPES = _layout()
 NUM_PARAMS = sum(math.prod(shape) for _, shape in PARAM_SHAPES)
-HEAD_SIZE = LAYER_SIZES[-2] * LAYER_SIZES[-1] + LAYER_SIZES[-1]  # W3 and b3: theta's last 5,130 floats
+OUTPUT_LAYER_SIZE = LAYER_SIZES[-2] * LAYER_SIZES[-1] + LAYER_SIZES[-1]  # W3 and b3: theta's last 5,130 floats
 W1_SIZE = LAYER_SIZES[0] * LAYER_SIZES[1]  # W1 leads theta and every slice: 401,408 floats
 
 
