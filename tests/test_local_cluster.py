@@ -138,6 +138,17 @@ class LocalCluster:
         kill_all(self.processes())
 
 
+def first_nodes(cluster) -> list:
+    """The alive nodes, once a new head's state API answers (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return cluster.alive_nodes()
+        except (OSError, urllib.error.URLError, KeyError):
+            assert time.monotonic() < deadline, "the state API of the new head never answered"
+            time.sleep(1)
+
+
 def fake_workers(nodes: list[dict]) -> list[dict]:
     return [node for node in nodes if not node["is_head_node"]]
 
@@ -208,14 +219,7 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         timings["start"] = time.monotonic() - started
         assert f"temp dir {cluster.temp}" in out and cluster.pgid and cluster.gcs_address, out
         assert cluster.gcs_address.endswith(f":{cluster.env['ES_LOCAL_GCS_PORT']}"), cluster.gcs_address
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                nodes = cluster.alive_nodes()
-                break
-            except (OSError, urllib.error.URLError, KeyError):
-                assert time.monotonic() < deadline, "the state API of the new head never answered"
-                time.sleep(1)
+        nodes = first_nodes(cluster)
         assert len(nodes) == 1 and nodes[0]["is_head_node"], nodes
         assert nodes[0]["resources_total"]["CPU"] == HEAD_CPUS, nodes
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -317,14 +321,7 @@ def test_printed_workflow_with_the_default_run_dir_and_nodes_joining_mid_run(new
     cluster.token = cluster.token_file.read_text().strip()
     (submit_line,) = [line.strip() for line in out.splitlines() if line.strip().startswith("es-service submit")]
     assert submit_line == f"es-service submit --address {cluster.address} configs/quick.yaml", out
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            nodes = cluster.alive_nodes()
-            break
-        except (OSError, urllib.error.URLError, KeyError):
-            assert time.monotonic() < deadline, "the state API of the new head never answered"
-            time.sleep(1)
+    nodes = first_nodes(cluster)
     assert not fake_workers(nodes), nodes  # every fake node that shows up below joined because of the job
 
     # the printed line, from the repository root, by a user whose only token is the one local.sh made
