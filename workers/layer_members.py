@@ -82,10 +82,6 @@ def factors(noise: torch.Tensor, layer: int, subspace: int = 0) -> tuple[torch.T
     return a.unsqueeze(-1), b.unsqueeze(-1), e
 
 
-def _bias(b: torch.Tensor, batched: bool) -> torch.Tensor:
-    return b.unsqueeze(-2) if batched else b
-
-
 def _scale(scales: torch.Tensor, batched: bool) -> torch.Tensor:
     return scales.reshape(-1, 1, 1) if batched else scales
 
@@ -101,7 +97,7 @@ def first_layer_forward(xu: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor
     moved = members.low_rank_epilogues(arithmetic, fused)
     ops = network.epilogues(arithmetic, fused)
     h1 = moved.hidden1(xw1, *members.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1,
-                       _bias(e, batched), scale)
+                       network._bias(e, batched), scale)
     h2 = ops.hidden2(torch.matmul(h1, w2), b2)
     return ops.logits(torch.matmul(h2, w3), b3)
 
@@ -115,7 +111,7 @@ def second_layer_forward(h1: torch.Tensor, h1w2: torch.Tensor, theta: torch.Tens
     batched = noise.dim() == 2
     scale = _scale(scales, batched)
     moved = members.low_rank_epilogues(arithmetic, fused)
-    h2 = moved.hidden2(h1w2, *members.low_rank_correction(h1, a, b, scale), b2, _bias(e, batched), scale)
+    h2 = moved.hidden2(h1w2, *members.low_rank_correction(h1, a, b, scale), b2, network._bias(e, batched), scale)
     return network.epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), b3)
 
 
