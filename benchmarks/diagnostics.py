@@ -28,9 +28,9 @@ from es_service import checkpoint, plan as planning
 from es_service.backprop import logits_fn
 from es_service.config import Config, load
 from es_service.data import load_mnist
-from es_service.driver import estimate
+from es_service.replica import estimate, shaped_update
 from es_service.executors import LocalExecutor
-from es_service.runner import load_data
+from es_service.runs import load_data
 from workers import layer_members, network, noise
 
 BLOCKS = [name for name, _ in network.PARAM_SHAPES]
@@ -65,7 +65,7 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
     rows = []
     for generation in generations:
         plan = planning.make_plan(config, generation, data.train_images.shape[0])
-        grad, _ = estimate(config, table, basis, plan, executor.run_generation(theta, plan))
+        grad = estimate(config, table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0])
         index = torch.as_tensor(plan.batch_indices)
         x = data.train_images[index].reshape(-1, 784).float() / 255.0
         rows.append(block_cosines(grad, masked_gradient(theta, x, data.train_labels[index], config.network.arithmetic)))

@@ -22,8 +22,8 @@ import torch
 
 from es_service import checkpoint, plan as planning
 from es_service.config import GRADIENTS, Config
-from es_service.driver import CHECKPOINT_NAME
 from es_service.metrics import MetricsLog
+from es_service.rundir import CHECKPOINT_NAME, METRICS_NAME
 from es_service.stopping import StopSignals
 from workers import network
 from workers.evaluator import center_accuracies
@@ -75,7 +75,7 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
     generator = torch.Generator().manual_seed(planning.derive_seed(config.seed, planning.STREAM_GENERATION))
     for _ in range(start_epoch):  # the orders of the epochs already run
         torch.randperm(images.shape[0], generator=generator)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / METRICS_NAME)
     log.truncate_after(start_epoch)
     started = time.monotonic()
     record: dict = {"generation": start_epoch}

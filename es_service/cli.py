@@ -105,7 +105,7 @@ def _overrides(args) -> list[str]:
 
 
 def _dispatch(args) -> dict:
-    from es_service import runner
+    from es_service import backprop_runs, runner
     from es_service.config import load
 
     if args.command in jobs.COMMANDS:
@@ -122,8 +122,8 @@ def _dispatch(args) -> dict:
         return runner.evaluate_checkpoint(Path(args.checkpoint), args.data_dir, args.device)
     if args.command == "backprop":
         config = load(args.config, args.overrides)
-        return runner.backprop(config, Path(args.run_dir), args.force, args.epochs, args.learning_rate,
-                               args.time_budget, args.device, args.gradient, args.init_from)
+        return backprop_runs.backprop(config, Path(args.run_dir), args.force, args.epochs, args.learning_rate,
+                                      args.time_budget, args.device, args.gradient, args.init_from)
     if args.command == "report":
         from es_service.report import report
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from es_service.metrics import MetricsError
     from es_service.report import ReportError
     from es_service.rundir import LockedError, WriteError
-    from es_service.runner import RunFailed, UsageError
+    from es_service.runs import RunFailed, UsageError
     from es_service.stopping import Interrupted
 
     try:

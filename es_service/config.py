@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 ARITHMETIC_MODES = ("tf-ftz", "linear", "cpu-ftz")
 FITNESS_KINDS = ("cross_entropy", "accuracy")
 EXECUTORS = ("ray", "local")
+THETA_SYNCS = ("broadcast", "replay")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 DECAY_MODES = ("l2", "decoupled")
@@ -148,6 +149,11 @@ class WorkersConfig(Section):
     it falls back to if compiling fails)."""
     members_per_tile: int = 8
     """Population members evaluated together in one tile (one worker call); never changes theta."""
+    theta_sync: str = "broadcast"
+    """How Ray workers get theta each generation; never changes theta. broadcast: from the object store
+    (theta's 2.68 MB per worker). replay: each keeps a replica and replays the driver's update from
+    O(P) scalars, checked by a fingerprint per result (a snapshot on joining or drifting); see
+    docs/scaling.md."""
     count: int = 0
     """Worker actors (0: one per GPU, else one per cpus_per_worker CPUs in the cluster)."""
     min_count: int = 1
@@ -336,6 +342,7 @@ def validate(config: Config) -> Config:
              f"{NUM_PARAMS} (2**25 = 33554432 is a good default)")
     _require(table_size <= 1 << 31, f"noise.table_size: {table_size}; at most 2**31 entries (8 GiB)")
     _choice("workers.executor", workers.executor, EXECUTORS)
+    _choice("workers.theta_sync", workers.theta_sync, THETA_SYNCS)
     _choice("workers.device", workers.device, DEVICES)
     _require(not (arithmetic == "cpu-ftz" and workers.device == "cuda"),
              "network.arithmetic: 'cpu-ftz' with workers.device 'cuda': torch.set_flush_denormal does nothing "

@@ -14,42 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from es_service import checkpoint, plan as planning, strategy
+from es_service import checkpoint, plan as planning
 from es_service.config import Config
 from es_service.metrics import MetricsLog
+from es_service.replica import Replica, shaped_update
 from es_service.rundir import CHECKPOINT_NAME
 from es_service.stopping import Interrupted, StopSignals
-from workers import layer_members, network
+from workers import layer_members
 from workers.evaluator import center_accuracies
 
 
 class Diverged(RuntimeError):
     """theta turned inf or nan; the last finite checkpoint stays."""
-
-
-def estimate(config: Config, table: torch.Tensor, basis: torch.Tensor | None, plan, outcome) -> tuple[torch.Tensor, np.ndarray]:
-    """(the gradient estimate, every member's fitness) of one generation: the whole members' estimate,
-    with each layer that has layer members taking theirs instead (each group ranked among itself)."""
-    es = config.es
-
-    def slice_weights(loss_sums: np.ndarray, correct: np.ndarray, antithetic: bool):
-        fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
-        return fitness, strategy.slice_weights(strategy.shape_fitness(fitness, es.fitness_shaping), antithetic)
-
-    fitness, weights = slice_weights(outcome.loss_sums, outcome.correct, es.antithetic)
-    grad = (strategy.grad_estimate(table, plan.slice_offsets, weights, plan.noise_std, len(fitness), rank=plan.rank)
-            if len(fitness) else torch.zeros(network.NUM_PARAMS, device=table.device))
-    every_fitness = [fitness]
-    for layer in layer_members.LAYERS:
-        offsets = plan.layer_offsets[layer - 1]
-        if not len(offsets):
-            continue
-        layer_fitness, layer_weights = slice_weights(*outcome.results(layer), True)
-        start, stop = layer_members.param_range(layer)
-        grad[start:stop] = strategy.layer_estimate(table, offsets, layer_weights, layer, plan.noise_std_of(layer),
-                                                   len(layer_fitness), plan.subspace, basis)
-        every_fitness.append(layer_fitness)
-    return grad, np.concatenate(every_fitness)
 
 
 @dataclass
@@ -71,12 +47,12 @@ class Trainer:
         self.device = device
         self.basis = None if basis is None else basis.to(device)
         """Layer-1 members' input subspace (workers.layer_members.image_basis), as the workers hold it."""
-        self.generation = state.generation
         self.saved_generation = state.generation  # the checkpoint on disk: run.json never claims more
-        self.adam = strategy.AdamES.from_config(state.theta.to(device), config.es)
-        if state.optimizer_state is not None:
-            self.adam.load_state_dict(state.optimizer_state)
         self.num_train = data.train_images.shape[0]
+        self.replica = Replica(config, self.num_train, state.theta.to(device), state.generation,
+                               state.optimizer_state, table, self.basis)
+        self.last_update = None
+        """The previous generation's update, which workers that keep a replica of theta replay."""
         self.eval_sets = data.eval_sets(device, config.eval.train_size)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.metrics.truncate_after(self.generation)
@@ -84,10 +60,15 @@ class Trainer:
 
     @property
     def theta(self) -> torch.Tensor:
-        return self.adam.theta.detach()
+        return self.replica.theta
+
+    @property
+    def generation(self) -> int:
+        """Generations done: theta is the start of this one."""
+        return self.replica.generation
 
     def checkpoint(self) -> None:
-        state = checkpoint.build(self.config, self.theta, self.adam.state_dict(), self.generation, self.noise_seed)
+        state = checkpoint.build(self.config, self.theta, self.replica.adam.state_dict(), self.generation, self.noise_seed)
         checkpoint.save(state, self.run_dir / CHECKPOINT_NAME)
         self.saved_generation = self.generation
 
@@ -102,18 +83,13 @@ class Trainer:
         started = time.perf_counter()
         plan = planning.make_plan(self.config, self.generation, self.num_train)
         planned = time.perf_counter()
-        outcome = self.executor.run_generation(self.theta, plan)
+        outcome = self.executor.run_generation(self.theta, plan, self.replica, self.last_update)
         evaluated = time.perf_counter()
-        grad, fitness = estimate(self.config, self.table, self.basis, plan, outcome)
-        if grad.is_cuda:
-            torch.cuda.synchronize()
-        estimated = time.perf_counter()
-        # no member scored: nothing to learn from, yet Adam's momentum would still move theta
-        skipped = not np.isfinite(fitness).any()
-        step_norm = 0.0 if skipped else self.adam.step(grad, plan.learning_rate)
+        # no member scored: the update is skipped, since Adam's momentum would still move theta
+        update, fitness = shaped_update(self.config, plan, outcome)
+        applied = self.replica.apply(update, plan)
+        self.last_update = update
         self._check_finite(plan)
-        stepped = time.perf_counter()
-        self.generation += 1
         finite = np.isfinite(fitness)
         correct = np.concatenate([outcome.results(layer)[1] for layer in (0, *layer_members.LAYERS)])
         batch_accuracy = correct.sum(axis=1) / len(plan.batch_indices)
@@ -123,8 +99,8 @@ class Trainer:
             "plan_s": planned - started,
             "eval_s": evaluated - planned,
             "worker_compute_s": outcome.compute_s,
-            "grad_s": estimated - evaluated,
-            "adam_s": stepped - estimated,
+            "grad_s": applied["grad_s"],
+            "adam_s": applied["adam_s"],
             "fitness_max": float(fitness[finite].max()) if finite.any() else None,
             "fitness_mean": float(fitness[finite].mean()) if finite.any() else None,
             "fitness_min": float(fitness[finite].min()) if finite.any() else None,
@@ -132,15 +108,18 @@ class Trainer:
             "batch_size": len(plan.batch_indices),
             "noise_std": plan.noise_std,
             "learning_rate": plan.learning_rate,
-            "step_norm": step_norm,
+            "step_norm": applied["step_norm"],
             "theta_norm": float(torch.linalg.vector_norm(self.theta)),
             "nonfinite": int((~finite).sum()),
-            "step_skipped": skipped,
+            "step_skipped": update.skipped,
             "workers_alive": outcome.workers_alive,
             "tiles_reissued": outcome.tiles_reissued,
             "worker_failures": outcome.worker_failures,
             "bytes_to_workers": outcome.bytes_to_workers,
             "bytes_from_workers": outcome.bytes_from_workers,
+            "bytes_to_worker_max": outcome.bytes_to_worker_max,
+            "replica_resyncs": outcome.replica_resyncs,
+            "replica_mismatches": outcome.replica_mismatches,
         }
         if evaluate or self.generation % self.config.eval.every == 0 or self.generation == self.config.generations:
             record.update(self.evaluate_center())
@@ -150,7 +129,7 @@ class Trainer:
     def _check_finite(self, plan) -> None:
         if not bool(torch.isfinite(self.theta).all()):
             raise Diverged(
-                f"theta has inf or nan after generation {self.generation + 1} (sigma {plan.noise_std:g}, learning "
+                f"theta has inf or nan after generation {self.generation} (sigma {plan.noise_std:g}, learning "
                 f"rate {plan.learning_rate:g}): too small a sigma or too large a learning rate (or weight decay); "
                 f"the checkpoint of generation {self.saved_generation} is kept: start a new run with other values"
             )

@@ -29,6 +29,12 @@ class GenerationOutcome:
     worker_failures: int = 0
     bytes_to_workers: int = 0
     bytes_from_workers: int = 0
+    bytes_to_worker_max: int = 0
+    """The most bytes any one worker was sent this generation (theta or the update, and its tiles)."""
+    replica_resyncs: int = 0
+    """Snapshots of theta sent to workers keeping a replica (joins, and copies that drifted)."""
+    replica_mismatches: int = 0
+    """Tiles evaluated on a replica whose fingerprint differed from the driver's theta: discarded, reissued."""
     compute_s: float = 0.0
     """Evaluation time summed over the tiles, as the workers measured it."""
 
@@ -52,16 +58,20 @@ class GenerationOutcome:
         self.compute_s += result.compute_s
 
 
-def make_task(plan: GenerationPlan, tile: Tile) -> TileTask:
+def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False) -> TileTask:
+    """The tile's task; ``batch_by_reference``: the shard's range in the minibatch instead of its image
+    indices (the worker holds the generation's minibatch)."""
     members = slice(tile.member_start, tile.member_stop)
     offsets, signs = plan.members(tile.layer)
+    start, stop = plan.shard_bounds[tile.shard]
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,
         offsets=offsets[members],
         signs=signs[members],
         noise_std=float(plan.noise_std_of(tile.layer)),
-        image_indices=plan.shard_indices(tile.shard),
+        image_indices=np.empty(0, dtype=np.int64) if batch_by_reference else plan.batch_indices[start:stop],
+        batch_range=(start, stop) if batch_by_reference else None,
         rank=plan.rank,
         shared_first_layer=plan.shared_first_layer,
         layer=tile.layer,
@@ -89,7 +99,9 @@ class LocalExecutor:
         self.basis = self.evaluator.basis
         self.merge_tiles = merge_tiles
 
-    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:
+    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan, replica=None,
+                       last_update=None) -> GenerationOutcome:
+        """``replica``, ``last_update``: unused here (the evaluator shares the driver's theta)."""
         outcome = GenerationOutcome.empty(plan)
         theta = theta.to(self.evaluator.device)
         for tile in merge_tiles(plan.tiles) if self.merge_tiles else plan.tiles:

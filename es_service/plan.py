@@ -82,10 +82,6 @@ class GenerationPlan:
     def noise_std_of(self, layer: int) -> float:
         return self.noise_std if layer == 0 else self.layer_noise_stds[layer - 1]
 
-    def shard_indices(self, shard: int) -> np.ndarray:
-        start, stop = self.shard_bounds[shard]
-        return self.batch_indices[start:stop]
-
 
 def antithetic_members(slice_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, signs) of the members of antithetic pairs: each slice at +sigma, then at -sigma."""

@@ -1,8 +1,13 @@
 """Ray executor: a pull-style tile queue over an elastic pool of stateless worker actors.
 
-Per generation the driver puts theta in the object store once and hands tiles (offsets, signs, sigma,
-image indices) to whichever ready workers are alive; workers return loss sums and correct counts. A
-tile whose worker dies or times out goes back to the queue; late duplicates are ignored. The pool is
+Per generation the driver hands tiles (offsets, signs, sigma, image indices) to whichever ready workers
+are alive; workers return loss sums and correct counts. theta reaches them one of two ways
+(``workers.theta_sync``): ``broadcast`` puts it in the object store once per generation and every
+worker fetches it; ``replay`` sends each worker only the previous generation's update (O(P) scalars)
+for its replica, a snapshot (theta + Adam + generation) to a worker that has none, and checks each
+result's fingerprint against the driver's theta: a mismatch discards the tile, reissues it and
+resyncs that worker. A tile whose worker dies or times out goes back to the queue; late duplicates are
+ignored. The pool is
 kept at a target derived from the cluster's resources (GPUs, else CPUs) within the config's bounds;
 new actors join only once they report ready, so a slow start never stalls a generation.
 """
@@ -56,12 +61,56 @@ class _Worker:
     ready_ref: object
     ready: bool = False
     in_flight: int = 0
+    synced: int | None = None
+    """The generation whose theta this worker holds once its dispatched tiles have run (None: none)."""
+
+
+class _Broadcast:
+    """theta in the object store once per generation; each worker fetches it with its first tile."""
+
+    def __init__(self, theta: torch.Tensor):
+        theta_np = theta.detach().cpu().numpy()
+        self.holder = [ray.put(theta_np)]  # in a list, so Ray does not fetch it for every tile
+        self.nbytes = theta_np.nbytes
+
+    def dispatch(self, worker: _Worker, task, batch, outcome) -> tuple[object, int]:
+        fetches = worker.synced != task.generation
+        return worker.handle.evaluate.remote(self.holder, batch, task), task.nbytes + (self.nbytes if fetches else 0)
+
+
+class _ReplaySync:
+    """The previous generation's update to workers one generation behind, a snapshot to the others."""
+
+    def __init__(self, generation: int, replica, last_update):
+        self.generation = generation
+        self.fingerprint = replica.fingerprint()
+        self.replica = replica
+        follows = last_update is not None and last_update.generation == generation - 1
+        self.update = last_update if follows else None
+        self.update_ref = ray.put(last_update) if follows else None
+        self.snapshot_ref = None
+        self.snapshot_nbytes = 3 * replica.theta.nbytes  # theta and Adam's two moments
+
+    def dispatch(self, worker: _Worker, task, batch, outcome) -> tuple[object, int]:
+        sent = task.nbytes
+        snapshot = None
+        if worker.synced == self.generation - 1 and self.update is not None:
+            sent += self.update.nbytes
+        elif worker.synced != self.generation:
+            if self.snapshot_ref is None:  # made once per generation, only if some worker needs it
+                self.snapshot_ref = ray.put(self.replica)
+            snapshot = self.snapshot_ref
+            sent += self.snapshot_nbytes
+            outcome.replica_resyncs += 1
+        return worker.handle.evaluate_replay.remote([self.update_ref, snapshot], batch, task), sent
 
 
 class RayExecutor:
     def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str,
-                 workers: WorkersConfig, autoscale: bool = False, basis: torch.Tensor | None = None):
+                 workers: WorkersConfig, autoscale: bool = False, basis: torch.Tensor | None = None,
+                 worker_class: type = PopulationWorker):
         self.config = workers
+        self.replay = workers.theta_sync == "replay"
         self.table, self.device = table, "cpu"  # the driver's update reads this table on the CPU
         self.basis = basis
         self._requested = not autoscale  # an embedded local Ray has no autoscaler worth asking
@@ -74,7 +123,7 @@ class RayExecutor:
         }
         if basis is not None:  # computed once here: every worker must hold the driver's bits
             self.refs["basis"] = ray.put(basis.numpy())
-        self.actor_class = ray.remote(PopulationWorker).options(
+        self.actor_class = ray.remote(worker_class).options(
             num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker, max_restarts=0, max_concurrency=1,
             **worker_runtime_env(),
         )
@@ -153,11 +202,19 @@ class RayExecutor:
         return sum(1 for w in self.workers.values() if w.ready)
 
     # -- one generation -----------------------------------------------------------------------------
-    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan) -> GenerationOutcome:
+    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan, replica=None,
+                       last_update=None) -> GenerationOutcome:
+        """``replica`` (the driver's, at this generation) and ``last_update`` (the previous generation's)
+        serve ``replay``; ``broadcast`` needs only ``theta``."""
         outcome = GenerationOutcome.empty(plan)
-        theta_np = theta.detach().cpu().numpy()
-        theta_holder = [ray.put(theta_np)]
-        outcome.bytes_to_workers += theta_np.nbytes
+        if self.replay:
+            if replica is None:
+                raise ValueError("workers.theta_sync 'replay' needs the driver's replica of theta")
+            sync = _ReplaySync(plan.generation, replica, last_update)
+        else:
+            sync = _Broadcast(theta)
+        self._sent: dict[int, int] = collections.defaultdict(int)
+        batch = [ray.put(plan.batch_indices)]  # once per generation, not with every tile
         queue = collections.deque(plan.tiles)
         done: set[int] = set()
         in_flight: dict = {}  # ref -> (tile, wid, started)
@@ -165,7 +222,7 @@ class RayExecutor:
         no_worker_since = None
         while len(done) < len(plan.tiles):
             self._maintain_pool()
-            self._dispatch(plan, queue, done, in_flight, theta_holder, outcome)
+            self._dispatch(plan, queue, done, in_flight, sync, batch, outcome)
             if not in_flight:
                 if self.alive:
                     continue
@@ -180,16 +237,17 @@ class RayExecutor:
             no_worker_since = None
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
             for ref in ready:
-                self._collect(ref, in_flight, queue, done, outcome)
+                self._collect(ref, in_flight, queue, done, outcome, sync)
             self._expire(in_flight, queue, done, outcome)
         for ref, (_, wid, _) in in_flight.items():  # duplicates still running: let them finish
             if wid in self.workers:
                 self.workers[wid].in_flight -= 1
         outcome.workers_alive = self.alive
         outcome.worker_failures = self.failures - failures_before
+        outcome.bytes_to_worker_max = max(self._sent.values(), default=0)
         return outcome
 
-    def _dispatch(self, plan, queue, done, in_flight, theta_holder, outcome) -> None:
+    def _dispatch(self, plan, queue, done, in_flight, sync, batch, outcome) -> None:
         """Round-robin: every idle worker gets a tile before any worker gets a second."""
         for level in range(IN_FLIGHT_PER_WORKER):
             for wid, worker in list(self.workers.items()):
@@ -200,13 +258,17 @@ class RayExecutor:
                 if worker.ready and worker.in_flight <= level:
                     tile = queue.popleft()
                     self.events.append((time.monotonic(), "dispatch", tile.tile_id))
-                    task = make_task(plan, tile)
-                    ref = worker.handle.evaluate.remote(theta_holder, task)
+                    task = make_task(plan, tile, batch_by_reference=True)
+                    ref, sent = sync.dispatch(worker, task, batch, outcome)
+                    if worker.synced != plan.generation:
+                        sent += plan.batch_indices.nbytes
                     in_flight[ref] = (tile, wid, time.monotonic())
                     worker.in_flight += 1
-                    outcome.bytes_to_workers += task.nbytes
+                    worker.synced = plan.generation
+                    outcome.bytes_to_workers += sent
+                    self._sent[wid] += sent
 
-    def _collect(self, ref, in_flight, queue, done, outcome) -> None:
+    def _collect(self, ref, in_flight, queue, done, outcome, sync) -> None:
         tile, wid, _ = in_flight.pop(ref)
         if wid in self.workers:
             self.workers[wid].in_flight -= 1
@@ -222,6 +284,14 @@ class RayExecutor:
         outcome.bytes_from_workers += result.nbytes
         if tile.tile_id in done or result.tile_id != tile.tile_id:
             return  # a late duplicate of a tile handed out again
+        if self.replay and result.fingerprint != sync.fingerprint:
+            outcome.replica_mismatches += 1  # scored on another theta: score it again, resync that worker
+            if wid in self.workers:
+                self.workers[wid].synced = None
+            queue.appendleft(tile)
+            outcome.tiles_reissued += 1
+            self.events.append((time.monotonic(), "resync", tile.tile_id))
+            return
         assert result.loss_sums.dtype == np.float64 and result.correct.dtype == np.int64
         outcome.fill(tile, result)
         done.add(tile.tile_id)

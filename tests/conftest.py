@@ -1,5 +1,5 @@
-"""Shared fixtures: real MNIST (ES_DATA_DIR in CI), a tiny config, one local Ray per session, and a guard
-on the memory each test adds to the pytest process."""
+"""Shared fixtures: real MNIST (ES_DATA_DIR in CI), one local Ray per session, and a guard on the memory
+each test adds to the pytest process. The tiny config and other plain functions are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -9,22 +9,7 @@ import sys
 
 import pytest
 
-from es_service.config import from_dict
-
-TINY = {
-    "seed": 3,
-    "generations": 4,
-    "es": {"pop_size": 8, "batch_size": 64, "noise_std": 0.02, "learning_rate": 0.01},
-    "noise": {"table_size": 1 << 20},
-    "workers": {"executor": "local", "device": "cpu", "members_per_tile": 3, "fused": False},
-    "eval": {"every": 2, "train_size": 500},
-    "checkpoint": {"every": 2},
-}
-
-
-def tiny_config(*overrides: str):
-    """A small valid config; overrides as in --set (``es.pop_size=4``)."""
-    return from_dict(TINY, list(overrides))
+from tests.helpers import tiny_config  # noqa: F401  (still importable from here: test_driver, test_ray_executor)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,15 +1,23 @@
-"""Plain helpers shared by the config, checkpoint and CLI tests (no fixtures: conftest.py owns those)."""
+"""What the tests share besides fixtures (conftest.py owns those): the one tiny config, the real CLI
+in a subprocess, a private ``ray start --head``, and the driver loop in-process."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +25,7 @@ import pytest
 import yaml
 
 from es_service import plan as planning
+from es_service.config import Config, from_dict
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
 from workers import layer_members, noise
@@ -26,32 +35,29 @@ BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed
 # Client settings that would point a test's commands at some other Ray (or its token)
 CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
 
-# The smallest config that still exercises every part of a run: 669,706 parameters need a table of at
-# least that many floats, so 2**20; pop 4 and a 32-image batch keep one generation well under a second.
+# The one tiny config of the suite, the smallest that still exercises every part of a run: 669,706
+# parameters need a noise table of more than that many floats, so 2**20; pop 8 in tiles of 3 members
+# spreads a generation over several tiles; a 64-image batch keeps one generation well under a second.
 TINY: dict[str, Any] = {
     "seed": 3,
-    "generations": 3,
-    "network": {"arithmetic": "tf-ftz"},
-    "es": {"pop_size": 4, "batch_size": 32, "noise_std": 0.02, "learning_rate": 0.01},
+    "generations": 4,
+    "es": {"pop_size": 8, "batch_size": 64, "noise_std": 0.02, "learning_rate": 0.01},
     "noise": {"table_size": 1 << 20},
-    "workers": {"executor": "local", "device": "cpu", "fused": False},
+    "workers": {"executor": "local", "device": "cpu", "members_per_tile": 3, "fused": False},
     "eval": {"every": 2, "train_size": 500},
     "checkpoint": {"every": 2},
 }
 
 
-def tiny_dict(**sections: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of TINY with some sections' fields replaced, e.g. ``tiny_dict(es={"pop_size": 6})``."""
-    data = copy.deepcopy(TINY)
-    for name, fields in sections.items():
-        if isinstance(fields, dict) and isinstance(data.get(name), dict):
-            data[name].update(fields)
-        else:
-            data[name] = fields
-    return data
+def tiny_config(*overrides: str) -> Config:
+    """TINY, validated; overrides as in --set (``es.pop_size=4``)."""
+    return from_dict(TINY, list(overrides))
 
 
-def write_yaml(path: Path, data: Any) -> Path:
+def write_config(path: Path, data: Config | dict[str, Any]) -> Path:
+    """A YAML config file holding ``data``: a Config, or a raw mapping (which may be invalid on purpose)."""
+    if isinstance(data, Config):
+        data = data.to_dict()
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -64,21 +70,40 @@ def mnist_dir() -> Path:
     return Path(env)
 
 
-def cli_env(cache_home: Path) -> dict[str, str]:
-    """The subprocess environment: real ES_DATA_DIR, MNIST cache under the test's tmp dir, no cluster."""
-    env = dict(os.environ)
-    env["XDG_CACHE_HOME"] = str(cache_home)
-    env.pop("RAY_ADDRESS", None)
+# --- the real CLI in a subprocess ---
+
+def cli_env(cache_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """A CLI subprocess's environment: this one (real ES_DATA_DIR) without any setting that would point
+    the command at some other Ray, the checkout first on PYTHONPATH, the MNIST cache under ``cache_home``
+    when given, then ``extra``."""
+    env = {name: value for name, value in os.environ.items() if name not in CLIENT_UNSET}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if cache_home is not None:
+        env["XDG_CACHE_HOME"] = str(cache_home)
+    env.update(extra)
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m es_service.cli ARGS`` exactly as a user would run it; output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "es_service.cli", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-    )
+def _cli_command(args: tuple[Any, ...]) -> list[str]:
+    return [sys.executable, "-m", "es_service.cli", *map(str, args)]
+
+
+def cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None, check: bool = True,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """``es-service ARGS`` (as ``python -m es_service.cli``) in a subprocess, as a user runs it, output
+    captured as text; ``env`` defaults to ``cli_env()``. ``check``: fail unless it exits 0, showing its output."""
+    result = subprocess.run(_cli_command(args), env=cli_env() if env is None else env, cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"es-service {' '.join(map(str, args))}: exit {result.returncode}\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None) -> subprocess.Popen:
+    """The same command left running: stdout and stderr piped, as text."""
+    return subprocess.Popen(_cli_command(args), env=cli_env() if env is None else env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -91,7 +116,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-# --- private Ray heads started by tests (test_jobs, test_local_cluster) ---
+# --- private Ray heads: their own session, temp dir, ports and token (test_jobs, test_local_cluster) ---
 
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
@@ -140,6 +165,89 @@ def kill_all(pids) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+@dataclass
+class RayHead:
+    """A running private head: its dashboard (jobs API) address, auth token and temp dir."""
+
+    address: str
+    token: str
+    token_file: Path
+    temp: Path
+
+    def get(self, path: str, token: str | None = "default") -> dict:
+        """GET a dashboard API path with the head's token (or ``token``; None: without one)."""
+        return get_json(self.address + path, self.token if token == "default" else token, timeout=10)
+
+    def wait_status(self, job_id: str, wanted: tuple[str, ...], timeout_s: float = 300) -> dict:
+        """The job's info once its status is one of ``wanted``; fail, with its logs, if it ends otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.get(f"/api/jobs/{job_id}")
+            if info["status"] in wanted:
+                return info
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(1)
+        logs = self.get(f"/api/jobs/{job_id}/logs").get("logs", "")
+        raise AssertionError(f"job {job_id}: {info['status']} ({info.get('message')}), wanted {wanted}\n{logs[-3000:]}")
+
+
+@contextmanager
+def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
+    """``ray start --head --block`` in a session of its own, with its own temp dir, free ports and token
+    (``RAY_AUTH_MODE=token``), so it never meets ``~/.ray/auth_token`` or another Ray on the machine;
+    jobs write their default run dirs under its temp dir (``ES_RESULTS_ROOT``).
+
+    It is never stopped with ``ray stop``, which kills every Ray process of the user: on exit its
+    ``ray start --block`` process gets SIGTERM, which shuts its own node down, then whatever is left of
+    it is SIGKILLed: processes in its session, carrying its marker variable or running in its temp dir
+    (job drivers run in their own sessions)."""
+    pytest.importorskip("ray")
+    if not (BIN / "ray").exists() or not (BIN / "es-service").exists():
+        pytest.skip(f"`ray` and `es-service` must be installed next to {sys.executable}")
+    temp = Path(tempfile.mkdtemp(prefix="esh-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: sockets
+    token = secrets.token_hex(32)
+    token_file = temp / "token"
+    token_file.write_text(token)
+    marker = f"ES_TEST_RAY_HEAD={temp.name}"
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager = free_ports(8)
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_TEST_RAY_HEAD=temp.name,
+               ES_RESULTS_ROOT=str(temp / "results"))  # jobs inherit the head's environment
+    log = open(temp / "head.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}", "--disable-usage-stats"],
+        cwd=temp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(f"http://127.0.0.1:{dashboard}", token, token_file, temp)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {proc.returncode}: {(temp / 'head.log').read_text()[-3000:]}")
+            try:
+                head.get("/api/version")
+                break
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no jobs API after 180 s: {(temp / 'head.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts down its own node on SIGTERM
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_all(own_processes(proc.pid, marker.encode(), str(temp)))
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # --- the driver loop in-process (test_driver, test_ray_executor, test_report, test_rundir, test_cli_e2e) ---

@@ -9,17 +9,16 @@ import torch
 
 from es_service import checkpoint
 from es_service.checkpoint import CheckpointError
-from es_service.config import from_dict
 from es_service.strategy import AdamES
 from workers import network
-from tests.helpers import TINY
+from tests.helpers import tiny_config
 
 NOISE_SEED = 123456789
 
 
 @pytest.fixture(scope="module")
 def config():
-    return from_dict(TINY, ["es.weight_decay=0.001"])
+    return tiny_config("es.weight_decay=0.001")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,35 +14,18 @@ import torch
 import yaml
 
 from es_service.driver import TrainState
-from tests.conftest import TINY, tiny_config
-from tests.helpers import run_local
+from tests.helpers import REPO, cli, cli_env, run_local, start_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def write_config(path, **changes):
-    data = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        (data[section] if field else data)[field or section] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def cli(*args, check=True, **kwargs):
-    result = subprocess.run([sys.executable, "-m", "es_service.cli", *map(str, args)],
-                            capture_output=True, text=True, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def theta_of(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["theta"]
 
 
+@pytest.mark.ray
 def test_train_on_embedded_ray_then_eval(tmp_path):
-    config = write_config(tmp_path / "c.yaml", generations=3, workers={"executor": "ray", "count": 2})
+    config = write_config(tmp_path / "c.yaml", tiny_config("generations=3", "workers.executor=ray", "workers.count=2"))
     run = tmp_path / "run"
     result = cli("train", "--config", config, "--run-dir", run, "--quiet")
     summary = json.loads(result.stdout[result.stdout.index("{"):])
@@ -60,7 +41,7 @@ def test_train_on_embedded_ray_then_eval(tmp_path):
 
 
 def test_resume_after_stop_is_bitwise_equal(tmp_path):
-    config = write_config(tmp_path / "c.yaml", generations=5)
+    config = write_config(tmp_path / "c.yaml", tiny_config("generations=5"))
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
     cli("train", "--config", config, "--run-dir", tmp_path / "part", "--stop-after", "3", "--quiet")
     assert json.loads((tmp_path / "part" / "run.json").read_text())["status"] == "paused"
@@ -71,10 +52,12 @@ def test_resume_after_stop_is_bitwise_equal(tmp_path):
 
 
 def test_init_from_starts_a_new_run_at_another_runs_theta(tmp_path, mnist):
-    cli("train", "--config", write_config(tmp_path / "a.yaml", generations=2), "--run-dir", tmp_path / "a", "--quiet")
+    first = write_config(tmp_path / "a.yaml", tiny_config("generations=2"))
+    cli("train", "--config", first, "--run-dir", tmp_path / "a", "--quiet")
     start = theta_of(tmp_path / "a")
-    cli("train", "--config", write_config(tmp_path / "b.yaml", generations=3), "--run-dir", tmp_path / "b",
-        "--init-from", tmp_path / "a" / "checkpoint.pt", "--quiet")
+    second = write_config(tmp_path / "b.yaml", tiny_config("generations=3"))
+    cli("train", "--config", second, "--run-dir", tmp_path / "b", "--init-from", tmp_path / "a" / "checkpoint.pt",
+        "--quiet")
     origin = json.loads((tmp_path / "b" / "run.json").read_text())["init_from"]
     assert origin["generation"] == 2 and origin["theta_sha256"] == hashlib.sha256(start.numpy().tobytes()).hexdigest()
     # the same as three generations in process from that theta with a fresh optimizer
@@ -84,7 +67,7 @@ def test_init_from_starts_a_new_run_at_another_runs_theta(tmp_path, mnist):
 
 
 def test_validation_images_are_held_out_and_scored(tmp_path, mnist):
-    config = write_config(tmp_path / "v.yaml", generations=2, validation_size=50000)
+    config = write_config(tmp_path / "v.yaml", tiny_config("generations=2", "validation_size=50000"))
     cli("train", "--config", config, "--run-dir", tmp_path / "v", "--quiet")
     last = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 < last["validation_accuracy"] < 1
@@ -100,8 +83,9 @@ def test_validation_images_are_held_out_and_scored(tmp_path, mnist):
 def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
     """warm_start's backprop stages, then ES, in one command: the same theta, bit for bit, as backprop,
     backprop --init-from (fine-tuning), then train --init-from. 10,000 training images keep epochs short."""
-    warm = {"epochs": 2, "learning_rate": 0.001, "finetune_epochs": 1, "finetune_learning_rate": 0.0001}
-    config = write_config(tmp_path / "h.yaml", generations=2, validation_size=50000, warm_start=warm)
+    warm = ["warm_start.epochs=2", "warm_start.learning_rate=0.001", "warm_start.finetune_epochs=1",
+            "warm_start.finetune_learning_rate=0.0001"]
+    config = write_config(tmp_path / "h.yaml", tiny_config("generations=2", "validation_size=50000", *warm))
     one = tmp_path / "one"
     cli("train", "--config", config, "--run-dir", one, "--quiet")
     stages = [json.loads((one / "warm_start" / name / "run.json").read_text()) for name in ("backprop", "finetune")]
@@ -127,8 +111,7 @@ def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
 def _start_and_wait(args, path, min_lines=0):
     """Start the CLI with ``args`` and return once ``path`` exists with ``min_lines`` lines (0: a
     checkpoint, which appears whole)."""
-    proc = subprocess.Popen([sys.executable, "-m", "es_service.cli", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(*args)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if path.exists() and (min_lines == 0 or len(path.read_text().splitlines()) >= min_lines):
@@ -141,8 +124,9 @@ def _start_and_wait(args, path, min_lines=0):
 def test_a_hybrid_killed_in_its_warm_start_resumes_to_the_same_theta(tmp_path):
     """SIGKILL in the second backprop epoch: `resume` continues that stage from its first epoch's checkpoint,
     runs the fine-tuning stage and ES, and ends at the uninterrupted run's theta, bit for bit."""
-    warm = {"epochs": 3, "learning_rate": 0.001, "finetune_epochs": 1, "finetune_learning_rate": 0.0001}
-    config = write_config(tmp_path / "h.yaml", generations=2, validation_size=50000, warm_start=warm)
+    warm = ["warm_start.epochs=3", "warm_start.learning_rate=0.001", "warm_start.finetune_epochs=1",
+            "warm_start.finetune_learning_rate=0.0001"]
+    config = write_config(tmp_path / "h.yaml", tiny_config("generations=2", "validation_size=50000", *warm))
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
     run = tmp_path / "killed"
     stage = run / "warm_start" / "backprop"
@@ -164,7 +148,7 @@ def test_a_backprop_run_stopped_by_sigint_resumes_to_the_same_theta(tmp_path):
     """Ctrl-C in epoch 2 of 3: exit 130 within a minibatch, epoch 1's checkpoint kept; `resume` ends
     at the uninterrupted run's theta. A run with no checkpoint yet restarts from the start it records,
     and refuses when that checkpoint has changed since."""
-    config = write_config(tmp_path / "b.yaml", validation_size=50000)
+    config = write_config(tmp_path / "b.yaml", tiny_config("validation_size=50000"))
     args = ["--config", config, "--epochs", 3, "--device", "cpu"]
     cli("backprop", *args, "--run-dir", tmp_path / "full")
     run = tmp_path / "stopped"
@@ -201,7 +185,7 @@ def test_a_backprop_run_stopped_by_sigint_resumes_to_the_same_theta(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_driver_killed_mid_run_resumes_to_the_same_theta(tmp_path, sig):
     generations = 12
-    config = write_config(tmp_path / "c.yaml", generations=generations, checkpoint={"every": 3})
+    config = write_config(tmp_path / "c.yaml", tiny_config(f"generations={generations}", "checkpoint.every=3"))
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
     proc = _start_and_wait(["train", "--config", config, "--run-dir", tmp_path / "killed", "--quiet"],
                            tmp_path / "killed" / "metrics.jsonl", 4)
@@ -226,13 +210,11 @@ def test_theta_does_not_depend_on_the_process_thread_count(tmp_path, rank):
     """One generation of configs/quick.yaml in-process with 1 and with 2 threads (as a 1-CPU Ray
     worker and a 2-core driver run it): the same theta. The code before members ran single-threaded
     gave other bits here with 2 threads (MKL splits some of these matmuls differently)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     thetas, fitness = [], []
     for threads in ("1", "2"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        env.pop("RAY_ADDRESS", None)
+        env = cli_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         run_dir = tmp_path / f"t{threads}"
-        cli("train", "--config", os.path.join(repo, "configs", "quick.yaml"), "--executor", "local",
+        cli("train", "--config", REPO / "configs" / "quick.yaml", "--executor", "local",
             "--run-dir", run_dir, "--quiet", "--stop-after", "1", "--set", "workers.device=cpu", "--set", rank,
             env=env, cwd=tmp_path)
         thetas.append(theta_of(run_dir))

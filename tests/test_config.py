@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 from es_service import config_docs
 from es_service.config import Config, ConfigError, from_dict, load, parse_override, validate
 from workers.network import NUM_PARAMS
-from tests.helpers import REPO, TINY, tiny_dict, write_yaml
+from tests.helpers import REPO, TINY, write_config
 
 
 def refused(data: dict, overrides: list[str] = ()) -> str:
@@ -38,7 +38,7 @@ def test_shipped_configs_load():
 
 
 def test_yaml_file_with_overrides(tmp_path):
-    path = write_yaml(tmp_path / "run.yaml", TINY)
+    path = write_config(tmp_path / "run.yaml", TINY)
     config = load(path, [
         "es.noise_std=0.05",
         "es.antithetic=false",
@@ -65,7 +65,7 @@ def test_yaml_file_with_overrides(tmp_path):
 
 
 def test_override_creates_a_section_absent_from_the_file(tmp_path):
-    path = write_yaml(tmp_path / "run.yaml", {"generations": 2})
+    path = write_config(tmp_path / "run.yaml", {"generations": 2})
     config = load(path, ["eval.train_size=500", "network.arithmetic=linear"])
     assert config.eval.train_size == 500 and config.network.arithmetic == "linear"
     assert config.generations == 2
@@ -115,6 +115,26 @@ def test_top_level_list(tmp_path):
     assert_names(str(info.value), str(path), "expected a mapping")
 
 
+@pytest.mark.parametrize("content, parts", [
+    (b"seed: 3\ngenerations: \xff\xfe\n", ["not UTF-8", "byte"]),
+    (b"0\n", ["expected a mapping", "got 0"]),
+    (b"[]\n", ["expected a mapping", "got []"]),
+    (b"seed: 3\ngenerations: 2\nseed: 4\n", ["duplicate key 'seed'", "line 3"]),
+], ids=["not UTF-8", "a number", "an empty list", "a key twice"])
+def test_a_file_that_is_not_a_mapping_of_fields(tmp_path, content, parts):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert_names(str(info.value), str(path), *parts)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path)
+    assert_names(str(info.value), str(tmp_path), "is a directory", "--config")
+
+
 @pytest.mark.parametrize("text, parts", [
     ("es.noise_std", ["--set 'es.noise_std'", "expected key=value"]),
     ("=3", ["'=3'", "empty key"]),
@@ -124,6 +144,14 @@ def test_malformed_override(text, parts):
     with pytest.raises(ConfigError) as info:
         parse_override(text)
     assert_names(str(info.value), *parts)
+    assert_names(refused(TINY, [text]), *parts)
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("seed=[1", ["'seed=[1'", "not valid YAML"]),
+    ("seed=!!python/object/apply:os.getpid []", ["not valid YAML", "python/object"]),  # safe loading: no tag runs
+])
+def test_override_value_that_is_not_yaml(text, parts):
     assert_names(refused(TINY, [text]), *parts)
 
 
@@ -164,7 +192,10 @@ TYPE_CASES = {
 
 @pytest.mark.parametrize("data, parts", TYPE_CASES.values(), ids=TYPE_CASES.keys())
 def test_structure_and_type_errors(data, parts):
-    merged = tiny_dict(**data) if all(isinstance(v, dict) for v in data.values()) else {**TINY, **data}
+    merged = {**TINY, **data}
+    for name, fields in data.items():  # a section's fields go in beside TINY's own
+        if isinstance(fields, dict) and isinstance(TINY.get(name), dict):
+            merged[name] = {**TINY[name], **fields}
     assert_names(refused(merged), *parts)
 
 
@@ -197,6 +228,8 @@ RANGE_CASES = {
     "zero learning rate": (["es.learning_rate=0"], ["es.learning_rate", "0", "> 0"]),
     "negative final learning rate": (["es.learning_rate_final=-1"], ["es.learning_rate_final", "-1", "> 0"]),
     "nan sigma": (["es.noise_std=.nan"], ["es.noise_std", "nan", "> 0"]),
+    "sigma that overflows float32": (["es.noise_std=1e-50"], ["es.noise_std", "1e-50", "float32"]),
+    "huge learning rate": (["es.learning_rate=1e30"], ["es.learning_rate", "1e+30", "at most 10"]),
     "negative weight decay": (["es.weight_decay=-0.1"], ["es.weight_decay", "-0.1", ">= 0"]),
     "unknown fitness": (["es.fitness=mse"], ["es.fitness", "'mse'", "cross_entropy", "accuracy"]),
     "unknown schedule": (["es.schedule=exp"], ["es.schedule", "'exp'", "constant", "linear", "cosine"]),
@@ -234,7 +267,9 @@ RANGE_CASES = {
     ),
     "zero cpus per worker": (["workers.cpus_per_worker=0"], ["workers.cpus_per_worker", "0", ">= 1"]),
     "negative gpus per worker": (["workers.gpus_per_worker=-1"], ["workers.gpus_per_worker", "-1", ">= 0"]),
+    "infinite gpus per worker": (["workers.gpus_per_worker=.inf"], ["workers.gpus_per_worker", "inf", "finite"]),
     "zero tile timeout": (["workers.tile_timeout_s=0"], ["workers.tile_timeout_s", "0", "> 0"]),
+    "infinite tile timeout": (["workers.tile_timeout_s=.inf"], ["workers.tile_timeout_s", "inf", "finite"]),
     "zero no-worker timeout": (["workers.no_worker_timeout_s=0"], ["workers.no_worker_timeout_s", "0", "> 0"]),
     "zero eval interval": (["eval.every=0"], ["eval.every", "0", ">= 1"]),
     "eval train size above MNIST": (["eval.train_size=60001"], ["eval.train_size", "60001", "up to 60000"]),
@@ -303,7 +338,7 @@ def test_digest_is_stable():
     "es.learning_rate=0.02",
     "es.pop_size=6",
     "es.antithetic=false",
-    "es.batch_size=64",
+    "es.batch_size=32",
     "es.fitness=accuracy",
     "es.weight_decay=0.001",
     "network.arithmetic=linear",

@@ -1,141 +1,40 @@
 """``es-service submit/status/logs/stop/list`` against a real Ray head with token authentication on.
 
-The module's head is ``ray start --head --block`` in its own session, with its own temp dir, free
-ports and a token of its own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``), so it never touches
+The module's head is a private ``ray start --head`` (``tests.helpers.ray_head``): its own session, temp
+dir, free ports and token (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``), so it never touches
 ``~/.ray/auth_token`` or any other Ray on the machine (another test's in-process cluster, a user's
-``ray start``). It is never stopped with ``ray stop``, which kills every Ray process of the user:
-teardown sends SIGTERM to its ``ray start --block`` process, which shuts its own node down, then
-SIGKILLs whatever is left that belongs to it: processes in its session, carrying its marker variable
-or running in its temp dir (job drivers run in their own sessions).
+``ray start``), and it is never stopped with ``ray stop``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import BIN, CLIENT_UNSET, free_ports, get_json, kill_all, own_processes
+from tests.helpers import TINY, cli, cli_env, free_ports, ray_head, start_cli, tiny_config, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
-TINY_JOB = {
-    "seed": 5,
-    "generations": 2,
-    "es": {"pop_size": 4, "batch_size": 32},
-    "noise": {"table_size": 1 << 20},
-    "workers": {"executor": "ray", "count": 1, "members_per_tile": 4},
-    "eval": {"every": 2, "train_size": 200},
-    "checkpoint": {"every": 1},
-}
-
-
-class Head:
-    def __init__(self, address: str, token: str, token_file: Path, temp: Path, marker: str):
-        self.address, self.token, self.token_file, self.temp, self.marker = address, token, token_file, temp, marker
-
-    def get(self, path: str, token: str | None = "default") -> dict:
-        return get_json(self.address + path, self.token if token == "default" else token, timeout=10)
-
-    def wait_status(self, job_id: str, wanted: tuple[str, ...], timeout_s: float = 300) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = self.get(f"/api/jobs/{job_id}")
-            if info["status"] in wanted:
-                return info
-            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-                break
-            time.sleep(1)
-        logs = self.get(f"/api/jobs/{job_id}/logs").get("logs", "")
-        raise AssertionError(f"job {job_id}: {info['status']} ({info.get('message')}), wanted {wanted}\n{logs[-3000:]}")
+# TINY as a job: one worker actor, two generations, a checkpoint after each
+JOB = ("workers.executor=ray", "workers.count=1", "generations=2", "checkpoint.every=1", "eval.train_size=200")
 
 
 @pytest.fixture(scope="module")
 def head():
-    pytest.importorskip("ray")
-    if not (BIN / "ray").exists() or not (BIN / "es-service").exists():
-        pytest.skip(f"`ray` and `es-service` must be installed next to {sys.executable}")
-    temp = Path(tempfile.mkdtemp(prefix="esj-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: sockets
-    token = secrets.token_hex(32)
-    token_file = temp / "token"
-    token_file.write_text(token)
-    marker = f"ES_JOBS_TEST_HEAD={temp.name}"
-    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager = free_ports(8)
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_JOBS_TEST_HEAD=temp.name,
-               ES_RESULTS_ROOT=str(temp / "results"))  # the head's results root: jobs inherit it
-    log = open(temp / "head.log", "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}", "--disable-usage-stats"],
-        cwd=temp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = Head(f"http://127.0.0.1:{dashboard}", token, token_file, temp, marker)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {proc.returncode}: {(temp / 'head.log').read_text()[-3000:]}")
-            try:
-                cluster.get("/api/version")
-                break
-            except (OSError, urllib.error.URLError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no jobs API after 180 s: {(temp / 'head.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield cluster
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts down its own node on SIGTERM
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_all(own_processes(proc.pid, marker.encode(), str(temp)))
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head() as running:
+        yield running
 
 
-def client_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET}
-    env.update(extra)
-    return env
-
-
-def cli(*args, env=None, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "es_service.cli", *map(str, args)], capture_output=True,
-                            text=True, env=env or client_env(), timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def popen_cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "es_service.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env or client_env())
-
-
-def write_config(path: Path, **changes) -> Path:
-    data = json.loads(json.dumps(TINY_JOB))
-    data.update(changes)
-    path.write_text(yaml.safe_dump(data))
-    return path
+def job_config(path: Path, *overrides: str) -> Path:
+    return write_config(path, tiny_config(*JOB, *overrides))
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
@@ -149,13 +48,13 @@ def test_bad_config_fails_locally_without_contacting_the_cluster(tmp_path):
     listener.setblocking(False)
     address = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
-        bad = write_config(tmp_path / "bad.yaml", es={"pop_size": 5})
+        bad = write_config(tmp_path / "bad.yaml", {**TINY, "es": {**TINY["es"], "pop_size": 5}})
         result = cli("submit", "--address", address, bad, "--no-wait", check=False)
         assert result.returncode == 2, result
         assert result.stderr.startswith("es-service: error: es.pop_size: 5 is odd"), result.stderr
         result = cli("submit", "--address", address, tmp_path / "good.yaml", "--no-wait", check=False)
         assert result.returncode == 2 and "does not exist" in result.stderr, result
-        result = cli("submit", "--address", address, write_config(tmp_path / "good.yaml"),
+        result = cli("submit", "--address", address, job_config(tmp_path / "good.yaml"),
                      "--set", "generations=0", check=False)
         assert result.returncode == 2 and "generations: 0" in result.stderr, result
         with pytest.raises(BlockingIOError):
@@ -164,7 +63,7 @@ def test_bad_config_fails_locally_without_contacting_the_cluster(tmp_path):
         listener.close()
     closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     result = cli("submit", "--address", closed, tmp_path / "good.yaml", "--no-wait", check=False,
-                 env=client_env(HOME=str(tmp_path)))  # no ~/.ray/auth_token: no warning about its mode either
+                 env=cli_env(HOME=str(tmp_path)))  # no ~/.ray/auth_token: no warning about its mode either
     assert result.returncode == 1, result
     assert "cannot reach the Ray jobs API" in result.stderr and "--address" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -172,18 +71,18 @@ def test_bad_config_fails_locally_without_contacting_the_cluster(tmp_path):
 
 def test_three_concurrent_jobs_each_with_its_own_run_dir(head, tmp_path):
     configs = {
-        "alpha": (write_config(tmp_path / "alpha.yaml", generations=2), None),
-        "beta": (write_config(tmp_path / "beta.yaml", generations=3, seed=6), tmp_path / "runs" / "beta"),
-        "gamma": (write_config(tmp_path / "gamma.yaml", generations=3, seed=7), tmp_path / "runs" / "gamma"),
+        "alpha": (job_config(tmp_path / "alpha.yaml"), None),
+        "beta": (job_config(tmp_path / "beta.yaml", "generations=3", "seed=6"), tmp_path / "runs" / "beta"),
+        "gamma": (job_config(tmp_path / "gamma.yaml", "generations=3", "seed=7"), tmp_path / "runs" / "gamma"),
     }
-    env = client_env(RAY_AUTH_TOKEN=head.token)  # also checks the token from the environment
+    env = cli_env(RAY_AUTH_TOKEN=head.token)  # also checks the token from the environment
     started = time.monotonic()
     procs = {}
     for name, (config, run_dir) in configs.items():
         args = ["submit", "--address", head.address, config, "--set", "eval.train_size=100"]
         args += ["--run-dir", run_dir] if run_dir else []
         args += [] if name == "gamma" else ["--no-wait"]  # gamma waits for its job and streams its logs
-        procs[name] = popen_cli(*args, env=env)
+        procs[name] = start_cli(*args, env=env)
     outputs = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=400)
@@ -234,19 +133,19 @@ def test_three_concurrent_jobs_each_with_its_own_run_dir(head, tmp_path):
 
 
 def test_token_is_required_and_checked(head, tmp_path):
-    config = write_config(tmp_path / "long.yaml", generations=500)
+    config = job_config(tmp_path / "long.yaml", "generations=500")
     run_dir = tmp_path / "stopped"
     no_token_home = tmp_path / "home-empty"
     no_token_home.mkdir()
     result = cli("submit", "--address", head.address, config, "--no-wait", "--submission-id", "es-no-token",
-                 env=client_env(HOME=str(no_token_home)), check=False)
+                 env=cli_env(HOME=str(no_token_home)), check=False)
     assert result.returncode == 2, result
     assert "requires an auth token and none was sent" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     wrong = tmp_path / "wrong-token"
     wrong.write_text(secrets.token_hex(32))
     for how in (["--token-file", wrong], []):
-        env = client_env(HOME=str(no_token_home)) if how else client_env(RAY_AUTH_TOKEN=secrets.token_hex(32))
+        env = cli_env(HOME=str(no_token_home)) if how else cli_env(RAY_AUTH_TOKEN=secrets.token_hex(32))
         result = cli("submit", "--address", head.address, config, "--no-wait", "--submission-id", "es-bad-token",
                      *how, env=env, check=False)
         assert result.returncode == 2, result
@@ -259,7 +158,7 @@ def test_token_is_required_and_checked(head, tmp_path):
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(head.token + "\n")
-    env = client_env(HOME=str(home))
+    env = cli_env(HOME=str(home))
     result = cli("submit", "--address", head.address, config, "--run-dir", run_dir, "--no-wait", env=env)
     job_id = result.stdout.splitlines()[0]
     for refused_id in ("es-no-token", "es-bad-token"):
@@ -343,7 +242,7 @@ def test_plain_http_to_a_remote_host_is_refused_unless_insecure(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    config = write_config(tmp_path / "tiny.yaml")
+    config = job_config(tmp_path / "tiny.yaml")
     listener = Listener()
     try:
         for address in (f"{ip}:{listener.port}", f"http://{ip}:{listener.port}"):
@@ -354,7 +253,7 @@ def test_plain_http_to_a_remote_host_is_refused_unless_insecure(tmp_path):
                 assert len(lines) == 1 and lines[0].startswith("es-service: error: "), result.stderr
                 assert "unencrypted" in lines[0] and "ray dashboard cluster/config.yaml" in lines[0], lines
                 assert "--insecure" in lines[0] and "https://" in lines[0], lines
-        env = client_env(RAY_API_SERVER_ADDRESS=f"http://{ip}:{listener.port}")  # the variable gets the same check
+        env = cli_env(RAY_API_SERVER_ADDRESS=f"http://{ip}:{listener.port}")  # the variable gets the same check
         result = cli("list", "--token-file", token_file, env=env, check=False)
         assert result.returncode == 2 and "$RAY_API_SERVER_ADDRESS" in result.stderr, result
         time.sleep(0.5)
@@ -382,7 +281,7 @@ def test_plain_http_to_a_remote_host_is_refused_unless_insecure(tmp_path):
 
 def test_connection_error_points_to_the_ssh_tunnel(tmp_path):
     result = cli("list", "--address", f"http://127.0.0.1:{free_ports(1)[0]}", check=False,
-                 env=client_env(HOME=str(tmp_path)))
+                 env=cli_env(HOME=str(tmp_path)))
     assert result.returncode == 1, result
     assert "ray dashboard cluster/config.yaml" in result.stderr, result.stderr
     assert "0.0.0.0" not in result.stderr, result.stderr  # never advise exposing the dashboard
@@ -401,7 +300,7 @@ def test_a_token_file_others_can_read_gets_a_warning(tmp_path):
     for args, path, extra in cases:
         for mode, warned in ((0o644, True), (0o640, True), (0o600, False), (0o400, False)):
             path.chmod(mode)
-            result = cli("list", "--address", address, *args, check=False, env=client_env(HOME=str(home), **extra))
+            result = cli("list", "--address", address, *args, check=False, env=cli_env(HOME=str(home), **extra))
             assert result.returncode == 1, result  # nothing listens; the warning comes before that
             warning = [line for line in result.stderr.splitlines() if line.startswith("es-service: warning:")]
             if warned:
@@ -414,7 +313,7 @@ def test_a_token_file_others_can_read_gets_a_warning(tmp_path):
 def test_working_dir_upload_leaves_credentials_out(head, tmp_path):
     upload = tmp_path / "upload"
     (upload / "sub").mkdir(parents=True)
-    config = write_config(upload / "tiny.yaml", generations=1)
+    config = job_config(upload / "tiny.yaml", "generations=1")
     (upload / "notes.txt").write_text("kept")
     (upload / "sub" / "kept.py").write_text("x = 1\n")
     secrets_inside = ["auth_token", ".env", "sub/.env.local", "sub/server.pem", "tls.key", "id_ed25519",

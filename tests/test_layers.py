@@ -8,7 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("es_service", "workers", "benchmarks")
 MATH_CORE = ("workers/network.py", "workers/members.py", "workers/layer_members.py", "workers/noise.py",
-             "workers/compiled.py", "workers/evaluator.py", "es_service/strategy.py", "es_service/plan.py")
+             "workers/compiled.py", "workers/evaluator.py", "es_service/strategy.py", "es_service/plan.py",
+             "es_service/replica.py")
 IO_OR_RAY = {"ray", "yaml", "json", "pickle", "pathlib", "shutil", "tempfile", "socket", "urllib", "requests",
              "subprocess", "csv", "sqlite3"}
 
@@ -56,6 +57,33 @@ def test_the_math_core_imports_neither_ray_nor_io():
         found = {name.split(".")[0] for name in imported_modules(REPO / relative)} & IO_OR_RAY
         assert not found, f"{relative} imports {sorted(found)}"
         assert "open(" not in (REPO / relative).read_text(), relative
+
+
+def driver_side_graph() -> dict[str, set[str]]:
+    """es_service module -> the es_service modules it imports (at any depth)."""
+    graph = {}
+    for path in (REPO / "es_service").glob("*.py"):
+        names = imported_modules(path)
+        found = {name.split(".")[1] for name in names if name.startswith("es_service.")}
+        for node in ast.walk(ast.parse(path.read_text())):  # from es_service import a, b
+            if isinstance(node, ast.ImportFrom) and node.module == "es_service":
+                found.update(alias.name for alias in node.names)
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_run_management_runs_one_way():
+    """cli -> runner -> backprop_runs -> runs -> rundir: run plumbing never reaches back up."""
+    graph = driver_side_graph()
+
+    def below(module: str, seen: frozenset = frozenset()) -> set[str]:
+        return set().union(*({step} | below(step, seen | {step}) for step in graph[module] if step not in seen))
+
+    assert {"backprop_runs", "runs"} <= graph["runner"] and "runs" in graph["backprop_runs"]
+    for module in ("runs", "backprop", "backprop_runs", "driver", "replica", "executors", "ray_executor"):
+        assert not below(module) & {"runner", "cli"}, module
+    assert not below("runs") & {"backprop", "backprop_runs"}
+    assert graph["rundir"] == set()
 
 
 def test_the_checks_can_fail(tmp_path):

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, CLIENT_UNSET, free_ports, get_json, kill_all, mnist_dir, own_processes
+from tests.helpers import (BIN, CLIENT_UNSET, REPO, cli, cli_env, free_ports, get_json, kill_all, mnist_dir,
+                           own_processes)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 HEAD_CPUS = 2  # cluster/local.sh's default; 1-CPU workers, so the head alone holds 2
 MAX_WORKERS = 3
@@ -237,14 +237,10 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
 
         # -- submit: the job asks the autoscaler for 3 one-CPU workers -------------------------------------
         run_dir = tmp_path / "run"
-        client_env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET}
-        client_env.update(ES_DATA_DIR=str(data_dir), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
-        submit = subprocess.run(
-            [str(BIN / "es-service"), "submit", "--address", cluster.address, str(REPO / "configs" / "quick.yaml"),
-             "--run-dir", str(run_dir), "--no-wait", "--token-file", str(cluster.token_file),
-             *[arg for item in OVERRIDES for arg in ("--set", item)]],
-            env=client_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert submit.returncode == 0, f"submit: exit {submit.returncode}\n{submit.stdout}\n{submit.stderr}"
+        client_env = cli_env(ES_DATA_DIR=str(data_dir), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
+        submit = cli("submit", "--address", cluster.address, REPO / "configs" / "quick.yaml", "--run-dir", run_dir,
+                     "--no-wait", "--token-file", cluster.token_file,
+                     *[arg for item in OVERRIDES for arg in ("--set", item)], env=client_env, cwd=tmp_path, timeout=120)
         job_id = submit.stdout.splitlines()[0].strip()
         submitted = time.monotonic()
 
@@ -359,9 +355,8 @@ def test_printed_workflow_with_the_default_run_dir_and_nodes_joining_mid_run(new
     alive = [r["workers_alive"] for r in records]
     assert max(alive) > HEAD_CPUS, f"the pool never grew past the head's {HEAD_CPUS} workers: {alive}"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
-    status = json.loads(subprocess.run([str(BIN / "es-service"), "status", "--address", cluster.address, job_id],
-                                       env=client_env, cwd=REPO, capture_output=True, text=True, check=True,
-                                       timeout=120).stdout)
+    status = json.loads(cli("status", "--address", cluster.address, job_id, env=client_env, cwd=REPO,
+                            timeout=120).stdout)
     assert status["run_dir"] == f"${{ES_RESULTS_ROOT:-~/es-service-runs}}/quick-{job_id}", status
 
     # no worker actor died and was replaced, not even before the first generation

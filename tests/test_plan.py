@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from es_service import plan as planning
-from tests.conftest import tiny_config
+from tests.helpers import TINY, tiny_config
 
 
 def test_plan_is_a_pure_function_of_seed_and_generation():
@@ -84,7 +84,6 @@ def test_layer_members_draw_from_their_own_stream(layer):
 def test_old_head_members_are_layer_three_members():
     """A config or checkpoint written with es.head_pop_size loads as es.w3.pop_size, with the same draws."""
     from es_service.config import from_dict
-    from tests.conftest import TINY
 
     old = {**TINY, "es": {**TINY["es"], "head_pop_size": 12}}
     config = from_dict(old)

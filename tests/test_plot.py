@@ -12,7 +12,7 @@ from PIL import Image
 
 from es_service import plot
 from es_service.plot import figure, plot_runs
-from tests.helpers import REPO, cli_env, mnist_dir, tiny_dict, write_yaml
+from tests.helpers import REPO, cli_env, mnist_dir, tiny_config, write_config
 
 ACCURACY_LABELS = ["train", "validation", "test", "test, no flushing"]
 
@@ -144,7 +144,7 @@ def test_without_matplotlib_the_plot_raises_a_hint_and_the_report_warns(tmp_path
 @pytest.mark.e2e
 def test_a_run_without_matplotlib_finishes_with_one_warning(tmp_path):
     mnist_dir()
-    config = write_yaml(tmp_path / "tiny.yaml", tiny_dict(generations=2, eval={"every": 2, "train_size": 200}))
+    config = write_config(tmp_path / "tiny.yaml", tiny_config("generations=2", "eval.train_size=200"))
     run_dir = tmp_path / "run"
     env = cli_env(tmp_path / "cache")
     result = without_matplotlib("from es_service.cli import main; sys.exit(main())", "train", "--config", str(config),

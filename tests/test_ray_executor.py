@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 import threading
 
 import pytest
@@ -12,26 +14,27 @@ import torch
 from es_service import plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
-from workers import noise
+from workers import network, noise
+from workers.actor import PopulationWorker
 from tests.conftest import tiny_config
 from tests.helpers import basis_of, run_local
 
 pytestmark = pytest.mark.ray
 
 
-def make_trainer(config, mnist, run_dir):
+def make_trainer(config, mnist, run_dir, worker_class=PopulationWorker):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
     basis = basis_of(config, mnist)
     executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers,
-                           basis=basis)
+                           basis=basis, worker_class=worker_class)
     state = TrainState(planning.seed_theta(config.seed), None, 0)
     return Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
 
 
-def run_ray(config, mnist, run_dir, during=None, wait=True):
-    trainer = make_trainer(config, mnist, run_dir)
+def run_ray(config, mnist, run_dir, during=None, wait=True, worker_class=PopulationWorker):
+    trainer = make_trainer(config, mnist, run_dir, worker_class)
     executor = trainer.executor
     if wait:
         executor.wait_until_ready()
@@ -61,17 +64,27 @@ def run_ray(config, mnist, run_dir, during=None, wait=True):
     return trainer
 
 
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+LAYER_MEMBERS = ("es.pop_size=0", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w2.pop_size=8", "es.w3.pop_size=8")
+SYNCS = ["broadcast", "replay"]
+
+
 @pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.w3.pop_size=16"),
-                                  ("es.shared_first_layer=true",),
-                                  ("es.pop_size=0", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w2.pop_size=8",
-                                   "es.w3.pop_size=8")])
+                                  ("es.shared_first_layer=true",), LAYER_MEMBERS,
+                                  ("workers.theta_sync=replay", "es.rank=0"),
+                                  ("workers.theta_sync=replay", "es.rank=1", "es.w3.pop_size=16"),
+                                  ("workers.theta_sync=replay", *LAYER_MEMBERS)])
 def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):
     config = tiny_config("workers.executor=ray", "workers.count=2", *sets)
     remote = run_ray(config, mnist, tmp_path / "ray")
     local = run_local(tiny_config(*sets), mnist, tmp_path / "local")
     assert torch.equal(remote.theta, local.theta)
-    record = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()[-1]
-    assert '"workers_alive": 2' in record
+    records = _records(tmp_path / "ray")
+    assert records[-1]["workers_alive"] == 2
+    assert sum(r["replica_mismatches"] for r in records) == 0  # one machine: replicas keep the driver's bits
 
 
 def _kill_randomly(trainer, stop):
@@ -86,27 +99,24 @@ def _kill_randomly(trainer, stop):
             last_kill_at = trainer.generation
 
 
-def test_random_worker_kills_lose_no_generation(ray_cluster, mnist, tmp_path):
-    generations = 40
+@pytest.mark.parametrize("sync", SYNCS)
+def test_random_worker_kills_lose_no_generation(ray_cluster, mnist, tmp_path, sync):
+    generations = 50
     overrides = [f"generations={generations}", "eval.every=100", "checkpoint.every=100"]
-    config = tiny_config("workers.executor=ray", "workers.count=3", "workers.members_per_tile=2", *overrides)
+    config = tiny_config("workers.executor=ray", "workers.count=3", "workers.members_per_tile=2",
+                         f"workers.theta_sync={sync}", *overrides)
     faulty = run_ray(config, mnist, tmp_path / "faulty", during=_kill_randomly)
     clean = run_local(tiny_config("workers.members_per_tile=5", *overrides), mnist, tmp_path / "clean")
     assert faulty.generation == generations
     assert torch.equal(faulty.theta, clean.theta)
-    import json
-
-    records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(tmp_path / "faulty")
     assert [r["generation"] for r in records] == list(range(1, generations + 1))
     failed_in = [r["generation"] for r in records if r["worker_failures"]]
     assert len(failed_in) >= 2, failed_in  # the killer struck repeatedly, in different generations
     assert sum(r["tiles_reissued"] for r in records) >= 1
-
-
-def _records(run_dir):
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if sync == "replay":  # each replacement joined from a snapshot; no replica ever scored on other bits
+        assert sum(r["replica_resyncs"] for r in records) >= 4  # the first three, then replacements
+        assert sum(r["replica_mismatches"] for r in records) == 0
 
 
 def step_until(trainer, condition, limit=300):
@@ -123,8 +133,10 @@ ELASTIC = ["generations=1000", "eval.every=1000", "checkpoint.every=1000", "work
            "workers.max_count=5", "workers.members_per_tile=1"]
 
 
-def test_a_node_that_joins_mid_run_gets_workers(ray_cluster, mnist, tmp_path):
-    trainer = make_trainer(tiny_config("workers.executor=ray", *ELASTIC), mnist, tmp_path / "grow")
+@pytest.mark.parametrize("sync", SYNCS)
+def test_a_node_that_joins_mid_run_gets_workers(ray_cluster, mnist, tmp_path, sync):
+    config = tiny_config("workers.executor=ray", f"workers.theta_sync={sync}", *ELASTIC)
+    trainer = make_trainer(config, mnist, tmp_path / "grow")
     try:
         trainer.executor.wait_until_ready()
         before = step_until(trainer, lambda r: False, limit=3)
@@ -138,10 +150,12 @@ def test_a_node_that_joins_mid_run_gets_workers(ray_cluster, mnist, tmp_path):
         ray_cluster.remove_node(node)
 
 
-def test_a_node_that_leaves_mid_run_loses_nothing(ray_cluster, mnist, tmp_path):
+@pytest.mark.parametrize("sync", SYNCS)
+def test_a_node_that_leaves_mid_run_loses_nothing(ray_cluster, mnist, tmp_path, sync):
     node = ray_cluster.add_node(num_cpus=2)
     ray_cluster.wait_for_nodes()
-    trainer = make_trainer(tiny_config("workers.executor=ray", *ELASTIC), mnist, tmp_path / "shrink")
+    config = tiny_config("workers.executor=ray", f"workers.theta_sync={sync}", *ELASTIC)
+    trainer = make_trainer(config, mnist, tmp_path / "shrink")
     try:
         full = step_until(trainer, lambda r: r["workers_alive"] == 5)
         assert full[-1]["workers_alive"] == 5  # workers run on the head and on the node
@@ -165,3 +179,50 @@ def test_no_live_worker_checkpoints_and_fails(ray_cluster, mnist, tmp_path):
     from es_service import checkpoint
 
     assert checkpoint.load(tmp_path / "starved" / "checkpoint.pt")["generation"] == 0
+
+
+DRIFT_AT = 4
+
+
+class DriftingWorker(PopulationWorker):
+    """A worker whose replica goes wrong once: it nudges one weight before replaying generation
+    DRIFT_AT - 1's update, as a worker with other kernels (or a bad memory bit) might."""
+
+    def evaluate_replay(self, sync_holder, batch_holder, task):
+        replica = self._replica
+        if task.generation == DRIFT_AT and sync_holder[1] is None and replica and replica.generation == DRIFT_AT - 1:
+            replica.theta[0] += 1e-3
+        return super().evaluate_replay(sync_holder, batch_holder, task)
+
+
+def test_a_drifted_replica_is_caught_within_its_generation_and_changes_nothing(ray_cluster, mnist, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+    overrides = ["generations=8", "eval.every=100", "checkpoint.every=100"]
+    config = tiny_config("workers.executor=ray", "workers.count=2", "workers.theta_sync=replay", *overrides)
+    drifting = run_ray(config, mnist, tmp_path / "drift", worker_class=DriftingWorker)
+    clean = run_local(tiny_config(*overrides), mnist, tmp_path / "clean")
+    assert torch.equal(drifting.theta, clean.theta)
+    records = _records(tmp_path / "drift")
+    mismatches = [r["replica_mismatches"] for r in records]
+    # record g holds generation g - 1's evaluation: the workers drift there, and only there (each tile
+    # they scored before their snapshot arrived is counted and scored again)
+    assert mismatches[DRIFT_AT] >= 1 and sum(mismatches) == mismatches[DRIFT_AT], mismatches
+    assert records[DRIFT_AT]["replica_resyncs"] >= 1
+    assert records[DRIFT_AT]["tiles_reissued"] == mismatches[DRIFT_AT]
+    assert [r["replica_resyncs"] for r in records[DRIFT_AT + 1:]] == [0] * (len(records) - DRIFT_AT - 1)
+
+
+def test_replay_sends_each_worker_scalars_not_theta(ray_cluster, mnist, tmp_path):
+    """P = 8192 rank-1 members on 3 workers: after the first generation's snapshots, each worker is sent
+    its tiles (12 bytes a member), the minibatch and the previous update (16 kB), at most 64 kB, where
+    broadcast sends theta's 2.68 MB."""
+    sets = ["workers.executor=ray", "workers.count=3", "es.pop_size=8192", "es.rank=1", "es.batch_size=8",
+            "workers.members_per_tile=512", "generations=3", "eval.every=100", "checkpoint.every=100"]
+    sent = {}
+    for sync in SYNCS:
+        run_ray(tiny_config(*sets, f"workers.theta_sync={sync}"), mnist, tmp_path / sync)
+        sent[sync] = [r["bytes_to_worker_max"] for r in _records(tmp_path / sync)]
+    theta_bytes = 4 * network.NUM_PARAMS
+    assert all(theta_bytes < sent_ <= theta_bytes + 64_000 for sent_ in sent["broadcast"]), sent
+    assert sent["replay"][0] > 3 * theta_bytes  # the first generation: a snapshot each
+    assert all(sent_ <= 64_000 for sent_ in sent["replay"][1:]), sent

@@ -14,8 +14,7 @@ import torch
 from es_service import checkpoint, plan as planning, rundir, runner, strategy
 from es_service.driver import Diverged, TrainState
 from es_service.metrics import MetricsError, MetricsLog, read
-from tests.conftest import tiny_config
-from tests.helpers import run_local
+from tests.helpers import run_local, tiny_config
 
 
 def no_space(real_write, victim: str):

@@ -1,12 +1,18 @@
 """The stateless Ray worker: caches the noise table and MNIST on its device, evaluates tiles.
 
 "Stateless": it holds only caches (table, data, this generation's theta); any worker can take any
-tile, and a replacement rebuilds everything from object-store refs. Ray is imported inside methods so
-this module imports without Ray; the executor applies ``ray.remote``.
+tile, and a replacement rebuilds everything from object-store refs. theta comes one of two ways
+(``workers.theta_sync``): fetched from the object store each generation (``evaluate``), or kept as a
+replica that replays each generation's update from O(P) scalars and is reloaded from a snapshot when
+it joins late or drifts (``evaluate_replay``). The replica is the driver's own object (an
+``es_service.replica.Replica``), handed over in the snapshot, so this module never imports the driver
+side. Ray is imported inside methods so this module imports without Ray; the executor applies
+``ray.remote``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -35,19 +41,55 @@ class PopulationWorker:
         self.evaluator = PopulationEvaluator(
             _tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device, fused, basis=basis
         )
+        self._cpu_table, self._cpu_basis = _tensor(table), basis  # a replica's update runs on the CPU
         self.node_id = ray.get_runtime_context().get_node_id()
         self._generation = -1
         self._theta: torch.Tensor | None = None
+        self._replica = None
+        self._batch: tuple[int, np.ndarray] | None = None  # (generation, its minibatch's image indices)
 
     def ready(self) -> dict:
         return {"node_id": self.node_id, "device": self.device, "pid": os.getpid()}
 
-    def evaluate(self, theta_holder: list, task: TileTask) -> TileResult:
-        """``theta_holder`` wraps theta's ObjectRef in a list so Ray does not fetch it per tile."""
+    def _with_batch(self, batch_holder: list, task: TileTask) -> TileTask:
+        """The task with its image indices, from the generation's minibatch (fetched once per generation)."""
+        if task.batch_range is None:
+            return task
+        if self._batch is None or self._batch[0] != task.generation:
+            import ray
+
+            self._batch = (task.generation, ray.get(batch_holder[0]))
+        return task.with_batch(self._batch[1])
+
+    def evaluate(self, theta_holder: list, batch_holder: list, task: TileTask) -> TileResult:
+        """``theta_holder`` and ``batch_holder`` wrap theta's and the minibatch's ObjectRefs in lists so
+        Ray does not fetch them for every tile."""
         if task.generation != self._generation:
             import ray
 
             theta = ray.get(theta_holder[0])
             self._theta = _tensor(theta).to(self.evaluator.device)
             self._generation = task.generation
-        return run_tile(self.evaluator, self._theta, task)
+        return run_tile(self.evaluator, self._theta, self._with_batch(batch_holder, task))
+
+    def evaluate_replay(self, sync_holder: list, batch_holder: list, task: TileTask) -> TileResult:
+        """``sync_holder``: [the previous generation's update, a snapshot], ObjectRefs or None, in a list
+        so Ray fetches neither unless needed. A snapshot replaces the replica; else a replica one
+        generation behind applies the update. The result carries the replica's fingerprint;
+        a replica still not at the tile's generation returns no scores and no fingerprint."""
+        import ray
+
+        update_ref, snapshot_ref = sync_holder
+        if snapshot_ref is not None:
+            self._replica = ray.get(snapshot_ref).attach(self._cpu_table, self._cpu_basis)
+            self._generation = -1
+        elif update_ref is not None and self._replica is not None and self._replica.generation == task.generation - 1:
+            self._replica.apply(ray.get(update_ref))
+        if self._replica is None or self._replica.generation != task.generation:
+            empty = np.empty(0)
+            return TileResult(task.generation, task.tile_id, empty, empty.astype(np.int64))
+        if task.generation != self._generation:
+            self._theta = self._replica.theta.to(self.evaluator.device)
+            self._generation = task.generation
+        result = run_tile(self.evaluator, self._theta, self._with_batch(batch_holder, task))
+        return dataclasses.replace(result, fingerprint=self._replica.fingerprint())

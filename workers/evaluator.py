@@ -14,6 +14,7 @@ use exact summation (math.fsum), so a shard's sum does not depend on reduction o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -320,6 +321,14 @@ class TileTask:
     ``rank`` and ``shared_first_layer`` do not apply to them."""
     subspace: int = 0
     """Layer-1 members: principal components their input factor lies in (0: all 784 pixels)."""
+    batch_range: tuple[int, int] | None = None
+    """Set where the generation's minibatch travels once per worker instead of with every tile (Ray):
+    the shard's [start, stop) in it, and ``image_indices`` is empty until ``with_batch``."""
+
+    def with_batch(self, batch_indices: np.ndarray) -> TileTask:
+        """This task with its shard's image indices taken from the generation's minibatch."""
+        start, stop = self.batch_range
+        return dataclasses.replace(self, image_indices=batch_indices[start:stop], batch_range=None)
 
     def __post_init__(self):
         assert self.offsets.dtype == np.int64 and self.offsets.ndim == 1, self.offsets.dtype
@@ -338,10 +347,13 @@ class TileResult:
     loss_sums: np.ndarray
     correct: np.ndarray
     compute_s: float = 0.0
+    fingerprint: int | None = None
+    """With a replica of theta (``workers.theta_sync: replay``): its fingerprint, which the driver checks
+    against its own theta's; None from a replica not at the tile's generation."""
 
     @property
     def nbytes(self) -> int:
-        return self.loss_sums.nbytes + self.correct.nbytes + 24
+        return self.loss_sums.nbytes + self.correct.nbytes + 32
 
 
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:

@@ -1,0 +1,130 @@
+"""What ES runs and backprop runs share: their errors, data, starting theta and run directory.
+
+A run directory (es_service/rundir.py) holds config.yaml (resolved), run.json (status, device,
+timings), metrics.jsonl, checkpoint.pt and learning_curve.png. It appears whole (built in a temporary
+sibling, then renamed), is never replaced without ``force``, and then only once everything that can
+fail before the first generation (config, data, executor, cluster) has been built. One process at a
+time writes it (its lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from es_service import checkpoint, plan as planning, rundir
+from es_service.config import Config
+from es_service.data import load_mnist
+from es_service.executors import resolve_device
+from es_service.metrics import read as read_metrics
+from es_service.plot import plot_runs
+from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, PLOT_NAME, RUN_INFO_NAME
+from es_service.stopping import Interrupted
+
+FINAL_ACCURACIES = ("train_accuracy", "test_accuracy", "validation_accuracy")  # what run.json's "final" keeps
+
+
+class UsageError(RuntimeError):
+    """A bad argument or path, phrased with the fix."""
+
+
+class RunFailed(RuntimeError):
+    """The input was fine but the run could not go on (e.g. the cluster is unreachable)."""
+
+
+def load_data(config: Config, data_dir: str | None = None):
+    """MNIST for a run: from ``data_dir`` or the config's, with ``validation_size`` images held out."""
+    return load_mnist(data_dir or config.data_dir).hold_out(config.validation_size)
+
+
+def resolve(preference: str, option: str, fix: str) -> str:
+    """resolve_device, with a missing GPU reported as the option that asked for it."""
+    try:
+        return resolve_device(preference)
+    except RuntimeError:
+        raise UsageError(f"{option} is 'cuda' but torch sees no CUDA device on this machine; {fix}") from None
+
+
+def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor, dict | None]:
+    """The seed's initialisation, or the theta of the checkpoint ``init_from`` (with where it came from,
+    for run.json). Only theta is taken: the new run starts its own optimizer and schedules."""
+    if init_from is None:
+        return planning.seed_theta(config.seed), None
+    try:
+        state = checkpoint.load(init_from)
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(f"--init-from: {err}") from None
+    theta = state["theta"].clone()
+    digest = hashlib.sha256(theta.numpy().tobytes()).hexdigest()
+    return theta, {"checkpoint": str(Path(init_from).resolve()), "generation": state["generation"], "theta_sha256": digest}
+
+
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse, before anything is loaded, a --run-dir that cannot become this run's directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {str(run_dir)!r} is a file; pass the path of a directory (it is created)")
+    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--run-dir {str(run_dir)!r} lies under the file {str(existing)!r}; pass a path in a directory")
+    folder = existing if existing != run_dir else run_dir.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--run-dir {str(run_dir)!r}: {str(folder)!r} is not writable by this user; "
+                         "pass a --run-dir in a writable directory")
+    if run_dir.exists() and not force:
+        raise UsageError(
+            f"run directory {str(run_dir)!r} already exists; pick another --run-dir, "
+            f"resume it with `es-service resume {run_dir}`, or pass --force to replace it"
+        )
+    if run_dir.exists() and not (run_dir / RUN_INFO_NAME).exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{str(run_dir)!r} exists and is not a run directory; refusing to replace it even with --force")
+    if (run_dir / LOCK_NAME).exists():
+        rundir.Lock(run_dir).release()  # refuse now, not after loading everything, when a process writes it
+
+
+def write_config(folder: Path, config: Config) -> None:
+    rundir.atomic_write(Path(folder) / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+
+
+def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: bool, **info) -> rundir.Lock:
+    """Build the directory in a temporary sibling and rename it into place (never half-written), replacing
+    an old run when ``force``; returns its lock, held."""
+
+    def fill(folder: Path) -> None:
+        write_config(folder, config)
+        rundir.write_run_info(folder, **{"status": "created", "created": time.time(), "torch": torch.__version__,
+                                         "config_digest": config.digest(),
+                                         "noise_seed": planning.noise_seed(config.seed), **info})
+        if state is not None:
+            checkpoint.save(state, folder / CHECKPOINT_NAME)
+
+    return rundir.create(run_dir, fill, force)
+
+
+def run_info(run_dir: Path) -> dict:
+    """run.json's fields; refuses a run directory whose run.json is missing or damaged."""
+    info = rundir.read_run_info(run_dir)
+    if info is None:
+        raise UsageError(f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and {str(run_dir)!r} cannot be "
+                         "continued without it: start the run again with --force")
+    return info
+
+
+def record_stop(run_dir: Path, err: BaseException, **fields) -> None:
+    """Note in run.json that the run was interrupted or failed, and why."""
+    rundir.write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err),
+                          **fields)
+
+
+def plot(run_dir: Path) -> None:
+    """Draw the run's learning curve; a failure is a warning, never the run's."""
+    try:
+        plot_runs([(run_dir.name, read_metrics(run_dir / METRICS_NAME))], run_dir / PLOT_NAME)
+    except Exception as err:
+        # stderr: stdout carries the run's JSON summary
+        print(f"es-service: warning: could not draw the learning curve: {err}", file=sys.stderr, flush=True)
