@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/es-service train --config configs/quick.yaml --run-dir runs/quick --force
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+# ruff's lint and format check (settings in pyproject.toml); `$(BIN)/ruff format .` applies the format
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # the layer without Ray and without CLI subprocesses
 test-fast: $(STAMP)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -47,8 +48,13 @@ def check_fused_bitwise(table, data, device, members, images) -> dict:
     x = data.test_images.reshape(-1, 784)[:2000].to(device).float() / 255.0
     params = network.unflatten(theta)
     logits_equal = torch.equal(network.forward(x, params, "tf-ftz", True), network.forward(x, params, "tf-ftz"))
-    return {"members": members, "images": images, "loss_sums_equal": bool(np.array_equal(a[0], b[0])),
-            "correct_equal": bool(np.array_equal(a[1], b[1])), "logits_equal": bool(logits_equal)}
+    return {
+        "members": members,
+        "images": images,
+        "loss_sums_equal": bool(np.array_equal(a[0], b[0])),
+        "correct_equal": bool(np.array_equal(a[1], b[1])),
+        "logits_equal": bool(logits_equal),
+    }
 
 
 def check_cpu_vs_device(theta, data, device) -> dict:
@@ -56,9 +62,13 @@ def check_cpu_vs_device(theta, data, device) -> dict:
     cpu = network.forward(x, network.unflatten(theta), "tf-ftz").argmax(1)
     dev = network.forward(x.to(device), network.unflatten(theta.to(device)), "tf-ftz", fused=True).argmax(1).cpu()
     agree = float((cpu == dev).float().mean())
-    return {"images": len(x), "argmax_agreement": agree, "passes_99_9": agree >= 0.999,
-            "cpu_test_accuracy": float((cpu == data.test_labels).float().mean()),
-            "device_test_accuracy": float((dev == data.test_labels).float().mean())}
+    return {
+        "images": len(x),
+        "argmax_agreement": agree,
+        "passes_99_9": agree >= 0.999,
+        "cpu_test_accuracy": float((cpu == data.test_labels).float().mean()),
+        "device_test_accuracy": float((dev == data.test_labels).float().mean()),
+    }
 
 
 def check_chunk_independence(table, data, device, members=64, images=512) -> dict:
@@ -70,9 +80,12 @@ def check_chunk_independence(table, data, device, members=64, images=512) -> dic
     theta = network.init_theta(0).to(device)
     a = batched.evaluate(theta, offsets, signs, 0.02, index)
     b = single.evaluate(theta, offsets, signs, 0.02, index)
-    return {"members": members, "bitwise_equal": bool(np.array_equal(a[0], b[0])),
-            "max_rel_diff": float(np.max(np.abs(a[0] - b[0]) / np.abs(b[0]))),
-            "correct_equal": bool(np.array_equal(a[1], b[1]))}
+    return {
+        "members": members,
+        "bitwise_equal": bool(np.array_equal(a[0], b[0])),
+        "max_rel_diff": float(np.max(np.abs(a[0] - b[0]) / np.abs(b[0]))),
+        "correct_equal": bool(np.array_equal(a[1], b[1])),
+    }
 
 
 def check_variant(table, data, device, members, images, rank=0, shared_first_layer=False) -> dict:
@@ -85,13 +98,20 @@ def check_variant(table, data, device, members, images, rank=0, shared_first_lay
     offsets, signs = np.repeat(offsets, 2), np.tile(np.array([1.0, -1.0], dtype=np.float32), members // 2)
     index = rng.choice(60000, size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0)
-    a, b = (evaluator.evaluate(theta.to(device), offsets, signs, 0.02, index, rank, shared_first_layer)
-            for evaluator in (eager, fused))
+    a, b = (
+        evaluator.evaluate(theta.to(device), offsets, signs, 0.02, index, rank, shared_first_layer)
+        for evaluator in (eager, fused)
+    )
     c = loop.evaluate(theta, offsets, signs, 0.02, index, rank, shared_first_layer)
-    return {"members": members, "images": images, "rank": rank, "shared_first_layer": shared_first_layer,
-            "fused_equals_eager": bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])),
-            "max_rel_diff_vs_cpu_loop": float(np.max(np.abs(b[0] - c[0]) / np.abs(c[0]))),
-            "max_correct_diff_vs_cpu_loop": int(np.max(np.abs(b[1] - c[1])))}
+    return {
+        "members": members,
+        "images": images,
+        "rank": rank,
+        "shared_first_layer": shared_first_layer,
+        "fused_equals_eager": bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])),
+        "max_rel_diff_vs_cpu_loop": float(np.max(np.abs(b[0] - c[0]) / np.abs(c[0]))),
+        "max_correct_diff_vs_cpu_loop": int(np.max(np.abs(b[1] - c[1]))),
+    }
 
 
 def check_update(table, device, repeats) -> dict:
@@ -100,8 +120,11 @@ def check_update(table, device, repeats) -> dict:
         offsets, _, rng = _members(slices, table.numel(), 3)
         weights = rng.standard_normal(slices)
         for rank in (0, 1):
-            seconds = median_time(lambda: strategy.grad_estimate(table, offsets, weights, 0.02, 2 * slices, rank),
-                                  device, repeats)
+            seconds = median_time(
+                functools.partial(strategy.grad_estimate, table, offsets, weights, 0.02, 2 * slices, rank),
+                device,
+                repeats,
+            )
             rows[f"grad_{slices}_slices{'_rank1' if rank else ''}_s"] = seconds
     adam = strategy.AdamES(network.init_theta(0).to(device), 0.001, 0.005)
     grad = torch.randn(network.NUM_PARAMS, device=device)
@@ -134,7 +157,9 @@ def main(argv=None) -> dict:
         theta = torch.load(args.theta, map_location="cpu", weights_only=True)["theta"]
     report["cpu_vs_device"] = check_cpu_vs_device(theta, data, device)
     print("cpu vs device:", report["cpu_vs_device"], flush=True)
-    report["chunk_independence"] = check_chunk_independence(table, data, device, *((8, 64) if args.small else (64, 512)))
+    report["chunk_independence"] = check_chunk_independence(
+        table, data, device, *((8, 64) if args.small else (64, 512))
+    )
     print("chunk independence:", report["chunk_independence"], flush=True)
     report["update"] = check_update(table, device, 3 if args.small else 10)
     print("driver update:", report["update"], flush=True)
@@ -142,8 +167,9 @@ def main(argv=None) -> dict:
     report["low_rank"] = check_variant(table, data, device, *((8, 64) if args.small else (256, 1024)), rank=1)
     print("low rank:", report["low_rank"], flush=True)
     report["pop_eval_shared_first_layer"] = pop_eval.main(flags + ["--shared-first-layer"])
-    report["shared_first_layer"] = check_variant(table, data, device, *((8, 64) if args.small else (256, 1024)),
-                                                 shared_first_layer=True)
+    report["shared_first_layer"] = check_variant(
+        table, data, device, *((8, 64) if args.small else (256, 1024)), shared_first_layer=True
+    )
     print("shared first layer:", report["shared_first_layer"], flush=True)
     report["check_wall_s"] = time.monotonic() - started
     print(f"device check took {report['check_wall_s']:.0f}s", flush=True)

@@ -24,12 +24,13 @@ import json
 import numpy as np
 import torch
 
-from es_service import checkpoint, plan as planning
+from es_service import checkpoint
+from es_service import plan as planning
 from es_service.backprop import logits_fn
 from es_service.config import Config, load
 from es_service.data import load_mnist
-from es_service.replica import estimate, shaped_update
 from es_service.executors import LocalExecutor
+from es_service.replica import estimate, shaped_update
 from es_service.runs import load_data
 from workers import layer_members, network, noise
 
@@ -49,8 +50,9 @@ def block_cosines(estimate_: torch.Tensor, gradient: torch.Tensor) -> dict[str, 
     result = {}
     for name, est, grad in zip(BLOCKS, network.unflatten(estimate_), network.unflatten(gradient)):
         if float(grad.norm()) > 0 and float(est.norm()) > 0:
-            result[name] = float(torch.nn.functional.cosine_similarity(est.flatten().double(),
-                                                                       -grad.flatten().double(), dim=0))
+            result[name] = float(
+                torch.nn.functional.cosine_similarity(est.flatten().double(), -grad.flatten().double(), dim=0)
+            )
     return result
 
 
@@ -60,22 +62,36 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
     subspace = config.es.w1.subspace if config.es.w1.pop_size else 0
     basis = layer_members.image_basis(data.train_images, subspace) if subspace else None
-    executor = LocalExecutor(table, data.train_images, data.train_labels, config.network.arithmetic, "cpu",
-                             config.workers.fused, basis=basis)
+    executor = LocalExecutor(
+        table, data.train_images, data.train_labels, config.network.arithmetic, "cpu", config.workers.fused, basis=basis
+    )
     rows = []
     for generation in generations:
         plan = planning.make_plan(config, generation, data.train_images.shape[0])
-        grad = estimate(config, table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0])
+        grad = estimate(
+            config, table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0]
+        )
         index = torch.as_tensor(plan.batch_indices)
         x = data.train_images[index].reshape(-1, 784).float() / 255.0
         rows.append(block_cosines(grad, masked_gradient(theta, x, data.train_labels[index], config.network.arithmetic)))
     names = [name for name in BLOCKS if all(name in row for row in rows)]
-    return {"generations": list(generations), "per_generation": rows,
-            "mean": {name: float(np.mean([row[name] for row in rows])) for name in names}}
+    return {
+        "generations": list(generations),
+        "per_generation": rows,
+        "mean": {name: float(np.mean([row[name] for row in rows])) for name in names},
+    }
 
 
-def capacity(data, subspace: int, freeze_w2: bool = False, epochs: int = 6, learning_rate: float = 1e-3,
-             batch_size: int = 128, seed: int = 0, arithmetic: str = "tf-ftz") -> list[dict]:
+def capacity(
+    data,
+    subspace: int,
+    freeze_w2: bool = False,
+    epochs: int = 6,
+    learning_rate: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    arithmetic: str = "tf-ftz",
+) -> list[dict]:
     """Masked backprop (Adam) from the seed's initialisation with W1 = W1_0 + U M: one row per epoch
     with the validation accuracy (when ``data`` holds images out) and the train accuracy."""
     basis = layer_members.image_basis(data.train_images, subspace)
@@ -119,16 +135,22 @@ def displacement(theta: torch.Tensor, start: torch.Tensor) -> dict[str, dict[str
     result = {}
     for (name, _), now, then in zip(network.PARAM_SHAPES, network.unflatten(theta), network.unflatten(start)):
         if name.startswith("W"):
-            result[name] = {"norm": float(now.norm()), "displacement": float((now - then).norm()),
-                            "top10_share": top10_share(now - then)}
+            result[name] = {
+                "norm": float(now.norm()),
+                "displacement": float((now - then).norm()),
+                "top10_share": top10_share(now - then),
+            }
     return result
 
 
 def noise_top10_shares(seed: int = 0) -> dict[str, float]:
     """The top-10 share of an i.i.d. Gaussian matrix of each weight's shape: the random-walk reference."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: top10_share(torch.randn(shape, generator=generator)) for name, shape in network.PARAM_SHAPES
-            if name.startswith("W")}
+    return {
+        name: top10_share(torch.randn(shape, generator=generator))
+        for name, shape in network.PARAM_SHAPES
+        if name.startswith("W")
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,12 +175,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "alignment":
         config = load(args.config, args.overrides)
         theta = checkpoint.load(args.checkpoint)["theta"] if args.checkpoint else planning.seed_theta(config.seed)
-        result = {"config": args.config, "checkpoint": args.checkpoint, "overrides": args.overrides,
-                  **alignment(config, theta, load_data(config), tuple(range(args.generations)))}
+        result = {
+            "config": args.config,
+            "checkpoint": args.checkpoint,
+            "overrides": args.overrides,
+            **alignment(config, theta, load_data(config), tuple(range(args.generations))),
+        }
     elif args.command == "capacity":
         data = load_mnist().hold_out(args.validation_size)
-        result = {"subspace": args.subspace, "freeze_w2": args.freeze_w2,
-                  "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs)}
+        result = {
+            "subspace": args.subspace,
+            "freeze_w2": args.freeze_w2,
+            "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs),
+        }
     else:
         result = {"noise_top10_share": noise_top10_shares()}
         for item in args.thetas:

@@ -33,8 +33,11 @@ from workers.evaluator import set_process_arithmetic
 
 REFERENCE = {  # docs/performance.md
     "setting": {"pop_size": 64, "batch_size": 256, "workers": 2},
-    "evotorch_wall_s": 0.886, "evotorch_mb_sent": 10.7, "evotorch_mb_returned": 10.7,
-    "target_wall_s": 0.20, "target_mb_sent": 3.0,
+    "evotorch_wall_s": 0.886,
+    "evotorch_mb_sent": 10.7,
+    "evotorch_mb_returned": 10.7,
+    "target_wall_s": 0.20,
+    "target_mb_sent": 3.0,
 }
 PARTS = ("plan_s", "overhead_s", "compute_s", "grad_s", "adam_s", "other_s")
 MB = 1e6
@@ -45,8 +48,13 @@ def make_config(args, workers: int):
         "generations": args.warmup + args.generations + 1,  # +1: the last generation evaluates the center
         "es": {"pop_size": args.pop_size, "batch_size": args.batch_size},
         "eval": {"every": 10**9},
-        "workers": {"executor": "ray" if workers else "local", "count": workers, "device": "cpu",
-                    "members_per_tile": args.members_per_tile, "fused": args.fused},
+        "workers": {
+            "executor": "ray" if workers else "local",
+            "count": workers,
+            "device": "cpu",
+            "members_per_tile": args.members_per_tile,
+            "fused": args.fused,
+        },
     }
     return from_dict(data, args.overrides)
 
@@ -58,8 +66,9 @@ def build_executor(config, table, data, workers: int):
         return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused)
     from es_service.ray_executor import RayExecutor
 
-    executor = RayExecutor(table, data.train_images, data.train_labels, config.network.arithmetic,
-                           config.workers, autoscale=False)
+    executor = RayExecutor(
+        table, data.train_images, data.train_labels, config.network.arithmetic, config.workers, autoscale=False
+    )
     alive = executor.wait_until_ready()
     if alive < workers:
         executor.close()
@@ -70,12 +79,22 @@ def build_executor(config, table, data, workers: int):
 def split(record: dict, workers: int) -> dict:
     """One generation's wall time split into the parts (seconds) plus bytes."""
     critical = record["worker_compute_s"] / max(workers, 1)
-    parts = {"plan_s": record["plan_s"], "overhead_s": record["eval_s"] - critical, "compute_s": critical,
-             "grad_s": record["grad_s"], "adam_s": record["adam_s"]}
+    parts = {
+        "plan_s": record["plan_s"],
+        "overhead_s": record["eval_s"] - critical,
+        "compute_s": critical,
+        "grad_s": record["grad_s"],
+        "adam_s": record["adam_s"],
+    }
     parts["other_s"] = record["wall_s"] - sum(parts.values())
-    return {"wall_s": record["wall_s"], **parts, "eval_share": record["eval_s"] / record["wall_s"],
-            "worker_compute_sum_s": record["worker_compute_s"],
-            "bytes_to_workers": record["bytes_to_workers"], "bytes_from_workers": record["bytes_from_workers"]}
+    return {
+        "wall_s": record["wall_s"],
+        **parts,
+        "eval_share": record["eval_s"] / record["wall_s"],
+        "worker_compute_sum_s": record["worker_compute_s"],
+        "bytes_to_workers": record["bytes_to_workers"],
+        "bytes_from_workers": record["bytes_from_workers"],
+    }
 
 
 def bench_row(args, workers: int, table, data, theta0) -> dict:
@@ -97,34 +116,51 @@ def bench_row(args, workers: int, table, data, theta0) -> dict:
     finally:
         executor.close()
     medians = {key: statistics.median(r[key] for r in records) for key in records[0]}
-    return {"workers": workers, "executor": "ray" if workers else "local", "ready_s": ready_s,
-            "warmup_s": warmup_s, "loadavg_1m": [load_before, os.getloadavg()[0]], "median": medians,
-            "generations": records, "theta": theta}
+    return {
+        "workers": workers,
+        "executor": "ray" if workers else "local",
+        "ready_s": ready_s,
+        "warmup_s": warmup_s,
+        "loadavg_1m": [load_before, os.getloadavg()[0]],
+        "median": medians,
+        "generations": records,
+        "theta": theta,
+    }
 
 
 def print_table(rows: list[dict], args) -> None:
     ref = REFERENCE
-    print(f"\nP={args.pop_size}  B={args.batch_size}  tile={args.members_per_tile} members  fused={args.fused}  "
-          f"{args.generations} timed generations after {args.warmup} warm-up; medians, ms unless noted")
-    head = (f"{'workers':>8} {'wall':>7} {'plan':>6} {'ray ovh':>8} {'compute':>8} {'grad':>6} {'adam':>6} "
-            f"{'other':>6} {'eval %':>7} {'MB to':>6} {'MB from':>8} {'EvoTorch/us':>12} {'us/target':>10}")
+    print(
+        f"\nP={args.pop_size}  B={args.batch_size}  tile={args.members_per_tile} members  fused={args.fused}  "
+        f"{args.generations} timed generations after {args.warmup} warm-up; medians, ms unless noted"
+    )
+    head = (
+        f"{'workers':>8} {'wall':>7} {'plan':>6} {'ray ovh':>8} {'compute':>8} {'grad':>6} {'adam':>6} "
+        f"{'other':>6} {'eval %':>7} {'MB to':>6} {'MB from':>8} {'EvoTorch/us':>12} {'us/target':>10}"
+    )
     print(head)
     for row in rows:
         m = row["median"]
         label = f"{row['workers']}" + ("" if row["workers"] else " local")
-        print(f"{label:>8} {m['wall_s'] * 1e3:7.1f} " + " ".join(
-            f"{m[k] * 1e3:{w}.1f}" for k, w in zip(PARTS, (6, 8, 8, 6, 6, 6)))
+        print(
+            f"{label:>8} {m['wall_s'] * 1e3:7.1f} "
+            + " ".join(f"{m[k] * 1e3:{w}.1f}" for k, w in zip(PARTS, (6, 8, 8, 6, 6, 6)))
             + f" {m['eval_share'] * 100:7.1f} {m['bytes_to_workers'] / MB:6.2f}"
             f" {m['bytes_from_workers'] / MB:8.4f}"
-            f" {ref['evotorch_wall_s'] / m['wall_s']:11.2f}x {m['wall_s'] / ref['target_wall_s']:9.2f}x")
-    print(f"{'EvoTorch':>8} {ref['evotorch_wall_s'] * 1e3:7.1f} {'':>53} {ref['evotorch_mb_sent']:6.2f} "
-          f"{ref['evotorch_mb_returned']:8.4f}   (docs/performance.md: P=64, B=256, 2 Ray actors)")
+            f" {ref['evotorch_wall_s'] / m['wall_s']:11.2f}x {m['wall_s'] / ref['target_wall_s']:9.2f}x"
+        )
+    print(
+        f"{'EvoTorch':>8} {ref['evotorch_wall_s'] * 1e3:7.1f} {'':>53} {ref['evotorch_mb_sent']:6.2f} "
+        f"{ref['evotorch_mb_returned']:8.4f}   (docs/performance.md: P=64, B=256, 2 Ray actors)"
+    )
     print(f"{'target':>8} {ref['target_wall_s'] * 1e3:7.1f} {'':>53} {ref['target_mb_sent']:6.2f}")
     s = ref["setting"]
     if (args.pop_size, args.batch_size) != (s["pop_size"], s["batch_size"]):
         print("note: the reference numbers are for P=64, B=256; ratios here are only indicative")
-    print("ray ovh = eval_s - worker_compute_s/workers; compute = that critical-path share of eval_s; "
-          "MB to = theta once + tile tasks (each worker fetches theta once per generation)")
+    print(
+        "ray ovh = eval_s - worker_compute_s/workers; compute = that critical-path share of eval_s; "
+        "MB to = theta once + tile tasks (each worker fetches theta once per generation)"
+    )
 
 
 def main(argv=None) -> dict:
@@ -137,8 +173,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-local", action="store_true", help="skip the in-process LocalExecutor row")
     parser.add_argument("--members-per-tile", type=int, default=8)
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field as in es-service train --set (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field as in es-service train --set (repeatable)",
+    )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",") if n.strip()]
@@ -157,9 +199,12 @@ def main(argv=None) -> dict:
 
                 ray.init(address="local", num_cpus=max(counts), include_dashboard=False, logging_level="WARNING")
             row = bench_row(args, workers, table, data, theta0)
-            print(f"workers={workers}: ready in {row['ready_s']:.1f} s, warm-up {row['warmup_s']:.1f} s, "
-                  f"median wall {row['median']['wall_s'] * 1e3:.1f} ms, load avg {row['loadavg_1m'][0]:.2f} -> "
-                  f"{row['loadavg_1m'][1]:.2f}", flush=True)
+            print(
+                f"workers={workers}: ready in {row['ready_s']:.1f} s, warm-up {row['warmup_s']:.1f} s, "
+                f"median wall {row['median']['wall_s'] * 1e3:.1f} ms, load avg {row['loadavg_1m'][0]:.2f} -> "
+                f"{row['loadavg_1m'][1]:.2f}",
+                flush=True,
+            )
             rows.append(row)
     finally:
         if ray is not None:
@@ -169,9 +214,16 @@ def main(argv=None) -> dict:
     print(f"theta after {args.warmup + args.generations} generations identical across rows: {same}")
     for row in rows:
         del row["theta"]
-    payload = {"benchmark": "generation", **device_facts(torch.device("cpu")), "config": base.to_dict(),
-               "worker_counts": counts, "warmup": args.warmup, "reference": REFERENCE,
-               "theta_identical_across_rows": same, "rows": rows}
+    payload = {
+        "benchmark": "generation",
+        **device_facts(torch.device("cpu")),
+        "config": base.to_dict(),
+        "worker_counts": counts,
+        "warmup": args.warmup,
+        "reference": REFERENCE,
+        "theta_identical_across_rows": same,
+        "rows": rows,
+    }
     write_json(args.json, payload)
     return payload
 

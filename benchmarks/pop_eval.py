@@ -75,8 +75,9 @@ def low_rank_ceiling(evaluator, theta: torch.Tensor, noise_rows: torch.Tensor, x
     return run
 
 
-def shared_first_layer_ceiling(evaluator, theta: torch.Tensor, offsets: np.ndarray, tails: torch.Tensor,
-                               x: torch.Tensor):
+def shared_first_layer_ceiling(
+    evaluator, theta: torch.Tensor, offsets: np.ndarray, tails: torch.Tensor, x: torch.Tensor
+):
     """The shared-first-layer evaluation's matmuls alone, no flushing, no bias, run as the evaluator runs
     them: x W1 once, x E1 once per distinct slice, then each member's h1 W2 and h2 W3 (prebuilt)."""
     w1 = network.unflatten(theta)[0]
@@ -117,14 +118,16 @@ def mm_peak_call(device: torch.device, seconds_hint: float):
     return run, count * flop
 
 
-def bench_shape(evaluator, members: int, images: int, repeats: int, rank: int = 0,
-                shared_first_layer: bool = False) -> dict:
+def bench_shape(
+    evaluator, members: int, images: int, repeats: int, rank: int = 0, shared_first_layer: bool = False
+) -> dict:
     """Evaluation, the no-flush ceiling and torch.mm's peak, taking turns in each round; ratios are
     medians of the per-round ratios. Low rank or a shared first layer: full-rank evaluation takes a turn too."""
     device = evaluator.device
     rng = np.random.default_rng(0)
-    offsets = np.repeat(rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=(members + 1) // 2),
-                        2)[:members].astype(np.int64)  # antithetic pairs, as the planner lays them out
+    offsets = np.repeat(rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=(members + 1) // 2), 2)[
+        :members
+    ].astype(np.int64)  # antithetic pairs, as the planner lays them out
     signs = np.where(np.arange(members) % 2 == 0, 1.0, -1.0).astype(np.float32)
     indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
@@ -151,17 +154,26 @@ def bench_shape(evaluator, members: int, images: int, repeats: int, rank: int = 
     evaluate_s, ceiling_s, peak_s = (statistics.median(times[name]) for name in ("evaluate", "ceiling", "peak"))
     extra = {}
     if "full_rank" in times:
-        extra = {"full_rank_s": statistics.median(times["full_rank"]),
-                 "speedup_over_full_rank": statistics.median(f / e for f, e in zip(times["full_rank"], times["evaluate"]))}
+        extra = {
+            "full_rank_s": statistics.median(times["full_rank"]),
+            "speedup_over_full_rank": statistics.median(f / e for f, e in zip(times["full_rank"], times["evaluate"])),
+        }
     return {
-        "members": members, "images": images, "rank": rank, "shared_first_layer": shared_first_layer, **extra,
-        "evaluate_s": evaluate_s, "evaluate_flops": flop / evaluate_s,
+        "members": members,
+        "images": images,
+        "rank": rank,
+        "shared_first_layer": shared_first_layer,
+        **extra,
+        "evaluate_s": evaluate_s,
+        "evaluate_flops": flop / evaluate_s,
         "forward_passes_per_s": members * images / evaluate_s,
-        "noflush_matmul_s": ceiling_s, "noflush_matmul_flops": flop / ceiling_s,
+        "noflush_matmul_s": ceiling_s,
+        "noflush_matmul_flops": flop / ceiling_s,
         "mm_peak_flops": peak_flop / peak_s,
         "ratio_to_noflush": statistics.median(c / e for c, e in zip(times["ceiling"], times["evaluate"])),
         "ratio_to_mm_peak": statistics.median(
-            (flop / e) / (peak_flop / p) for e, p in zip(times["evaluate"], times["peak"])),
+            (flop / e) / (peak_flop / p) for e, p in zip(times["evaluate"], times["peak"])
+        ),
     }
 
 
@@ -172,37 +184,57 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-fused", action="store_true", help="eager epilogues (the reference path)")
     parser.add_argument("--rank", type=int, default=0, help="low-rank members (es.rank), timed beside full rank")
-    parser.add_argument("--shared-first-layer", action="store_true",
-                        help="es.shared_first_layer members, timed beside full rank")
+    parser.add_argument(
+        "--shared-first-layer", action="store_true", help="es.shared_first_layer members, timed beside full rank"
+    )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     if args.rank and args.shared_first_layer:
         parser.error("--rank and --shared-first-layer exclude each other (low-rank members already share x W1)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     from es_service.data import load_mnist
 
     data = load_mnist()
     table = noise.make_table(0, 1 << 24)
-    evaluator = PopulationEvaluator(table, data.train_images, data.train_labels, "tf-ftz", device,
-                                    fused=not args.no_fused)
+    evaluator = PopulationEvaluator(
+        table, data.train_images, data.train_labels, "tf-ftz", device, fused=not args.no_fused
+    )
     rows = []
     variant = "low rank" if args.rank else ("shared first layer" if args.shared_first_layer else "")
-    print(f"device {device}  fused={not args.no_fused}  rank={args.rank}  shared_first_layer={args.shared_first_layer}  "
-          "(evaluation, ceiling and mm peak take turns each round)")
-    print(f"{'P x B':>12} {'eval ms':>9} {'GFLOP/s':>9} {'fwd/s':>11} {'noflush GFLOP/s':>16} "
-          f"{'mm GFLOP/s':>11} {'eval/noflush':>13} {'eval/mm':>8}")
+    print(
+        f"device {device}  fused={not args.no_fused}  rank={args.rank}  shared_first_layer={args.shared_first_layer}  "
+        "(evaluation, ceiling and mm peak take turns each round)"
+    )
+    print(
+        f"{'P x B':>12} {'eval ms':>9} {'GFLOP/s':>9} {'fwd/s':>11} {'noflush GFLOP/s':>16} "
+        f"{'mm GFLOP/s':>11} {'eval/noflush':>13} {'eval/mm':>8}"
+    )
     for pop, images in parse_shapes(args.shapes or DEFAULT_SHAPES[device.type]):
         row = bench_shape(evaluator, pop, images, args.repeats, args.rank, args.shared_first_layer)
         rows.append(row)
-        print(f"{pop:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
-              f"{row['forward_passes_per_s']:11.0f} {row['noflush_matmul_flops'] / 1e9:16.1f} "
-              f"{row['mm_peak_flops'] / 1e9:11.1f} {row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}"
-              + (f"   full rank {row['full_rank_s'] * 1e3:.2f} ms, {variant} {row['speedup_over_full_rank']:.2f}x faster"
-                 if variant else ""))
-    payload = {"benchmark": "pop_eval", **device_facts(device), "fused": not args.no_fused, "rank": args.rank,
-               "shared_first_layer": args.shared_first_layer, "rows": rows}
+        print(
+            f"{pop:>6} x {images:<5} {row['evaluate_s'] * 1e3:9.2f} {row['evaluate_flops'] / 1e9:9.1f} "
+            f"{row['forward_passes_per_s']:11.0f} {row['noflush_matmul_flops'] / 1e9:16.1f} "
+            f"{row['mm_peak_flops'] / 1e9:11.1f} {row['ratio_to_noflush']:13.3f} {row['ratio_to_mm_peak']:8.3f}"
+            + (
+                f"   full rank {row['full_rank_s'] * 1e3:.2f} ms, {variant} {row['speedup_over_full_rank']:.2f}x faster"
+                if variant
+                else ""
+            )
+        )
+    payload = {
+        "benchmark": "pop_eval",
+        **device_facts(device),
+        "fused": not args.no_fused,
+        "rank": args.rank,
+        "shared_first_layer": args.shared_first_layer,
+        "rows": rows,
+    }
     write_json(args.json, payload)
     return payload
 

@@ -31,8 +31,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    config = from_dict({"es": {"pop_size": 12, "batch_size": 4096}, "noise": {"table_size": 1 << 21},
-                        "workers": {"executor": "ray", "count": 3, "members_per_tile": 2, "fused": False}})
+    config = from_dict(
+        {
+            "es": {"pop_size": 12, "batch_size": 4096},
+            "noise": {"table_size": 1 << 21},
+            "workers": {"executor": "ray", "count": 3, "members_per_tile": 2, "fused": False},
+        }
+    )
     data = load_mnist()
     table = noise.make_table(1, config.noise.table_size)
     executor = RayExecutor(table, data.train_images, data.train_labels, "tf-ftz", config.workers)
@@ -59,11 +64,19 @@ def main(argv=None) -> dict:
             if again:
                 redispatch.append(again[0] - killed_at)
         executor.wait_until_ready()
-    result = {"benchmark": "reissue", "repeats": args.repeats, "detect_s": detect, "redispatch_s": redispatch,
-              "median_detect_s": statistics.median(detect), "median_redispatch_s": statistics.median(redispatch)}
-    print(f"kill -> requeue: median {result['median_detect_s'] * 1e3:.1f} ms; "
-          f"kill -> handed out again: median {result['median_redispatch_s'] * 1e3:.1f} ms "
-          f"({len(redispatch)} of {args.repeats} kills)")
+    result = {
+        "benchmark": "reissue",
+        "repeats": args.repeats,
+        "detect_s": detect,
+        "redispatch_s": redispatch,
+        "median_detect_s": statistics.median(detect),
+        "median_redispatch_s": statistics.median(redispatch),
+    }
+    print(
+        f"kill -> requeue: median {result['median_detect_s'] * 1e3:.1f} ms; "
+        f"kill -> handed out again: median {result['median_redispatch_s'] * 1e3:.1f} ms "
+        f"({len(redispatch)} of {args.repeats} kills)"
+    )
     executor.close()
     write_json(args.json, result)
     return result

@@ -15,12 +15,13 @@ Writes a run directory in the same format as ES runs (metrics.jsonl, run.json, c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from es_service import checkpoint, plan as planning
+from es_service import checkpoint
+from es_service import plan as planning
 from es_service.config import GRADIENTS, Config
 from es_service.metrics import MetricsLog
 from es_service.rundir import CHECKPOINT_NAME, METRICS_NAME
@@ -51,10 +52,21 @@ def logits_fn(arithmetic: str, gradient: str) -> Callable[[torch.Tensor, list[to
     return lambda x, params: network.forward_with(x, params, ops)
 
 
-def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int, batch_size: int = 128,
-                   learning_rate: float = 1e-3, time_budget_s: float | None = None, gradient: str = "masked",
-                   theta: torch.Tensor | None = None, optimizer_state: dict | None = None, start_epoch: int = 0,
-                   quiet: bool = False) -> dict:
+def train_backprop(
+    config: Config,
+    run_dir: Path,
+    data,
+    device: str,
+    epochs: int,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    time_budget_s: float | None = None,
+    gradient: str = "masked",
+    theta: torch.Tensor | None = None,
+    optimizer_state: dict | None = None,
+    start_epoch: int = 0,
+    quiet: bool = False,
+) -> dict:
     """Minibatch Adam on cross-entropy; one metrics line and one checkpoint per epoch. ``run_dir`` must
     exist. ``theta``: where to start (default: the seed's initialisation, as ES runs start). A resume
     passes its checkpoint's theta, ``optimizer_state`` and epoch as ``start_epoch``: the epochs it skips
@@ -85,8 +97,14 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
             order = torch.randperm(images.shape[0], generator=generator).to(device)
             total_loss = 0.0
             for start in range(0, images.shape[0], batch_size):
-                stop.raise_if_stopped(f"in epoch {epoch} of {epochs}; " + (f"the checkpoint after epoch {epoch - 1} stays"
-                                      if epoch > 1 else "no epoch had finished, so a resume starts it over"))
+                stop.raise_if_stopped(
+                    f"in epoch {epoch} of {epochs}; "
+                    + (
+                        f"the checkpoint after epoch {epoch - 1} stays"
+                        if epoch > 1
+                        else "no epoch had finished, so a resume starts it over"
+                    )
+                )
                 index = order[start : start + batch_size]
                 logits = logits_of(images[index].float() / 255.0, network.unflatten(theta))
                 loss = torch.nn.functional.cross_entropy(logits, labels[index])
@@ -103,12 +121,16 @@ def train_backprop(config: Config, run_dir: Path, data, device: str, epochs: int
                     "time": time.time(),
                 }
             log.append(record)  # then the checkpoint: a line past it is dropped and redone by a resume
-            state = checkpoint.build(config, theta.detach().float(), optimizer.state_dict(), epoch,
-                                     planning.noise_seed(config.seed))
+            state = checkpoint.build(
+                config, theta.detach().float(), optimizer.state_dict(), epoch, planning.noise_seed(config.seed)
+            )
             checkpoint.save(state, run_dir / CHECKPOINT_NAME)
             if not quiet:
-                scores = " ".join(f"{key.removesuffix('_accuracy')} {value:.4f}" for key, value in record.items()
-                                  if key.endswith("_accuracy"))
+                scores = " ".join(
+                    f"{key.removesuffix('_accuracy')} {value:.4f}"
+                    for key, value in record.items()
+                    if key.endswith("_accuracy")
+                )
                 print(f"epoch {epoch}: loss {-record['fitness_mean']:.4f} {scores}", flush=True)
             if time_budget_s is not None and time.monotonic() - started > time_budget_s:
                 break

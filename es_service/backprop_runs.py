@@ -17,7 +17,15 @@ from es_service.backprop import train_backprop
 from es_service.config import WARM_START_STAGES, Config, ConfigError
 from es_service.rundir import CHECKPOINT_NAME, RUN_INFO_NAME, write_run_info
 from es_service.runs import (
-    FINAL_ACCURACIES, UsageError, check_run_dir, create_run_dir, initial_theta, load_data, plot, record_stop, resolve,
+    FINAL_ACCURACIES,
+    UsageError,
+    check_run_dir,
+    create_run_dir,
+    initial_theta,
+    load_data,
+    plot,
+    record_stop,
+    resolve,
     run_info,
 )
 from es_service.stopping import Interrupted
@@ -34,16 +42,33 @@ class BackpropSchedule:
     device: str = "auto"  # as asked for: resolved when it (re)starts
 
 
-def backprop(config: Config, run_dir: Path, force: bool, epochs: int, learning_rate: float,
-             time_budget_s: float | None, device: str, gradient: str = "masked", init_from: Path | None = None) -> dict:
+def backprop(
+    config: Config,
+    run_dir: Path,
+    force: bool,
+    epochs: int,
+    learning_rate: float,
+    time_budget_s: float | None,
+    device: str,
+    gradient: str = "masked",
+    init_from: Path | None = None,
+) -> dict:
     """The ablation's backprop row, in a run directory of the usual format."""
     check_run_dir(run_dir, force)
     if config.network.arithmetic == "cpu-ftz":
         raise ConfigError("network.arithmetic: backprop supports tf-ftz and linear (autograd), not cpu-ftz")
     resolve(device, "--device", "use --device cpu (or auto)")
     theta, origin = initial_theta(config, init_from)
-    record = start_backprop(config, run_dir, force, load_data(config), BackpropSchedule(epochs, learning_rate, gradient,
-                            device=device), time_budget_s, theta, origin)
+    record = start_backprop(
+        config,
+        run_dir,
+        force,
+        load_data(config),
+        BackpropSchedule(epochs, learning_rate, gradient, device=device),
+        time_budget_s,
+        theta,
+        origin,
+    )
     return {"run_dir": str(run_dir), **record}
 
 
@@ -61,7 +86,9 @@ def warm_start(config: Config, run_dir: Path, data, quiet: bool = False) -> tupl
             if (stage_dir / RUN_INFO_NAME).is_file():
                 continue_backprop(config, stage_dir, data, None, quiet)
             else:
-                schedule = BackpropSchedule(epochs, learning_rate, warm.gradient, warm.batch_size, config.workers.device)
+                schedule = BackpropSchedule(
+                    epochs, learning_rate, warm.gradient, warm.batch_size, config.workers.device
+                )
                 start_backprop(config, stage_dir, False, data, schedule, None, theta, origin, quiet)
         except Interrupted as err:
             raise Interrupted(f"{err} (warm start, {name} stage)") from None
@@ -69,27 +96,47 @@ def warm_start(config: Config, run_dir: Path, data, quiet: bool = False) -> tupl
     return theta, origin
 
 
-def start_backprop(config: Config, run_dir: Path, force: bool, data, schedule: BackpropSchedule,
-                   time_budget_s: float | None, theta: torch.Tensor, origin: dict | None, quiet: bool = False) -> dict:
+def start_backprop(
+    config: Config,
+    run_dir: Path,
+    force: bool,
+    data,
+    schedule: BackpropSchedule,
+    time_budget_s: float | None,
+    theta: torch.Tensor,
+    origin: dict | None,
+    quiet: bool = False,
+) -> dict:
     """Create a backprop run directory that starts from ``theta`` and train it."""
     device = resolve(schedule.device, "--device", "use --device cpu (or auto)")
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     method = "backprop" if schedule.gradient == "masked" else f"backprop ({schedule.gradient})"
-    with create_run_dir(run_dir, config, None, force, method=method, device=f"local ({device}){gpu}",
-                        init_from=origin, backprop=dataclasses.asdict(schedule)):
+    with create_run_dir(
+        run_dir,
+        config,
+        None,
+        force,
+        method=method,
+        device=f"local ({device}){gpu}",
+        init_from=origin,
+        backprop=dataclasses.asdict(schedule),
+    ):
         return continue_backprop(config, run_dir, data, time_budget_s, quiet, theta)
 
 
-def continue_backprop(config: Config, run_dir: Path, data, time_budget_s: float | None, quiet: bool,
-                      theta: torch.Tensor | None = None) -> dict:
+def continue_backprop(
+    config: Config, run_dir: Path, data, time_budget_s: float | None, quiet: bool, theta: torch.Tensor | None = None
+) -> dict:
     """Train a backprop run directory to its schedule's epochs, from its checkpoint when it has one
     (else from ``theta``, or from the start its run.json records); returns its generation and accuracies."""
     info = run_info(run_dir)
     try:
         schedule = BackpropSchedule(**info["backprop"])
     except (KeyError, TypeError):
-        raise UsageError(f"{str(run_dir)!r}: run.json does not record its backprop schedule (made by an older "
-                         "es-service, or edited); start it again with --force") from None
+        raise UsageError(
+            f"{str(run_dir)!r}: run.json does not record its backprop schedule (made by an older "
+            "es-service, or edited); start it again with --force"
+        ) from None
     if info.get("status") == "finished":
         return {"generation": info.get("generation"), **info.get("final", {})}
     optimizer_state, start_epoch = None, 0
@@ -100,10 +147,21 @@ def continue_backprop(config: Config, run_dir: Path, data, time_budget_s: float 
         theta = _recorded_start(config, run_dir, info.get("init_from"))
     write_run_info(run_dir, status="running", pid=os.getpid(), error=None)
     try:
-        record = train_backprop(config, run_dir, data, resolve(schedule.device, "--device", "use --device cpu"),
-                                schedule.epochs, batch_size=schedule.batch_size, learning_rate=schedule.learning_rate,
-                                time_budget_s=time_budget_s, gradient=schedule.gradient, theta=theta,
-                                optimizer_state=optimizer_state, start_epoch=start_epoch, quiet=quiet)
+        record = train_backprop(
+            config,
+            run_dir,
+            data,
+            resolve(schedule.device, "--device", "use --device cpu"),
+            schedule.epochs,
+            batch_size=schedule.batch_size,
+            learning_rate=schedule.learning_rate,
+            time_budget_s=time_budget_s,
+            gradient=schedule.gradient,
+            theta=theta,
+            optimizer_state=optimizer_state,
+            start_epoch=start_epoch,
+            quiet=quiet,
+        )
     except BaseException as err:
         record_stop(run_dir, err)
         raise
@@ -122,9 +180,13 @@ def _recorded_start(config: Config, run_dir: Path, origin: dict | None) -> torch
     try:
         theta, now = initial_theta(config, Path(origin["checkpoint"]))
     except checkpoint.CheckpointError as err:
-        raise UsageError(f"{str(run_dir)!r} has no checkpoint yet, and the one it started from cannot be read "
-                         f"({err}); start it again with --force") from None
+        raise UsageError(
+            f"{str(run_dir)!r} has no checkpoint yet, and the one it started from cannot be read "
+            f"({err}); start it again with --force"
+        ) from None
     if now["theta_sha256"] != origin["theta_sha256"]:
-        raise UsageError(f"{str(run_dir)!r} has no checkpoint yet, and the one it started from, "
-                         f"{origin['checkpoint']!r}, has changed since; start it again with --force")
+        raise UsageError(
+            f"{str(run_dir)!r} has no checkpoint yet, and the one it started from, "
+            f"{origin['checkpoint']!r}, has changed since; start it again with --force"
+        )
     return theta

@@ -63,9 +63,7 @@ def load(path: str | Path) -> dict[str, Any]:
             "it is corrupt or not a checkpoint: use another one from the run directory"
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not an es-service checkpoint of format {FORMAT_VERSION}"
-        )
+        raise CheckpointError(f"checkpoint {str(path)!r} is not an es-service checkpoint of format {FORMAT_VERSION}")
     layout = [[name, list(shape)] for name, shape in network.PARAM_SHAPES]
     theta = state.get("theta")
     if state.get("layout") != layout or not isinstance(theta, torch.Tensor) or theta.shape != (network.NUM_PARAMS,):
@@ -85,14 +83,20 @@ def load(path: str | Path) -> dict[str, Any]:
         )
     problem = _field_problem(state, config)
     if problem:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {problem}; it is damaged or was not written by "
-                              "es-service: use another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {problem}; it is damaged or was not written by "
+            "es-service: use another checkpoint"
+        )
     if not bool(torch.isfinite(theta).all()):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a theta with inf or nan (the run diverged); "
-                              "use an earlier checkpoint or start a new run with a smaller es.learning_rate")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a theta with inf or nan (the run diverged); "
+            "use an earlier checkpoint or start a new run with a smaller es.learning_rate"
+        )
     if not _finite_moments(state["optimizer"]):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds an optimizer state with inf or nan; "
-                              "use an earlier checkpoint or start a new run")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds an optimizer state with inf or nan; "
+            "use an earlier checkpoint or start a new run"
+        )
     state["config"] = config
     return state
 
@@ -111,14 +115,21 @@ def _field_problem(state: dict[str, Any], config: Config) -> str | None:
     if noise.get("table_size") != config.noise.table_size:
         return f"noise.table_size is {noise.get('table_size')!r} but its config says {config.noise.table_size}"
     optimizer = state.get("optimizer")
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
-            or not isinstance(optimizer.get("param_groups"), list) or len(optimizer["param_groups"]) != 1:
+    if (
+        not isinstance(optimizer, dict)
+        or not isinstance(optimizer.get("state"), dict)
+        or not isinstance(optimizer.get("param_groups"), list)
+        or len(optimizer["param_groups"]) != 1
+    ):
         return "optimizer is not the state of one torch Adam over theta"
     for moments in optimizer["state"].values():
         for name in ("exp_avg", "exp_avg_sq"):
             value = moments.get(name) if isinstance(moments, dict) else None
-            if not isinstance(value, torch.Tensor) or value.shape != (network.NUM_PARAMS,) \
-                    or value.dtype != torch.float32:
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.shape != (network.NUM_PARAMS,)
+                or value.dtype != torch.float32
+            ):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 return f"optimizer {name} is {shape}, expected float32 of shape ({network.NUM_PARAMS},)"
         if not isinstance(moments.get("step"), (torch.Tensor, int, float)):
@@ -127,5 +138,8 @@ def _field_problem(state: dict[str, Any], config: Config) -> str | None:
 
 
 def _finite_moments(optimizer: dict) -> bool:
-    return all(bool(torch.isfinite(torch.as_tensor(value)).all())
-               for moments in optimizer["state"].values() for value in moments.values())
+    return all(
+        bool(torch.isfinite(torch.as_tensor(value)).all())
+        for moments in optimizer["state"].values()
+        for value in moments.values()
+    )

@@ -40,22 +40,40 @@ def _positive_float(text: str) -> float:
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set es.noise_std=0.01 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set es.noise_std=0.01 (repeatable)",
+    )
     parser.add_argument("--address", help="Ray cluster address (default: a local embedded Ray, or $RAY_ADDRESS)")
     parser.add_argument("--executor", choices=("ray", "local"), help="override workers.executor")
     parser.add_argument("--data-dir", help="MNIST folder (raw or .gz files); overrides data_dir and $ES_DATA_DIR")
-    parser.add_argument("--stop-after", type=_positive_int, metavar="N",
-                        help="run at most N generations in this invocation, then checkpoint")
-    parser.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
-                        help="stop after the generation that passes this wall time, then checkpoint")
+    parser.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="N",
+        help="run at most N generations in this invocation, then checkpoint",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="stop after the generation that passes this wall time, then checkpoint",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _init_from_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                        help="start from this checkpoint's theta (another run's, e.g. a backprop run's) instead of "
-                             "the seed's initialisation; the optimizer and schedules start fresh")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's theta (another run's, e.g. a backprop run's) instead of "
+        "the seed's initialisation; the optimizer and schedules start fresh",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
     _init_from_option(train)
     _run_options(train)
-    resume = commands.add_parser("resume", help="continue a run (ES, a hybrid's warm start, or backprop) from its "
-                                                        "last checkpoint")
+    resume = commands.add_parser(
+        "resume", help="continue a run (ES, a hybrid's warm start, or backprop) from its last checkpoint"
+    )
     resume.add_argument("run_dir")
     _run_options(resume)
     evaluate = commands.add_parser("eval", help="train and test accuracy of a checkpoint (and test with no flushing)")
@@ -83,9 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     backprop.add_argument("--learning-rate", type=_positive_float, default=1e-3)
     backprop.add_argument("--time-budget", type=_positive_float, metavar="SECONDS")
     backprop.add_argument("--device", choices=DEVICES, default="auto")
-    backprop.add_argument("--gradient", choices=GRADIENTS, default="masked",
-                          help="masked: autograd through the flushes (flushed elements pass no gradient); "
-                               "straight-through: the linear network's gradient, as the seed's TensorFlow computed it")
+    backprop.add_argument(
+        "--gradient",
+        choices=GRADIENTS,
+        default="masked",
+        help="masked: autograd through the flushes (flushed elements pass no gradient); "
+        "straight-through: the linear network's gradient, as the seed's TensorFlow computed it",
+    )
     _init_from_option(backprop)
     backprop.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     report = commands.add_parser("report", help="table and learning-curve PNG comparing run directories")
@@ -113,17 +136,28 @@ def _dispatch(args) -> dict:
     if args.command == "train":
         config = load(args.config, _overrides(args))
         run_dir = Path(args.run_dir) if args.run_dir else runner.default_run_dir(args.config)
-        return runner.train(config, run_dir, args.force, args.address, args.stop_after, args.time_budget, args.quiet,
-                            args.init_from)
+        return runner.train(
+            config, run_dir, args.force, args.address, args.stop_after, args.time_budget, args.quiet, args.init_from
+        )
     if args.command == "resume":
-        return runner.resume(Path(args.run_dir), _overrides(args), args.address, args.stop_after,
-                             args.time_budget, args.quiet)
+        return runner.resume(
+            Path(args.run_dir), _overrides(args), args.address, args.stop_after, args.time_budget, args.quiet
+        )
     if args.command == "eval":
         return runner.evaluate_checkpoint(Path(args.checkpoint), args.data_dir, args.device)
     if args.command == "backprop":
         config = load(args.config, args.overrides)
-        return backprop_runs.backprop(config, Path(args.run_dir), args.force, args.epochs, args.learning_rate,
-                                      args.time_budget, args.device, args.gradient, args.init_from)
+        return backprop_runs.backprop(
+            config,
+            Path(args.run_dir),
+            args.force,
+            args.epochs,
+            args.learning_rate,
+            args.time_budget,
+            args.device,
+            args.gradient,
+            args.init_from,
+        )
     if args.command == "report":
         from es_service.report import report
 

@@ -47,8 +47,11 @@ class Section(BaseModel):
     @classmethod
     def _float_text(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = cls.model_fields[info.field_name].annotation
-        if (isinstance(value, str) and float in (annotation, *typing.get_args(annotation))
-                and _FLOAT_TEXT.fullmatch(value.strip())):
+        if (
+            isinstance(value, str)
+            and float in (annotation, *typing.get_args(annotation))
+            and _FLOAT_TEXT.fullmatch(value.strip())
+        ):
             return float(value)  # PyYAML reads `1e-3` (no dot) as a string
         return value
 
@@ -246,8 +249,14 @@ def digest_of(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-             "string_type": "a string", "model_type": "a mapping of fields", "dict_type": "a mapping of fields"}
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping of fields",
+    "dict_type": "a mapping of fields",
+}
 
 
 def _model_at(loc: list[str] | tuple[str, ...]) -> type[BaseModel]:
@@ -261,8 +270,10 @@ def _position(problem: dict[str, Any]) -> list[tuple[int, Any]]:
     """Where a reader meets the problem going through the file: a section's unknown keys first (a
     misspelt key explains the errors after it), by name, then its fields in order, depth first."""
     loc, unknown = problem["loc"], problem["type"] == "extra_forbidden"
-    return [(0, part) if unknown and depth == len(loc) - 1
-            else (1, list(_model_at(loc[:depth]).model_fields).index(part)) for depth, part in enumerate(loc)]
+    return [
+        (0, part) if unknown and depth == len(loc) - 1 else (1, list(_model_at(loc[:depth]).model_fields).index(part))
+        for depth, part in enumerate(loc)
+    ]
 
 
 def _config_error(error: ValidationError) -> ConfigError:
@@ -272,8 +283,10 @@ def _config_error(error: ValidationError) -> ConfigError:
     loc = [str(part) for part in problem["loc"]]
     path, value = ".".join(loc) or "the config", problem["input"]
     if problem["type"] == "extra_forbidden":
-        return ConfigError(f"{path}: unknown field; allowed in {'.'.join(loc[:-1]) or 'the config'}: "
-                           f"{', '.join(_model_at(loc[:-1]).model_fields)}")
+        return ConfigError(
+            f"{path}: unknown field; allowed in {'.'.join(loc[:-1]) or 'the config'}: "
+            f"{', '.join(_model_at(loc[:-1]).model_fields)}"
+        )
     expected = _EXPECTED.get(problem["type"])
     if expected:
         return ConfigError(f"{path}: expected {expected}, got {value!r}")
@@ -295,13 +308,19 @@ def validate(config: Config) -> Config:
     _require(config.seed >= 0, f"seed: {config.seed} is negative; use an integer >= 0")
     _require(config.generations >= 1, f"generations: {config.generations}; use an integer >= 1")
     _choice("network.arithmetic", arithmetic, ARITHMETIC_MODES)
-    _require(not (arithmetic == "cpu-ftz" and workers.gpus_per_worker > 0),
-             "network.arithmetic: 'cpu-ftz' with workers.gpus_per_worker > 0: torch.set_flush_denormal "
-             "does nothing on CUDA; use tf-ftz (the portable FTZ semantics) or gpus_per_worker: 0")
-    _require(es.pop_size == 0 or es.pop_size >= 2, f"es.pop_size: {es.pop_size}; use an integer >= 2, "
-             "or 0 when every layer has its own members (es.w1, w2, w3)")
-    _require(not (es.antithetic and es.pop_size % 2),
-             f"es.pop_size: {es.pop_size} is odd but es.antithetic is true; use an even population")
+    _require(
+        not (arithmetic == "cpu-ftz" and workers.gpus_per_worker > 0),
+        "network.arithmetic: 'cpu-ftz' with workers.gpus_per_worker > 0: torch.set_flush_denormal "
+        "does nothing on CUDA; use tf-ftz (the portable FTZ semantics) or gpus_per_worker: 0",
+    )
+    _require(
+        es.pop_size == 0 or es.pop_size >= 2,
+        f"es.pop_size: {es.pop_size}; use an integer >= 2, or 0 when every layer has its own members (es.w1, w2, w3)",
+    )
+    _require(
+        not (es.antithetic and es.pop_size % 2),
+        f"es.pop_size: {es.pop_size} is odd but es.antithetic is true; use an even population",
+    )
     for name in ("noise_std", "noise_std_final", "learning_rate", "learning_rate_final"):
         value = getattr(es, name)
         _require(value is None or 0 < value < math.inf, f"es.{name}: {value}; use a finite number > 0")
@@ -310,56 +329,79 @@ def validate(config: Config) -> Config:
         _require(0 <= value < 1, f"es.{name}: {value}; use a number in [0, 1) (Adam's defaults: 0.9 and 0.999)")
     _require(0 <= es.weight_decay < math.inf, f"es.weight_decay: {es.weight_decay}; use a finite number >= 0")
     _choice("es.weight_decay_mode", es.weight_decay_mode, DECAY_MODES)
-    _require(es.weight_norm_cap is None or 0 < es.weight_norm_cap < math.inf, f"es.weight_norm_cap: "
-             f"{es.weight_norm_cap}; use null (no cap) or a finite number > 0 (1.0: the init norm)")
+    _require(
+        es.weight_norm_cap is None or 0 < es.weight_norm_cap < math.inf,
+        f"es.weight_norm_cap: {es.weight_norm_cap}; use null (no cap) or a finite number > 0 (1.0: the init norm)",
+    )
     _choice("es.fitness", es.fitness, FITNESS_KINDS)
     _choice("es.fitness_shaping", es.fitness_shaping, SHAPINGS)
     _choice("es.schedule", es.schedule, SCHEDULES)
     for name in ("batch_size", "batch_size_final"):
         value = getattr(es, name)
-        _require(value is None or 1 <= value <= 60000,
-                 f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)")
+        _require(
+            value is None or 1 <= value <= 60000,
+            f"es.{name}: {value}; use an integer from 1 to 60000 (the MNIST training set)",
+        )
     _validate_layer_members(config)
     _require(0 <= es.rank <= MAX_RANK, f"es.rank: {es.rank}; use 0 (full-rank perturbations) or 1 to {MAX_RANK}")
-    _require(not (es.rank and arithmetic == "cpu-ftz"),
-             f"es.rank: {es.rank} with network.arithmetic 'cpu-ftz': low-rank members need the scaled frame "
-             "(cpu-ftz runs at native scale); use es.rank: 0 or tf-ftz")
-    _require(not (es.shared_first_layer and es.rank),
-             f"es.shared_first_layer with es.rank: {es.rank}: low-rank members already share x W1; "
-             "set es.shared_first_layer: false, or es.rank: 0")
-    _require(not (es.shared_first_layer and arithmetic == "cpu-ftz"),
-             "es.shared_first_layer with network.arithmetic 'cpu-ftz': a shared first layer needs the scaled "
-             "frame (cpu-ftz runs at native scale); use tf-ftz or es.shared_first_layer: false")
-    _require(0 <= config.validation_size <= 50000, f"validation_size: {config.validation_size}; "
-             "use 0 (none) up to 50000 (at least 10,000 images stay for training)")
+    _require(
+        not (es.rank and arithmetic == "cpu-ftz"),
+        f"es.rank: {es.rank} with network.arithmetic 'cpu-ftz': low-rank members need the scaled frame "
+        "(cpu-ftz runs at native scale); use es.rank: 0 or tf-ftz",
+    )
+    _require(
+        not (es.shared_first_layer and es.rank),
+        f"es.shared_first_layer with es.rank: {es.rank}: low-rank members already share x W1; "
+        "set es.shared_first_layer: false, or es.rank: 0",
+    )
+    _require(
+        not (es.shared_first_layer and arithmetic == "cpu-ftz"),
+        "es.shared_first_layer with network.arithmetic 'cpu-ftz': a shared first layer needs the scaled "
+        "frame (cpu-ftz runs at native scale); use tf-ftz or es.shared_first_layer: false",
+    )
+    _require(
+        0 <= config.validation_size <= 50000,
+        f"validation_size: {config.validation_size}; "
+        "use 0 (none) up to 50000 (at least 10,000 images stay for training)",
+    )
     _require(es.shard_size >= 0, f"es.shard_size: {es.shard_size}; use 0 (one shard) or a positive integer")
-    _require(workers.members_per_tile >= 1,
-             f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1")
+    _require(
+        workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1"
+    )
     from workers.network import NUM_PARAMS
 
     table_size = config.noise.table_size
-    _require(table_size > NUM_PARAMS, f"noise.table_size: {table_size}; must exceed the parameter count "
-             f"{NUM_PARAMS} (2**25 = 33554432 is a good default)")
+    _require(
+        table_size > NUM_PARAMS,
+        f"noise.table_size: {table_size}; must exceed the parameter count "
+        f"{NUM_PARAMS} (2**25 = 33554432 is a good default)",
+    )
     _require(table_size <= 1 << 31, f"noise.table_size: {table_size}; at most 2**31 entries (8 GiB)")
     _choice("workers.executor", workers.executor, EXECUTORS)
     _choice("workers.theta_sync", workers.theta_sync, THETA_SYNCS)
     _choice("workers.device", workers.device, DEVICES)
-    _require(not (arithmetic == "cpu-ftz" and workers.device == "cuda"),
-             "network.arithmetic: 'cpu-ftz' with workers.device 'cuda': torch.set_flush_denormal does nothing "
-             "on CUDA; use tf-ftz (the portable FTZ semantics) or workers.device: cpu")
+    _require(
+        not (arithmetic == "cpu-ftz" and workers.device == "cuda"),
+        "network.arithmetic: 'cpu-ftz' with workers.device 'cuda': torch.set_flush_denormal does nothing "
+        "on CUDA; use tf-ftz (the portable FTZ semantics) or workers.device: cpu",
+    )
     _require(workers.count >= 0, f"workers.count: {workers.count}; use 0 (auto) or a positive integer")
     _require(workers.min_count >= 1, f"workers.min_count: {workers.min_count}; use an integer >= 1")
-    _require(workers.max_count >= workers.min_count,
-             f"workers.max_count: {workers.max_count} is below workers.min_count {workers.min_count}")
+    _require(
+        workers.max_count >= workers.min_count,
+        f"workers.max_count: {workers.max_count} is below workers.min_count {workers.min_count}",
+    )
     _require(workers.cpus_per_worker >= 1, f"workers.cpus_per_worker: {workers.cpus_per_worker}; use an integer >= 1")
     _require(workers.gpus_per_worker >= 0, f"workers.gpus_per_worker: {workers.gpus_per_worker}; use a number >= 0")
     for name in ("tile_timeout_s", "no_worker_timeout_s"):
         _require(getattr(workers, name) > 0, f"workers.{name}: {getattr(workers, name)}; use a number > 0")
     _require(config.eval.every >= 1, f"eval.every: {config.eval.every}; use an integer >= 1")
     training_images = 60000 - config.validation_size
-    _require(0 <= config.eval.train_size <= training_images,
-             f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to {training_images} "
-             f"(the training images validation_size {config.validation_size} leaves)")
+    _require(
+        0 <= config.eval.train_size <= training_images,
+        f"eval.train_size: {config.eval.train_size}; use 0 (all) or an integer up to {training_images} "
+        f"(the training images validation_size {config.validation_size} leaves)",
+    )
     _validate_warm_start(config)
     _validate_limits(config)
     _require(config.checkpoint.every >= 1, f"checkpoint.every: {config.checkpoint.every}; use an integer >= 1")
@@ -370,20 +412,32 @@ def _validate_layer_members(config: Config) -> None:
     es = config.es
     for layer, members in enumerate(es.layers(), start=1):
         name = f"es.w{layer}"
-        _require(members.pop_size >= 0 and members.pop_size % 2 == 0,
-                 f"{name}.pop_size: {members.pop_size}; use 0 (none) or an even number (antithetic pairs)")
-        _require(0 < members.noise_scale < math.inf,
-                 f"{name}.noise_scale: {members.noise_scale}; use a finite number > 0 (1.0: es.noise_std itself)")
-        _require(not (members.pop_size and config.network.arithmetic == "cpu-ftz"),
-                 f"{name}.pop_size with network.arithmetic 'cpu-ftz': layer members start from the scaled frame's "
-                 f"shared products; use tf-ftz (the portable FTZ semantics) or {name}.pop_size: 0")
-        _require(0 <= members.step_scale < math.inf,
-                 f"{name}.step_scale: {members.step_scale}; use a finite number >= 0 (0 freezes the layer)")
-        _require(members.pop_size or es.pop_size or members.step_scale == 0,
-                 f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0, es.pop_size > 0, "
-                 f"or freeze it with {name}.step_scale: 0")
-    _require(0 <= es.w1.subspace <= 784,
-             f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components")
+        _require(
+            members.pop_size >= 0 and members.pop_size % 2 == 0,
+            f"{name}.pop_size: {members.pop_size}; use 0 (none) or an even number (antithetic pairs)",
+        )
+        _require(
+            0 < members.noise_scale < math.inf,
+            f"{name}.noise_scale: {members.noise_scale}; use a finite number > 0 (1.0: es.noise_std itself)",
+        )
+        _require(
+            not (members.pop_size and config.network.arithmetic == "cpu-ftz"),
+            f"{name}.pop_size with network.arithmetic 'cpu-ftz': layer members start from the scaled frame's "
+            f"shared products; use tf-ftz (the portable FTZ semantics) or {name}.pop_size: 0",
+        )
+        _require(
+            0 <= members.step_scale < math.inf,
+            f"{name}.step_scale: {members.step_scale}; use a finite number >= 0 (0 freezes the layer)",
+        )
+        _require(
+            members.pop_size or es.pop_size or members.step_scale == 0,
+            f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0, es.pop_size > 0, "
+            f"or freeze it with {name}.step_scale: 0",
+        )
+    _require(
+        0 <= es.w1.subspace <= 784,
+        f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components",
+    )
 
 
 def _validate_warm_start(config: Config) -> None:
@@ -391,18 +445,24 @@ def _validate_warm_start(config: Config) -> None:
     for name in ("epochs", "finetune_epochs"):
         value = getattr(warm, name)
         _require(value >= 0, f"warm_start.{name}: {value}; use 0 (none) or a positive number of epochs")
-    _require(not (warm.finetune_epochs and not warm.epochs),
-             f"warm_start.finetune_epochs: {warm.finetune_epochs} with warm_start.epochs 0: fine-tuning follows "
-             "the first backprop epochs; set warm_start.epochs >= 1, or finetune_epochs: 0")
+    _require(
+        not (warm.finetune_epochs and not warm.epochs),
+        f"warm_start.finetune_epochs: {warm.finetune_epochs} with warm_start.epochs 0: fine-tuning follows "
+        "the first backprop epochs; set warm_start.epochs >= 1, or finetune_epochs: 0",
+    )
     for name in ("learning_rate", "finetune_learning_rate"):
         value = getattr(warm, name)
         _require(0 < value < math.inf, f"warm_start.{name}: {value}; use a finite number > 0")
-    _require(1 <= warm.batch_size <= 60000,
-             f"warm_start.batch_size: {warm.batch_size}; use an integer from 1 to 60000 (the MNIST training set)")
+    _require(
+        1 <= warm.batch_size <= 60000,
+        f"warm_start.batch_size: {warm.batch_size}; use an integer from 1 to 60000 (the MNIST training set)",
+    )
     _choice("warm_start.gradient", warm.gradient, GRADIENTS)
-    _require(not (warm.epochs and config.network.arithmetic == "cpu-ftz"),
-             "warm_start with network.arithmetic 'cpu-ftz': backprop supports tf-ftz and linear (autograd); "
-             "use tf-ftz or warm_start.epochs: 0")
+    _require(
+        not (warm.epochs and config.network.arithmetic == "cpu-ftz"),
+        "warm_start with network.arithmetic 'cpu-ftz': backprop supports tf-ftz and linear (autograd); "
+        "use tf-ftz or warm_start.epochs: 0",
+    )
 
 
 SIGMA_RANGE = (1e-6, 10.0)
@@ -417,14 +477,18 @@ def _validate_limits(config: Config) -> None:
     low, high = SIGMA_RANGE
     for name in ("noise_std", "noise_std_final"):
         value = getattr(es, name)
-        _require(value is None or low <= value <= high,
-                 f"es.{name}: {value}; use a sigma from {low:g} to {high:g}: the estimate divides by sigma, so a "
-                 "smaller one overflows float32, and a larger one swamps theta's weights (below 0.1) with noise")
+        _require(
+            value is None or low <= value <= high,
+            f"es.{name}: {value}; use a sigma from {low:g} to {high:g}: the estimate divides by sigma, so a "
+            "smaller one overflows float32, and a larger one swamps theta's weights (below 0.1) with noise",
+        )
     for name in ("learning_rate", "learning_rate_final"):
         value = getattr(es, name)
-        _require(value is None or value <= MAX_LEARNING_RATE,
-                 f"es.{name}: {value}; use at most {MAX_LEARNING_RATE:g}: Adam moves every parameter by about "
-                 "the learning rate each generation, and theta's weights start below 0.1 (default 0.01)")
+        _require(
+            value is None or value <= MAX_LEARNING_RATE,
+            f"es.{name}: {value}; use at most {MAX_LEARNING_RATE:g}: Adam moves every parameter by about "
+            "the learning rate each generation, and theta's weights start below 0.1 (default 0.01)",
+        )
     for name in ("gpus_per_worker", "tile_timeout_s", "no_worker_timeout_s"):
         value = getattr(workers, name)
         _require(math.isfinite(value), f"workers.{name}: {value}; use a finite number")
@@ -436,9 +500,11 @@ def check_fits_memory(config: Config) -> None:
     need, largest = memory_needed(config)
     total = physical_memory()
     section, name = largest.split(".")
-    _require(total is None or need <= total,
-             f"{largest}: {getattr(getattr(config, section), name)} would need about {need / 2**30:.1f} GiB of "
-             f"memory for this run, and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}")
+    _require(
+        total is None or need <= total,
+        f"{largest}: {getattr(getattr(config, section), name)} would need about {need / 2**30:.1f} GiB of "
+        f"memory for this run, and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}",
+    )
 
 
 def memory_needed(config: Config) -> tuple[int, str]:
@@ -509,8 +575,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return key.split("."), _yaml_load(raw) if raw != "" else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML{_yaml_problem(err)}; "
-                          "quote a string value, e.g. --set 'key=\"text\"'") from None
+        raise ConfigError(
+            f"--set {text!r}: the value is not valid YAML{_yaml_problem(err)}; "
+            "quote a string value, e.g. --set 'key=\"text\"'"
+        ) from None
 
 
 def _rename_head_members(data: Any) -> None:
@@ -527,8 +595,10 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
     try:
         data = json.loads(json.dumps(data))  # deep copy; also rejects non-plain values early
     except TypeError as err:
-        raise ConfigError(f"the config holds a value that is not a plain number, string, list or mapping ({err}); "
-                          "quote dates and other special YAML values") from None
+        raise ConfigError(
+            f"the config holds a value that is not a plain number, string, list or mapping ({err}); "
+            "quote dates and other special YAML values"
+        ) from None
     _rename_head_members(data)
     for text in overrides:
         path, value = parse_override(text)
@@ -565,6 +635,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if data is None:  # an empty file: all defaults
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping of fields at the top level, got {data!r} "
-                          "(e.g. `generations: 100`)")
+        raise ConfigError(
+            f"config file {str(path)!r}: expected a mapping of fields at the top level, got {data!r} "
+            "(e.g. `generations: 100`)"
+        )
     return from_dict(data, overrides)

@@ -76,11 +76,24 @@ def render() -> str:
     parts = [INTRO]
     for path, intro, model in sections(Config, "", None):
         heading = f"`{path.rstrip('.')}`" if path else "Top level"
-        rows = [f"| `{path}{name}` | {_type(field.annotation)} | {_default(field.default)} | "
-                f"{_text(field.description)} |"
-                for name, field in model.model_fields.items() if not isinstance(field.default, BaseModel)]
-        parts.append("\n".join([f"## {heading}", "", *([_text(intro), ""] if intro else []),
-                                "| field | type | default | description |", "|---|---|---|---|", *rows]) + "\n")
+        rows = [
+            f"| `{path}{name}` | {_type(field.annotation)} | {_default(field.default)} | {_text(field.description)} |"
+            for name, field in model.model_fields.items()
+            if not isinstance(field.default, BaseModel)
+        ]
+        parts.append(
+            "\n".join(
+                [
+                    f"## {heading}",
+                    "",
+                    *([_text(intro), ""] if intro else []),
+                    "| field | type | default | description |",
+                    "|---|---|---|---|",
+                    *rows,
+                ]
+            )
+            + "\n"
+        )
     parts.append(RULES)
     return "\n".join(parts)
 

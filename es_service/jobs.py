@@ -40,7 +40,13 @@ import tempfile
 from pathlib import Path
 
 from es_service.jobs_client import (
-    DEFAULT_ADDRESS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Cluster, JobsError, job_status,
+    DEFAULT_ADDRESS,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    Cluster,
+    JobsError,
+    job_status,
 )
 
 COMMANDS = ("submit", "status", "logs", "stop", "list")
@@ -67,14 +73,26 @@ def add_commands(commands) -> None:
     """Add submit/status/logs/stop/list to the CLI's subparsers."""
     submit = commands.add_parser("submit", help="run a config as a Ray job on a running cluster")
     submit.add_argument("config", help="YAML config file (checked here before anything is sent)")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable); passed on to the job")
-    submit.add_argument("--run-dir", help="the job's run directory on the head: absolute, or relative to the "
-                                          f"results root there (${RESULTS_ROOT_ENV}, default {DEFAULT_RESULTS_ROOT}); "
-                                          "default <config stem>-<submission id>")
-    submit.add_argument("--working-dir", help="directory uploaded as the job's working directory; it must hold "
-                                              "the config; token files, .env and *.pem/*.key/id_* keys are left out "
-                                              "(default: a fresh directory holding only the config)")
+    submit.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable); passed on to the job",
+    )
+    submit.add_argument(
+        "--run-dir",
+        help="the job's run directory on the head: absolute, or relative to the "
+        f"results root there (${RESULTS_ROOT_ENV}, default {DEFAULT_RESULTS_ROOT}); "
+        "default <config stem>-<submission id>",
+    )
+    submit.add_argument(
+        "--working-dir",
+        help="directory uploaded as the job's working directory; it must hold "
+        "the config; token files, .env and *.pem/*.key/id_* keys are left out "
+        "(default: a fresh directory holding only the config)",
+    )
     submit.add_argument("--data-dir", help="MNIST folder on the head node, passed to `train --data-dir`")
     submit.add_argument("--submission-id", help="job id to use (default es-<random>); must be new on the cluster")
     submit.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
@@ -99,19 +117,28 @@ def add_commands(commands) -> None:
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: "
-                                          f"$RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or {DEFAULT_ADDRESS})")
-    parser.add_argument("--token-file", help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
-                                             "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a plain http:// --address that is not loopback (the token then crosses the "
-                             "network unencrypted); prefer the SSH tunnel of `ray dashboard cluster/config.yaml`")
+    parser.add_argument(
+        "--address",
+        help="Ray jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: "
+        f"$RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS, or {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--token-file",
+        help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
+        "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a plain http:// --address that is not loopback (the token then crosses the "
+        "network unencrypted); prefer the SSH tunnel of `ray dashboard cluster/config.yaml`",
+    )
 
 
 def _time(ms: int | None) -> str | None:
     if not ms:
         return None
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(timespec="seconds")
 
 
 def describe(info) -> dict:
@@ -126,8 +153,7 @@ def describe(info) -> dict:
         "config": meta.pop(META_PREFIX + "config", None),
         "start_time": _time(info.start_time),
         "end_time": _time(info.end_time),
-        "duration_s": round((info.end_time - info.start_time) / 1000, 1)
-        if info.start_time and info.end_time else None,
+        "duration_s": round((info.end_time - info.start_time) / 1000, 1) if info.start_time and info.end_time else None,
         "driver_exit_code": getattr(info, "driver_exit_code", None),
     }
     if getattr(info, "error_type", None):
@@ -173,13 +199,19 @@ def build_submission(args) -> tuple[str, dict, dict, str, str]:
     if args.working_dir:
         working_dir = Path(args.working_dir)
         if not working_dir.is_dir():
-            raise JobsError(f"--working-dir {args.working_dir!r} is not a directory; pass the folder to upload "
-                            "(it must hold the config)", EXIT_BAD_INPUT)
+            raise JobsError(
+                f"--working-dir {args.working_dir!r} is not a directory; pass the folder to upload "
+                "(it must hold the config)",
+                EXIT_BAD_INPUT,
+            )
         try:
             relative = config_path.resolve().relative_to(working_dir.resolve())
         except ValueError:
-            raise JobsError(f"config {args.config!r} is not inside --working-dir {args.working_dir!r}; the job "
-                            "reads it from there: move it in, or leave out --working-dir", EXIT_BAD_INPUT) from None
+            raise JobsError(
+                f"config {args.config!r} is not inside --working-dir {args.working_dir!r}; the job "
+                "reads it from there: move it in, or leave out --working-dir",
+                EXIT_BAD_INPUT,
+            ) from None
         excludes = secret_excludes(working_dir, relative, getattr(args, "token_file", None))
     else:
         working_dir = Path(tempfile.mkdtemp(prefix="es-service-submit-"))
@@ -229,8 +261,11 @@ def secret_excludes(working_dir: Path, config: Path, token_file: str | None) -> 
         return relative.as_posix() in anchored or any(fnmatch.fnmatchcase(relative.name, p) for p in SECRET_PATTERNS)
 
     if secret(config):
-        raise JobsError(f"the config {config.as_posix()!r} has the name of a credential file, which --working-dir "
-                        "never uploads; rename it", EXIT_BAD_INPUT)
+        raise JobsError(
+            f"the config {config.as_posix()!r} has the name of a credential file, which --working-dir "
+            "never uploads; rename it",
+            EXIT_BAD_INPUT,
+        )
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
@@ -239,8 +274,11 @@ def secret_excludes(working_dir: Path, config: Path, token_file: str | None) -> 
             if secret(relative):
                 found.append(relative.as_posix())
     if found:
-        print(f"es-service: not uploading what looks like credentials from --working-dir: {', '.join(sorted(found))}",
-              file=sys.stderr, flush=True)
+        print(
+            f"es-service: not uploading what looks like credentials from --working-dir: {', '.join(sorted(found))}",
+            file=sys.stderr,
+            flush=True,
+        )
     return patterns
 
 
@@ -249,25 +287,34 @@ def cmd_submit(args):
     staged = None if args.working_dir else runtime_env["working_dir"]
     try:
         cluster = Cluster(args.address, args.token_file, args.insecure)
-        cluster._call(lambda: cluster.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                                         runtime_env=runtime_env, metadata=metadata))
+        cluster._call(
+            lambda: cluster.client.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata
+            )
+        )
     finally:
         if staged:
             shutil.rmtree(staged, ignore_errors=True)
     args._submitted = submission_id
     print(submission_id, flush=True)
     where = "" if os.path.isabs(run_dir) else f" on the head ({RESULTS_ROOT_ENV} there, default {DEFAULT_RESULTS_ROOT})"
-    print(f"es-service: submitted {submission_id} to {cluster.address}: {entrypoint}\n"
-          f"es-service: run dir {run_dir}{where}; `es-service status {submission_id}` or "
-          f"`es-service logs --follow {submission_id}`", file=sys.stderr, flush=True)
+    print(
+        f"es-service: submitted {submission_id} to {cluster.address}: {entrypoint}\n"
+        f"es-service: run dir {run_dir}{where}; `es-service status {submission_id}` or "
+        f"`es-service logs --follow {submission_id}`",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.no_wait:
         raise SystemExit(0)
     cluster.follow(submission_id)
     info = cluster.wait_terminal(submission_id, timeout_s=60)
     status = job_status(info)
     if status != "SUCCEEDED":
-        raise JobsError(f"job {submission_id} {status}: {info.message or 'no message'}; "
-                        f"see `es-service logs {submission_id}`", EXIT_FAILED)
+        raise JobsError(
+            f"job {submission_id} {status}: {info.message or 'no message'}; see `es-service logs {submission_id}`",
+            EXIT_FAILED,
+        )
     print(f"es-service: job {submission_id} SUCCEEDED; run dir {run_dir}", file=sys.stderr)
     raise SystemExit(0)
 
@@ -293,8 +340,12 @@ def cmd_stop(args):
     cluster.info(args.job_id)
     requested = cluster._call(lambda: cluster.client.stop_job(args.job_id), args.job_id)
     info = cluster.info(args.job_id) if args.no_wait else cluster.wait_terminal(args.job_id, STOP_GRACE_S + 30)
-    return {"submission_id": args.job_id, "stop_requested": bool(requested), "status": job_status(info),
-            "message": info.message}
+    return {
+        "submission_id": args.job_id,
+        "stop_requested": bool(requested),
+        "status": job_status(info),
+        "message": info.message,
+    }
 
 
 def cmd_list(args):

@@ -23,8 +23,10 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-TUNNEL_HINT = ("open the SSH tunnel to the head with `ray dashboard cluster/config.yaml` (it forwards "
-               "http://127.0.0.1:8265) and pass --address http://127.0.0.1:8265")
+TUNNEL_HINT = (
+    "open the SSH tunnel to the head with `ray dashboard cluster/config.yaml` (it forwards "
+    "http://127.0.0.1:8265) and pass --address http://127.0.0.1:8265"
+)
 
 
 class JobsError(Exception):
@@ -51,21 +53,32 @@ def resolve_address(address: str | None, insecure: bool = False) -> str:
         else:
             return DEFAULT_ADDRESS
     address = address.strip().rstrip("/")
-    if address == "auto" or address.startswith("ray://") or ("://" in address and not address.startswith(
-            ("http://", "https://"))):
-        raise JobsError(f"{source} {address!r}: expected the jobs API URL of the head's dashboard, "
-                        "e.g. --address http://HEAD:8265 (not a ray:// or GCS address)", EXIT_BAD_INPUT)
+    if (
+        address == "auto"
+        or address.startswith("ray://")
+        or ("://" in address and not address.startswith(("http://", "https://")))
+    ):
+        raise JobsError(
+            f"{source} {address!r}: expected the jobs API URL of the head's dashboard, "
+            "e.g. --address http://HEAD:8265 (not a ray:// or GCS address)",
+            EXIT_BAD_INPUT,
+        )
     if "://" not in address:
         address = f"http://{address}"
     host = urlsplit(address).hostname or ""
     if address.startswith("http://") and not is_loopback(host):
         if not insecure:
-            raise JobsError(f"{source} {address!r} would send the cluster's auth token unencrypted to {host}; "
-                            f"{TUNNEL_HINT}, use an https:// address, or pass --insecure to send it anyway",
-                            EXIT_BAD_INPUT)
-        print(f"es-service: warning: --insecure: the auth token goes to {host} over plain http, readable by anyone "
-              "on the network path; prefer the SSH tunnel of `ray dashboard cluster/config.yaml`", file=sys.stderr,
-              flush=True)
+            raise JobsError(
+                f"{source} {address!r} would send the cluster's auth token unencrypted to {host}; "
+                f"{TUNNEL_HINT}, use an https:// address, or pass --insecure to send it anyway",
+                EXIT_BAD_INPUT,
+            )
+        print(
+            f"es-service: warning: --insecure: the auth token goes to {host} over plain http, readable by anyone "
+            "on the network path; prefer the SSH tunnel of `ray dashboard cluster/config.yaml`",
+            file=sys.stderr,
+            flush=True,
+        )
     return address
 
 
@@ -99,11 +112,17 @@ def _read_token(path: Path, source: str) -> str:
     try:
         token = path.read_text().strip()
     except OSError as err:
-        raise JobsError(f"{source} {str(path)!r} cannot be read ({err.strerror or err}); copy the cluster's token "
-                        "(`ray get-auth-token` on the head) into a readable file", EXIT_BAD_INPUT) from None
+        raise JobsError(
+            f"{source} {str(path)!r} cannot be read ({err.strerror or err}); copy the cluster's token "
+            "(`ray get-auth-token` on the head) into a readable file",
+            EXIT_BAD_INPUT,
+        ) from None
     if not token:
-        raise JobsError(f"{source} {str(path)!r} is empty; put the cluster's token in it "
-                        "(`ray get-auth-token` on the head prints it)", EXIT_BAD_INPUT)
+        raise JobsError(
+            f"{source} {str(path)!r} is empty; put the cluster's token in it "
+            "(`ray get-auth-token` on the head prints it)",
+            EXIT_BAD_INPUT,
+        )
     warn_if_shared(path)
     return token
 
@@ -115,8 +134,12 @@ def warn_if_shared(path: Path) -> None:
     except OSError:
         return
     if mode & 0o077:
-        print(f"es-service: warning: the auth token file {str(path)!r} is readable by other users (mode "
-              f"{mode:04o}); restrict it with `chmod 600 {path}`", file=sys.stderr, flush=True)
+        print(
+            f"es-service: warning: the auth token file {str(path)!r} is readable by other users (mode "
+            f"{mode:04o}); restrict it with `chmod 600 {path}`",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,27 +171,39 @@ class Cluster:
                 raise JobsError(
                     f"the Ray cluster at {self.address} requires an auth token and none was sent ({self.token_source} "
                     "found); run `ray get-auth-token` on the head and put the token in ~/.ray/auth_token, "
-                    "pass --token-file FILE or set RAY_AUTH_TOKEN", EXIT_BAD_INPUT) from None
+                    "pass --token-file FILE or set RAY_AUTH_TOKEN",
+                    EXIT_BAD_INPUT,
+                ) from None
             raise JobsError(
                 f"the Ray cluster at {self.address} refused the auth token from {self.token_source}; use the "
                 "token printed by `ray get-auth-token` on the head (--token-file FILE, RAY_AUTH_TOKEN or "
-                "~/.ray/auth_token)", EXIT_BAD_INPUT) from None
+                "~/.ray/auth_token)",
+                EXIT_BAD_INPUT,
+            ) from None
         except ConnectionError as err:
             raise JobsError(
                 f"cannot reach the Ray jobs API at {self.address} ({_first_line(err)}); is the cluster up? For a "
-                f"remote head, {TUNNEL_HINT} (or set RAY_API_SERVER_ADDRESS)", EXIT_FAILED) from None
+                f"remote head, {TUNNEL_HINT} (or set RAY_API_SERVER_ADDRESS)",
+                EXIT_FAILED,
+            ) from None
         except RuntimeError as err:
             text = str(err)
             if job_id is not None and ("404" in text or "does not exist" in text):
-                raise JobsError(f"no job {job_id!r} on the Ray cluster at {self.address}; "
-                                "`es-service list` shows the submitted jobs", EXIT_BAD_INPUT) from None
+                raise JobsError(
+                    f"no job {job_id!r} on the Ray cluster at {self.address}; "
+                    "`es-service list` shows the submitted jobs",
+                    EXIT_BAD_INPUT,
+                ) from None
             if "already exists" in text:
                 raise JobsError(f"{_first_line(err)}; pick another --submission-id", EXIT_BAD_INPUT) from None
             raise JobsError(f"the Ray jobs API at {self.address} failed: {_first_line(err)}", EXIT_FAILED) from None
         except Exception as err:  # requests errors (bad URL, TLS, timeouts) and aiohttp errors
             if type(err).__module__.split(".")[0] in ("requests", "urllib3", "aiohttp"):
-                raise JobsError(f"cannot talk to the Ray jobs API at {self.address}: {_first_line(err)}; "
-                                f"check --address; for a remote head, {TUNNEL_HINT}", EXIT_FAILED) from None
+                raise JobsError(
+                    f"cannot talk to the Ray jobs API at {self.address}: {_first_line(err)}; "
+                    f"check --address; for a remote head, {TUNNEL_HINT}",
+                    EXIT_FAILED,
+                ) from None
             raise
 
     def info(self, job_id: str):

@@ -57,16 +57,19 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-             if line.strip()]
+    lines = [
+        (number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
+    ]
     records = []
     for index, (number, line) in enumerate(lines):
         record = _parse(line)
         if record is None and index == len(lines) - 1:
             break  # torn by a crash mid-append
         if record is None:
-            raise MetricsError(f"{path}: line {number} is damaged ({line[:60]!r}); only a last line can be torn "
-                               f"by a crash: delete line {number} (and the lines after it, which a resume "
-                               "recomputes), or restore the file")
+            raise MetricsError(
+                f"{path}: line {number} is damaged ({line[:60]!r}); only a last line can be torn "
+                f"by a crash: delete line {number} (and the lines after it, which a resume "
+                "recomputes), or restore the file"
+            )
         records.append(record)
     return records

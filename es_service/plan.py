@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 
 from es_service import strategy
@@ -104,8 +103,9 @@ def shard_bounds(batch_size: int, shard_size: int) -> tuple[tuple[int, int], ...
     return tuple((start, min(start + step, batch_size)) for start in range(0, batch_size, step))
 
 
-def make_tiles(pop_size: int, members_per_tile: int, num_shards: int,
-               layer_pop_sizes: tuple[int, int, int] = (0, 0, 0)) -> tuple[Tile, ...]:
+def make_tiles(
+    pop_size: int, members_per_tile: int, num_shards: int, layer_pop_sizes: tuple[int, int, int] = (0, 0, 0)
+) -> tuple[Tile, ...]:
     """Tiles of at most members_per_tile members per shard, for the whole members, then layer 1's and
     layer 2's; then, per shard, one tile of all of layer 3's members (they are cheap, and one fixed
     tile keeps their batched matmul's shape fixed)."""
@@ -150,8 +150,10 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
     # a stream per layer: runs without layer members keep every draw they had before
     layer_offsets = tuple(
         np.random.default_rng([derive_seed(config.seed, LAYER_STREAMS[layer]), generation])
-        .integers(0, noise.max_offset(config.noise.table_size) + 1, size=members.pop_size // 2).astype(np.int64)
-        for layer, members in zip((1, 2, 3), layers))
+        .integers(0, noise.max_offset(config.noise.table_size) + 1, size=members.pop_size // 2)
+        .astype(np.int64)
+        for layer, members in zip((1, 2, 3), layers)
+    )
     return GenerationPlan(
         generation=generation,
         noise_std=noise_std,
@@ -163,17 +165,16 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         rank=es.rank,
         shared_first_layer=es.shared_first_layer,
         shard_bounds=bounds,
-        tiles=make_tiles(es.pop_size, config.workers.members_per_tile, len(bounds),
-                         tuple(members.pop_size for members in layers)),
+        tiles=make_tiles(
+            es.pop_size, config.workers.members_per_tile, len(bounds), tuple(members.pop_size for members in layers)
+        ),
         layer_offsets=layer_offsets,
         layer_noise_stds=tuple(noise_std * members.noise_scale for members in layers),
         subspace=es.w1.subspace,
     )
 
 
-def member_fitness(
-    loss_sums: np.ndarray, correct: np.ndarray, batch_size: int, kind: str
-) -> np.ndarray:
+def member_fitness(loss_sums: np.ndarray, correct: np.ndarray, batch_size: int, kind: str) -> np.ndarray:
     """Combine per-(member, shard) results, shards summed in their fixed order, into one fitness each."""
     if kind == "accuracy":
         return correct.sum(axis=1) / batch_size

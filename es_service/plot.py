@@ -55,14 +55,17 @@ def _matplotlib():
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["generation"], r[key]) for r in records
-              if r.get("generation") is not None and isinstance(r.get(key), (int, float))
-              and math.isfinite(r[key])]
+    points = [
+        (r["generation"], r[key])
+        for r in records
+        if r.get("generation") is not None and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
     return [x for x, _ in points], [y for _, y in points]
 
 
-def _tail_limits(curves: list[tuple[list[float], list[float]]], margin: float,
-                 clamp: tuple[float, float] | None = None) -> tuple[float, float] | None:
+def _tail_limits(
+    curves: list[tuple[list[float], list[float]]], margin: float, clamp: tuple[float, float] | None = None
+) -> tuple[float, float] | None:
     """y limits that fit every curve past its first ``ZOOM_SKIP`` of generations."""
     tail = [y for xs, ys in curves if xs for x, y in zip(xs, ys) if x >= ZOOM_SKIP * xs[-1]]
     if not tail:
@@ -83,9 +86,16 @@ def _draw(ax: Axes, runs: list[tuple[str, list[dict]]], curves, margin: float, c
             if not xs:
                 continue
             color = f"C{curve_index if len(runs) == 1 else run_index % 10}"
-            ax.plot(xs, ys, linestyle=style, color=color, linewidth=1.6,
-                    marker="o" if len(xs) <= MARKER_LIMIT else None, markersize=3,
-                    label=name if len(runs) == 1 else f"{label}: {name}")
+            ax.plot(
+                xs,
+                ys,
+                linestyle=style,
+                color=color,
+                linewidth=1.6,
+                marker="o" if len(xs) <= MARKER_LIMIT else None,
+                markersize=3,
+                label=name if len(runs) == 1 else f"{label}: {name}",
+            )
             drawn.append((xs, ys))
     if not drawn:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")

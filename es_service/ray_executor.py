@@ -106,9 +106,17 @@ class _ReplaySync:
 
 
 class RayExecutor:
-    def __init__(self, table: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str,
-                 workers: WorkersConfig, autoscale: bool = False, basis: torch.Tensor | None = None,
-                 worker_class: type = PopulationWorker):
+    def __init__(
+        self,
+        table: torch.Tensor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        arithmetic: str,
+        workers: WorkersConfig,
+        autoscale: bool = False,
+        basis: torch.Tensor | None = None,
+        worker_class: type = PopulationWorker,
+    ):
         self.config = workers
         self.replay = workers.theta_sync == "replay"
         self.table, self.device = table, "cpu"  # the driver's update reads this table on the CPU
@@ -124,7 +132,10 @@ class RayExecutor:
         if basis is not None:  # computed once here: every worker must hold the driver's bits
             self.refs["basis"] = ray.put(basis.numpy())
         self.actor_class = ray.remote(worker_class).options(
-            num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker, max_restarts=0, max_concurrency=1,
+            num_cpus=workers.cpus_per_worker,
+            num_gpus=workers.gpus_per_worker,
+            max_restarts=0,
+            max_concurrency=1,
             **worker_runtime_env(),
         )
         self.workers: dict[int, _Worker] = {}
@@ -202,8 +213,9 @@ class RayExecutor:
         return sum(1 for w in self.workers.values() if w.ready)
 
     # -- one generation -----------------------------------------------------------------------------
-    def run_generation(self, theta: torch.Tensor, plan: GenerationPlan, replica=None,
-                       last_update=None) -> GenerationOutcome:
+    def run_generation(
+        self, theta: torch.Tensor, plan: GenerationPlan, replica=None, last_update=None
+    ) -> GenerationOutcome:
         """``replica`` (the driver's, at this generation) and ``last_update`` (the previous generation's)
         serve ``replay``; ``broadcast`` needs only ``theta``."""
         outcome = GenerationOutcome.empty(plan)
@@ -239,7 +251,7 @@ class RayExecutor:
             for ref in ready:
                 self._collect(ref, in_flight, queue, done, outcome, sync)
             self._expire(in_flight, queue, done, outcome)
-        for ref, (_, wid, _) in in_flight.items():  # duplicates still running: let them finish
+        for _, wid, _ in in_flight.values():  # duplicates still running: let them finish
             if wid in self.workers:
                 self.workers[wid].in_flight -= 1
         outcome.workers_alive = self.alive

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from es_service import plan as planning, strategy
+from es_service import plan as planning
+from es_service import strategy
 from es_service.config import Config
 from workers import layer_members, network
 
@@ -56,20 +57,31 @@ def shaped_update(config: Config, plan: planning.GenerationPlan, outcome) -> tup
     return Update(plan.generation, tuple(weights), skipped=not np.isfinite(fitness).any()), fitness
 
 
-def estimate(config: Config, table: torch.Tensor, basis: torch.Tensor | None, plan: planning.GenerationPlan,
-             update: Update) -> torch.Tensor:
+def estimate(
+    config: Config, table: torch.Tensor, basis: torch.Tensor | None, plan: planning.GenerationPlan, update: Update
+) -> torch.Tensor:
     """The gradient estimate: the whole members', with each layer that has layer members taking theirs."""
     whole = update.weights[0]
     members = len(plan.member_offsets)
-    grad = (strategy.grad_estimate(table, plan.slice_offsets, whole, plan.noise_std, members, rank=plan.rank)
-            if members else torch.zeros(network.NUM_PARAMS, device=table.device))
+    grad = (
+        strategy.grad_estimate(table, plan.slice_offsets, whole, plan.noise_std, members, rank=plan.rank)
+        if members
+        else torch.zeros(network.NUM_PARAMS, device=table.device)
+    )
     for layer in layer_members.LAYERS:
         offsets = plan.layer_offsets[layer - 1]
         if len(offsets):
             start, stop = layer_members.param_range(layer)
-            grad[start:stop] = strategy.layer_estimate(table, offsets, update.weights[layer], layer,
-                                                       plan.noise_std_of(layer), 2 * len(offsets), plan.subspace,
-                                                       basis)
+            grad[start:stop] = strategy.layer_estimate(
+                table,
+                offsets,
+                update.weights[layer],
+                layer,
+                plan.noise_std_of(layer),
+                2 * len(offsets),
+                plan.subspace,
+                basis,
+            )
     return grad
 
 
@@ -87,9 +99,16 @@ class Replica:
     and follows updates from there.
     """
 
-    def __init__(self, config: Config, num_train: int, theta: torch.Tensor, generation: int,
-                 optimizer_state: dict | None = None, table: torch.Tensor | None = None,
-                 basis: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: Config,
+        num_train: int,
+        theta: torch.Tensor,
+        generation: int,
+        optimizer_state: dict | None = None,
+        table: torch.Tensor | None = None,
+        basis: torch.Tensor | None = None,
+    ):
         self.config = config
         self.num_train = num_train
         self.generation = generation
@@ -129,9 +148,15 @@ class Replica:
         return self._fingerprint
 
     def __getstate__(self) -> dict:
-        return {"config": self.config, "num_train": self.num_train, "generation": self.generation,
-                "theta": self.theta.cpu().clone(), "optimizer_state": self.adam.state_dict()}
+        return {
+            "config": self.config,
+            "num_train": self.num_train,
+            "generation": self.generation,
+            "theta": self.theta.cpu().clone(),
+            "optimizer_state": self.adam.state_dict(),
+        }
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["config"], state["num_train"], state["theta"], state["generation"],
-                      state["optimizer_state"])
+        self.__init__(
+            state["config"], state["num_train"], state["theta"], state["generation"], state["optimizer_state"]
+        )

@@ -17,8 +17,10 @@ class ReportError(RuntimeError):
 def summarize(run_dir: Path) -> dict:
     info_path, metrics_path = run_dir / rundir.RUN_INFO_NAME, run_dir / rundir.METRICS_NAME
     if not info_path.is_file() or not metrics_path.is_file():
-        raise ReportError(f"{str(run_dir)!r} is not a run directory (no run.json or metrics.jsonl); "
-                          "pass directories made by `es-service train` or `es-service backprop`")
+        raise ReportError(
+            f"{str(run_dir)!r} is not a run directory (no run.json or metrics.jsonl); "
+            "pass directories made by `es-service train` or `es-service backprop`"
+        )
     info = rundir.read_run_info(run_dir) or {"status": "? (run.json damaged)"}
     records = read_metrics(metrics_path)
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
@@ -30,8 +32,11 @@ def summarize(run_dir: Path) -> dict:
     except Exception:
         arithmetic = "?"
     method, wall_s = info.get("method", "es"), sum(r.get("wall_s", 0.0) for r in records)
-    stages = [read_metrics(path) for name in WARM_START_STAGES
-              if (path := run_dir / "warm_start" / name / "metrics.jsonl").is_file()]
+    stages = [
+        read_metrics(path)
+        for name in WARM_START_STAGES
+        if (path := run_dir / "warm_start" / name / "metrics.jsonl").is_file()
+    ]
     if stages:  # a hybrid: its warm start's epochs and time belong to the row
         method += f" after {'+'.join(str(len(epochs)) for epochs in stages)} backprop epochs"
         wall_s += sum(r.get("wall_s", 0.0) for epochs in stages for r in epochs)
@@ -58,10 +63,12 @@ def render(rows: list[dict]) -> str:
     header = "| run | method | arithmetic | train | test | best test | test, no flush | generations | wall s | device |"
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {r['arithmetic']} | {_pct(r['train_accuracy'])} | "
-                     f"{_pct(r['test_accuracy'])} | {_pct(r['best_test_accuracy'])} | "
-                     f"{_pct(r['test_accuracy_unflushed'])} | {r['generations']} | "
-                     f"{r['wall_s']:.0f} | {r['device']} |")
+        lines.append(
+            f"| {r['run']} | {r['method']} | {r['arithmetic']} | {_pct(r['train_accuracy'])} | "
+            f"{_pct(r['test_accuracy'])} | {_pct(r['best_test_accuracy'])} | "
+            f"{_pct(r['test_accuracy_unflushed'])} | {r['generations']} | "
+            f"{r['wall_s']:.0f} | {r['device']} |"
+        )
     return "\n".join(lines)
 
 

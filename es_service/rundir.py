@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run.json"
@@ -36,8 +37,10 @@ def disk_full(path: Path, err: BaseException) -> WriteError | None:
     """The clear error for ``err`` if it (or what caused it) is ENOSPC or EDQUOT."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return WriteError(f"disk full at {path}: free some space there and try again (a run continues "
-                              "from its last intact checkpoint with `es-service resume RUN_DIR`)")
+            return WriteError(
+                f"disk full at {path}: free some space there and try again (a run continues "
+                "from its last intact checkpoint with `es-service resume RUN_DIR`)"
+            )
         err = err.__cause__ or err.__context__
     return None
 
@@ -134,15 +137,19 @@ class Lock:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            raise LockedError(f"cannot open the lock file {str(path)!r} ({err.strerror}); make "
-                              f"{str(shown_as or folder)!r} writable by this user") from None
+            raise LockedError(
+                f"cannot open the lock file {str(path)!r} ({err.strerror}); make "
+                f"{str(shown_as or folder)!r} writable by this user"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise LockedError(f"run directory {str(shown_as or folder)!r} is in use by process {holder}; wait "
-                              "for it to finish (or stop it), then try again") from None
+            raise LockedError(
+                f"run directory {str(shown_as or folder)!r} is in use by process {holder}; wait "
+                "for it to finish (or stop it), then try again"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 

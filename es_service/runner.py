@@ -15,17 +15,29 @@ from pathlib import Path
 
 import torch
 
-from es_service import checkpoint, plan as planning, rundir
+from es_service import checkpoint, rundir
+from es_service import plan as planning
 from es_service.backprop_runs import continue_backprop, warm_start
-from es_service.config import Config, ConfigError, WarmStartConfig, check_fits_memory, from_dict, load as load_config
+from es_service.config import Config, ConfigError, WarmStartConfig, check_fits_memory, from_dict
+from es_service.config import load as load_config
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
 from es_service.metrics import read as read_metrics
 from es_service.progress import Progress
 from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RUN_INFO_NAME, write_run_info
 from es_service.runs import (
-    FINAL_ACCURACIES, RunFailed, UsageError, check_run_dir, create_run_dir, initial_theta, load_data, plot, record_stop,
-    resolve, run_info, write_config,
+    FINAL_ACCURACIES,
+    RunFailed,
+    UsageError,
+    check_run_dir,
+    create_run_dir,
+    initial_theta,
+    load_data,
+    plot,
+    record_stop,
+    resolve,
+    run_info,
+    write_config,
 )
 from es_service.strategy import AdamES
 from workers import layer_members, noise
@@ -53,8 +65,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
-        raise RunFailed(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); check --address "
-                        "(or $RAY_ADDRESS) and that the cluster is up") from None
+        raise RunFailed(
+            f"cannot reach the Ray cluster at {address} ({err.strerror or err}); check --address "
+            "(or $RAY_ADDRESS) and that the cluster is up"
+        ) from None
 
 
 def build_executor(config: Config, table, data, address: str | None):
@@ -62,10 +76,14 @@ def build_executor(config: Config, table, data, address: str | None):
     w1 = config.es.w1  # layer-1 members' subspace: from the run's training images (never validation or test)
     basis = layer_members.image_basis(data.train_images, w1.subspace) if w1.pop_size and w1.subspace else None
     if config.workers.executor == "local":
-        device = "cpu" if arithmetic == "cpu-ftz" else resolve(config.workers.device, "workers.device",
-                                                                  "use --set workers.device=cpu (or auto)")
-        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused,
-                             basis=basis)
+        device = (
+            "cpu"
+            if arithmetic == "cpu-ftz"
+            else resolve(config.workers.device, "workers.device", "use --set workers.device=cpu (or auto)")
+        )
+        return LocalExecutor(
+            table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused, basis=basis
+        )
     import ray
 
     from es_service.ray_executor import RayExecutor
@@ -92,14 +110,33 @@ def started_executor(config: Config, noise_seed: int, data, address: str | None)
         executor.close()
 
 
-def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, data, executor,
-           stop_after: int | None, time_budget_s: float | None, quiet: bool) -> dict:
+def _train(
+    config: Config,
+    run_dir: Path,
+    state: TrainState,
+    noise_seed: int,
+    data,
+    executor,
+    stop_after: int | None,
+    time_budget_s: float | None,
+    quiet: bool,
+) -> dict:
     trainer = None
     try:
         progress = None if quiet else Progress(config.generations, start=state.generation)
         # the driver's update shares the executor's copy of the table (on the GPU for a local CUDA executor)
-        trainer = Trainer(config, run_dir, data, executor.table, noise_seed, executor, state, executor.device, progress,
-                          basis=executor.basis)
+        trainer = Trainer(
+            config,
+            run_dir,
+            data,
+            executor.table,
+            noise_seed,
+            executor,
+            state,
+            executor.device,
+            progress,
+            basis=executor.basis,
+        )
         write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid(), error=None)
         record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
     except BaseException as err:
@@ -110,15 +147,26 @@ def _train(config: Config, run_dir: Path, state: TrainState, noise_seed: int, da
     finished = trainer.generation >= config.generations
     if not any(key.endswith("_accuracy") for key in record):
         record.update(trainer.evaluate_center())
-    write_run_info(run_dir, status="finished" if finished else "paused", generation=trainer.saved_generation,
-                   final={k: record[k] for k in FINAL_ACCURACIES if k in record},
-                   wall_s_total=sum(r["wall_s"] for r in read_metrics(run_dir / METRICS_NAME)))
+    write_run_info(
+        run_dir,
+        status="finished" if finished else "paused",
+        generation=trainer.saved_generation,
+        final={k: record[k] for k in FINAL_ACCURACIES if k in record},
+        wall_s_total=sum(r["wall_s"] for r in read_metrics(run_dir / METRICS_NAME)),
+    )
     return {"generation": trainer.generation, "run_dir": str(run_dir), **trainer.last_accuracy}
 
 
-def train(config: Config, run_dir: Path, force: bool = False, address: str | None = None,
-          stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False,
-          init_from: Path | None = None) -> dict:
+def train(
+    config: Config,
+    run_dir: Path,
+    force: bool = False,
+    address: str | None = None,
+    stop_after: int | None = None,
+    time_budget_s: float | None = None,
+    quiet: bool = False,
+    init_from: Path | None = None,
+) -> dict:
     check_run_dir(run_dir, force)
     if init_from is not None and config.warm_start.epochs:
         print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
@@ -132,8 +180,17 @@ def train(config: Config, run_dir: Path, force: bool = False, address: str | Non
             with create_run_dir(run_dir, config, None, force, status="warm start"):
                 return _warm_start_then_train(config, run_dir, data, executor, stop_after, time_budget_s, quiet)
         with create_run_dir(run_dir, config, _es_start(config, theta), force, init_from=origin):
-            return _train(config, run_dir, TrainState(theta, None, 0), noise_seed, data, executor, stop_after,
-                          time_budget_s, quiet)
+            return _train(
+                config,
+                run_dir,
+                TrainState(theta, None, 0),
+                noise_seed,
+                data,
+                executor,
+                stop_after,
+                time_budget_s,
+                quiet,
+            )
 
 
 def _es_start(config: Config, theta: torch.Tensor) -> dict:
@@ -142,8 +199,9 @@ def _es_start(config: Config, theta: torch.Tensor) -> dict:
     return checkpoint.build(config, theta, adam.state_dict(), 0, planning.noise_seed(config.seed))
 
 
-def _warm_start_then_train(config: Config, run_dir: Path, data, executor, stop_after: int | None,
-                           time_budget_s: float | None, quiet: bool) -> dict:
+def _warm_start_then_train(
+    config: Config, run_dir: Path, data, executor, stop_after: int | None, time_budget_s: float | None, quiet: bool
+) -> dict:
     try:
         theta, origin = warm_start(config, run_dir, data, quiet)
         checkpoint.save(_es_start(config, theta), run_dir / CHECKPOINT_NAME)
@@ -151,8 +209,17 @@ def _warm_start_then_train(config: Config, run_dir: Path, data, executor, stop_a
         record_stop(run_dir, err)
         raise
     write_run_info(run_dir, status="created", init_from=origin, error=None)
-    return _train(config, run_dir, TrainState(theta, None, 0), planning.noise_seed(config.seed), data, executor,
-                  stop_after, time_budget_s, quiet)
+    return _train(
+        config,
+        run_dir,
+        TrainState(theta, None, 0),
+        planning.noise_seed(config.seed),
+        data,
+        executor,
+        stop_after,
+        time_budget_s,
+        quiet,
+    )
 
 
 def _resume_config(saved: Config, overrides: list[str]) -> Config:
@@ -172,8 +239,14 @@ def _resume_config(saved: Config, overrides: list[str]) -> Config:
     return config
 
 
-def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
-           stop_after: int | None = None, time_budget_s: float | None = None, quiet: bool = False) -> dict:
+def resume(
+    run_dir: Path,
+    overrides: list[str] = (),
+    address: str | None = None,
+    stop_after: int | None = None,
+    time_budget_s: float | None = None,
+    quiet: bool = False,
+) -> dict:
     """Continue a run where it stopped: an ES run from its checkpoint, a hybrid still in its warm start
     from its stage's last epoch, a backprop run from its last epoch."""
     if not run_dir.is_dir():
@@ -182,22 +255,32 @@ def resume(run_dir: Path, overrides: list[str] = (), address: str | None = None,
         return _resume(run_dir, list(overrides), address, stop_after, time_budget_s, quiet)
 
 
-def _resume(run_dir: Path, overrides: list[str], address: str | None, stop_after: int | None,
-            time_budget_s: float | None, quiet: bool) -> dict:
+def _resume(
+    run_dir: Path,
+    overrides: list[str],
+    address: str | None,
+    stop_after: int | None,
+    time_budget_s: float | None,
+    quiet: bool,
+) -> dict:
     path = run_dir / CHECKPOINT_NAME
     read_metrics(run_dir / METRICS_NAME)  # a damaged line is refused before anything changes
     info = rundir.read_run_info(run_dir)
     if info is None and path.is_file():  # the checkpoint and config.yaml hold the state: run.json is rebuilt
         info = {}
         if any("noise_std" not in record for record in read_metrics(run_dir / METRICS_NAME)):
-            raise UsageError(f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and this is a backprop run, "
-                             "whose schedule only run.json records; start it again with --force")
+            raise UsageError(
+                f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and this is a backprop run, "
+                "whose schedule only run.json records; start it again with --force"
+            )
     elif info is None and not (run_dir / "warm_start").is_dir():
         info = run_info(run_dir)  # raises, naming what is wrong
     if (info or {}).get("method", "es").startswith("backprop"):
         if stop_after is not None:
-            raise UsageError("--stop-after counts ES generations; a backprop run resumes to its --epochs "
-                             "(--time-budget stops it sooner)")
+            raise UsageError(
+                "--stop-after counts ES generations; a backprop run resumes to its --epochs "
+                "(--time-budget stops it sooner)"
+            )
         config = _resume_config(load_config(run_dir / CONFIG_NAME), overrides)
         record = continue_backprop(config, run_dir, load_data(config), time_budget_s, quiet)
         return {"run_dir": str(run_dir), **record}
@@ -211,7 +294,9 @@ def _resume(run_dir: Path, overrides: list[str], address: str | None, stop_after
     _check_belongs(run_dir, path, state, info or {})
     config = _resume_config(state["config"], overrides)
     if state["generation"] > config.generations:
-        raise ConfigError(f"generations: {config.generations} is below the checkpoint's generation {state['generation']}")
+        raise ConfigError(
+            f"generations: {config.generations} is below the checkpoint's generation {state['generation']}"
+        )
     set_process_arithmetic(config.network.arithmetic)
     data = load_data(config)
     noise_seed = state["noise"]["seed"]
@@ -232,25 +317,31 @@ def _check_belongs(run_dir: Path, path: Path, state: dict, info: dict) -> None:
         saved = None
     digest = saved.digest() if saved is not None else info.get("config_digest")
     if digest is None:
-        raise UsageError(f"{str(run_dir)!r}: config.yaml cannot be read and run.json does not record the run's "
-                         "config, so nothing shows that checkpoint.pt belongs to this run; start a new run "
-                         f"with `es-service train --init-from {path}`")
+        raise UsageError(
+            f"{str(run_dir)!r}: config.yaml cannot be read and run.json does not record the run's "
+            "config, so nothing shows that checkpoint.pt belongs to this run; start a new run "
+            f"with `es-service train --init-from {path}`"
+        )
     if state["config"].digest() != digest:
         raise checkpoint.CheckpointError(
             f"checkpoint {str(path)!r} was made with another config than this run directory's (digest "
             f"{state['config'].digest()}, not {digest}): it belongs to another run; put this run's checkpoint "
-            f"back, or start a new run with `es-service train --init-from {path}`")
+            f"back, or start a new run with `es-service train --init-from {path}`"
+        )
     seed = info.get("noise_seed", planning.noise_seed(state["config"].seed))
     if state["noise"]["seed"] != seed:
         raise checkpoint.CheckpointError(
             f"checkpoint {str(path)!r} has noise seed {state['noise']['seed']}, but this run's is {seed}: "
-            "its theta followed other noise; put this run's checkpoint back or start a new run")
+            "its theta followed other noise; put this run's checkpoint back or start a new run"
+        )
 
 
 def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:
     if path.is_dir():
-        raise UsageError(f"{str(path)!r} is a directory; pass the checkpoint file itself, e.g. "
-                         f"`es-service eval {path / CHECKPOINT_NAME}`")
+        raise UsageError(
+            f"{str(path)!r} is a directory; pass the checkpoint file itself, e.g. "
+            f"`es-service eval {path / CHECKPOINT_NAME}`"
+        )
     device = resolve(device, "--device", "use --device cpu (or auto)")
     state = checkpoint.load(path)
     config: Config = state["config"]

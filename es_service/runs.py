@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from es_service import checkpoint, plan as planning, rundir
+from es_service import checkpoint, rundir
+from es_service import plan as planning
 from es_service.config import Config
 from es_service.data import load_mnist
 from es_service.executors import resolve_device
@@ -62,7 +63,11 @@ def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor,
         raise checkpoint.CheckpointError(f"--init-from: {err}") from None
     theta = state["theta"].clone()
     digest = hashlib.sha256(theta.numpy().tobytes()).hexdigest()
-    return theta, {"checkpoint": str(Path(init_from).resolve()), "generation": state["generation"], "theta_sha256": digest}
+    return theta, {
+        "checkpoint": str(Path(init_from).resolve()),
+        "generation": state["generation"],
+        "theta_sha256": digest,
+    }
 
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
@@ -71,18 +76,24 @@ def check_run_dir(run_dir: Path, force: bool) -> None:
         raise UsageError(f"--run-dir {str(run_dir)!r} is a file; pass the path of a directory (it is created)")
     existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())
     if not existing.is_dir():
-        raise UsageError(f"--run-dir {str(run_dir)!r} lies under the file {str(existing)!r}; pass a path in a directory")
+        raise UsageError(
+            f"--run-dir {str(run_dir)!r} lies under the file {str(existing)!r}; pass a path in a directory"
+        )
     folder = existing if existing != run_dir else run_dir.parent
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"--run-dir {str(run_dir)!r}: {str(folder)!r} is not writable by this user; "
-                         "pass a --run-dir in a writable directory")
+        raise UsageError(
+            f"--run-dir {str(run_dir)!r}: {str(folder)!r} is not writable by this user; "
+            "pass a --run-dir in a writable directory"
+        )
     if run_dir.exists() and not force:
         raise UsageError(
             f"run directory {str(run_dir)!r} already exists; pick another --run-dir, "
             f"resume it with `es-service resume {run_dir}`, or pass --force to replace it"
         )
     if run_dir.exists() and not (run_dir / RUN_INFO_NAME).exists() and any(run_dir.iterdir()):
-        raise UsageError(f"{str(run_dir)!r} exists and is not a run directory; refusing to replace it even with --force")
+        raise UsageError(
+            f"{str(run_dir)!r} exists and is not a run directory; refusing to replace it even with --force"
+        )
     if (run_dir / LOCK_NAME).exists():
         rundir.Lock(run_dir).release()  # refuse now, not after loading everything, when a process writes it
 
@@ -97,9 +108,17 @@ def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: boo
 
     def fill(folder: Path) -> None:
         write_config(folder, config)
-        rundir.write_run_info(folder, **{"status": "created", "created": time.time(), "torch": torch.__version__,
-                                         "config_digest": config.digest(),
-                                         "noise_seed": planning.noise_seed(config.seed), **info})
+        rundir.write_run_info(
+            folder,
+            **{
+                "status": "created",
+                "created": time.time(),
+                "torch": torch.__version__,
+                "config_digest": config.digest(),
+                "noise_seed": planning.noise_seed(config.seed),
+                **info,
+            },
+        )
         if state is not None:
             checkpoint.save(state, folder / CHECKPOINT_NAME)
 
@@ -110,15 +129,18 @@ def run_info(run_dir: Path) -> dict:
     """run.json's fields; refuses a run directory whose run.json is missing or damaged."""
     info = rundir.read_run_info(run_dir)
     if info is None:
-        raise UsageError(f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and {str(run_dir)!r} cannot be "
-                         "continued without it: start the run again with --force")
+        raise UsageError(
+            f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and {str(run_dir)!r} cannot be "
+            "continued without it: start the run again with --force"
+        )
     return info
 
 
 def record_stop(run_dir: Path, err: BaseException, **fields) -> None:
     """Note in run.json that the run was interrupted or failed, and why."""
-    rundir.write_run_info(run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err),
-                          **fields)
+    rundir.write_run_info(
+        run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err), **fields
+    )
 
 
 def plot(run_dir: Path) -> None:

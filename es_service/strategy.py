@@ -71,7 +71,12 @@ def slice_weights(shaped: np.ndarray, antithetic: bool) -> np.ndarray:
 
 
 def grad_estimate(
-    table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, noise_std: float, pop_size: int, rank: int = 0,
+    table: torch.Tensor,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    noise_std: float,
+    pop_size: int,
+    rank: int = 0,
     length: int = noise.NUM_PARAMS,
 ) -> torch.Tensor:
     """(1 / (pop_size * sigma)) * sum_k weights_k * perturbation_k, on the table's device.
@@ -107,8 +112,16 @@ def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tenso
     return torch.cat(parts)
 
 
-def layer_estimate(table: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, layer: int, noise_std: float,
-                   pop_size: int, subspace: int = 0, basis: torch.Tensor | None = None) -> torch.Tensor:
+def layer_estimate(
+    table: torch.Tensor,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    layer: int,
+    noise_std: float,
+    pop_size: int,
+    subspace: int = 0,
+    basis: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``grad_estimate`` for one layer's members (workers.layer_members): the estimate of that layer's
     weight and bias only, flat in theta's order for them."""
     if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
@@ -155,13 +168,21 @@ class AdamES:
     negligible next to ES's noisy estimate, so only the decoupled form holds the weight norm down.
     """
 
-    def __init__(self, theta: torch.Tensor, learning_rate: float, weight_decay: float, decoupled: bool = False,
-                 weight_norm_cap: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-                 layer_step_scales: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+    def __init__(
+        self,
+        theta: torch.Tensor,
+        learning_rate: float,
+        weight_decay: float,
+        decoupled: bool = False,
+        weight_norm_cap: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        layer_step_scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
         self.weight_norm_cap = weight_norm_cap
-        self.layer_step_scales = {layer: scale for layer, scale in zip(layer_members.LAYERS, layer_step_scales)
-                                  if scale != 1.0}
+        self.layer_step_scales = {
+            layer: scale for layer, scale in zip(layer_members.LAYERS, layer_step_scales) if scale != 1.0
+        }
         if decoupled:
             self.weight_decay = 0.0
             self.optimizer = torch.optim.AdamW([self.theta], lr=learning_rate, betas=betas, weight_decay=weight_decay)
@@ -172,9 +193,15 @@ class AdamES:
     @classmethod
     def from_config(cls, theta: torch.Tensor, es: ESConfig) -> AdamES:
         """The optimizer an ``ESConfig`` describes."""
-        return cls(theta, es.learning_rate, es.weight_decay, decoupled=es.weight_decay_mode == "decoupled",
-                   weight_norm_cap=es.weight_norm_cap, betas=(es.adam_beta1, es.adam_beta2),
-                   layer_step_scales=tuple(members.step_scale for members in es.layers()))
+        return cls(
+            theta,
+            es.learning_rate,
+            es.weight_decay,
+            decoupled=es.weight_decay_mode == "decoupled",
+            weight_norm_cap=es.weight_norm_cap,
+            betas=(es.adam_beta1, es.adam_beta2),
+            layer_step_scales=tuple(members.step_scale for members in es.layers()),
+        )
 
     def step(self, grad: torch.Tensor, learning_rate: float) -> float:
         """One descent step on -grad + weight_decay * theta; returns the step's L2 norm."""

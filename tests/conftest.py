@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from tests.helpers import tiny_config  # noqa: F401  (still importable from here: test_driver, test_ray_executor)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def mnist_folder(tmp_path_factory):
@@ -55,8 +53,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=True,
-                      head_node_args={"num_cpus": 3, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -108,6 +105,9 @@ def memory_guard(request):
     yield
     grown = (_status_mb("VmHWM") if exact else peak_rss_mb()) - before
     if grown > RSS_GROWTH_LIMIT_MB:
-        pytest.fail(f"{request.node.nodeid} raised the test process's peak RSS by {grown:,.0f} MB "
-                    f"(limit {RSS_GROWTH_LIMIT_MB:,.0f} MB, ES_TEST_RSS_GROWTH_LIMIT_MB): reduce on the fly "
-                    "instead of stacking large tensors", pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} raised the test process's peak RSS by {grown:,.0f} MB "
+            f"(limit {RSS_GROWTH_LIMIT_MB:,.0f} MB, ES_TEST_RSS_GROWTH_LIMIT_MB): reduce on the fly "
+            "instead of stacking large tensors",
+            pytrace=False,
+        )

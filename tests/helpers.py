@@ -72,6 +72,7 @@ def mnist_dir() -> Path:
 
 # --- the real CLI in a subprocess ---
 
+
 def cli_env(cache_home: Path | None = None, **extra: str) -> dict[str, str]:
     """A CLI subprocess's environment: this one (real ES_DATA_DIR) without any setting that would point
     the command at some other Ray, the checkout first on PYTHONPATH, the MNIST cache under ``cache_home``
@@ -88,22 +89,40 @@ def _cli_command(args: tuple[Any, ...]) -> list[str]:
     return [sys.executable, "-m", "es_service.cli", *map(str, args)]
 
 
-def cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None, check: bool = True,
-        timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(
+    *args: Any,
+    env: dict[str, str] | None = None,
+    cwd: Path | str | None = None,
+    check: bool = True,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
     """``es-service ARGS`` (as ``python -m es_service.cli``) in a subprocess, as a user runs it, output
     captured as text; ``env`` defaults to ``cli_env()``. ``check``: fail unless it exits 0, showing its output."""
-    result = subprocess.run(_cli_command(args), env=cli_env() if env is None else env, cwd=cwd,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        _cli_command(args),
+        env=cli_env() if env is None else env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"es-service {' '.join(map(str, args))}: exit {result.returncode}\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"es-service {' '.join(map(str, args))}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
 def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None) -> subprocess.Popen:
     """The same command left running: stdout and stderr piped, as text."""
-    return subprocess.Popen(_cli_command(args), env=cli_env() if env is None else env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _cli_command(args),
+        env=cli_env() if env is None else env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -117,6 +136,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 # --- private Ray heads: their own session, temp dir, ports and token (test_jobs, test_local_cluster) ---
+
 
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
@@ -214,17 +234,41 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
     marker = f"ES_TEST_RAY_HEAD={temp.name}"
     gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager = free_ports(8)
     env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_TEST_RAY_HEAD=temp.name,
-               ES_RESULTS_ROOT=str(temp / "results"))  # jobs inherit the head's environment
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        ES_TEST_RAY_HEAD=temp.name,
+        ES_RESULTS_ROOT=str(temp / "results"),
+    )  # jobs inherit the head's environment
     log = open(temp / "head.log", "wb")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}", "--disable-usage-stats"],
-        cwd=temp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--port={gcs}",
+            f"--temp-dir={temp}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_manager}",
+            "--disable-usage-stats",
+        ],
+        cwd=temp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     head = RayHead(f"http://127.0.0.1:{dashboard}", token, token_file, temp)
     try:
         deadline = time.monotonic() + 180
@@ -234,9 +278,9 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
             try:
                 head.get("/api/version")
                 break
-            except (OSError, urllib.error.URLError):
+            except (OSError, urllib.error.URLError) as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no jobs API after 180 s: {(temp / 'head.log').read_text()[-3000:]}")
+                    raise RuntimeError(f"no jobs API after 180 s: {(temp / 'head.log').read_text()[-3000:]}") from err
                 time.sleep(1)
         yield head
     finally:
@@ -252,6 +296,7 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
 
 # --- the driver loop in-process (test_driver, test_ray_executor, test_report, test_rundir, test_cli_e2e) ---
 
+
 def basis_of(config, mnist):
     """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
     subspace = config.es.w1.subspace
@@ -263,8 +308,15 @@ def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
     basis = basis_of(config, mnist)
-    executor = LocalExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, "cpu",
-                             merge_tiles=merge_tiles, basis=basis)
+    executor = LocalExecutor(
+        table,
+        mnist.train_images,
+        mnist.train_labels,
+        config.network.arithmetic,
+        "cpu",
+        merge_tiles=merge_tiles,
+        basis=basis,
+    )
     if state is None:
         state = TrainState(planning.seed_theta(config.seed), None, 0)
     trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)

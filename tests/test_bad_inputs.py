@@ -72,20 +72,35 @@ def unwritable(tmp: Path) -> list[str]:
 # name: (command given the tmp dir and the beside run, exit code, what the one line must name)
 ROWS = {
     "--run-dir that is a file": (lambda t, b: train(t, "--run-dir", str(file_at(t / "plain"))), 2, ["is a file"]),
-    "--run-dir under a file": (lambda t, b: train(t, "--run-dir", str(file_at(t / "plain") / "run")), 2,
-                               ["lies under the file", "plain"]),
+    "--run-dir under a file": (
+        lambda t, b: train(t, "--run-dir", str(file_at(t / "plain") / "run")),
+        2,
+        ["lies under the file", "plain"],
+    ),
     "an unwritable run directory": pytest.param(unwritable, 2, ["not writable"], marks=AS_ROOT),
     "--time-budget nan": (lambda t, b: train(t, "--time-budget", "nan"), 2, ["--time-budget", "nan", "finite"]),
-    "a population past memory": (lambda t, b: train(t, "--set", "es.pop_size=4000000000"), 2,
-                                 ["es.pop_size", "GiB", "this machine has"]),
+    "a population past memory": (
+        lambda t, b: train(t, "--set", "es.pop_size=4000000000"),
+        2,
+        ["es.pop_size", "GiB", "this machine has"],
+    ),
     "eval --device cuda without a GPU": pytest.param(
-        lambda t, b: ["eval", str(b / "checkpoint.pt"), "--device", "cuda"], 2, ["--device", "no CUDA device", "cpu"],
-        marks=NO_GPU),
-    "backprop --learning-rate nan": (lambda t, b: ["backprop", *train(t)[1:4], str(t / "new"), "--learning-rate", "nan"],
-                                     2, ["--learning-rate", "nan", "finite"]),
+        lambda t, b: ["eval", str(b / "checkpoint.pt"), "--device", "cuda"],
+        2,
+        ["--device", "no CUDA device", "cpu"],
+        marks=NO_GPU,
+    ),
+    "backprop --learning-rate nan": (
+        lambda t, b: ["backprop", *train(t)[1:4], str(t / "new"), "--learning-rate", "nan"],
+        2,
+        ["--learning-rate", "nan", "finite"],
+    ),
     "eval of a run directory": (lambda t, b: ["eval", str(b)], 2, ["is a directory", "run/checkpoint.pt`"]),
     "eval of a checkpoint made on another machine": (
-        lambda t, b: ["eval", str(checkpoint_with(b, t, elsewhere)), "--device", "cpu"], 0, []),
+        lambda t, b: ["eval", str(checkpoint_with(b, t, elsewhere)), "--device", "cpu"],
+        0,
+        [],
+    ),
 }
 
 

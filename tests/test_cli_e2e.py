@@ -28,7 +28,7 @@ def test_train_on_embedded_ray_then_eval(tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_config("generations=3", "workers.executor=ray", "workers.count=2"))
     run = tmp_path / "run"
     result = cli("train", "--config", config, "--run-dir", run, "--quiet")
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["generation"] == 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [1, 2, 3]
@@ -56,8 +56,16 @@ def test_init_from_starts_a_new_run_at_another_runs_theta(tmp_path, mnist):
     cli("train", "--config", first, "--run-dir", tmp_path / "a", "--quiet")
     start = theta_of(tmp_path / "a")
     second = write_config(tmp_path / "b.yaml", tiny_config("generations=3"))
-    cli("train", "--config", second, "--run-dir", tmp_path / "b", "--init-from", tmp_path / "a" / "checkpoint.pt",
-        "--quiet")
+    cli(
+        "train",
+        "--config",
+        second,
+        "--run-dir",
+        tmp_path / "b",
+        "--init-from",
+        tmp_path / "a" / "checkpoint.pt",
+        "--quiet",
+    )
     origin = json.loads((tmp_path / "b" / "run.json").read_text())["init_from"]
     assert origin["generation"] == 2 and origin["theta_sha256"] == hashlib.sha256(start.numpy().tobytes()).hexdigest()
     # the same as three generations in process from that theta with a fresh optimizer
@@ -71,7 +79,10 @@ def test_validation_images_are_held_out_and_scored(tmp_path, mnist):
     cli("train", "--config", config, "--run-dir", tmp_path / "v", "--quiet")
     last = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 < last["validation_accuracy"] < 1
-    assert json.loads((tmp_path / "v" / "run.json").read_text())["final"]["validation_accuracy"] == last["validation_accuracy"]
+    assert (
+        json.loads((tmp_path / "v" / "run.json").read_text())["final"]["validation_accuracy"]
+        == last["validation_accuracy"]
+    )
     evaluated = json.loads(cli("eval", tmp_path / "v" / "checkpoint.pt").stdout)
     assert evaluated["validation_accuracy"] == last["validation_accuracy"]
     # minibatches come from the first 10,000 images only: the in-process run on those gives the same theta
@@ -83,20 +94,38 @@ def test_validation_images_are_held_out_and_scored(tmp_path, mnist):
 def test_warm_start_is_the_three_command_hybrid_in_one(tmp_path):
     """warm_start's backprop stages, then ES, in one command: the same theta, bit for bit, as backprop,
     backprop --init-from (fine-tuning), then train --init-from. 10,000 training images keep epochs short."""
-    warm = ["warm_start.epochs=2", "warm_start.learning_rate=0.001", "warm_start.finetune_epochs=1",
-            "warm_start.finetune_learning_rate=0.0001"]
+    warm = [
+        "warm_start.epochs=2",
+        "warm_start.learning_rate=0.001",
+        "warm_start.finetune_epochs=1",
+        "warm_start.finetune_learning_rate=0.0001",
+    ]
     config = write_config(tmp_path / "h.yaml", tiny_config("generations=2", "validation_size=50000", *warm))
     one = tmp_path / "one"
     cli("train", "--config", config, "--run-dir", one, "--quiet")
     stages = [json.loads((one / "warm_start" / name / "run.json").read_text()) for name in ("backprop", "finetune")]
     assert [s["generation"] for s in stages] == [2, 1] and stages[0]["final"]["validation_accuracy"] > 0.5
     cli("backprop", "--config", config, "--run-dir", tmp_path / "bp", "--epochs", 2, "--device", "cpu")
-    cli("backprop", "--config", config, "--run-dir", tmp_path / "ft", "--epochs", 1, "--learning-rate", 0.0001,
-        "--device", "cpu", "--init-from", tmp_path / "bp" / "checkpoint.pt")
+    cli(
+        "backprop",
+        "--config",
+        config,
+        "--run-dir",
+        tmp_path / "ft",
+        "--epochs",
+        1,
+        "--learning-rate",
+        0.0001,
+        "--device",
+        "cpu",
+        "--init-from",
+        tmp_path / "bp" / "checkpoint.pt",
+    )
     assert torch.equal(theta_of(one / "warm_start" / "finetune"), theta_of(tmp_path / "ft"))
     three = tmp_path / "three"
-    result = cli("train", "--config", config, "--run-dir", three, "--init-from", tmp_path / "ft" / "checkpoint.pt",
-                 "--quiet")
+    result = cli(
+        "train", "--config", config, "--run-dir", three, "--init-from", tmp_path / "ft" / "checkpoint.pt", "--quiet"
+    )
     assert "warm_start skipped" in result.stdout
     assert yaml.safe_load((three / "config.yaml").read_text())["warm_start"]["epochs"] == 0
     assert not (three / "warm_start").exists()
@@ -124,8 +153,12 @@ def _start_and_wait(args, path, min_lines=0):
 def test_a_hybrid_killed_in_its_warm_start_resumes_to_the_same_theta(tmp_path):
     """SIGKILL in the second backprop epoch: `resume` continues that stage from its first epoch's checkpoint,
     runs the fine-tuning stage and ES, and ends at the uninterrupted run's theta, bit for bit."""
-    warm = ["warm_start.epochs=3", "warm_start.learning_rate=0.001", "warm_start.finetune_epochs=1",
-            "warm_start.finetune_learning_rate=0.0001"]
+    warm = [
+        "warm_start.epochs=3",
+        "warm_start.learning_rate=0.001",
+        "warm_start.finetune_epochs=1",
+        "warm_start.finetune_learning_rate=0.0001",
+    ]
     config = write_config(tmp_path / "h.yaml", tiny_config("generations=2", "validation_size=50000", *warm))
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
     run = tmp_path / "killed"
@@ -138,9 +171,13 @@ def test_a_hybrid_killed_in_its_warm_start_resumes_to_the_same_theta(tmp_path):
     result = cli("resume", run, "--quiet")
     assert "epoch" not in result.stdout  # --quiet: no epoch lines either
     assert torch.equal(theta_of(tmp_path / "full"), theta_of(run))
-    assert torch.equal(theta_of(tmp_path / "full" / "warm_start" / "finetune"), theta_of(run / "warm_start" / "finetune"))
-    assert [json.loads((run / "warm_start" / name / "run.json").read_text())["generation"]
-            for name in ("backprop", "finetune")] == [3, 1]
+    assert torch.equal(
+        theta_of(tmp_path / "full" / "warm_start" / "finetune"), theta_of(run / "warm_start" / "finetune")
+    )
+    assert [
+        json.loads((run / "warm_start" / name / "run.json").read_text())["generation"]
+        for name in ("backprop", "finetune")
+    ] == [3, 1]
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
@@ -165,8 +202,18 @@ def test_a_backprop_run_stopped_by_sigint_resumes_to_the_same_theta(tmp_path):
     assert info["status"] == "finished" and info["generation"] == 3 and "error" not in info
 
     # a run killed in its first epoch has no checkpoint: it starts over from the theta it began at
-    cli("backprop", *args[:2], "--epochs", 1, "--device", "cpu", "--run-dir", tmp_path / "next",
-        "--init-from", run / "checkpoint.pt")
+    cli(
+        "backprop",
+        *args[:2],
+        "--epochs",
+        1,
+        "--device",
+        "cpu",
+        "--run-dir",
+        tmp_path / "next",
+        "--init-from",
+        run / "checkpoint.pt",
+    )
     fresh = tmp_path / "fresh"
     shutil.copytree(tmp_path / "next", fresh)
     (fresh / "checkpoint.pt").unlink()
@@ -187,8 +234,11 @@ def test_driver_killed_mid_run_resumes_to_the_same_theta(tmp_path, sig):
     generations = 12
     config = write_config(tmp_path / "c.yaml", tiny_config(f"generations={generations}", "checkpoint.every=3"))
     cli("train", "--config", config, "--run-dir", tmp_path / "full", "--quiet")
-    proc = _start_and_wait(["train", "--config", config, "--run-dir", tmp_path / "killed", "--quiet"],
-                           tmp_path / "killed" / "metrics.jsonl", 4)
+    proc = _start_and_wait(
+        ["train", "--config", config, "--run-dir", tmp_path / "killed", "--quiet"],
+        tmp_path / "killed" / "metrics.jsonl",
+        4,
+    )
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:
@@ -214,9 +264,24 @@ def test_theta_does_not_depend_on_the_process_thread_count(tmp_path, rank):
     for threads in ("1", "2"):
         env = cli_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         run_dir = tmp_path / f"t{threads}"
-        cli("train", "--config", REPO / "configs" / "quick.yaml", "--executor", "local",
-            "--run-dir", run_dir, "--quiet", "--stop-after", "1", "--set", "workers.device=cpu", "--set", rank,
-            env=env, cwd=tmp_path)
+        cli(
+            "train",
+            "--config",
+            REPO / "configs" / "quick.yaml",
+            "--executor",
+            "local",
+            "--run-dir",
+            run_dir,
+            "--quiet",
+            "--stop-after",
+            "1",
+            "--set",
+            "workers.device=cpu",
+            "--set",
+            rank,
+            env=env,
+            cwd=tmp_path,
+        )
         thetas.append(theta_of(run_dir))
         record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
         fitness.append([record[f"fitness_{name}"] for name in ("max", "mean", "min")])

@@ -74,7 +74,11 @@ def test_bad_config_field(env, work):
 def test_init_from_a_file_that_is_not_a_checkpoint(env, work):
     cwd, run_dir = work
     line = refused_train(env, work, "--init-from", str(cwd / "tiny.yaml"))
-    assert line.startswith("es-service: error: --init-from: checkpoint") and "tiny.yaml" in line and "cannot be read" in line
+    assert (
+        line.startswith("es-service: error: --init-from: checkpoint")
+        and "tiny.yaml" in line
+        and "cannot be read" in line
+    )
 
 
 def test_data_dir_missing_a_file(env, work, tmp_path):
@@ -121,8 +125,18 @@ def test_resume_refuses_a_trajectory_override(env, trained_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(trained_run, run_dir)
     before = snapshot(run_dir)
-    result = cli("resume", run_dir, "--set", "es.noise_std=0.05", "--set", "generations=5", "--quiet",
-                 env=env, cwd=tmp_path, check=False)
+    result = cli(
+        "resume",
+        run_dir,
+        "--set",
+        "es.noise_std=0.05",
+        "--set",
+        "generations=5",
+        "--quiet",
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     line = error_line(result)
     assert "es.noise_std=0.05" in line and "resume may change only" in line and "new run" in line
@@ -150,8 +164,9 @@ def trained_run(env, tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     config = config_file(folder, tiny_config(f"generations={GENERATIONS}"))
     run_dir = folder / "run"
-    result = cli("train", "--config", config, "--run-dir", run_dir, "--executor", "local", "--quiet",
-                 env=env, cwd=folder)
+    result = cli(
+        "train", "--config", config, "--run-dir", run_dir, "--executor", "local", "--quiet", env=env, cwd=folder
+    )
     summary = json.loads(result.stdout)
     assert summary["generation"] == GENERATIONS and summary["run_dir"] == str(run_dir)
     return run_dir
@@ -216,8 +231,20 @@ def paused_run(env, tmp_path_factory):
     """The trained run's config stopped after 2 of its 3 generations: what `resume` continues."""
     folder = tmp_path_factory.mktemp("paused")
     config = config_file(folder, tiny_config(f"generations={GENERATIONS}"))
-    cli("train", "--config", config, "--run-dir", folder / "run", "--executor", "local", "--stop-after", "2",
-        "--quiet", env=env, cwd=folder)
+    cli(
+        "train",
+        "--config",
+        config,
+        "--run-dir",
+        folder / "run",
+        "--executor",
+        "local",
+        "--stop-after",
+        "2",
+        "--quiet",
+        env=env,
+        cwd=folder,
+    )
     return folder / "run"
 
 
@@ -236,7 +263,11 @@ def test_a_torn_metrics_line_is_dropped_by_report_and_resume(env, paused_run, tr
     result = cli("report", run_dir, "--plot", tmp_path / "r.png", env=env, cwd=tmp_path)
     assert "| copy | es |" in result.stdout and "| 2 |" in result.stdout
     cli("resume", run_dir, "--quiet", env=env, cwd=tmp_path)
-    assert [json.loads(line)["generation"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["generation"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
     assert torch.equal(theta_of(run_dir), theta_of(trained_run))
 
 
@@ -319,8 +350,22 @@ def test_force_with_an_unreachable_cluster_keeps_the_old_run(env, trained_run, t
     run_dir = copy_of(trained_run, tmp_path)
     before = snapshot(run_dir)
     config = config_file(tmp_path)
-    result = cli("train", "--config", config, "--run-dir", run_dir, "--force", "--executor", "ray",
-                 "--address", "127.0.0.1:1", "--quiet", env=env, cwd=tmp_path, check=False)
+    result = cli(
+        "train",
+        "--config",
+        config,
+        "--run-dir",
+        run_dir,
+        "--force",
+        "--executor",
+        "ray",
+        "--address",
+        "127.0.0.1:1",
+        "--quiet",
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     line = error_line(result)
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in line and "--address" in line
@@ -331,8 +376,17 @@ def test_force_with_an_unreachable_cluster_keeps_the_old_run(env, trained_run, t
 def test_force_replaces_the_old_run_once_the_new_one_starts(env, trained_run, tmp_path):
     run_dir = copy_of(trained_run, tmp_path)
     (run_dir / "notes.txt").write_text("the old run's\n")
-    cli("train", "--config", config_file(tmp_path, tiny_config("generations=1")), "--run-dir", run_dir, "--force",
-        "--quiet", env=env, cwd=tmp_path)
+    cli(
+        "train",
+        "--config",
+        config_file(tmp_path, tiny_config("generations=1")),
+        "--run-dir",
+        run_dir,
+        "--force",
+        "--quiet",
+        env=env,
+        cwd=tmp_path,
+    )
     assert not (run_dir / "notes.txt").exists() and json.loads((run_dir / "run.json").read_text())["generation"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "tiny.yaml"]
 
@@ -341,9 +395,23 @@ def test_a_diverging_run_fails_and_keeps_its_last_finite_checkpoint(env, work):
     """Decoupled weight decay of 1e38 at learning rate 10 multiplies theta by -1e39: inf in float32."""
     cwd, run_dir = work
     config = config_file(cwd)
-    result = cli("train", "--config", config, "--run-dir", run_dir, "--quiet", "--set",
-                 "es.weight_decay_mode=decoupled", "--set", "es.weight_decay=1e38", "--set",
-                 "es.learning_rate=10", env=env, cwd=cwd, check=False)
+    result = cli(
+        "train",
+        "--config",
+        config,
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        "--set",
+        "es.weight_decay_mode=decoupled",
+        "--set",
+        "es.weight_decay=1e38",
+        "--set",
+        "es.learning_rate=10",
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     line = error_line(result)
     assert "after generation 1" in line and "learning rate 10" in line and "checkpoint of generation 0 is kept" in line

@@ -135,7 +135,9 @@ def rule_problems(rule: dict) -> list[str]:
     low, high = rule.get("FromPort", -1), rule.get("ToPort", -1)
     if all_ports or (low is not None and high is not None and low <= DASHBOARD_PORT <= high):
         problems.append(f"rule opens the dashboard port {DASHBOARD_PORT}: {rule}")
-    cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+    cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [
+        r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+    ]
     for cidr in filter(None, cidrs):
         if ipaddress.ip_network(cidr, strict=False) in OPEN_TO_WORLD:
             problems.append(f"rule opens {cidr}: {rule}")
@@ -172,11 +174,17 @@ def test_dashboard_not_reachable_from_the_internet(path):
 
 
 def test_exposure_checks_can_fail():
-    assert rule_problems({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]})
-    assert rule_problems({"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]})
+    assert rule_problems(
+        {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+    )
+    assert rule_problems(
+        {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+    )
     assert rule_problems({"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-1"}]})
     assert rule_problems({"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]})
-    assert not rule_problems({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]})
+    assert not rule_problems(
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}
+    )
     nested = {"provider": {"security_group": {"IpPermissions": [{"FromPort": 8265, "ToPort": 8265}]}}}
     assert list(ingress_rules(nested)) == [{"FromPort": 8265, "ToPort": 8265}]
     assert dashboard_hosts({"head_start_ray_commands": ["ray start --head --dashboard-host=0.0.0.0"]}) == ["0.0.0.0"]
@@ -229,12 +237,26 @@ def test_aws_token_auth_reaches_every_node(aws):
 IAM_DIR = CLUSTER_DIR / "iam"
 PROFILES = {"head.cpu": "es-service-ray-head", "worker.gpu.spot": "es-service-ray-worker"}
 HEAD_ACTIONS = {
-    "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:DescribeSubnets",
-    "ec2:DescribeSecurityGroups", "ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole",
-    "ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+    "ec2:DescribeInstances",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeImages",
+    "ec2:DescribeSubnets",
+    "ec2:DescribeSecurityGroups",
+    "ec2:RunInstances",
+    "ec2:CreateTags",
+    "ec2:TerminateInstances",
+    "iam:PassRole",
+    "ecr:GetAuthorizationToken",
+    "ecr:BatchCheckLayerAvailability",
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
 }
-ECR_PULL = {"ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage",
-            "ecr:GetDownloadUrlForLayer"}
+ECR_PULL = {
+    "ecr:GetAuthorizationToken",
+    "ecr:BatchCheckLayerAvailability",
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+}
 
 
 def imds_problems(node_config: dict) -> list[str]:
@@ -277,8 +299,9 @@ def policy_problems(policy: dict, allowed: set[str], cluster_name: str, region: 
         for resource in resources:
             if resource.startswith("arn:aws:ec2:") and resource.split(":")[3] != region:
                 problems.append(f"{sid}: {resource} is outside the cluster's region {region}")
-        if "ec2:TerminateInstances" in actions or ("ec2:CreateTags" in actions and
-                                                   "ec2:CreateAction" not in conditions.get("StringEquals", {})):
+        if "ec2:TerminateInstances" in actions or (
+            "ec2:CreateTags" in actions and "ec2:CreateAction" not in conditions.get("StringEquals", {})
+        ):
             if conditions.get("StringEquals", {}).get("ec2:ResourceTag/ray-cluster-name") != cluster_name:
                 problems.append(f"{sid}: {actions} not limited to instances tagged ray-cluster-name={cluster_name}")
         if "ec2:RunInstances" in actions and any(r.endswith(":instance/*") or r == "*" for r in resources):
@@ -363,11 +386,17 @@ def test_iam_and_imds_checks_can_fail():
     assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:TerminateInstances", "Resource": "*"}))
     assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "iam:PassRole", "Resource": "*"}))
     assert mutated(lambda s: s.append({"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"}))
-    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:RunInstances",
-                                       "Resource": "arn:aws:ec2:us-west-2:*:instance/*"}))
+    assert mutated(
+        lambda s: s.append(
+            {"Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "arn:aws:ec2:us-west-2:*:instance/*"}
+        )
+    )
     assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ecr:BatchGetImage", "Resource": "*"}))
-    assert mutated(lambda s: s.append({"Effect": "Allow", "Action": "ec2:DescribeInstances",
-                                       "Resource": "arn:aws:ec2:eu-west-1:*:instance/*"}))
+    assert mutated(
+        lambda s: s.append(
+            {"Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "arn:aws:ec2:eu-west-1:*:instance/*"}
+        )
+    )
     # the config check: a node type without the profile or IMDSv2
     config = copy.deepcopy(raw)
     del config["available_node_types"]["worker.gpu.spot"]["node_config"]["MetadataOptions"]

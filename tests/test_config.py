@@ -7,8 +7,8 @@ from pydantic import BaseModel, ValidationError
 
 from es_service import config_docs
 from es_service.config import Config, ConfigError, from_dict, load, parse_override, validate
-from workers.network import NUM_PARAMS
 from tests.helpers import REPO, TINY, write_config
+from workers.network import NUM_PARAMS
 
 
 def refused(data: dict, overrides: list[str] = ()) -> str:
@@ -39,17 +39,20 @@ def test_shipped_configs_load():
 
 def test_yaml_file_with_overrides(tmp_path):
     path = write_config(tmp_path / "run.yaml", TINY)
-    config = load(path, [
-        "es.noise_std=0.05",
-        "es.antithetic=false",
-        "es.learning_rate=1",  # an int where a float is wanted: widened, stays a float
-        "es.noise_std_final=null",
-        "generations=7",
-        "workers.count=3",
-        "checkpoint.every=5",
-        "seed=11",
-        "seed=12",  # the last --set of a key wins
-    ])
+    config = load(
+        path,
+        [
+            "es.noise_std=0.05",
+            "es.antithetic=false",
+            "es.learning_rate=1",  # an int where a float is wanted: widened, stays a float
+            "es.noise_std_final=null",
+            "generations=7",
+            "workers.count=3",
+            "checkpoint.every=5",
+            "seed=11",
+            "seed=12",  # the last --set of a key wins
+        ],
+    )
     assert config.es.noise_std == 0.05 and type(config.es.noise_std) is float
     assert config.es.antithetic is False
     assert config.es.learning_rate == 1.0 and type(config.es.learning_rate) is float
@@ -115,12 +118,16 @@ def test_top_level_list(tmp_path):
     assert_names(str(info.value), str(path), "expected a mapping")
 
 
-@pytest.mark.parametrize("content, parts", [
-    (b"seed: 3\ngenerations: \xff\xfe\n", ["not UTF-8", "byte"]),
-    (b"0\n", ["expected a mapping", "got 0"]),
-    (b"[]\n", ["expected a mapping", "got []"]),
-    (b"seed: 3\ngenerations: 2\nseed: 4\n", ["duplicate key 'seed'", "line 3"]),
-], ids=["not UTF-8", "a number", "an empty list", "a key twice"])
+@pytest.mark.parametrize(
+    "content, parts",
+    [
+        (b"seed: 3\ngenerations: \xff\xfe\n", ["not UTF-8", "byte"]),
+        (b"0\n", ["expected a mapping", "got 0"]),
+        (b"[]\n", ["expected a mapping", "got []"]),
+        (b"seed: 3\ngenerations: 2\nseed: 4\n", ["duplicate key 'seed'", "line 3"]),
+    ],
+    ids=["not UTF-8", "a number", "an empty list", "a key twice"],
+)
 def test_a_file_that_is_not_a_mapping_of_fields(tmp_path, content, parts):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)
@@ -135,11 +142,14 @@ def test_a_directory_is_not_a_config_file(tmp_path):
     assert_names(str(info.value), str(tmp_path), "is a directory", "--config")
 
 
-@pytest.mark.parametrize("text, parts", [
-    ("es.noise_std", ["--set 'es.noise_std'", "expected key=value"]),
-    ("=3", ["'=3'", "empty key"]),
-    ("es..noise_std=0.1", ["'es..noise_std=0.1'", "empty key"]),
-])
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        ("es.noise_std", ["--set 'es.noise_std'", "expected key=value"]),
+        ("=3", ["'=3'", "empty key"]),
+        ("es..noise_std=0.1", ["'es..noise_std=0.1'", "empty key"]),
+    ],
+)
 def test_malformed_override(text, parts):
     with pytest.raises(ConfigError) as info:
         parse_override(text)
@@ -147,10 +157,13 @@ def test_malformed_override(text, parts):
     assert_names(refused(TINY, [text]), *parts)
 
 
-@pytest.mark.parametrize("text, parts", [
-    ("seed=[1", ["'seed=[1'", "not valid YAML"]),
-    ("seed=!!python/object/apply:os.getpid []", ["not valid YAML", "python/object"]),  # safe loading: no tag runs
-])
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        ("seed=[1", ["'seed=[1'", "not valid YAML"]),
+        ("seed=!!python/object/apply:os.getpid []", ["not valid YAML", "python/object"]),  # safe loading: no tag runs
+    ],
+)
 def test_override_value_that_is_not_yaml(text, parts):
     assert_names(refused(TINY, [text]), *parts)
 
@@ -211,7 +224,10 @@ def test_type_errors_through_set():
 RANGE_CASES = {
     "negative seed": (["seed=-1"], ["seed", "-1", ">= 0"]),
     "zero generations": (["generations=0"], ["generations", "0", ">= 1"]),
-    "unknown arithmetic": (["network.arithmetic=fast"], ["network.arithmetic", "'fast'", "tf-ftz", "linear", "cpu-ftz"]),
+    "unknown arithmetic": (
+        ["network.arithmetic=fast"],
+        ["network.arithmetic", "'fast'", "tf-ftz", "linear", "cpu-ftz"],
+    ),
     "cpu-ftz with gpus": (
         ["network.arithmetic=cpu-ftz", "workers.gpus_per_worker=0.5"],
         ["network.arithmetic", "cpu-ftz", "gpus_per_worker", "set_flush_denormal does nothing on CUDA", "tf-ftz"],
@@ -242,20 +258,31 @@ RANGE_CASES = {
     "beta1 of one": (["es.adam_beta1=1"], ["es.adam_beta1", "1", "[0, 1)"]),
     "negative beta2": (["es.adam_beta2=-0.5"], ["es.adam_beta2", "-0.5", "[0, 1)"]),
     "odd layer population": (["es.w3.pop_size=7"], ["es.w3.pop_size", "7", "even"]),
-    "layer members with cpu-ftz": (["es.w2.pop_size=8", "network.arithmetic=cpu-ftz"], ["es.w2.pop_size", "cpu-ftz", "tf-ftz"]),
+    "layer members with cpu-ftz": (
+        ["es.w2.pop_size=8", "network.arithmetic=cpu-ftz"],
+        ["es.w2.pop_size", "cpu-ftz", "tf-ftz"],
+    ),
     "layer sigma scale zero": (["es.w1.noise_scale=0"], ["es.w1.noise_scale", "0", "> 0"]),
     "subspace past the pixels": (["es.w1.subspace=785"], ["es.w1.subspace", "785", "784"]),
-    "a layer with no members": (["es.pop_size=0", "es.w1.pop_size=8", "es.w3.pop_size=8"], ["es.pop_size", "layer 2", "es.w2.pop_size"]),
+    "a layer with no members": (
+        ["es.pop_size=0", "es.w1.pop_size=8", "es.w3.pop_size=8"],
+        ["es.pop_size", "layer 2", "es.w2.pop_size"],
+    ),
     "zero norm cap": (["es.weight_norm_cap=0"], ["es.weight_norm_cap", "null", "> 0"]),
     "infinite norm cap": (["es.weight_norm_cap=.inf"], ["es.weight_norm_cap", "finite"]),
     "low rank with cpu-ftz": (["es.rank=1", "network.arithmetic=cpu-ftz"], ["es.rank", "cpu-ftz", "tf-ftz"]),
-    "shared first layer with low rank": (["es.shared_first_layer=true", "es.rank=1"],
-                                         ["es.shared_first_layer", "es.rank: 1", "already share", "false"]),
-    "shared first layer with cpu-ftz": (["es.shared_first_layer=true", "network.arithmetic=cpu-ftz"],
-                                        ["es.shared_first_layer", "cpu-ftz", "tf-ftz"]),
+    "shared first layer with low rank": (
+        ["es.shared_first_layer=true", "es.rank=1"],
+        ["es.shared_first_layer", "es.rank: 1", "already share", "false"],
+    ),
+    "shared first layer with cpu-ftz": (
+        ["es.shared_first_layer=true", "network.arithmetic=cpu-ftz"],
+        ["es.shared_first_layer", "cpu-ftz", "tf-ftz"],
+    ),
     "zero members per tile": (["workers.members_per_tile=0"], ["members_per_tile", "0", ">= 1"]),
     "table not above the parameter count": (
-        [f"noise.table_size={NUM_PARAMS}"], ["noise.table_size", str(NUM_PARAMS), "must exceed"],
+        [f"noise.table_size={NUM_PARAMS}"],
+        ["noise.table_size", str(NUM_PARAMS), "must exceed"],
     ),
     "table too large": ([f"noise.table_size={(1 << 31) + 1}"], ["noise.table_size", str((1 << 31) + 1), "at most"]),
     "unknown executor": (["workers.executor=k8s"], ["workers.executor", "'k8s'", "ray", "local"]),
@@ -263,7 +290,8 @@ RANGE_CASES = {
     "negative count": (["workers.count=-1"], ["workers.count", "-1", "0 (auto)"]),
     "zero min count": (["workers.min_count=0"], ["workers.min_count", "0", ">= 1"]),
     "max below min": (
-        ["workers.min_count=4", "workers.max_count=2"], ["workers.max_count", "2", "workers.min_count", "4"],
+        ["workers.min_count=4", "workers.max_count=2"],
+        ["workers.max_count", "2", "workers.min_count", "4"],
     ),
     "zero cpus per worker": (["workers.cpus_per_worker=0"], ["workers.cpus_per_worker", "0", ">= 1"]),
     "negative gpus per worker": (["workers.gpus_per_worker=-1"], ["workers.gpus_per_worker", "-1", ">= 0"]),
@@ -276,15 +304,28 @@ RANGE_CASES = {
     "zero checkpoint interval": (["checkpoint.every=0"], ["checkpoint.every", "0", ">= 1"]),
     "negative validation": (["validation_size=-1"], ["validation_size", "-1", "0 (none) up to 50000"]),
     "validation leaving too little training": (["validation_size=50001"], ["validation_size", "50001", "10,000"]),
-    "eval train size above what validation leaves": (["validation_size=10000", "eval.train_size=55000"],
-                                                     ["eval.train_size", "55000", "50000", "validation_size", "0 (all"]),
+    "eval train size above what validation leaves": (
+        ["validation_size=10000", "eval.train_size=55000"],
+        ["eval.train_size", "55000", "50000", "validation_size", "0 (all"],
+    ),
     "negative warm-start epochs": (["warm_start.epochs=-1"], ["warm_start.epochs", "-1", "0 (none)"]),
-    "fine-tuning without warm start": (["warm_start.finetune_epochs=10"],
-                                       ["warm_start.finetune_epochs", "10", "warm_start.epochs 0", ">= 1"]),
-    "zero warm-start step": (["warm_start.epochs=1", "warm_start.learning_rate=0"], ["warm_start.learning_rate", "> 0"]),
+    "fine-tuning without warm start": (
+        ["warm_start.finetune_epochs=10"],
+        ["warm_start.finetune_epochs", "10", "warm_start.epochs 0", ">= 1"],
+    ),
+    "zero warm-start step": (
+        ["warm_start.epochs=1", "warm_start.learning_rate=0"],
+        ["warm_start.learning_rate", "> 0"],
+    ),
     "zero warm-start batch": (["warm_start.batch_size=0"], ["warm_start.batch_size", "0", "1 to 60000"]),
-    "unknown warm-start gradient": (["warm_start.gradient=sign"], ["warm_start.gradient", "'sign'", "masked", "straight-through"]),
-    "warm start with cpu-ftz": (["warm_start.epochs=1", "network.arithmetic=cpu-ftz"], ["warm_start", "cpu-ftz", "tf-ftz"]),
+    "unknown warm-start gradient": (
+        ["warm_start.gradient=sign"],
+        ["warm_start.gradient", "'sign'", "masked", "straight-through"],
+    ),
+    "warm start with cpu-ftz": (
+        ["warm_start.epochs=1", "network.arithmetic=cpu-ftz"],
+        ["warm_start", "cpu-ftz", "tf-ftz"],
+    ),
 }
 
 
@@ -293,22 +334,25 @@ def test_range_errors(overrides, parts):
     assert_names(refused(TINY, overrides), *parts)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["es.pop_size=7", "es.antithetic=false"],  # odd is fine without mirrored pairs
-    ["es.pop_size=2"],
-    [f"noise.table_size={NUM_PARAMS + 1}"],
-    ["noise.table_size=2147483648"],
-    ["es.batch_size=1", "es.batch_size_final=60000"],
-    ["eval.train_size=0", "eval.train_size=60000"],
-    ["network.arithmetic=cpu-ftz", "workers.device=cpu", "workers.gpus_per_worker=0"],
-    ["network.arithmetic=tf-ftz", "workers.device=cuda", "workers.gpus_per_worker=1"],
-    ["workers.min_count=3", "workers.max_count=3"],
-    ["seed=0", "es.weight_decay=0", "es.shard_size=0", "workers.count=0"],
-    ["es.rank=1", "network.arithmetic=linear"],
-    ["es.rank=64"],
-    ["es.shared_first_layer=true", "network.arithmetic=linear", "es.antithetic=false", "es.pop_size=3"],
-    ["validation_size=0", "validation_size=50000"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["es.pop_size=7", "es.antithetic=false"],  # odd is fine without mirrored pairs
+        ["es.pop_size=2"],
+        [f"noise.table_size={NUM_PARAMS + 1}"],
+        ["noise.table_size=2147483648"],
+        ["es.batch_size=1", "es.batch_size_final=60000"],
+        ["eval.train_size=0", "eval.train_size=60000"],
+        ["network.arithmetic=cpu-ftz", "workers.device=cpu", "workers.gpus_per_worker=0"],
+        ["network.arithmetic=tf-ftz", "workers.device=cuda", "workers.gpus_per_worker=1"],
+        ["workers.min_count=3", "workers.max_count=3"],
+        ["seed=0", "es.weight_decay=0", "es.shard_size=0", "workers.count=0"],
+        ["es.rank=1", "network.arithmetic=linear"],
+        ["es.rank=64"],
+        ["es.shared_first_layer=true", "network.arithmetic=linear", "es.antithetic=false", "es.pop_size=3"],
+        ["validation_size=0", "validation_size=50000"],
+    ],
+)
 def test_boundary_values_are_accepted(overrides):
     config = from_dict(TINY, overrides)
     assert isinstance(config, Config)
@@ -331,36 +375,42 @@ def test_digest_is_stable():
     assert len(digest()) == 16 and int(digest(), 16) >= 0
 
 
-@pytest.mark.parametrize("override", [
-    "seed=4",
-    "es.noise_std=0.03",
-    "es.noise_std_final=0.01",
-    "es.learning_rate=0.02",
-    "es.pop_size=6",
-    "es.antithetic=false",
-    "es.batch_size=32",
-    "es.fitness=accuracy",
-    "es.weight_decay=0.001",
-    "network.arithmetic=linear",
-    "noise.table_size=2097152",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "seed=4",
+        "es.noise_std=0.03",
+        "es.noise_std_final=0.01",
+        "es.learning_rate=0.02",
+        "es.pop_size=6",
+        "es.antithetic=false",
+        "es.batch_size=32",
+        "es.fitness=accuracy",
+        "es.weight_decay=0.001",
+        "network.arithmetic=linear",
+        "noise.table_size=2097152",
+    ],
+)
 def test_digest_changes_with_a_trajectory_field(override):
     assert digest(override) != digest()
 
 
-@pytest.mark.parametrize("override", [
-    "generations=50",
-    "data_dir=/elsewhere",
-    "workers.executor=ray",
-    "workers.device=auto",
-    "workers.count=5",
-    "workers.members_per_tile=1",
-    "workers.gpus_per_worker=1",
-    "workers.tile_timeout_s=5",
-    "eval.every=1",
-    "eval.train_size=0",
-    "checkpoint.every=1",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "generations=50",
+        "data_dir=/elsewhere",
+        "workers.executor=ray",
+        "workers.device=auto",
+        "workers.count=5",
+        "workers.members_per_tile=1",
+        "workers.gpus_per_worker=1",
+        "workers.tile_timeout_s=5",
+        "eval.every=1",
+        "eval.train_size=0",
+        "checkpoint.every=1",
+    ],
+)
 def test_digest_ignores_where_and_how_often(override):
     assert digest(override) == digest()
 
@@ -371,7 +421,8 @@ def test_digest_ignores_where_and_how_often(override):
 def test_configuration_reference_is_generated_from_the_models():
     path = REPO / "docs" / "configuration.md"
     assert path.read_text(encoding="utf-8") == config_docs.render(), (
-        f"docs/configuration.md is stale: regenerate it with `{config_docs.COMMAND}`")
+        f"docs/configuration.md is stale: regenerate it with `{config_docs.COMMAND}`"
+    )
 
 
 def test_every_field_has_a_description_for_the_reference():

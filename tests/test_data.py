@@ -58,6 +58,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         def fetch(*_args: object) -> None:
             calls.append(name)
             raise OSError(f"{name}: offline in tests")
+
         return fetch
 
     monkeypatch.setattr(data, "_from_torchvision", offline("torchvision"))

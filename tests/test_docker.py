@@ -46,8 +46,10 @@ def dockerfiles() -> list[Path]:
     for directory, subdirs, files in os.walk(REPO):
         subdirs[:] = [d for d in subdirs if not (d.startswith(".") or d in SKIPPED_DIRS or d.endswith(".egg-info"))]
         for name in files:
-            if name == "Dockerfile" or name.lower().endswith(".dockerfile") or (
-                name.startswith("Dockerfile.") and not name.endswith(".dockerignore")
+            if (
+                name == "Dockerfile"
+                or name.lower().endswith(".dockerfile")
+                or (name.startswith("Dockerfile.") and not name.endswith(".dockerignore"))
             ):
                 found.append(Path(directory) / name)
     return sorted(found)

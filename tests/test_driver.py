@@ -7,9 +7,8 @@ import torch
 
 from es_service import plan as planning
 from es_service.driver import TrainState
+from tests.helpers import run_local, tiny_config
 from workers import layer_members, network
-from tests.conftest import tiny_config
-from tests.helpers import run_local
 
 
 def test_same_config_and_seed_give_bitwise_same_theta(mnist, tmp_path):
@@ -53,9 +52,15 @@ def test_layer_members_move_only_their_layers_estimate(mnist, tmp_path, layer):
     inside[start:stop] = True
     plain = run_local(tiny_config("es.rank=1"), mnist, tmp_path / "plain", generations=1)
     one = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer]), mnist, tmp_path / "one", generations=1)
-    assert torch.equal(one.theta[~inside], plain.theta[~inside]) and not torch.equal(one.theta[inside], plain.theta[inside])
-    b = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer], "workers.members_per_tile=1", "es.shard_size=16"),
-                  mnist, tmp_path / "b", merge_tiles=False)
+    assert torch.equal(one.theta[~inside], plain.theta[~inside]) and not torch.equal(
+        one.theta[inside], plain.theta[inside]
+    )
+    b = run_local(
+        tiny_config("es.rank=1", *LAYER_SETS[layer], "workers.members_per_tile=1", "es.shard_size=16"),
+        mnist,
+        tmp_path / "b",
+        merge_tiles=False,
+    )
     sharded = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer], "es.shard_size=16"), mnist, tmp_path / "s")
     assert torch.equal(b.theta, sharded.theta)
 
@@ -99,6 +104,10 @@ def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path):
     run_local(tiny_config(), mnist, tmp_path / "part", generations=2)
     state = checkpoint.load(tmp_path / "part" / "checkpoint.pt")
     assert state["generation"] == 2
-    resumed = run_local(tiny_config(), mnist, tmp_path / "part",
-                        state=TrainState(state["theta"], state["optimizer"], state["generation"]))
+    resumed = run_local(
+        tiny_config(),
+        mnist,
+        tmp_path / "part",
+        state=TrainState(state["theta"], state["optimizer"], state["generation"]),
+    )
     assert torch.equal(resumed.theta, full.theta)

@@ -59,9 +59,16 @@ def test_results_match_the_reference_forward(evaluator, mnist):
     x = mnist.train_images[:64].reshape(-1, 784).float() / 255.0
     y = mnist.train_labels[:64]
     with network.single_threaded():  # as the evaluator's members run (MKL's bits vary with threads)
-        logits_of = [network.forward(x, network.unflatten(
-            theta + (signs[j] * np.float32(0.05)) * table[offsets[j] : offsets[j] + network.NUM_PARAMS]), "tf-ftz")
-            for j in range(2)]
+        logits_of = [
+            network.forward(
+                x,
+                network.unflatten(
+                    theta + (signs[j] * np.float32(0.05)) * table[offsets[j] : offsets[j] + network.NUM_PARAMS]
+                ),
+                "tf-ftz",
+            )
+            for j in range(2)
+        ]
     for j, logits in enumerate(logits_of):
         losses = torch.nn.functional.cross_entropy(logits, y, reduction="none").double().tolist()
         assert loss_sums[j] == math.fsum(losses)
@@ -93,8 +100,10 @@ def test_center_accuracy_is_chance_level_at_init(mnist):
 
 def test_center_accuracies_add_the_unflushed_test_score_only_where_there_are_flushes(mnist):
     theta = network.init_theta(0)
-    sets = {"train": (mnist.train_images[:2000], mnist.train_labels[:2000]),
-            "test": (mnist.test_images[:2000], mnist.test_labels[:2000])}
+    sets = {
+        "train": (mnist.train_images[:2000], mnist.train_labels[:2000]),
+        "test": (mnist.test_images[:2000], mnist.test_labels[:2000]),
+    }
     flushed, linear = center_accuracies(theta, sets, "tf-ftz"), center_accuracies(theta, sets, "linear")
     assert set(linear) == {"train_accuracy", "test_accuracy"}
     assert flushed["test_accuracy_unflushed"] == linear["test_accuracy"]
@@ -132,7 +141,10 @@ def test_batched_path_equals_member_loop_on_cpu(mnist):
     theta = network.init_theta(0)
     offsets, signs = _members(5, seed=4)
     images = np.arange(64, dtype=np.int64)
-    expected, got = loop.evaluate(theta, offsets, signs, 0.02, images), batched.evaluate(theta, offsets, signs, 0.02, images)
+    expected, got = (
+        loop.evaluate(theta, offsets, signs, 0.02, images),
+        batched.evaluate(theta, offsets, signs, 0.02, images),
+    )
     assert np.allclose(expected[0], got[0], rtol=1e-6, atol=0) and np.array_equal(expected[1], got[1])
 
 
@@ -140,12 +152,17 @@ def test_batched_fused_path_is_bitwise_equal_to_batched_eager(mnist):
     """The CUDA code path on CPU: the one-pass compiled gather+scale+add and the compiled epilogues
     give the same bits as index_select, mul_, add_ and eager epilogues around the same bmm calls."""
     table = noise.make_table(7, 1 << 20)
-    eager, fused = (PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu",
-                                        fused=flag, batched=True) for flag in (False, True))
+    eager, fused = (
+        PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=flag, batched=True)
+        for flag in (False, True)
+    )
     theta = network.init_theta(0)
     offsets, signs = _members(6, seed=5)
     images = np.arange(300, 364, dtype=np.int64)
-    expected, got = eager.evaluate(theta, offsets, signs, 0.03, images), fused.evaluate(theta, offsets, signs, 0.03, images)
+    expected, got = (
+        eager.evaluate(theta, offsets, signs, 0.03, images),
+        fused.evaluate(theta, offsets, signs, 0.03, images),
+    )
     assert np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     scales = torch.tensor([0.03, -0.03, 0.01])
     rows = fused.perturbed(theta, offsets[:3], scales)
@@ -187,6 +204,7 @@ def test_low_rank_members_do_not_depend_on_threads_or_tile_mates(mnist, fused):
     theta = network.init_theta(0)
     offsets, signs = _members(5, seed=8)
     images = np.arange(2000, 2128, dtype=np.int64)
+
     def evaluator():  # one per thread count: it sizes its member threads from torch's count
         return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
 
@@ -228,15 +246,20 @@ def test_shared_first_layer_batched_path_agrees_with_the_member_loop(mnist):
     """The CUDA code path on CPU (x E1 per distinct slice as one batched matmul) against the member loop."""
     table = noise.make_table(7, 1 << 20)
     loop = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=False)
-    batched = {fused: PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu",
-                                          batched=True, fused=fused) for fused in (False, True)}
+    batched = {
+        fused: PopulationEvaluator(
+            table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True, fused=fused
+        )
+        for fused in (False, True)
+    }
     theta = network.init_theta(0)
     offsets = np.append(np.repeat(_members(3, seed=9)[0], 2), noise.max_offset(1 << 20))  # the last offset too
     signs = np.append(np.tile(np.array([1.0, -1.0], np.float32), 3), np.float32(-1.0))
     images = np.arange(500, 756, dtype=np.int64)
     expected = loop.evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True)
-    eager, fused = (batched[f].evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True)
-                    for f in (False, True))
+    eager, fused = (
+        batched[f].evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True) for f in (False, True)
+    )
     assert np.array_equal(eager[0], fused[0]) and np.array_equal(eager[1], fused[1])
     assert np.allclose(expected[0], fused[0], rtol=1e-4, atol=0) and np.abs(expected[1] - fused[1]).max() <= 1
     # whole pairs take the no-copy layout (x E1 broadcast over each pair): the same bits as the copy
@@ -251,8 +274,9 @@ def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(
     and both against the network evaluated at theta + scale * dense(perturbation)."""
     table = noise.make_table(7, 1 << 20)
     loop = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=False)
-    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True,
-                                  fused=True)
+    batched = PopulationEvaluator(
+        table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True, fused=True
+    )
     theta = network.init_theta(0)
     offsets, signs = _members(6, seed=9)
     images = np.arange(500, 756, dtype=np.int64)
@@ -275,15 +299,19 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
     theta = network.init_theta(0)
     offsets, signs = _members(70, seed=9)
     images = np.arange(2000, 2096, dtype=np.int64)
+
     def evaluator():  # one per thread count: it sizes its member threads from torch's count
         return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
 
-    results = _at_thread_counts((1, 2), lambda _: evaluator().evaluate_output_layer(theta, offsets, signs, 0.05, images))
+    results = _at_thread_counts(
+        (1, 2), lambda _: evaluator().evaluate_output_layer(theta, offsets, signs, 0.05, images)
+    )
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
     # the batched path (what CUDA runs) agrees: same chunks, ops on all threads
-    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused,
-                                  batched=True).evaluate_output_layer(theta, offsets, signs, 0.05, images)
+    batched = PopulationEvaluator(
+        table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused, batched=True
+    ).evaluate_output_layer(theta, offsets, signs, 0.05, images)
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
     eager = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")
     x, y = eager.batch(images)

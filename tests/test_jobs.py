@@ -54,16 +54,18 @@ def test_bad_config_fails_locally_without_contacting_the_cluster(tmp_path):
         assert result.stderr.startswith("es-service: error: es.pop_size: 5 is odd"), result.stderr
         result = cli("submit", "--address", address, tmp_path / "good.yaml", "--no-wait", check=False)
         assert result.returncode == 2 and "does not exist" in result.stderr, result
-        result = cli("submit", "--address", address, job_config(tmp_path / "good.yaml"),
-                     "--set", "generations=0", check=False)
+        result = cli(
+            "submit", "--address", address, job_config(tmp_path / "good.yaml"), "--set", "generations=0", check=False
+        )
         assert result.returncode == 2 and "generations: 0" in result.stderr, result
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody knocked
     finally:
         listener.close()
     closed = f"http://127.0.0.1:{free_ports(1)[0]}"
-    result = cli("submit", "--address", closed, tmp_path / "good.yaml", "--no-wait", check=False,
-                 env=cli_env(HOME=str(tmp_path)))  # no ~/.ray/auth_token: no warning about its mode either
+    result = cli(
+        "submit", "--address", closed, tmp_path / "good.yaml", "--no-wait", check=False, env=cli_env(HOME=str(tmp_path))
+    )  # no ~/.ray/auth_token: no warning about its mode either
     assert result.returncode == 1, result
     assert "cannot reach the Ray jobs API" in result.stderr and "--address" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -100,8 +102,11 @@ def test_three_concurrent_jobs_each_with_its_own_run_dir(head, tmp_path):
     # run dirs: alpha's default lands under the head's results root, never in Ray's working dir; beta and
     # gamma where asked
     assert not list(head.temp.glob(f"session_2*/runtime_resources/working_dir_files/*/runs/alpha-{ids['alpha']}"))
-    run_dirs = {"alpha": head.temp / "results" / f"alpha-{ids['alpha']}", "beta": configs["beta"][1],
-                "gamma": configs["gamma"][1]}
+    run_dirs = {
+        "alpha": head.temp / "results" / f"alpha-{ids['alpha']}",
+        "beta": configs["beta"][1],
+        "gamma": configs["gamma"][1],
+    }
     for name, run_dir in run_dirs.items():
         generations = 2 if name == "alpha" else 3
         assert (run_dir / "checkpoint.pt").is_file(), name
@@ -137,8 +142,17 @@ def test_token_is_required_and_checked(head, tmp_path):
     run_dir = tmp_path / "stopped"
     no_token_home = tmp_path / "home-empty"
     no_token_home.mkdir()
-    result = cli("submit", "--address", head.address, config, "--no-wait", "--submission-id", "es-no-token",
-                 env=cli_env(HOME=str(no_token_home)), check=False)
+    result = cli(
+        "submit",
+        "--address",
+        head.address,
+        config,
+        "--no-wait",
+        "--submission-id",
+        "es-no-token",
+        env=cli_env(HOME=str(no_token_home)),
+        check=False,
+    )
     assert result.returncode == 2, result
     assert "requires an auth token and none was sent" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -146,8 +160,18 @@ def test_token_is_required_and_checked(head, tmp_path):
     wrong.write_text(secrets.token_hex(32))
     for how in (["--token-file", wrong], []):
         env = cli_env(HOME=str(no_token_home)) if how else cli_env(RAY_AUTH_TOKEN=secrets.token_hex(32))
-        result = cli("submit", "--address", head.address, config, "--no-wait", "--submission-id", "es-bad-token",
-                     *how, env=env, check=False)
+        result = cli(
+            "submit",
+            "--address",
+            head.address,
+            config,
+            "--no-wait",
+            "--submission-id",
+            "es-bad-token",
+            *how,
+            env=env,
+            check=False,
+        )
         assert result.returncode == 2, result
         assert "refused the auth token" in result.stderr, result.stderr
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -260,8 +284,16 @@ def test_plain_http_to_a_remote_host_is_refused_unless_insecure(tmp_path):
         assert listener.received == []  # nothing was sent anywhere
 
         # --insecure: a warning, then the token really goes out in clear text
-        result = cli("list", "--address", f"{ip}:{listener.port}", "--token-file", token_file, "--insecure",
-                     check=False, timeout=120)
+        result = cli(
+            "list",
+            "--address",
+            f"{ip}:{listener.port}",
+            "--token-file",
+            token_file,
+            "--insecure",
+            check=False,
+            timeout=120,
+        )
         assert result.returncode == 1, result  # nobody answers like a jobs API there
         assert "es-service: warning: --insecure" in result.stderr and ip in result.stderr, result.stderr
         deadline = time.monotonic() + 10
@@ -280,8 +312,9 @@ def test_plain_http_to_a_remote_host_is_refused_unless_insecure(tmp_path):
 
 
 def test_connection_error_points_to_the_ssh_tunnel(tmp_path):
-    result = cli("list", "--address", f"http://127.0.0.1:{free_ports(1)[0]}", check=False,
-                 env=cli_env(HOME=str(tmp_path)))
+    result = cli(
+        "list", "--address", f"http://127.0.0.1:{free_ports(1)[0]}", check=False, env=cli_env(HOME=str(tmp_path))
+    )
     assert result.returncode == 1, result
     assert "ray dashboard cluster/config.yaml" in result.stderr, result.stderr
     assert "0.0.0.0" not in result.stderr, result.stderr  # never advise exposing the dashboard
@@ -295,8 +328,11 @@ def test_a_token_file_others_can_read_gets_a_warning(tmp_path):
     (home / ".ray").mkdir(parents=True)
     default = home / ".ray" / "auth_token"
     default.write_text(secrets.token_hex(32))
-    cases = [(["--token-file", token_file], token_file, {}), ([], default, {}),
-             ([], token_file, {"RAY_AUTH_TOKEN_PATH": str(token_file)})]
+    cases = [
+        (["--token-file", token_file], token_file, {}),
+        ([], default, {}),
+        ([], token_file, {"RAY_AUTH_TOKEN_PATH": str(token_file)}),
+    ]
     for args, path, extra in cases:
         for mode, warned in ((0o644, True), (0o640, True), (0o600, False), (0o400, False)):
             path.chmod(mode)
@@ -316,15 +352,35 @@ def test_working_dir_upload_leaves_credentials_out(head, tmp_path):
     config = job_config(upload / "tiny.yaml", "generations=1")
     (upload / "notes.txt").write_text("kept")
     (upload / "sub" / "kept.py").write_text("x = 1\n")
-    secrets_inside = ["auth_token", ".env", "sub/.env.local", "sub/server.pem", "tls.key", "id_ed25519",
-                      "sub/id_rsa", "my.token", "cluster-token"]
+    secrets_inside = [
+        "auth_token",
+        ".env",
+        "sub/.env.local",
+        "sub/server.pem",
+        "tls.key",
+        "id_ed25519",
+        "sub/id_rsa",
+        "my.token",
+        "cluster-token",
+    ]
     for name in secrets_inside:
         (upload / name).write_text(f"SECRET-{name}")
     run_dir = tmp_path / "run"
     # the token file in use lies in the folder too, under a name no pattern catches
     (upload / "cluster-token").write_text(head.token)
-    result = cli("submit", "--address", head.address, config, "--working-dir", upload, "--run-dir", run_dir,
-                 "--token-file", upload / "cluster-token", "--no-wait")
+    result = cli(
+        "submit",
+        "--address",
+        head.address,
+        config,
+        "--working-dir",
+        upload,
+        "--run-dir",
+        run_dir,
+        "--token-file",
+        upload / "cluster-token",
+        "--no-wait",
+    )
     job_id = result.stdout.splitlines()[0].strip()
     notice = [line for line in result.stderr.splitlines() if "not uploading" in line]
     assert len(notice) == 1, result.stderr
@@ -334,8 +390,9 @@ def test_working_dir_upload_leaves_credentials_out(head, tmp_path):
     (package,) = [p.parent for p in head.temp.glob("session_2*/runtime_resources/working_dir_files/*/tiny.yaml")]
     uploaded = sorted(p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file())
     assert uploaded == ["notes.txt", "sub/kept.py", "tiny.yaml"], uploaded
-    assert not any(b"SECRET" in p.read_bytes() or head.token.encode() in p.read_bytes()
-                   for p in package.rglob("*") if p.is_file())
+    assert not any(
+        b"SECRET" in p.read_bytes() or head.token.encode() in p.read_bytes() for p in package.rglob("*") if p.is_file()
+    )
 
     # a config with a credential's name is refused before anything is sent
     bad = upload / "id_config.yaml"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from es_service import strategy
-
 from workers import layer_members, network, noise
 from workers.evaluator import PopulationEvaluator
 
@@ -67,12 +66,14 @@ def test_a_rank1_layer_member_is_theta_plus_its_dense_move(mnist, layer, subspac
             scale = torch.tensor(np.float32(sign * 0.05))
             if layer == 1:
                 xu = x @ basis if subspace else x
-                got = layer_members.first_layer_forward(xu, x @ network.unflatten(theta)[0], theta, row, scale,
-                                                        subspace, arithmetic)
+                got = layer_members.first_layer_forward(
+                    xu, x @ network.unflatten(theta)[0], theta, row, scale, subspace, arithmetic
+                )
             else:
                 h1 = layer_members.center_hidden1(x, theta, arithmetic)
-                got = layer_members.second_layer_forward(h1, h1 @ network.unflatten(theta)[2], theta, row, scale,
-                                                         arithmetic)
+                got = layer_members.second_layer_forward(
+                    h1, h1 @ network.unflatten(theta)[2], theta, row, scale, arithmetic
+                )
             moved = (theta.double() + float(scale) * dense_move(row, layer, subspace, basis)).float()
             expected = network.forward(x, network.unflatten(moved), arithmetic)
             if arithmetic == "linear":
@@ -83,11 +84,13 @@ def test_a_rank1_layer_member_is_theta_plus_its_dense_move(mnist, layer, subspac
             rows = torch.stack([row, row])
             scales = torch.stack([scale, -scale])
             if layer == 1:
-                batched = layer_members.first_layer_forward(xu, x @ network.unflatten(theta)[0], theta, rows, scales,
-                                                            subspace, arithmetic)
+                batched = layer_members.first_layer_forward(
+                    xu, x @ network.unflatten(theta)[0], theta, rows, scales, subspace, arithmetic
+                )
             else:
-                batched = layer_members.second_layer_forward(h1, h1 @ network.unflatten(theta)[2], theta, rows,
-                                                             scales, arithmetic)
+                batched = layer_members.second_layer_forward(
+                    h1, h1 @ network.unflatten(theta)[2], theta, rows, scales, arithmetic
+                )
             assert torch.allclose(batched[0], got, rtol=1e-4, atol=1e-4)
 
 
@@ -137,8 +140,9 @@ def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, l
     images = np.arange(3000, 3064, dtype=np.int64)
     results = []
     for threads in (1, 2):
-        evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu",
-                                        threads=threads, basis=basis)
+        evaluator = PopulationEvaluator(
+            table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=threads, basis=basis
+        )
         results.append(evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
@@ -146,16 +150,24 @@ def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, l
     for j in (0, 7):
         one = alone.evaluate_layer(theta, layer, offsets[j : j + 1], signs[j : j + 1], 0.05, images, subspace)
         assert one[0][0] == results[0][0][j]
-    batched = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis,
-                                  batched=True).evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace)
+    batched = PopulationEvaluator(
+        table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis, batched=True
+    ).evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace)
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
 
 
 def test_a_subspace_without_its_basis_is_refused(mnist):
     evaluator = PopulationEvaluator(noise.make_table(7, 1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz")
     with pytest.raises(ValueError, match="basis"):
-        evaluator.evaluate_layer(network.init_theta(0), 1, np.array([0, 0]), np.array([1.0, -1.0], dtype=np.float32),
-                                 0.05, np.arange(8), subspace=16)
+        evaluator.evaluate_layer(
+            network.init_theta(0),
+            1,
+            np.array([0, 0]),
+            np.array([1.0, -1.0], dtype=np.float32),
+            0.05,
+            np.arange(8),
+            subspace=16,
+        )
 
 
 def test_input_scale_keeps_the_moves_mean_square_entry():

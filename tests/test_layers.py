@@ -7,11 +7,32 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("es_service", "workers", "benchmarks")
-MATH_CORE = ("workers/network.py", "workers/members.py", "workers/layer_members.py", "workers/noise.py",
-             "workers/compiled.py", "workers/evaluator.py", "es_service/strategy.py", "es_service/plan.py",
-             "es_service/replica.py")
-IO_OR_RAY = {"ray", "yaml", "json", "pickle", "pathlib", "shutil", "tempfile", "socket", "urllib", "requests",
-             "subprocess", "csv", "sqlite3"}
+MATH_CORE = (
+    "workers/network.py",
+    "workers/members.py",
+    "workers/layer_members.py",
+    "workers/noise.py",
+    "workers/compiled.py",
+    "workers/evaluator.py",
+    "es_service/strategy.py",
+    "es_service/plan.py",
+    "es_service/replica.py",
+)
+IO_OR_RAY = {
+    "ray",
+    "yaml",
+    "json",
+    "pickle",
+    "pathlib",
+    "shutil",
+    "tempfile",
+    "socket",
+    "urllib",
+    "requests",
+    "subprocess",
+    "csv",
+    "sqlite3",
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -37,8 +58,11 @@ def package_graph() -> dict[str, set[str]]:
 
 
 def test_workers_import_nothing_from_the_driver_side():
-    offenders = [str(path.relative_to(REPO)) for path in (REPO / "workers").rglob("*.py")
-                 if any(name.split(".")[0] in ("es_service", "benchmarks") for name in imported_modules(path))]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "workers").rglob("*.py")
+        if any(name.split(".")[0] in ("es_service", "benchmarks") for name in imported_modules(path))
+    ]
     assert offenders == []
 
 

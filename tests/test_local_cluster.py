@@ -41,8 +41,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (BIN, CLIENT_UNSET, REPO, cli, cli_env, free_ports, get_json, kill_all, mnist_dir,
-                           own_processes)
+from tests.helpers import (
+    BIN,
+    CLIENT_UNSET,
+    REPO,
+    cli,
+    cli_env,
+    free_ports,
+    get_json,
+    kill_all,
+    mnist_dir,
+    own_processes,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -53,9 +63,19 @@ MAX_WORKERS = 3
 # busy 2-core machine) with room to spare: a generation of this size takes ~0.06 s. No eval but the final one.
 GENERATIONS = 400
 OVERRIDES = [
-    f"generations={GENERATIONS}", "seed=11", "es.pop_size=8", "es.batch_size=64", "noise.table_size=1048576",
-    "eval.train_size=500", f"eval.every={GENERATIONS}", "checkpoint.every=100", "workers.members_per_tile=2",
-    "workers.count=0", "workers.min_count=1", f"workers.max_count={MAX_WORKERS}", "workers.cpus_per_worker=1",
+    f"generations={GENERATIONS}",
+    "seed=11",
+    "es.pop_size=8",
+    "es.batch_size=64",
+    "noise.table_size=1048576",
+    "eval.train_size=500",
+    f"eval.every={GENERATIONS}",
+    "checkpoint.every=100",
+    "workers.members_per_tile=2",
+    "workers.count=0",
+    "workers.min_count=1",
+    f"workers.max_count={MAX_WORKERS}",
+    "workers.cpus_per_worker=1",
     "workers.fused=false",
 ]
 FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the fake provider's node ids
@@ -82,11 +102,19 @@ class LocalCluster:
         self.address = f"http://127.0.0.1:{dashboard}"
         env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_DATA_DIR",)}
         env.update(
-            ES_LOCAL_TEMP_DIR=str(self.temp), ES_LOCAL_STATE=str(self.state), ES_LOCAL_DASHBOARD_PORT=str(dashboard),
-            ES_LOCAL_GCS_PORT=str(gcs), ES_LOCAL_CLIENT_PORT=str(client), ES_LOCAL_AGENT_PORT="0",
-            ES_LOCAL_HEAD_CPUS=str(HEAD_CPUS), RAY=str(BIN / "ray"),
-            RAY_USAGE_STATS_ENABLED="0", XDG_CACHE_HOME=str(root / "cache"), TMPDIR=str(root),
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", ES_LOCAL_CLUSTER_TEST=root.name,
+            ES_LOCAL_TEMP_DIR=str(self.temp),
+            ES_LOCAL_STATE=str(self.state),
+            ES_LOCAL_DASHBOARD_PORT=str(dashboard),
+            ES_LOCAL_GCS_PORT=str(gcs),
+            ES_LOCAL_CLIENT_PORT=str(client),
+            ES_LOCAL_AGENT_PORT="0",
+            ES_LOCAL_HEAD_CPUS=str(HEAD_CPUS),
+            RAY=str(BIN / "ray"),
+            RAY_USAGE_STATS_ENABLED="0",
+            XDG_CACHE_HOME=str(root / "cache"),
+            TMPDIR=str(root),
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            ES_LOCAL_CLUSTER_TEST=root.name,
         )
         env.pop("ES_RESULTS_ROOT", None)
         if user_home is None:
@@ -98,8 +126,9 @@ class LocalCluster:
         self.gcs_address = ""
 
     def sh(self, command: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([str(LOCAL_SH), command], env=self.env, cwd=self.root, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(LOCAL_SH), command], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
 
     def start(self) -> str:
         result = self.sh("start")
@@ -158,7 +187,7 @@ def ray_status_active(output: str) -> dict[str, int]:
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == "Active:")
     active = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
             break
@@ -173,8 +202,12 @@ def sentinels(root: Path) -> list[subprocess.Popen]:
     fake_ray.parent.mkdir(parents=True)
     shutil.copy(shutil.which("sleep"), fake_ray)
     env = {k: v for k, v in os.environ.items()}
-    return [subprocess.Popen([str(exe), "600"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL) for exe in (shutil.which("sleep"), fake_ray)]
+    return [
+        subprocess.Popen(
+            [str(exe), "600"], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for exe in (shutil.which("sleep"), fake_ray)
+    ]
 
 
 def _cluster_fixture(own_home: bool):
@@ -238,9 +271,21 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         # -- submit: the job asks the autoscaler for 3 one-CPU workers -------------------------------------
         run_dir = tmp_path / "run"
         client_env = cli_env(ES_DATA_DIR=str(data_dir), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
-        submit = cli("submit", "--address", cluster.address, REPO / "configs" / "quick.yaml", "--run-dir", run_dir,
-                     "--no-wait", "--token-file", cluster.token_file,
-                     *[arg for item in OVERRIDES for arg in ("--set", item)], env=client_env, cwd=tmp_path, timeout=120)
+        submit = cli(
+            "submit",
+            "--address",
+            cluster.address,
+            REPO / "configs" / "quick.yaml",
+            "--run-dir",
+            run_dir,
+            "--no-wait",
+            "--token-file",
+            cluster.token_file,
+            *[arg for item in OVERRIDES for arg in ("--set", item)],
+            env=client_env,
+            cwd=tmp_path,
+            timeout=120,
+        )
         job_id = submit.stdout.splitlines()[0].strip()
         submitted = time.monotonic()
 
@@ -284,7 +329,8 @@ def test_zero_workers_to_elastic_job_and_clean_teardown(local_cluster, tmp_path)
         while fake_workers(cluster.alive_nodes()):
             assert time.monotonic() < deadline, (
                 "fake worker nodes still up 90 s after the job ended (request_resources not withdrawn?)\n"
-                + cluster.sh("status", timeout=120).stdout)
+                + cluster.sh("status", timeout=120).stdout
+            )
             time.sleep(1)
         timings["scale_down"] = time.monotonic() - submitted - timings["job"]
 
@@ -322,11 +368,21 @@ def test_printed_workflow_with_the_default_run_dir_and_nodes_joining_mid_run(new
 
     # the printed line, from the repository root, by a user whose only token is the one local.sh made
     client_env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET + ("ES_RESULTS_ROOT",)}
-    client_env.update(HOME=str(home), ES_DATA_DIR=str(data_dir), PATH=cluster.env["PATH"],
-                      XDG_CACHE_HOME=str(cluster.root / "client-cache"))
+    client_env.update(
+        HOME=str(home),
+        ES_DATA_DIR=str(data_dir),
+        PATH=cluster.env["PATH"],
+        XDG_CACHE_HOME=str(cluster.root / "client-cache"),
+    )
     generations = 30
-    submit = subprocess.Popen(shlex.split(submit_line) + ["--set", f"generations={generations}"], env=client_env,
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    submit = subprocess.Popen(
+        shlex.split(submit_line) + ["--set", f"generations={generations}"],
+        env=client_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         most_fake, joined_while_running = 0, False
         deadline = time.monotonic() + 600
@@ -355,16 +411,20 @@ def test_printed_workflow_with_the_default_run_dir_and_nodes_joining_mid_run(new
     alive = [r["workers_alive"] for r in records]
     assert max(alive) > HEAD_CPUS, f"the pool never grew past the head's {HEAD_CPUS} workers: {alive}"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
-    status = json.loads(cli("status", "--address", cluster.address, job_id, env=client_env, cwd=REPO,
-                            timeout=120).stdout)
+    status = json.loads(
+        cli("status", "--address", cluster.address, job_id, env=client_env, cwd=REPO, timeout=120).stdout
+    )
     assert status["run_dir"] == f"${{ES_RESULTS_ROOT:-~/es-service-runs}}/quick-{job_id}", status
 
     # no worker actor died and was replaced, not even before the first generation
     actors = cluster.get("/api/v0/actors?limit=1000&detail=true")["data"]["result"]["result"]
     workers = [a for a in actors if a.get("class_name") == "PopulationWorker"]
     assert len(workers) == max(alive), [(a["actor_id"], a["state"], a.get("death_cause")) for a in workers]
-    fatal = [path.name for path in cluster.temp.glob("session_*/logs/*")
-             if path.is_file() and b"oneMKL FATAL" in path.read_bytes()]
+    fatal = [
+        path.name
+        for path in cluster.temp.glob("session_*/logs/*")
+        if path.is_file() and b"oneMKL FATAL" in path.read_bytes()
+    ]
     assert not fatal, fatal
 
     result = cluster.sh("stop", timeout=120)

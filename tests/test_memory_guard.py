@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-TESTS = '''
+TESTS = """
 import numpy as np
 
 
@@ -25,17 +25,39 @@ def test_big():
 def test_small():
     block = np.ones(2**20 // 8)
     assert block.sum() > 0
-'''
+"""
 
 
 def test_guard_fails_the_test_that_grows_the_process(tmp_path):
     (tmp_path / "test_alloc.py").write_text(TESTS)
-    env = dict(os.environ, ES_TEST_RSS_GROWTH_LIMIT_MB="100", ES_DATA_DIR=os.environ.get("ES_DATA_DIR") or str(tmp_path),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        ES_TEST_RSS_GROWTH_LIMIT_MB="100",
+        ES_DATA_DIR=os.environ.get("ES_DATA_DIR") or str(tmp_path),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", "--rootdir",
-         str(tmp_path), "-c", os.devnull, "test_alloc.py"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            "test_alloc.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "test_alloc.py::test_big raised the test process's peak RSS by" in out, out

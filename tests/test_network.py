@@ -97,7 +97,9 @@ def test_scaled_frame_matches_native_formula(mnist):
     assert float((fast.argmax(1) == native.argmax(1)).float().mean()) >= 0.999
     assert float(((fast == 0) == (native == 0)).float().mean()) > 0.99
     # with no matmul denormals involved (first layer + linear mode) they are bitwise equal
-    assert torch.equal(network.forward(x, params, "linear").argmax(1), network.forward_native(x, params, "linear").argmax(1))
+    assert torch.equal(
+        network.forward(x, params, "linear").argmax(1), network.forward_native(x, params, "linear").argmax(1)
+    )
 
 
 def test_batched_forward_equals_member_forward():
@@ -142,8 +144,9 @@ def test_low_rank_member_is_the_dense_member_up_to_matmul_rounding(mnist, arithm
     xw1 = x @ network.unflatten(theta)[0]
     batched = members.low_rank_forward(x, xw1, theta, noise_rows, scales, rank, arithmetic)
     for j in range(3):
-        dense = network.forward(x, network.unflatten(theta + scales[j] * members.low_rank_dense(noise_rows[j], rank)),
-                                arithmetic)
+        dense = network.forward(
+            x, network.unflatten(theta + scales[j] * members.low_rank_dense(noise_rows[j], rank)), arithmetic
+        )
         single = members.low_rank_forward(x, xw1, theta, noise_rows[j], scales[j], rank, arithmetic)
         # a rounding difference next to a flush threshold flips that one flush: compare almost all logits
         for other in (dense, batched[j]):
@@ -178,8 +181,15 @@ def test_low_rank_fused_epilogues_are_bitwise_equal_to_eager(mnist, rank):
 
 def test_low_rank_refuses_cpu_ftz():
     with pytest.raises(ValueError, match="scaled frame"):
-        members.low_rank_forward(torch.zeros(1, 784), torch.zeros(1, 512), network.init_theta(0),
-                                 torch.zeros(members.noise_length(1)), torch.tensor(0.1), 1, "cpu-ftz")
+        members.low_rank_forward(
+            torch.zeros(1, 784),
+            torch.zeros(1, 512),
+            network.init_theta(0),
+            torch.zeros(members.noise_length(1)),
+            torch.tensor(0.1),
+            1,
+            "cpu-ftz",
+        )
 
 
 def _shared_members(mnist, count=3, seed=4):
@@ -218,15 +228,21 @@ def test_shared_first_layer_fused_is_bitwise_equal_to_eager(mnist):
         assert torch.equal(fused, eager)
     tails = members.perturb(theta[network.W1_SIZE :], noise_rows[:, network.W1_SIZE :], scales[:, None])
     pair = xe1.expand(2, -1, -1)
-    assert torch.equal(members.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz", fused=True),
-                       members.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz"))
+    assert torch.equal(
+        members.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz", fused=True),
+        members.shared_first_layer_forward(xw1, pair, tails, scales, "tf-ftz"),
+    )
 
 
 def test_shared_first_layer_refuses_cpu_ftz_and_unflatten_checks_the_tail():
     with pytest.raises(ValueError, match="scaled frame"):
-        members.shared_first_layer_forward(torch.zeros(1, 512), torch.zeros(1, 512),
-                                           torch.zeros(network.NUM_PARAMS - network.W1_SIZE), torch.tensor(0.1),
-                                           "cpu-ftz")
+        members.shared_first_layer_forward(
+            torch.zeros(1, 512),
+            torch.zeros(1, 512),
+            torch.zeros(network.NUM_PARAMS - network.W1_SIZE),
+            torch.tensor(0.1),
+            "cpu-ftz",
+        )
     tail = torch.arange(network.NUM_PARAMS - network.W1_SIZE, dtype=torch.float32)
     b1, w2, _, _, b3 = network.unflatten(tail, first=1)
     assert b1.shape == (512,) and w2.shape == (512, 512) and w2[0, 0] == 512 and b3[-1] == tail[-1]

@@ -44,12 +44,27 @@ def test_tile_size_does_not_change_anything_but_tiles():
 
 
 def test_merged_tiles_cover_each_shard_and_layer_group_once():
-    plan = planning.make_plan(tiny_config("workers.members_per_tile=3", "es.batch_size=100", "es.shard_size=50",
-                                          "es.w3.pop_size=12", "es.w2.pop_size=4"), 1, 60000)
+    plan = planning.make_plan(
+        tiny_config(
+            "workers.members_per_tile=3",
+            "es.batch_size=100",
+            "es.shard_size=50",
+            "es.w3.pop_size=12",
+            "es.w2.pop_size=4",
+        ),
+        1,
+        60000,
+    )
     merged = planning.merge_tiles(plan.tiles)
     assert len(plan.tiles) == 3 * 2 + 2 * 2 + 2 and len(merged) == 6
     assert sorted((t.layer, t.shard, t.member_start, t.member_stop) for t in merged) == [
-        (0, 0, 0, 8), (0, 1, 0, 8), (2, 0, 0, 4), (2, 1, 0, 4), (3, 0, 0, 12), (3, 1, 0, 12)]
+        (0, 0, 0, 8),
+        (0, 1, 0, 8),
+        (2, 0, 0, 4),
+        (2, 1, 0, 4),
+        (3, 0, 0, 12),
+        (3, 1, 0, 12),
+    ]
     assert [t.tile_id for t in merged] == list(range(6))
 
 
@@ -75,7 +90,9 @@ def test_layer_members_draw_from_their_own_stream(layer):
         assert spans == [(0, 12, 0), (0, 12, 1)]
     else:
         assert spans == [(0, 5, 0), (0, 5, 1), (5, 10, 0), (5, 10, 1), (10, 12, 0), (10, 12, 1)]
-    streams = [planning.make_plan(tiny_config(f"es.w{k}.pop_size=12"), 3, 60000).layer_offsets[k - 1] for k in (1, 2, 3)]
+    streams = [
+        planning.make_plan(tiny_config(f"es.w{k}.pop_size=12"), 3, 60000).layer_offsets[k - 1] for k in (1, 2, 3)
+    ]
     assert not np.array_equal(streams[0], streams[1]) and not np.array_equal(streams[1], streams[2])
     later = planning.make_plan(tiny_config(f"es.w{layer}.pop_size=12"), 4, 60000)
     assert not np.array_equal(later.layer_offsets[layer - 1], streams[layer - 1])
@@ -88,8 +105,10 @@ def test_old_head_members_are_layer_three_members():
     old = {**TINY, "es": {**TINY["es"], "head_pop_size": 12}}
     config = from_dict(old)
     assert config.es.w3.pop_size == 12
-    assert np.array_equal(planning.make_plan(config, 2, 60000).layer_offsets[2],
-                          planning.make_plan(tiny_config("es.w3.pop_size=12"), 2, 60000).layer_offsets[2])
+    assert np.array_equal(
+        planning.make_plan(config, 2, 60000).layer_offsets[2],
+        planning.make_plan(tiny_config("es.w3.pop_size=12"), 2, 60000).layer_offsets[2],
+    )
 
 
 def test_member_fitness_combines_shards():

@@ -24,8 +24,9 @@ def records(generations: int = 30, every: int = 10, validation: bool = True) -> 
         line = {"generation": generation, "fitness_mean": -2.3 + 1.8 * generation / generations, "wall_s": 0.1}
         if generation % every == 0:
             accuracy = 0.5 + 0.4 * generation / generations
-            line.update(train_accuracy=accuracy, test_accuracy=accuracy - 0.01,
-                        test_accuracy_unflushed=accuracy + 0.005)
+            line.update(
+                train_accuracy=accuracy, test_accuracy=accuracy - 0.01, test_accuracy_unflushed=accuracy + 0.005
+            )
             if validation:
                 line["validation_accuracy"] = accuracy - 0.005
         lines.append(line)
@@ -114,8 +115,14 @@ WITHOUT_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None\n"
 
 
 def without_matplotlib(code: str, *args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB + code, *args], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=cwd or REPO)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_MATPLOTLIB + code, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd or REPO,
+    )
 
 
 def test_without_matplotlib_the_plot_raises_a_hint_and_the_report_warns(tmp_path):
@@ -147,8 +154,19 @@ def test_a_run_without_matplotlib_finishes_with_one_warning(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", tiny_config("generations=2", "eval.train_size=200"))
     run_dir = tmp_path / "run"
     env = cli_env(tmp_path / "cache")
-    result = without_matplotlib("from es_service.cli import main; sys.exit(main())", "train", "--config", str(config),
-                                "--run-dir", str(run_dir), "--executor", "local", "--quiet", env=env, cwd=tmp_path)
+    result = without_matplotlib(
+        "from es_service.cli import main; sys.exit(main())",
+        "train",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--executor",
+        "local",
+        "--quiet",
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["generation"] == 2  # stdout is still just the summary
     warnings = [line for line in result.stderr.splitlines() if "learning curve" in line]

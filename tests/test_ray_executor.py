@@ -14,10 +14,9 @@ import torch
 from es_service import plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
+from tests.helpers import basis_of, run_local, tiny_config
 from workers import network, noise
 from workers.actor import PopulationWorker
-from tests.conftest import tiny_config
-from tests.helpers import basis_of, run_local
 
 pytestmark = pytest.mark.ray
 
@@ -27,8 +26,15 @@ def make_trainer(config, mnist, run_dir, worker_class=PopulationWorker):
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
     basis = basis_of(config, mnist)
-    executor = RayExecutor(table, mnist.train_images, mnist.train_labels, config.network.arithmetic, config.workers,
-                           basis=basis, worker_class=worker_class)
+    executor = RayExecutor(
+        table,
+        mnist.train_images,
+        mnist.train_labels,
+        config.network.arithmetic,
+        config.workers,
+        basis=basis,
+        worker_class=worker_class,
+    )
     state = TrainState(planning.seed_theta(config.seed), None, 0)
     return Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
 
@@ -72,11 +78,19 @@ LAYER_MEMBERS = ("es.pop_size=0", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w
 SYNCS = ["broadcast", "replay"]
 
 
-@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1",), ("es.rank=1", "es.w3.pop_size=16"),
-                                  ("es.shared_first_layer=true",), LAYER_MEMBERS,
-                                  ("workers.theta_sync=replay", "es.rank=0"),
-                                  ("workers.theta_sync=replay", "es.rank=1", "es.w3.pop_size=16"),
-                                  ("workers.theta_sync=replay", *LAYER_MEMBERS)])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("es.rank=0",),
+        ("es.rank=1",),
+        ("es.rank=1", "es.w3.pop_size=16"),
+        ("es.shared_first_layer=true",),
+        LAYER_MEMBERS,
+        ("workers.theta_sync=replay", "es.rank=0"),
+        ("workers.theta_sync=replay", "es.rank=1", "es.w3.pop_size=16"),
+        ("workers.theta_sync=replay", *LAYER_MEMBERS),
+    ],
+)
 def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):
     config = tiny_config("workers.executor=ray", "workers.count=2", *sets)
     remote = run_ray(config, mnist, tmp_path / "ray")
@@ -103,8 +117,13 @@ def _kill_randomly(trainer, stop):
 def test_random_worker_kills_lose_no_generation(ray_cluster, mnist, tmp_path, sync):
     generations = 50
     overrides = [f"generations={generations}", "eval.every=100", "checkpoint.every=100"]
-    config = tiny_config("workers.executor=ray", "workers.count=3", "workers.members_per_tile=2",
-                         f"workers.theta_sync={sync}", *overrides)
+    config = tiny_config(
+        "workers.executor=ray",
+        "workers.count=3",
+        "workers.members_per_tile=2",
+        f"workers.theta_sync={sync}",
+        *overrides,
+    )
     faulty = run_ray(config, mnist, tmp_path / "faulty", during=_kill_randomly)
     clean = run_local(tiny_config("workers.members_per_tile=5", *overrides), mnist, tmp_path / "clean")
     assert faulty.generation == generations
@@ -129,8 +148,14 @@ def step_until(trainer, condition, limit=300):
     return records
 
 
-ELASTIC = ["generations=1000", "eval.every=1000", "checkpoint.every=1000", "workers.count=0",
-           "workers.max_count=5", "workers.members_per_tile=1"]
+ELASTIC = [
+    "generations=1000",
+    "eval.every=1000",
+    "checkpoint.every=1000",
+    "workers.count=0",
+    "workers.max_count=5",
+    "workers.members_per_tile=1",
+]
 
 
 @pytest.mark.parametrize("sync", SYNCS)
@@ -172,8 +197,9 @@ def test_a_node_that_leaves_mid_run_loses_nothing(ray_cluster, mnist, tmp_path, 
 def test_no_live_worker_checkpoints_and_fails(ray_cluster, mnist, tmp_path):
     from es_service.ray_executor import NoWorkersError
 
-    config = tiny_config("workers.executor=ray", "workers.count=1", "workers.cpus_per_worker=64",
-                         "workers.no_worker_timeout_s=2")
+    config = tiny_config(
+        "workers.executor=ray", "workers.count=1", "workers.cpus_per_worker=64", "workers.no_worker_timeout_s=2"
+    )
     with pytest.raises(NoWorkersError, match="no worker alive"):
         run_ray(config, mnist, tmp_path / "starved", wait=False)
     from es_service import checkpoint
@@ -209,15 +235,24 @@ def test_a_drifted_replica_is_caught_within_its_generation_and_changes_nothing(r
     assert mismatches[DRIFT_AT] >= 1 and sum(mismatches) == mismatches[DRIFT_AT], mismatches
     assert records[DRIFT_AT]["replica_resyncs"] >= 1
     assert records[DRIFT_AT]["tiles_reissued"] == mismatches[DRIFT_AT]
-    assert [r["replica_resyncs"] for r in records[DRIFT_AT + 1:]] == [0] * (len(records) - DRIFT_AT - 1)
+    assert [r["replica_resyncs"] for r in records[DRIFT_AT + 1 :]] == [0] * (len(records) - DRIFT_AT - 1)
 
 
 def test_replay_sends_each_worker_scalars_not_theta(ray_cluster, mnist, tmp_path):
     """P = 8192 rank-1 members on 3 workers: after the first generation's snapshots, each worker is sent
     its tiles (12 bytes a member), the minibatch and the previous update (16 kB), at most 64 kB, where
     broadcast sends theta's 2.68 MB."""
-    sets = ["workers.executor=ray", "workers.count=3", "es.pop_size=8192", "es.rank=1", "es.batch_size=8",
-            "workers.members_per_tile=512", "generations=3", "eval.every=100", "checkpoint.every=100"]
+    sets = [
+        "workers.executor=ray",
+        "workers.count=3",
+        "es.pop_size=8192",
+        "es.rank=1",
+        "es.batch_size=8",
+        "workers.members_per_tile=512",
+        "generations=3",
+        "eval.every=100",
+        "checkpoint.every=100",
+    ]
     sent = {}
     for sync in SYNCS:
         run_ray(tiny_config(*sets, f"workers.theta_sync={sync}"), mnist, tmp_path / sync)

@@ -48,7 +48,11 @@ def test_reference_defaults_match_the_code():
         value = config
         for part in path.split("."):
             value = getattr(value, part)
-        shown = {None: "null", True: "true", False: "false"}.get(value, value) if not isinstance(value, (int, float)) or isinstance(value, bool) else value
+        shown = (
+            {None: "null", True: "true", False: "false"}.get(value, value)
+            if not isinstance(value, (int, float)) or isinstance(value, bool)
+            else value
+        )
         default = reference_row(text, path)[2]
         assert default == str(shown), f"{path}: docs/configuration.md says {default}, code {shown}"
 
@@ -60,13 +64,16 @@ def test_the_readme_links_the_configuration_reference():
 def test_the_readme_stays_short():
     size = len(README.read_bytes())
     assert size <= README_LIMIT_BYTES, (
-        f"README.md is {size} bytes, over {README_LIMIT_BYTES}: move detail to docs/ and link it")
+        f"README.md is {size} bytes, over {README_LIMIT_BYTES}: move detail to docs/ and link it"
+    )
 
 
 def test_docs_cite_no_work_log():
     documents = [README, *sorted((ROOT / "docs").glob("*.md"))]
-    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-             for path in documents
-             for number, line in enumerate(path.read_text().splitlines(), start=1)
-             if WORK_LOG_REFERENCE.search(line)]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in documents
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if WORK_LOG_REFERENCE.search(line)
+    ]
     assert not found, "pin figures by date, device and command, not by work-log number:\n" + "\n".join(found)

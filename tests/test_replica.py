@@ -50,7 +50,9 @@ def test_a_replica_from_a_snapshot_follows_the_driver_bit_for_bit(mnist, sets):
         worker.apply(pickle.loads(pickle.dumps(update)))  # the worker derives its own plan
         assert torch.equal(worker.theta, driver.theta)
     assert worker.fingerprint() == driver.fingerprint()
-    for mine, theirs in zip(worker.adam.state_dict()["state"][0].values(), driver.adam.state_dict()["state"][0].values()):
+    for mine, theirs in zip(
+        worker.adam.state_dict()["state"][0].values(), driver.adam.state_dict()["state"][0].values()
+    ):
         assert torch.equal(torch.as_tensor(mine), torch.as_tensor(theirs))
 
 

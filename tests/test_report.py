@@ -19,8 +19,9 @@ from workers.evaluator import accuracy
 @pytest.fixture(scope="module")
 def small_mnist(mnist):
     """The first 3,000 training images: enough for a real backprop epoch in seconds; the last 1,000 held out."""
-    return dataclasses.replace(mnist.hold_out(1000), train_images=mnist.train_images[:3000],
-                               train_labels=mnist.train_labels[:3000])
+    return dataclasses.replace(
+        mnist.hold_out(1000), train_images=mnist.train_images[:3000], train_labels=mnist.train_labels[:3000]
+    )
 
 
 def test_backprop_learns_and_writes_a_run(small_mnist, tmp_path, capsys):
@@ -60,11 +61,26 @@ def test_backprop_continued_from_an_epochs_checkpoint_is_the_uninterrupted_run(s
         log.write('{"generation": 3, "stale": true}\n')
     state = checkpoint.load(split / "checkpoint.pt")
     assert state["generation"] == 2
-    train_backprop(config, split, small_mnist, "cpu", epochs=3, batch_size=100, theta=state["theta"],
-                   optimizer_state=state["optimizer"], start_epoch=2, quiet=True)
-    assert torch.equal(checkpoint.load(full / "checkpoint.pt")["theta"], checkpoint.load(split / "checkpoint.pt")["theta"])
+    train_backprop(
+        config,
+        split,
+        small_mnist,
+        "cpu",
+        epochs=3,
+        batch_size=100,
+        theta=state["theta"],
+        optimizer_state=state["optimizer"],
+        start_epoch=2,
+        quiet=True,
+    )
+    assert torch.equal(
+        checkpoint.load(full / "checkpoint.pt")["theta"], checkpoint.load(split / "checkpoint.pt")["theta"]
+    )
     drop = ("wall_s", "time")
-    lines = [[{k: v for k, v in r.items() if k not in drop} for r in read_metrics(d / "metrics.jsonl")] for d in (full, split)]
+    lines = [
+        [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(d / "metrics.jsonl")]
+        for d in (full, split)
+    ]
     assert lines[0] == lines[1] and [r["generation"] for r in lines[0]] == [1, 2, 3]
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from es_service import checkpoint, plan as planning, rundir, runner, strategy
+from es_service import checkpoint, rundir, runner, strategy
+from es_service import plan as planning
 from es_service.driver import Diverged, TrainState
 from es_service.metrics import MetricsError, MetricsLog, read
 from tests.helpers import run_local, tiny_config
@@ -45,8 +46,13 @@ def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
 
 def test_a_full_disk_says_so_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     config = tiny_config()
-    state = checkpoint.build(config, planning.seed_theta(config.seed), {"state": {}, "param_groups": [{}]}, 0,
-                             planning.noise_seed(config.seed))
+    state = checkpoint.build(
+        config,
+        planning.seed_theta(config.seed),
+        {"state": {}, "param_groups": [{}]},
+        0,
+        planning.noise_seed(config.seed),
+    )
     path = tmp_path / "checkpoint.pt"
     checkpoint.save(state, path)
     before = path.read_bytes()
@@ -92,7 +98,9 @@ def test_the_lock_refuses_a_second_writer_naming_the_first(tmp_path):
 
 def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_refused(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"generation": 1, "fitness_mean": -0.5}\n{"generation": 2, "fitness_mean": -0.5}\n{"generation": 3, "wa')
+    path.write_text(
+        '{"generation": 1, "fitness_mean": -0.5}\n{"generation": 2, "fitness_mean": -0.5}\n{"generation": 3, "wa'
+    )
     assert [r["generation"] for r in read(path)] == [1, 2]
     MetricsLog(path).truncate_after(5)
     assert path.read_text() == '{"generation": 1, "fitness_mean": -0.5}\n{"generation": 2, "fitness_mean": -0.5}\n'

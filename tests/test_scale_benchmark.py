@@ -81,16 +81,27 @@ def test_replay_sends_each_worker_kilobytes_and_broadcast_theta():
 
 def measured_run() -> dict:
     """A scale.json as a measurement left it: lines for the driver's times, a dispatch fit, stale rest."""
+
     def driver_rank(estimate_per_member_s: float) -> dict:
         slopes = {"plan_s": 1e-6, "shape_s": 5e-7, "estimate_s": estimate_per_member_s}
-        return {"rows": [{"pop_size": 16000, "estimate_extrapolated": False}],
-                "fits": {name: {"intercept": 0.0, "slope": slope} for name, slope in slopes.items()}}
+        return {
+            "rows": [{"pop_size": 16000, "estimate_extrapolated": False}],
+            "fits": {name: {"intercept": 0.0, "slope": slope} for name, slope in slopes.items()},
+        }
 
-    return {"benchmark": "scale", "date": "2000-01-01", "commit": "0" * 40, "command": "measured",
-            "driver": {"adam_s": 0.005, "rank0": driver_rank(1e-3), "rank1": driver_rank(3e-5)},
-            "dispatch": {"rows": [{"actors": 16}],
-                         "driver_cpu_s_fit": {"intercept": -0.01, "per_actor": 1e-3, "per_tile": 1e-3}},
-            "bytes": "stale", "projection": "stale"}
+    return {
+        "benchmark": "scale",
+        "date": "2000-01-01",
+        "commit": "0" * 40,
+        "command": "measured",
+        "driver": {"adam_s": 0.005, "rank0": driver_rank(1e-3), "rank1": driver_rank(3e-5)},
+        "dispatch": {
+            "rows": [{"actors": 16}],
+            "driver_cpu_s_fit": {"intercept": -0.01, "per_actor": 1e-3, "per_tile": 1e-3},
+        },
+        "bytes": "stale",
+        "projection": "stale",
+    }
 
 
 def test_reuse_keeps_the_measured_constants_and_recomputes_bytes_and_projection(tmp_path):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from es_service import strategy
-
 from workers import members, network, noise
 
 

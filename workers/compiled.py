@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -25,7 +25,7 @@ def cached(key: tuple, build: Callable):
     return CACHE[key]
 
 
-def compiled_functions() -> list["Compiled"]:
+def compiled_functions() -> list[Compiled]:
     """Every compiled function built so far, alone or inside a cached group such as an Epilogues
     (tests check that none fell back to eager)."""
     found = []
@@ -53,6 +53,6 @@ class Compiled:
             try:
                 return self.compiled(*args)
             except Exception as err:  # inductor raises many types; eager is always correct
-                warnings.warn(f"torch.compile failed ({type(err).__name__}); using eager")
+                warnings.warn(f"torch.compile failed ({type(err).__name__}); using eager", stacklevel=2)
                 self.failed = True
         return self.eager(*args)

@@ -25,8 +25,9 @@ import torch
 
 from workers import layer_members, members, network, noise
 
-
-OUTPUT_LAYER_CHUNK = 64  # layer-3 members per batched matmul: fixed, so a layer-3 member's bits never depend on the tile
+OUTPUT_LAYER_CHUNK = (
+    64  # layer-3 members per batched matmul: fixed, so a layer-3 member's bits never depend on the tile
+)
 
 
 def set_process_arithmetic(arithmetic: str) -> None:
@@ -140,8 +141,9 @@ class PopulationEvaluator:
             step = self.chunk_size(len(y), rank)
             results = [self._score(many(slice(start, start + step)), y) for start in range(0, len(offsets), step)]
         else:
-            results = self.map_members(lambda j: self._score(one(j), y), len(offsets),
-                                       first_alone=self._first_of_shape((rank, *x.shape)))
+            results = self.map_members(
+                lambda j: self._score(one(j), y), len(offsets), first_alone=self._first_of_shape((rank, *x.shape))
+            )
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def shared_xw1(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> torch.Tensor:
@@ -174,21 +176,32 @@ class PopulationEvaluator:
                 elif len(distinct) < len(chunk):
                     xe1 = xe1.index_select(0, torch.as_tensor(which.reshape(-1), device=self.device))
                 tail = self.perturbed(theta, offsets[part], scales[part], start=network.W1_SIZE)
-                results.append(self._score(members.shared_first_layer_forward(
-                    xw1, xe1, tail, scales[part], self.arithmetic, self.fused), y))
+                results.append(
+                    self._score(
+                        members.shared_first_layer_forward(xw1, xe1, tail, scales[part], self.arithmetic, self.fused), y
+                    )
+                )
         else:
             starts = np.flatnonzero(np.diff(offsets, prepend=-1))  # runs of equal offsets, e.g. a pair
             stops = np.append(starts[1:], len(offsets))
 
             def run(k: int) -> list:
                 xe1 = torch.mm(x, members.first_layer_noise(self.windows[int(offsets[starts[k]])]))
-                return [self._score(members.shared_first_layer_member(
-                    xw1, xe1, theta, self.windows[int(offsets[j])], scales[j], self.arithmetic, self.fused), y)
-                    for j in range(starts[k], stops[k])]
+                return [
+                    self._score(
+                        members.shared_first_layer_member(
+                            xw1, xe1, theta, self.windows[int(offsets[j])], scales[j], self.arithmetic, self.fused
+                        ),
+                        y,
+                    )
+                    for j in range(starts[k], stops[k])
+                ]
 
-            results = [r for group in self.map_members(run, len(starts),
-                                                       first_alone=self._first_of_shape(("shared", *x.shape)))
-                       for r in group]
+            results = [
+                r
+                for group in self.map_members(run, len(starts), first_alone=self._first_of_shape(("shared", *x.shape)))
+                for r in group
+            ]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _inputs(self, theta: torch.Tensor, signs: np.ndarray, noise_std: float, image_indices: np.ndarray):
@@ -200,8 +213,9 @@ class PopulationEvaluator:
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         return theta, x, y, scales
 
-    def evaluate_output_layer(self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float,
-                      image_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate_output_layer(
+        self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float, image_indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``evaluate`` for layer-3 members (members.output_layer_forward): the center's hidden layer once, then one
         small batched matmul per fixed chunk of OUTPUT_LAYER_CHUNK members (on CPU one chunk per thread, with
         single-threaded ops, like members), so no result depends on the thread count."""
@@ -212,15 +226,28 @@ class PopulationEvaluator:
 
         def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
             part = slice(k * OUTPUT_LAYER_CHUNK, (k + 1) * OUTPUT_LAYER_CHUNK)
-            return self._score(members.output_layer_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y)
+            return self._score(
+                members.output_layer_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y
+            )
 
         chunks = -(-len(offsets) // OUTPUT_LAYER_CHUNK)
-        results = [chunk(k) for k in range(chunks)] if self.batched else self.map_members(
-            chunk, chunks, first_alone=self._first_of_shape(("output layer", *x.shape)))
+        results = (
+            [chunk(k) for k in range(chunks)]
+            if self.batched
+            else self.map_members(chunk, chunks, first_alone=self._first_of_shape(("output layer", *x.shape)))
+        )
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
-    def evaluate_layer(self, theta: torch.Tensor, layer: int, offsets: np.ndarray, signs: np.ndarray,
-                       noise_std: float, image_indices: np.ndarray, subspace: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate_layer(
+        self,
+        theta: torch.Tensor,
+        layer: int,
+        offsets: np.ndarray,
+        signs: np.ndarray,
+        noise_std: float,
+        image_indices: np.ndarray,
+        subspace: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``evaluate`` for layer members (workers.layer_members), which move layer 1, 2 or 3 only.
         What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
         hidden layer h1 and h1 W2 for layer 2; then one member per thread on CPU, batched on CUDA."""
@@ -231,8 +258,10 @@ class PopulationEvaluator:
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             if layer == 1:
                 if subspace and (self.basis is None or self.basis.shape[1] != subspace):
-                    raise ValueError(f"layer-1 members in a {subspace}-dimensional subspace need the evaluator's "
-                                     "basis of that many principal components")
+                    raise ValueError(
+                        f"layer-1 members in a {subspace}-dimensional subspace need the evaluator's "
+                        "basis of that many principal components"
+                    )
                 shared = (x @ self.basis if subspace else x, self.shared_xw1(theta, x, image_indices))
             else:
                 h1 = layer_members.center_hidden1(x, theta, self.arithmetic, self.fused)
@@ -240,18 +269,28 @@ class PopulationEvaluator:
 
         def forward(rows, member_scales):
             if layer == 1:
-                return layer_members.first_layer_forward(*shared, theta, rows, member_scales, subspace,
-                                                         self.arithmetic, self.fused)
+                return layer_members.first_layer_forward(
+                    *shared, theta, rows, member_scales, subspace, self.arithmetic, self.fused
+                )
             return layer_members.second_layer_forward(*shared, theta, rows, member_scales, self.arithmetic, self.fused)
 
         if self.batched:
             step = self.chunk_size(len(y), rank=1)
-            results = [self._score(forward(noise.slices(self.table, offsets[start : start + step], length),
-                                           scales[start : start + step]), y)
-                       for start in range(0, len(offsets), step)]
+            results = [
+                self._score(
+                    forward(
+                        noise.slices(self.table, offsets[start : start + step], length), scales[start : start + step]
+                    ),
+                    y,
+                )
+                for start in range(0, len(offsets), step)
+            ]
         else:
-            results = self.map_members(lambda j: self._score(forward(self.windows[int(offsets[j]), :length], scales[j]), y),
-                                       len(offsets), first_alone=self._first_of_shape((f"layer {layer}", *x.shape)))
+            results = self.map_members(
+                lambda j: self._score(forward(self.windows[int(offsets[j]), :length], scales[j]), y),
+                len(offsets),
+                first_alone=self._first_of_shape((f"layer {layer}", *x.shape)),
+            )
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def _first_of_shape(self, key: tuple) -> bool:
@@ -267,8 +306,10 @@ class PopulationEvaluator:
         def forward(rows, member_scales):
             return members.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
 
-        return (lambda j: forward(self.windows[int(offsets[j]), :length], scales[j]),
-                lambda part: forward(noise.slices(self.table, offsets[part], length), scales[part]))
+        return (
+            lambda j: forward(self.windows[int(offsets[j]), :length], scales[j]),
+            lambda part: forward(noise.slices(self.table, offsets[part], length), scales[part]),
+        )
 
     def map_members(self, fn, count: int, first_alone: bool = False) -> list:
         """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
@@ -278,8 +319,12 @@ class PopulationEvaluator:
                 return [fn(j) for j in range(count)]
             first = [fn(0)] if first_alone and count else []
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="member",
-                                                initializer=_member_thread_init, initargs=(self.arithmetic,))
+                self._pool = ThreadPoolExecutor(
+                    self.threads,
+                    thread_name_prefix="member",
+                    initializer=_member_thread_init,
+                    initargs=(self.arithmetic,),
+                )
             return first + list(self._pool.map(fn, range(len(first), count)))
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -296,6 +341,7 @@ class PopulationEvaluator:
         else:  # an fsum over P x B values on the host would cost more than the forward pass
             loss_sums = losses.sum(dim=1).cpu().numpy()
         return loss_sums, correct
+
 
 def _member_thread_init(arithmetic: str) -> None:
     """Per-thread state of a member thread: one op thread (OpenMP and MKL counts are per thread) and,
@@ -359,16 +405,22 @@ class TileResult:
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
     started = time.perf_counter()
     if task.layer:
-        loss_sums, correct = evaluator.evaluate_layer(theta, task.layer, task.offsets, task.signs, task.noise_std,
-                                                      task.image_indices, task.subspace)
+        loss_sums, correct = evaluator.evaluate_layer(
+            theta, task.layer, task.offsets, task.signs, task.noise_std, task.image_indices, task.subspace
+        )
     else:
-        loss_sums, correct = evaluator.evaluate(theta, task.offsets, task.signs, task.noise_std,
-                                                task.image_indices, task.rank, task.shared_first_layer)
+        loss_sums, correct = evaluator.evaluate(
+            theta, task.offsets, task.signs, task.noise_std, task.image_indices, task.rank, task.shared_first_layer
+        )
     return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
 
 
 def accuracy(
-    theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, arithmetic: str, chunk: int = 2000,
+    theta: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    arithmetic: str,
+    chunk: int = 2000,
     fused: bool = False,
 ) -> float:
     """Accuracy of the unperturbed network ``theta`` on uint8 ``images`` (computed on their device)."""
@@ -383,13 +435,18 @@ def accuracy(
 
 
 def center_accuracies(
-    theta: torch.Tensor, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], arithmetic: str, fused: bool = False,
+    theta: torch.Tensor,
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    arithmetic: str,
+    fused: bool = False,
 ) -> dict[str, float]:
     """``{name}_accuracy`` of ``theta`` on each (images, labels) set, and for a flushing arithmetic
     ``test_accuracy_unflushed``: the same theta on ``sets["test"]`` with denormals kept. Where that
     matches ``test_accuracy``, the flushes no longer matter and the net has gone linear."""
-    result = {f"{name}_accuracy": accuracy(theta, images, labels, arithmetic, fused=fused)
-              for name, (images, labels) in sets.items()}
+    result = {
+        f"{name}_accuracy": accuracy(theta, images, labels, arithmetic, fused=fused)
+        for name, (images, labels) in sets.items()
+    }
     if arithmetic != "linear":
         result["test_accuracy_unflushed"] = accuracy(theta, *sets["test"], "linear", fused=fused)
     return result

@@ -86,8 +86,16 @@ def _scale(scales: torch.Tensor, batched: bool) -> torch.Tensor:
     return scales.reshape(-1, 1, 1) if batched else scales
 
 
-def first_layer_forward(xu: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
-                        scales: torch.Tensor, subspace: int, arithmetic: str, fused: bool = False) -> torch.Tensor:
+def first_layer_forward(
+    xu: torch.Tensor,
+    xw1: torch.Tensor,
+    theta: torch.Tensor,
+    noise: torch.Tensor,
+    scales: torch.Tensor,
+    subspace: int,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
     """Logits of layer-1 members: noise (L,) with a 0-d scale (one member, (B, 10)) or (n, L) with
     scales (n,) ((n, B, 10)). ``xu = x U`` (x itself with no subspace) and ``xw1 = x W1`` are shared."""
     _, b1, w2, b2, w3, b3 = network.unflatten(theta)
@@ -96,14 +104,22 @@ def first_layer_forward(xu: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor
     scale = _scale(scales, batched)
     moved = members.low_rank_epilogues(arithmetic, fused)
     ops = network.epilogues(arithmetic, fused)
-    h1 = moved.hidden1(xw1, *members.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1,
-                       network._bias(e, batched), scale)
+    h1 = moved.hidden1(
+        xw1, *members.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1, network._bias(e, batched), scale
+    )
     h2 = ops.hidden2(torch.matmul(h1, w2), b2)
     return ops.logits(torch.matmul(h2, w3), b3)
 
 
-def second_layer_forward(h1: torch.Tensor, h1w2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
-                         scales: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
+def second_layer_forward(
+    h1: torch.Tensor,
+    h1w2: torch.Tensor,
+    theta: torch.Tensor,
+    noise: torch.Tensor,
+    scales: torch.Tensor,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
     """Logits of layer-2 members (shapes as ``first_layer_forward``) from the center's first hidden
     layer ``h1`` and ``h1w2 = h1 W2``, both shared."""
     _, _, _, b2, w3, b3 = network.unflatten(theta)
@@ -121,8 +137,9 @@ def center_hidden1(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused:
     return network.epilogues(arithmetic, fused).hidden1(torch.mm(x, w1), b1)
 
 
-def estimate(rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int = 0,
-             basis: torch.Tensor | None = None) -> torch.Tensor:
+def estimate(
+    rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int = 0, basis: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum_k weights_k * (layer's move of member k), flat in theta's order for that layer (weight, then
     bias). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; on
     CPU single-threaded, so the bits do not depend on the thread count."""
@@ -134,4 +151,3 @@ def estimate(rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: in
         if layer == 1 and subspace:
             weight = torch.mm(basis, weight).mul_(input_scale(subspace))
         return torch.cat([weight.flatten(), torch.mv(e.T, weights)])
-

@@ -12,15 +12,24 @@ differ from building the perturbed weights by rounding only. No Ray, no I/O.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from workers.compiled import Compiled, cached
 from workers.network import (
-    EAGER, OUTPUT_LAYER_SIZE, LAYER_SIZES, NUM_PARAMS, W1_SIZE, Epilogues, _bias, epilogues, forward_native,
+    EAGER,
+    LAYER_SIZES,
+    NUM_PARAMS,
+    OUTPUT_LAYER_SIZE,
+    W1_SIZE,
+    Epilogues,
+    _bias,
+    epilogues,
+    forward_native,
     unflatten,
 )
+
 
 def perturb(theta: torch.Tensor, noise_slice: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A member's parameters: ``theta + scale * noise_slice``, rounded in that order (no FMA)."""
@@ -49,8 +58,14 @@ def _member_forward(epilogues_: Epilogues) -> Callable:
     return member
 
 
-def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tensor, scale: torch.Tensor,
-                   arithmetic: str, fused: bool = False) -> torch.Tensor:
+def member_forward(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    noise_slice: torch.Tensor,
+    scale: torch.Tensor,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
     """(B, 10) logits of one member, theta + scale * noise_slice (``scale`` a 0-d tensor).
 
     Fused tf-ftz: the perturbation, the three matmuls and the epilogues are one torch.compile region: the
@@ -67,10 +82,14 @@ def member_forward(x: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tens
     return member(x, theta, noise_slice, scale)
 
 
-
-
-def output_layer_forward(h2: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor, scales: torch.Tensor,
-                 arithmetic: str, fused: bool = False) -> torch.Tensor:
+def output_layer_forward(
+    h2: torch.Tensor,
+    theta: torch.Tensor,
+    noise: torch.Tensor,
+    scales: torch.Tensor,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
     """(n, B, 10) logits of n layer-3 members: theta with only its output layer (W3, b3) moved to
     theta + scales[j] * noise[j], noise (n, OUTPUT_LAYER_SIZE), from the center's last hidden layer ``h2``.
     A layer-3 member costs one (B, 512) @ (512, 10) matmul, 1/65 of a member's FLOPs. Its logits are the full
@@ -105,8 +124,9 @@ def _shared_first_layer(hidden1: Callable, ops: Epilogues) -> Callable:
     return members
 
 
-def shared_first_layer_forward(xw1: torch.Tensor, xe1: torch.Tensor, tail: torch.Tensor, scales: torch.Tensor,
-                               arithmetic: str, fused: bool = False) -> torch.Tensor:
+def shared_first_layer_forward(
+    xw1: torch.Tensor, xe1: torch.Tensor, tail: torch.Tensor, scales: torch.Tensor, arithmetic: str, fused: bool = False
+) -> torch.Tensor:
     """Logits of members theta + scale * slice whose first layer is computed as ``xw1 + scale * xe1``:
     ``xw1 = x @ W1`` shared by every member on the same images, ``xe1 = x @ E1`` (E1: the slice's first
     W1_SIZE floats as a (784, 512) matrix) shared by the two members of an antithetic pair. The
@@ -120,12 +140,18 @@ def shared_first_layer_forward(xw1: torch.Tensor, xe1: torch.Tensor, tail: torch
     bitwise equal to eager.
     """
     if arithmetic not in EAGER:
-        raise ValueError(f"a shared first layer needs the scaled frame; arithmetic {arithmetic!r} is not "
-                         "allowed (use tf-ftz or linear)")
+        raise ValueError(
+            f"a shared first layer needs the scaled frame; arithmetic {arithmetic!r} is not "
+            "allowed (use tf-ftz or linear)"
+        )
     scale = scales.reshape(-1, 1, 1) if tail.dim() == 2 else scales
-    return cached(("shared first layer", arithmetic, fused), lambda: _shared_first_layer(
-        Compiled(_corrected(EAGER[arithmetic].hidden1)) if fused else _corrected(EAGER[arithmetic].hidden1),
-        epilogues(arithmetic, fused)))(xw1, xe1, tail, scale)
+    return cached(
+        ("shared first layer", arithmetic, fused),
+        lambda: _shared_first_layer(
+            Compiled(_corrected(EAGER[arithmetic].hidden1)) if fused else _corrected(EAGER[arithmetic].hidden1),
+            epilogues(arithmetic, fused),
+        ),
+    )(xw1, xe1, tail, scale)
 
 
 def _shared_first_layer_member(arithmetic: str) -> Callable:
@@ -137,17 +163,26 @@ def _shared_first_layer_member(arithmetic: str) -> Callable:
     return member
 
 
-def shared_first_layer_member(xw1: torch.Tensor, xe1: torch.Tensor, theta: torch.Tensor, noise_slice: torch.Tensor,
-                              scale: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
+def shared_first_layer_member(
+    xw1: torch.Tensor,
+    xe1: torch.Tensor,
+    theta: torch.Tensor,
+    noise_slice: torch.Tensor,
+    scale: torch.Tensor,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
     """(B, 10) logits of one member of ``shared_first_layer_forward`` from its whole (N,) table slice.
     Fused tf-ftz: the tail's perturbation, two matmuls and the epilogues are one torch.compile region
     (as ``member_forward``), bitwise equal to eager."""
     if fused and arithmetic == "tf-ftz":  # linear: inductor would turn mm + bias into addmm (other bits)
-        member = cached(("shared first layer member", arithmetic),
-                         lambda: Compiled(_shared_first_layer_member(arithmetic)))
+        member = cached(
+            ("shared first layer member", arithmetic), lambda: Compiled(_shared_first_layer_member(arithmetic))
+        )
         return member(xw1, xe1, theta, noise_slice, scale)
-    return shared_first_layer_forward(xw1, xe1, perturb(theta[W1_SIZE:], noise_slice[W1_SIZE:], scale), scale,
-                                      arithmetic, fused)
+    return shared_first_layer_forward(
+        xw1, xe1, perturb(theta[W1_SIZE:], noise_slice[W1_SIZE:], scale), scale, arithmetic, fused
+    )
 
 
 def first_layer_noise(noise: torch.Tensor) -> torch.Tensor:
@@ -216,8 +251,16 @@ def low_rank_correction(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: to
     return torch.matmul(ha * c, b.transpose(-1, -2)), torch.ones((), dtype=h.dtype, device=h.device)
 
 
-def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, noise: torch.Tensor,
-                     scales: torch.Tensor, rank: int, arithmetic: str, fused: bool = False) -> torch.Tensor:
+def low_rank_forward(
+    x: torch.Tensor,
+    xw1: torch.Tensor,
+    theta: torch.Tensor,
+    noise: torch.Tensor,
+    scales: torch.Tensor,
+    rank: int,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
     """Logits of members theta + scale * (low-rank perturbation), for noise (M,) and a 0-d scale
     (one member, (B, 10)) or noise (n, M) and scales (n,) (n members, (n, B, 10)).
 
@@ -229,8 +272,10 @@ def low_rank_forward(x: torch.Tensor, xw1: torch.Tensor, theta: torch.Tensor, no
     matmuls stay ATen calls (inductor would reorder the sums of the thin ones).
     """
     if arithmetic not in EAGER:
-        raise ValueError(f"low-rank perturbations need the scaled frame; arithmetic {arithmetic!r} is not "
-                         "allowed (use tf-ftz or linear)")
+        raise ValueError(
+            f"low-rank perturbations need the scaled frame; arithmetic {arithmetic!r} is not "
+            "allowed (use tf-ftz or linear)"
+        )
     w1, b1, w2, b2, w3, b3 = unflatten(theta)
     (a1, f1, e1), (a2, f2, e2), (a3, f3, e3) = low_rank_factors(noise, rank)
     batched = noise.dim() == 2
