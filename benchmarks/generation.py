@@ -93,7 +93,9 @@ def split(record: dict, workers: int) -> dict:
         "eval_share": record["eval_s"] / record["wall_s"],
         "worker_compute_sum_s": record["worker_compute_s"],
         "bytes_to_workers": record["bytes_to_workers"],
+        "bytes_to_worker_max": record["bytes_to_worker_max"],
         "bytes_from_workers": record["bytes_from_workers"],
+        "replica_resyncs": record["replica_resyncs"],
     }
 
 

@@ -32,7 +32,8 @@ def test_train_on_embedded_ray_then_eval(tmp_path):
     assert summary["generation"] == 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [1, 2, 3]
-    assert records[-1]["workers_alive"] == 2 and records[-1]["bytes_to_workers"] > 4 * 669706
+    # the run starts with the first ready worker; whether the second is ready within 3 generations is timing
+    assert 1 <= records[-1]["workers_alive"] <= 2 and records[-1]["bytes_to_workers"] > 4 * 669706
     assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     evaluated = json.loads(cli("eval", run / "checkpoint.pt").stdout)
