@@ -52,17 +52,14 @@ class Trainer:
     ):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.table = table
         self.noise_seed = noise_seed
         self.executor = executor
         self.progress = progress
-        self.device = device
-        self.basis = None if basis is None else basis.to(device)
-        """Layer-1 members' input subspace (workers.layer_members.image_basis), as the workers hold it."""
         self.saved_generation = state.generation  # the checkpoint on disk: run.json never claims more
         self.num_train = data.train_images.shape[0]
+        basis = None if basis is None else basis.to(device)  # layer-1 members' subspace, as the workers hold it
         self.replica = Replica(
-            config, self.num_train, state.theta.to(device), state.generation, state.optimizer_state, table, self.basis
+            config, self.num_train, state.theta.to(device), state.generation, state.optimizer_state, table, basis
         )
         self.last_update = None
         """The previous generation's update, which workers that keep a replica of theta replay."""

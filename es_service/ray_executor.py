@@ -225,7 +225,7 @@ class RayExecutor:
             sync = _ReplaySync(plan.generation, replica, last_update)
         else:
             sync = _Broadcast(theta)
-        self._sent: dict[int, int] = collections.defaultdict(int)
+        sent_to: dict[int, int] = collections.defaultdict(int)  # bytes to each worker this generation
         batch = [ray.put(plan.batch_indices)]  # once per generation, not with every tile
         queue = collections.deque(plan.tiles)
         done: set[int] = set()
@@ -234,7 +234,7 @@ class RayExecutor:
         no_worker_since = None
         while len(done) < len(plan.tiles):
             self._maintain_pool()
-            self._dispatch(plan, queue, done, in_flight, sync, batch, outcome)
+            self._dispatch(plan, queue, done, in_flight, sync, batch, outcome, sent_to)
             if not in_flight:
                 if self.alive:
                     continue
@@ -256,10 +256,10 @@ class RayExecutor:
                 self.workers[wid].in_flight -= 1
         outcome.workers_alive = self.alive
         outcome.worker_failures = self.failures - failures_before
-        outcome.bytes_to_worker_max = max(self._sent.values(), default=0)
+        outcome.bytes_to_worker_max = max(sent_to.values(), default=0)
         return outcome
 
-    def _dispatch(self, plan, queue, done, in_flight, sync, batch, outcome) -> None:
+    def _dispatch(self, plan, queue, done, in_flight, sync, batch, outcome, sent_to) -> None:
         """Round-robin: every idle worker gets a tile before any worker gets a second."""
         for level in range(IN_FLIGHT_PER_WORKER):
             for wid, worker in list(self.workers.items()):
@@ -278,7 +278,7 @@ class RayExecutor:
                     worker.in_flight += 1
                     worker.synced = plan.generation
                     outcome.bytes_to_workers += sent
-                    self._sent[wid] += sent
+                    sent_to[wid] += sent
 
     def _collect(self, ref, in_flight, queue, done, outcome, sync) -> None:
         tile, wid, _ = in_flight.pop(ref)
