@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from workers import network
+from es_workers import network
 
 FLOP_PER_IMAGE = 2 * sum(a * b for a, b in zip(network.LAYER_SIZES[:-1], network.LAYER_SIZES[1:]))
 

@@ -26,8 +26,8 @@ from benchmarks import pop_eval
 from benchmarks.common import device_facts, median_time, write_json
 from es_service import strategy
 from es_service.data import load_mnist
-from workers import network, noise
-from workers.evaluator import PopulationEvaluator
+from es_workers import network, noise
+from es_workers.evaluator import PopulationEvaluator
 
 
 def _members(count: int, table_size: int, seed: int = 0):

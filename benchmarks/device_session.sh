@@ -13,7 +13,10 @@ set -uo pipefail
 OUT=${OUT:-/tmp/devout}
 mkdir -p "$OUT" runs
 export ES_DATA_DIR=${ES_DATA_DIR:-$PWD/.devdata/mnist}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/es-cache}
+# No install there: the workers/ folder is imported as es_workers (pyproject's package-dir) through a link.
+SHIM=${TMPDIR:-/tmp}/es-shim
+mkdir -p "$SHIM" && ln -sfn "$PWD/workers" "$SHIM/es_workers"
+export PYTHONPATH=$PWD:$SHIM PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/es-cache}
 PY=${PY:-python3}
 MAIN_BUDGET=${MAIN_BUDGET:-300}
 SIDE_BUDGET=${SIDE_BUDGET:-110}

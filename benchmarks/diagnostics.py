@@ -32,7 +32,7 @@ from es_service.data import load_mnist
 from es_service.executors import LocalExecutor
 from es_service.replica import estimate, shaped_update
 from es_service.runs import load_data
-from workers import layer_members, network, noise
+from es_workers import layer_members, network, noise
 
 BLOCKS = [name for name, _ in network.PARAM_SHAPES]
 

@@ -28,8 +28,8 @@ from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
-from workers import noise
-from workers.evaluator import set_process_arithmetic
+from es_workers import noise
+from es_workers.evaluator import set_process_arithmetic
 
 REFERENCE = {  # docs/performance.md
     "setting": {"pop_size": 64, "batch_size": 256, "workers": 2},

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import FLOP_PER_IMAGE, device_facts, interleaved_times, median_time, write_json
-from workers import members, network, noise
-from workers.evaluator import PopulationEvaluator
+from es_workers import members, network, noise
+from es_workers.evaluator import PopulationEvaluator
 
 DEFAULT_SHAPES = {"cpu": "32x256,64x256", "cuda": "512x512,2048x1024"}
 

@@ -21,8 +21,8 @@ from es_service import plan as planning
 from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.ray_executor import RayExecutor
-from workers import noise
-from workers.network import init_theta
+from es_workers import noise
+from es_workers.network import init_theta
 
 
 def main(argv=None) -> dict:

@@ -41,7 +41,7 @@ from es_service import strategy
 from es_service.config import from_dict
 from es_service.executors import GenerationOutcome, make_task
 from es_service.replica import shaped_update
-from workers import network, noise
+from es_workers import network, noise
 
 # 16 actors at most: an actor process holds ~310 MB of its own (importing torch alone is ~280 MB)
 FULL = {

@@ -26,8 +26,8 @@ from es_service.config import GRADIENTS, Config
 from es_service.metrics import MetricsLog
 from es_service.rundir import CHECKPOINT_NAME, METRICS_NAME
 from es_service.stopping import StopSignals
-from workers import network
-from workers.evaluator import center_accuracies
+from es_workers import network
+from es_workers.evaluator import center_accuracies
 
 
 def straight_through(flushing: Callable, linear: Callable) -> Callable:

@@ -16,7 +16,7 @@ import torch
 
 from es_service import rundir
 from es_service.config import Config, ConfigError, digest_of, from_dict
-from workers import network
+from es_workers import network
 
 FORMAT_VERSION = 1
 

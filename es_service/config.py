@@ -64,7 +64,7 @@ class NetworkConfig(Section):
 
 class LayerMembersConfig(Section):
     pop_size: int = 0
-    """Members (antithetic pairs) that move only this layer's weight and bias (workers.layer_members);
+    """Members (antithetic pairs) that move only this layer's weight and bias (es_workers.layer_members);
     ranked among themselves, their estimate replaces the whole members' for this layer (0: none)."""
     noise_scale: float = 1.0
     """Their sigma, as a multiple of the scheduled es.noise_std."""
@@ -368,7 +368,7 @@ def validate(config: Config) -> Config:
     _require(
         workers.members_per_tile >= 1, f"workers.members_per_tile: {workers.members_per_tile}; use an integer >= 1"
     )
-    from workers.network import NUM_PARAMS
+    from es_workers.network import NUM_PARAMS
 
     table_size = config.noise.table_size
     _require(
@@ -513,8 +513,8 @@ def memory_needed(config: Config) -> tuple[int, str]:
     with the field whose share is largest."""
     import os
 
-    from workers.members import noise_length
-    from workers.network import NUM_PARAMS
+    from es_workers.members import noise_length
+    from es_workers.network import NUM_PARAMS
 
     es = config.es
     batch = max(es.batch_size, es.batch_size_final or 0)

@@ -21,8 +21,8 @@ from es_service.metrics import MetricsLog
 from es_service.replica import Replica, shaped_update
 from es_service.rundir import CHECKPOINT_NAME
 from es_service.stopping import Interrupted, StopSignals
-from workers import layer_members
-from workers.evaluator import center_accuracies
+from es_workers import layer_members
+from es_workers.evaluator import center_accuracies
 
 
 class Diverged(RuntimeError):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from es_service.plan import GenerationPlan, Tile, merge_tiles
-from workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile
+from es_workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from es_service import strategy
 from es_service.config import Config
-from workers import network, noise
+from es_workers import network, noise
 
 STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
 LAYER_STREAMS = {3: 4, 1: 5, 2: 6}  # 4 first: runs made when only layer 3 could have members keep their draws
@@ -38,7 +38,7 @@ def noise_seed(seed: int) -> int:
 @dataclass(frozen=True)
 class Tile:
     """The unit of work: members [member_start, member_stop) on one shard of the minibatch, of the whole
-    members (``layer`` 0) or of one layer's members (1, 2 or 3: workers.layer_members)."""
+    members (``layer`` 0) or of one layer's members (1, 2 or 3: es_workers.layer_members)."""
 
     tile_id: int
     member_start: int

@@ -27,7 +27,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from es_service.config import WorkersConfig
 from es_service.executors import GenerationOutcome, make_task
 from es_service.plan import GenerationPlan
-from workers.actor import PopulationWorker
+from es_workers.actor import PopulationWorker
 
 WAIT_S = 0.2
 POOL_CHECK_S = 1.0
@@ -45,9 +45,9 @@ def worker_runtime_env() -> dict:
     and the job's package is never set up on worker nodes at all."""
     if not ray.get_runtime_context().runtime_env.get("working_dir"):
         return {}
-    import workers
+    import es_workers
 
-    installed = Path(workers.__file__).resolve().parent.parent
+    installed = Path(es_workers.__file__).resolve().parent.parent
     return {"runtime_env": {"working_dir": f"local://{installed}"}}
 
 

@@ -20,7 +20,7 @@ import torch
 from es_service import plan as planning
 from es_service import strategy
 from es_service.config import Config
-from workers import layer_members, network
+from es_workers import layer_members, network
 
 GROUPS = (0, *layer_members.LAYERS)
 """Member groups in an update: 0 the whole members, then each layer's members."""

@@ -40,8 +40,8 @@ from es_service.runs import (
     write_config,
 )
 from es_service.strategy import AdamES
-from workers import layer_members, noise
-from workers.evaluator import center_accuracies, set_process_arithmetic
+from es_workers import layer_members, noise
+from es_workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
 CONNECT_TIMEOUT_S = 10.0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from workers import layer_members, members, network, noise
+from es_workers import layer_members, members, network, noise
 
 if TYPE_CHECKING:
     from es_service.config import ESConfig
@@ -122,7 +122,7 @@ def layer_estimate(
     subspace: int = 0,
     basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_estimate`` for one layer's members (workers.layer_members): the estimate of that layer's
+    """``grad_estimate`` for one layer's members (es_workers.layer_members): the estimate of that layer's
     weight and bias only, flat in theta's order for them."""
     if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
         return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.OUTPUT_LAYER_SIZE)

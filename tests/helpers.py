@@ -28,7 +28,7 @@ from es_service import plan as planning
 from es_service.config import Config, from_dict
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
-from workers import layer_members, noise
+from es_workers import layer_members, noise
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed

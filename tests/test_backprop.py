@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from es_service.backprop import logits_fn
-from workers import network
+from es_workers import network
 
 
 def _theta_with_biases(seed: int = 0) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 from es_service import checkpoint
 from es_service.checkpoint import CheckpointError
 from es_service.strategy import AdamES
+from es_workers import network
 from tests.helpers import tiny_config
-from workers import network
 
 NOISE_SEED = 123456789
 

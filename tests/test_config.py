@@ -7,8 +7,8 @@ from pydantic import BaseModel, ValidationError
 
 from es_service import config_docs
 from es_service.config import Config, ConfigError, from_dict, load, parse_override, validate
+from es_workers.network import NUM_PARAMS
 from tests.helpers import REPO, TINY, write_config
-from workers.network import NUM_PARAMS
 
 
 def refused(data: dict, overrides: list[str] = ()) -> str:

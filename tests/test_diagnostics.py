@@ -9,8 +9,8 @@ import torch
 
 from benchmarks import diagnostics
 from es_service import plan as planning
+from es_workers import network
 from tests.helpers import tiny_config
-from workers import network
 
 
 def test_block_cosines_are_one_for_minus_the_gradient_and_skip_empty_blocks():

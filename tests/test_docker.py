@@ -192,6 +192,7 @@ def test_build_context_has_the_package():
     lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
     patterns = [line for line in lines if line and not line.startswith("#")]
     assert patterns[0] == "*", "the context starts empty ('*'; no .venv, .git, runs/) and re-includes what it needs"
-    packages = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"]
-    for needed in ("pyproject.toml", "README.md", *(f"{package}/" for package in packages)):
+    setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    folders = [setuptools.get("package-dir", {}).get(package, package) for package in setuptools["packages"]]
+    for needed in ("pyproject.toml", "README.md", *(f"{folder}/" for folder in folders)):
         assert f"!{needed}" in patterns, f"{needed} is left out of the build context; `pip install .` needs it"

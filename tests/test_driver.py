@@ -7,8 +7,8 @@ import torch
 
 from es_service import plan as planning
 from es_service.driver import TrainState
+from es_workers import layer_members, network
 from tests.helpers import run_local, tiny_config
-from workers import layer_members, network
 
 
 def test_same_config_and_seed_give_bitwise_same_theta(mnist, tmp_path):

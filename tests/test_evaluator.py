@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers import compiled, members, network, noise
-from workers.evaluator import PopulationEvaluator, TileTask, accuracy, center_accuracies, set_process_arithmetic
+from es_workers import compiled, members, network, noise
+from es_workers.evaluator import PopulationEvaluator, TileTask, accuracy, center_accuracies, set_process_arithmetic
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from es_service import strategy
-from workers import layer_members, network, noise
-from workers.evaluator import PopulationEvaluator
+from es_workers import layer_members, network, noise
+from es_workers.evaluator import PopulationEvaluator
 
 
 def dense_move(row: torch.Tensor, layer: int, subspace: int = 0, basis: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("es_service", "workers", "benchmarks")
+# import name -> folder: the workers/ folder installs as ``es_workers`` (pyproject's package-dir)
+PACKAGES = {"es_service": "es_service", "es_workers": "workers", "benchmarks": "benchmarks"}
 MATH_CORE = (
     "workers/network.py",
     "workers/members.py",
@@ -48,8 +55,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def package_graph() -> dict[str, set[str]]:
     graph = {package: set() for package in PACKAGES}
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
+    for package, folder in PACKAGES.items():
+        for path in (REPO / folder).rglob("*.py"):
             for name in imported_modules(path):
                 top = name.split(".")[0]
                 if top in PACKAGES and top != package:
@@ -68,7 +75,7 @@ def test_workers_import_nothing_from_the_driver_side():
 
 def test_no_cycle_between_top_level_packages():
     graph = package_graph()
-    assert graph["workers"] == set() and "benchmarks" not in graph["es_service"]
+    assert graph["es_workers"] == set() and "benchmarks" not in graph["es_service"]
 
     def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
         return any(step == goal or (step not in seen and reaches(step, goal, seen | {step})) for step in graph[start])
@@ -115,3 +122,36 @@ def test_the_checks_can_fail(tmp_path):
     module = tmp_path / "lazy.py"
     module.write_text("def f():\n    from es_service import config\n    import ray\n")
     assert imported_modules(module) == {"es_service", "ray"}
+
+
+def test_nothing_imports_the_folder_name_workers():
+    """Code imports the installed name ``es_workers``; a bare ``import workers`` works only from a checkout."""
+    offenders = [
+        str(path.relative_to(REPO))
+        for folder in (*PACKAGES.values(), "tests")
+        for path in (REPO / folder).rglob("*.py")
+        if any(name.split(".")[0] == "workers" for name in imported_modules(path))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.e2e
+def test_the_wheel_installs_only_the_projects_namespaced_packages(tmp_path):
+    """The built wheel's top-level names: es_service and es_workers, never a generic workers or benchmarks."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for folder in ("es_service", "workers", "benchmarks"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=source,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("es_service-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    tops = {name.split("/")[0] for name in names if "/" in name and ".dist-info/" not in name}
+    assert tops == {"es_service", "es_workers"} and "es_workers/actor.py" in names

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from workers import members, network
-from workers.network import MIN_NORMAL, SCALE, flush
+from es_workers import members, network
+from es_workers.network import MIN_NORMAL, SCALE, flush
 
 m = torch.tensor(MIN_NORMAL, dtype=torch.float32)
 
@@ -113,7 +113,7 @@ def test_batched_forward_equals_member_forward():
 
 CPU_FTZ_SCRIPT = """
 import torch
-from workers.evaluator import set_process_arithmetic
+from es_workers.evaluator import set_process_arithmetic
 set_process_arithmetic("cpu-ftz")
 tiny = torch.tensor([2.0**-126]) / 4
 print(float(tiny[0]), float((torch.tensor([3.0 * 2**-127]) + torch.tensor([-2.0**-126]))[0]))

@@ -14,9 +14,9 @@ import torch
 from es_service import plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
+from es_workers import network, noise
+from es_workers.actor import PopulationWorker
 from tests.helpers import basis_of, run_local, tiny_config
-from workers import network, noise
-from workers.actor import PopulationWorker
 
 pytestmark = pytest.mark.ray
 

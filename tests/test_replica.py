@@ -11,8 +11,8 @@ import torch
 from es_service import plan as planning
 from es_service.executors import GenerationOutcome
 from es_service.replica import Replica, Update, shaped_update
+from es_workers import layer_members, noise
 from tests.helpers import tiny_config
-from workers import layer_members, noise
 
 NUM_TRAIN = 1000
 LAYER_MEMBERS = ("es.pop_size=0", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w2.pop_size=8", "es.w3.pop_size=8")

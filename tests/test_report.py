@@ -12,8 +12,8 @@ from es_service import checkpoint
 from es_service.backprop import train_backprop
 from es_service.metrics import read as read_metrics
 from es_service.report import ReportError, report, summarize
+from es_workers.evaluator import accuracy
 from tests.helpers import run_local, tiny_config
-from workers.evaluator import accuracy
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from es_service import strategy
-from workers import members, network, noise
+from es_workers import members, network, noise
 
 
 def test_centered_ranks_span_and_order():

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 
-from workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile, set_process_arithmetic
+from es_workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile, set_process_arithmetic
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers import layer_members, members, network, noise
+from es_workers import layer_members, members, network, noise
 
 OUTPUT_LAYER_CHUNK = (
     64  # layer-3 members per batched matmul: fixed, so a layer-3 member's bits never depend on the tile
@@ -248,7 +248,7 @@ class PopulationEvaluator:
         image_indices: np.ndarray,
         subspace: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for layer members (workers.layer_members), which move layer 1, 2 or 3 only.
+        """``evaluate`` for layer members (es_workers.layer_members), which move layer 1, 2 or 3 only.
         What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
         hidden layer h1 and h1 W2 for layer 2; then one member per thread on CPU, batched on CUDA."""
         if layer == 3:
@@ -363,7 +363,7 @@ class TileTask:
     rank: int = 0
     shared_first_layer: bool = False
     layer: int = 0
-    """0: whole members; 1, 2 or 3: layer members, which move that layer only (workers.layer_members);
+    """0: whole members; 1, 2 or 3: layer members, which move that layer only (es_workers.layer_members);
     ``rank`` and ``shared_first_layer`` do not apply to them."""
     subspace: int = 0
     """Layer-1 members: principal components their input factor lies in (0: all 784 pixels)."""

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from workers import members, network
+from es_workers import members, network
 
 LAYERS = (1, 2, 3)
 INPUTS, HIDDEN, OUTPUTS = network.LAYER_SIZES[0], network.LAYER_SIZES[1], network.LAYER_SIZES[-1]

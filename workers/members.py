@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from workers.compiled import Compiled, cached
-from workers.network import (
+from es_workers.compiled import Compiled, cached
+from es_workers.network import (
     EAGER,
     LAYER_SIZES,
     NUM_PARAMS,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.compiled import Compiled, cached
+from es_workers.compiled import Compiled, cached
 
 SCALE = 2.0**125
 MIN_NORMAL = 2.0**-126

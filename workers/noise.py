@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.network import NUM_PARAMS
+from es_workers.network import NUM_PARAMS
 
 
 def make_table(seed: int, size: int) -> torch.Tensor:
