@@ -25,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 DECAY_MODES = ("l2", "decoupled")
 SHAPINGS = ("centered_rank", "normalized")
+LAYER_MEMBER_KINDS = ("rank1", "unit")  # how a member of es.w1 or es.w2 moves its layer (es_workers.layer_members)
 GRADIENTS = ("masked", "straight-through")  # backprop's gradients; see es_service/backprop.py
 WARM_START_STAGES = ("backprop", "finetune")  # in the order they run; each a run directory RUN_DIR/warm_start/NAME
 MAX_RANK = 64  # far past where low rank pays: a rank-64 member already reads 27% of a full slice
@@ -74,7 +75,14 @@ class LayerMembersConfig(Section):
     full steps would randomise it; 0 freezes the layer."""
 
 
-class FirstLayerMembersConfig(LayerMembersConfig):
+class HiddenLayerMembersConfig(LayerMembersConfig):
+    kind: str = "rank1"
+    """rank1: each member moves the whole matrix by a rank-1 move (and the bias); unit: each member moves
+    one hidden unit's incoming weights (a column of the matrix) and its bias, pair i unit i mod 512: no
+    512 x 512 matmul per member, and at equal members a better-aligned estimate (docs/results.md)."""
+
+
+class FirstLayerMembersConfig(HiddenLayerMembersConfig):
     subspace: int = 0
     """The rank-1 move's input factor lies in the span of the training images' top-k uncentered
     principal components (0: all 784 pixels); unsupervised image statistics, no labels."""
@@ -119,7 +127,7 @@ class ESConfig(Section):
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
     w1: FirstLayerMembersConfig = FirstLayerMembersConfig()
     """Layer-1 members: a rank-1 move of W1 (and b1), evaluated from the shared x W1."""
-    w2: LayerMembersConfig = LayerMembersConfig()
+    w2: HiddenLayerMembersConfig = HiddenLayerMembersConfig()
     """Layer-2 members: a rank-1 move of W2 (and b2), evaluated from the center's first hidden layer."""
     w3: LayerMembersConfig = LayerMembersConfig()
     """Layer-3 members: a full move of W3 and b3 (5,130 floats), evaluated from the center's last hidden
@@ -434,6 +442,8 @@ def _validate_layer_members(config: Config) -> None:
             f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0, es.pop_size > 0, "
             f"or freeze it with {name}.step_scale: 0",
         )
+    for name, members in (("es.w1", es.w1), ("es.w2", es.w2)):
+        _choice(f"{name}.kind", members.kind, LAYER_MEMBER_KINDS)
     _require(
         0 <= es.w1.subspace <= 784,
         f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components",

@@ -70,6 +70,8 @@ class GenerationPlan:
     """Per layer: its members' sigma (the scheduled sigma times es.wL.noise_scale)."""
     subspace: int
     """Layer-1 members: principal components of the images their input factor lies in (0: none)."""
+    unit_layers: tuple[bool, bool, bool] = (False, False, False)
+    """Per layer: its members are unit members (es.wL.kind: unit; layers 1 and 2 only)."""
 
     def members(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, signs) of the whole members (layer 0) or of one layer's members, each of whose
@@ -171,6 +173,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         layer_offsets=layer_offsets,
         layer_noise_stds=tuple(noise_std * members.noise_scale for members in layers),
         subspace=es.w1.subspace,
+        unit_layers=(es.w1.kind == "unit", es.w2.kind == "unit", False),
     )
 
 

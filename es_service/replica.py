@@ -79,8 +79,9 @@ def estimate(
                 layer,
                 plan.noise_std_of(layer),
                 2 * len(offsets),
-                plan.subspace,
+                plan.subspace if layer == 1 else 0,
                 basis,
+                plan.unit_layers[layer - 1],
             )
     return grad
 

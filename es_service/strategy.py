@@ -121,14 +121,15 @@ def layer_estimate(
     pop_size: int,
     subspace: int = 0,
     basis: torch.Tensor | None = None,
+    unit: bool = False,
 ) -> torch.Tensor:
-    """``grad_estimate`` for one layer's members (es_workers.layer_members): the estimate of that layer's
-    weight and bias only, flat in theta's order for them."""
+    """``grad_estimate`` for one layer's members (es_workers.layer_members; ``unit``: unit members): the
+    estimate of that layer's weight and bias only, flat in theta's order for them."""
     if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
         return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.OUTPUT_LAYER_SIZE)
-    rows = noise.slices(table, offsets, layer_members.noise_length(layer, subspace))
+    rows = noise.slices(table, offsets, layer_members.noise_length(layer, subspace, unit))
     weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
-    return layer_members.estimate(rows, weight_tensor, layer, subspace, basis) / (pop_size * noise_std)
+    return layer_members.estimate(rows, weight_tensor, layer, subspace, basis, unit) / (pop_size * noise_std)
 
 
 def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:

@@ -264,6 +264,8 @@ RANGE_CASES = {
     ),
     "layer sigma scale zero": (["es.w1.noise_scale=0"], ["es.w1.noise_scale", "0", "> 0"]),
     "subspace past the pixels": (["es.w1.subspace=785"], ["es.w1.subspace", "785", "784"]),
+    "unknown member kind": (["es.w2.kind=column"], ["es.w2.kind", "column", "rank1, unit"]),
+    "no kind for layer 3": (["es.w3.kind=unit"], ["es.w3.kind", "unknown field"]),
     "a layer with no members": (
         ["es.pop_size=0", "es.w1.pop_size=8", "es.w3.pop_size=8"],
         ["es.pop_size", "layer 2", "es.w2.pop_size"],

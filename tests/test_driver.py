@@ -39,29 +39,36 @@ def test_other_evaluations_are_deterministic_and_differ_from_full_rank(mnist, tm
     assert torch.equal(a.theta, b.theta) and not torch.equal(a.theta, full.theta)
 
 
-LAYER_SETS = {1: ("es.w1.pop_size=16", "es.w1.subspace=32"), 2: ("es.w2.pop_size=16",), 3: ("es.w3.pop_size=64",)}
+LAYER_SETS = {
+    1: ("es.w1.pop_size=16", "es.w1.subspace=32"),
+    2: ("es.w2.pop_size=16",),
+    3: ("es.w3.pop_size=64",),
+    "unit 1": ("es.w1.pop_size=16", "es.w1.subspace=32", "es.w1.kind=unit"),
+    "unit 2": ("es.w2.pop_size=16", "es.w2.kind=unit"),
+}
 
 
-@pytest.mark.parametrize("layer", [1, 2, 3])
-def test_layer_members_move_only_their_layers_estimate(mnist, tmp_path, layer):
+@pytest.mark.parametrize("name", list(LAYER_SETS))
+def test_layer_members_move_only_their_layers_estimate(mnist, tmp_path, name):
     """A layer's members change that layer's estimate and nothing else: Adam is per coordinate, so after
     one generation every other parameter is bitwise what it is without them (later generations differ
     everywhere, since the members then start from another theta). Tile size and shards never matter."""
+    layer = int(str(name)[-1])
     start, stop = layer_members.param_range(layer)
     inside = torch.zeros(network.NUM_PARAMS, dtype=torch.bool)
     inside[start:stop] = True
     plain = run_local(tiny_config("es.rank=1"), mnist, tmp_path / "plain", generations=1)
-    one = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer]), mnist, tmp_path / "one", generations=1)
+    one = run_local(tiny_config("es.rank=1", *LAYER_SETS[name]), mnist, tmp_path / "one", generations=1)
     assert torch.equal(one.theta[~inside], plain.theta[~inside]) and not torch.equal(
         one.theta[inside], plain.theta[inside]
     )
     b = run_local(
-        tiny_config("es.rank=1", *LAYER_SETS[layer], "workers.members_per_tile=1", "es.shard_size=16"),
+        tiny_config("es.rank=1", *LAYER_SETS[name], "workers.members_per_tile=1", "es.shard_size=16"),
         mnist,
         tmp_path / "b",
         merge_tiles=False,
     )
-    sharded = run_local(tiny_config("es.rank=1", *LAYER_SETS[layer], "es.shard_size=16"), mnist, tmp_path / "s")
+    sharded = run_local(tiny_config("es.rank=1", *LAYER_SETS[name], "es.shard_size=16"), mnist, tmp_path / "s")
     assert torch.equal(b.theta, sharded.theta)
 
 
@@ -78,6 +85,9 @@ def test_layer_members_alone_train_every_layer_deterministically(mnist, tmp_path
         assert not torch.equal(a.theta[low:high], start[low:high]), layer
     other = run_local(tiny_config(*sets[:2], "es.w1.subspace=16", *sets[3:]), mnist, tmp_path / "other")
     assert not torch.equal(a.theta, other.theta)
+    units = run_local(tiny_config(*sets, "es.w1.kind=unit", "es.w2.kind=unit"), mnist, tmp_path / "units")
+    again = run_local(tiny_config(*sets, "es.w1.kind=unit", "es.w2.kind=unit"), mnist, tmp_path / "again")
+    assert torch.equal(units.theta, again.theta) and not torch.equal(units.theta, a.theta)
 
 
 def test_theta_moves_and_metrics_are_recorded(mnist, tmp_path):

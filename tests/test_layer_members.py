@@ -13,10 +13,23 @@ from es_workers import layer_members, network, noise
 from es_workers.evaluator import PopulationEvaluator
 
 
-def dense_move(row: torch.Tensor, layer: int, subspace: int = 0, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """The (NUM_PARAMS,) move a layer member's table row stands for: zeros outside its layer."""
+def dense_move(
+    row: torch.Tensor, layer: int, subspace: int = 0, basis: torch.Tensor | None = None, unit: int | None = None
+) -> torch.Tensor:
+    """The (NUM_PARAMS,) move a layer member's table row stands for: zeros outside its layer (``unit``: a
+    unit member moving that unit's column and bias)."""
     move = torch.zeros(network.NUM_PARAMS, dtype=torch.float64)
     start, stop = layer_members.param_range(layer)
+    if unit is not None:
+        column, bias = row[:-1].double(), float(row[-1])
+        if layer == 1 and subspace:
+            column = basis.double() @ column * layer_members.input_scale(subspace)
+        weight = torch.zeros(column.shape[0], 512, dtype=torch.float64)
+        weight[:, unit] = column
+        bias_move = torch.zeros(512, dtype=torch.float64)
+        bias_move[unit] = bias
+        move[start:stop] = torch.cat([weight.flatten(), bias_move])
+        return move
     if layer == 3:
         move[start:stop] = row.double()
         return move
@@ -128,8 +141,8 @@ def test_layer_estimate_is_a_gradient_on_average():
     assert cosine > 0.03 and slope == pytest.approx(1.0, rel=0.3)
 
 
-@pytest.mark.parametrize("layer", [1, 2])
-def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, layer):
+@pytest.mark.parametrize("layer,unit", [(1, False), (2, False), (1, True), (2, True)])
+def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, layer, unit):
     table = noise.make_table(7, 1 << 20)
     theta = network.init_theta(0)
     subspace = 32 if layer == 1 else 0
@@ -143,17 +156,78 @@ def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, l
         evaluator = PopulationEvaluator(
             table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=threads, basis=basis
         )
-        results.append(evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace))
+        results.append(
+            evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace, 600 if unit else None)
+        )
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
     alone = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis)
     for j in (0, 7):
-        one = alone.evaluate_layer(theta, layer, offsets[j : j + 1], signs[j : j + 1], 0.05, images, subspace)
+        one = alone.evaluate_layer(
+            theta, layer, offsets[j : j + 1], signs[j : j + 1], 0.05, images, subspace, 600 + j if unit else None
+        )
         assert one[0][0] == results[0][0][j]
     batched = PopulationEvaluator(
         table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis, batched=True
-    ).evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace)
+    ).evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace, 600 if unit else None)
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
+
+
+@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 24), (2, 0)])
+def test_a_unit_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
+    """A unit member's logits from the center's shared activations equal the plain forward of theta plus
+    its one-column move, up to the matmuls' rounding; a batch of members gives each one's logits."""
+    table = noise.make_table(5, 1 << 20)
+    theta = network.init_theta(0)
+    w1, b1, w2, b2, w3, _ = network.unflatten(theta)
+    basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
+    x = mnist.train_images[:128].reshape(-1, 784).float() / 255
+    length = layer_members.noise_length(layer, subspace, unit=True)
+    assert length == ((subspace or 784) if layer == 1 else 512) + 1
+    offsets, units = (11, 9000, 4242), torch.tensor([0, 300, 511])
+    scales = torch.tensor([0.5, -0.5, 0.25])
+    rows = torch.stack([table[o : o + length] for o in offsets])
+    for arithmetic in ("linear", "tf-ftz"):
+        ops = network.epilogues(arithmetic)
+        h1 = ops.hidden1(x @ w1, b1)
+        if layer == 1:
+            shared = (x @ basis if subspace else x, x @ w1, h1, h1 @ w2)
+            got = layer_members.unit_first_layer_forward(*shared, theta, rows, units, scales, subspace, arithmetic)
+        else:
+            h2 = ops.hidden2(h1 @ w2, b2)
+            got = layer_members.unit_second_layer_forward(
+                h1, h1 @ w2, h2, h2 @ w3, theta, rows, units, scales, arithmetic
+            )
+        assert got.shape == (3, 128, 10)
+        for k in range(3):
+            move = dense_move(rows[k], layer, subspace, basis, unit=int(units[k]))
+            moved = (theta.double() + float(scales[k]) * move).float()
+            expected = network.forward(x, network.unflatten(moved), arithmetic)
+            if arithmetic == "linear":
+                assert torch.allclose(got[k], expected, rtol=1e-4, atol=1e-4)
+            else:
+                assert (got[k].argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+            assert not torch.equal(expected, network.forward(x, network.unflatten(theta), arithmetic))
+
+
+@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 16), (2, 0)])
+def test_unit_estimate_is_the_weighted_sum_of_each_units_moves(mnist, layer, subspace):
+    """Pair i moves unit i mod 512: 515 pairs put two pairs on units 0, 1 and 2."""
+    table = noise.make_table(2, 1 << 20)
+    basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
+    rng = np.random.default_rng(3)
+    offsets = rng.integers(0, noise.max_offset(1 << 20) + 1, size=515)
+    weights = rng.normal(size=515)
+    got = strategy.layer_estimate(table, offsets, weights, layer, 0.02, 1030, subspace, basis, unit=True)
+    length = layer_members.noise_length(layer, subspace, unit=True)
+    start, stop = layer_members.param_range(layer)
+    expected = torch.zeros(stop - start, dtype=torch.float64)
+    for i, (offset, weight) in enumerate(zip(offsets, weights)):
+        expected += (
+            weight * dense_move(table[offset : offset + length], layer, subspace, basis, unit=i % 512)[start:stop]
+        )
+    assert torch.allclose(got.double(), expected / (1030 * 0.02), rtol=1e-4, atol=1e-4)
+    assert torch.equal(layer_members.unit_indices(1023, 4), torch.tensor([511, 0, 0, 1]))
 
 
 def test_a_subspace_without_its_basis_is_refused(mnist):

@@ -34,7 +34,15 @@ def replica_of(config, table, basis) -> Replica:
     return Replica(config, NUM_TRAIN, planning.seed_theta(config.seed), 0, table=table, basis=basis)
 
 
-@pytest.mark.parametrize("sets", [("es.rank=0",), ("es.rank=1", "es.w3.pop_size=16"), LAYER_MEMBERS])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("es.rank=0",),
+        ("es.rank=1", "es.w3.pop_size=16"),
+        LAYER_MEMBERS,
+        (*LAYER_MEMBERS, "es.w1.kind=unit", "es.w2.kind=unit"),
+    ],
+)
 def test_a_replica_from_a_snapshot_follows_the_driver_bit_for_bit(mnist, sets):
     config = tiny_config(*sets)
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)

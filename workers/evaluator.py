@@ -28,6 +28,7 @@ from es_workers import layer_members, members, network, noise
 OUTPUT_LAYER_CHUNK = (
     64  # layer-3 members per batched matmul: fixed, so a layer-3 member's bits never depend on the tile
 )
+UNIT_CHUNK = 8  # unit members per batched pass on CPU, at fixed places in their population (see _unit_chunks)
 
 
 def set_process_arithmetic(arithmetic: str) -> None:
@@ -247,14 +248,21 @@ class PopulationEvaluator:
         noise_std: float,
         image_indices: np.ndarray,
         subspace: int = 0,
+        unit_from: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for layer members (es_workers.layer_members), which move layer 1, 2 or 3 only.
+        """``evaluate`` for layer members (es_workers.layer_members), which move layer 1, 2 or 3 only;
+        ``unit_from``: they are unit members, and the first is that member of its layer's population.
         What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
-        hidden layer h1 and h1 W2 for layer 2; then one member per thread on CPU, batched on CUDA."""
+        hidden layer h1 and h1 W2 for layer 2 (unit members: the center's activations up to the next
+        layer's pre-activation); then one member per thread on CPU, batched on CUDA."""
         if layer == 3:
             return self.evaluate_output_layer(theta, offsets, signs, noise_std, image_indices)
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        length = layer_members.noise_length(layer, subspace)
+        unit = unit_from is not None
+        length = layer_members.noise_length(layer, subspace, unit)
+        units = layer_members.unit_indices(unit_from, len(offsets), self.device) if unit else None
+        w1, b1, w2, b2, w3, _ = network.unflatten(theta)
+        ops = network.epilogues(self.arithmetic, self.fused)
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             if layer == 1:
                 if subspace and (self.basis is None or self.basis.shape[1] != subspace):
@@ -263,11 +271,25 @@ class PopulationEvaluator:
                         "basis of that many principal components"
                     )
                 shared = (x @ self.basis if subspace else x, self.shared_xw1(theta, x, image_indices))
+                if unit:
+                    h1 = ops.hidden1(shared[1], b1)
+                    shared = (*shared, h1, torch.mm(h1, w2))
             else:
                 h1 = layer_members.center_hidden1(x, theta, self.arithmetic, self.fused)
-                shared = (h1, torch.mm(h1, network.unflatten(theta)[2]))
+                shared = (h1, torch.mm(h1, w2))
+                if unit:
+                    h2 = ops.hidden2(shared[1], b2)
+                    shared = (*shared, h2, torch.mm(h2, w3))
 
-        def forward(rows, member_scales):
+        def forward(rows, member_scales, member_units):
+            if unit:
+                if layer == 1:
+                    return layer_members.unit_first_layer_forward(
+                        *shared, theta, rows, member_units, member_scales, subspace, self.arithmetic, self.fused
+                    )
+                return layer_members.unit_second_layer_forward(
+                    *shared, theta, rows, member_units, member_scales, self.arithmetic, self.fused
+                )
             if layer == 1:
                 return layer_members.first_layer_forward(
                     *shared, theta, rows, member_scales, subspace, self.arithmetic, self.fused
@@ -279,19 +301,48 @@ class PopulationEvaluator:
             results = [
                 self._score(
                     forward(
-                        noise.slices(self.table, offsets[start : start + step], length), scales[start : start + step]
+                        noise.slices(self.table, offsets[start : start + step], length),
+                        scales[start : start + step],
+                        None if units is None else units[start : start + step],
                     ),
                     y,
                 )
                 for start in range(0, len(offsets), step)
             ]
+        elif unit:
+            results = self._unit_chunks(forward, offsets, scales, length, unit_from, y, layer)
         else:
             results = self.map_members(
-                lambda j: self._score(forward(self.windows[int(offsets[j]), :length], scales[j]), y),
+                lambda j: self._score(forward(self.windows[int(offsets[j]), :length], scales[j], None), y),
                 len(offsets),
                 first_alone=self._first_of_shape((f"layer {layer}", *x.shape)),
             )
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _unit_chunks(self, forward, offsets, scales, length: int, unit_from: int, y, layer: int) -> list:
+        """CPU unit members: UNIT_CHUNK at a time, each chunk at a fixed place in the layer's population
+        (members [c * UNIT_CHUNK, (c + 1) * UNIT_CHUNK)), a tile's part of one padded with unmoved rows.
+        A member's row then sits at the same place of a same-shaped batch whatever its tile, so its bits
+        never depend on its tile mates; one chunk per thread, with single-threaded ops."""
+        if not len(offsets):
+            return [(np.zeros(0), np.zeros(0, dtype=np.int64))]
+        stop = unit_from + len(offsets)
+        chunks = range(unit_from // UNIT_CHUNK, (stop - 1) // UNIT_CHUNK + 1)
+
+        def run(k: int) -> tuple[np.ndarray, np.ndarray]:
+            first = chunks[k] * UNIT_CHUNK
+            low, high = max(unit_from, first), min(stop, first + UNIT_CHUNK)
+            rows = torch.zeros(UNIT_CHUNK, length, device=self.device)
+            member_scales = torch.zeros(UNIT_CHUNK, device=self.device)
+            mine = slice(low - first, high - first)
+            rows[mine] = noise.slices(self.table, offsets[low - unit_from : high - unit_from], length)
+            member_scales[mine] = scales[low - unit_from : high - unit_from]
+            loss_sums, correct = self._score(
+                forward(rows, member_scales, layer_members.unit_indices(first, UNIT_CHUNK, self.device)), y
+            )
+            return loss_sums[mine], correct[mine]
+
+        return self.map_members(run, len(chunks), first_alone=self._first_of_shape((f"units {layer}", *y.shape)))
 
     def _first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
@@ -367,6 +418,9 @@ class TileTask:
     ``rank`` and ``shared_first_layer`` do not apply to them."""
     subspace: int = 0
     """Layer-1 members: principal components their input factor lies in (0: all 784 pixels)."""
+    unit_from: int | None = None
+    """Unit members of layer 1 or 2 (es_workers.layer_members): the tile's first member's index in its
+    layer's population, which says the unit each member moves; None: not unit members."""
     batch_range: tuple[int, int] | None = None
     """Set where the generation's minibatch travels once per worker instead of with every tile (Ray):
     the shard's [start, stop) in it, and ``image_indices`` is empty until ``with_batch``."""
@@ -406,7 +460,14 @@ def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask
     started = time.perf_counter()
     if task.layer:
         loss_sums, correct = evaluator.evaluate_layer(
-            theta, task.layer, task.offsets, task.signs, task.noise_std, task.image_indices, task.subspace
+            theta,
+            task.layer,
+            task.offsets,
+            task.signs,
+            task.noise_std,
+            task.image_indices,
+            task.subspace,
+            task.unit_from,
         )
     else:
         loss_sums, correct = evaluator.evaluate(

@@ -15,8 +15,17 @@ block-structured population (block-coordinate ES; compare Salimans et al. 2017 f
   * layer 2: a rank-1 move ``a b^T`` of W2 and ``e`` of b2, from the center's first hidden layer.
   * layer 3: a full move of W3 and b3 (5,130 floats), from the center's last hidden layer.
 
-A layer-1 member costs the second and third layers' matmuls (x W1 and x U are shared by the tile);
-layer-2 and layer-3 members cost only elementwise work and the small output matmul. No Ray, no I/O.
+Layers 1 and 2 have a second kind, **unit members** (``kind: unit``): a member moves one hidden unit's
+incoming weights (one column of W, ``c * U a`` for layer 1, ``a`` for layer 2) and that unit's bias,
+nothing else. Antithetic pair i moves unit ``i mod 512``, so the units share the pairs evenly. The
+later layers then see a change in one unit: layer 2's pre-activation moves by an outer product
+(delta h1_j) W2[j, :], layer 3's by (delta h2_j) W3[j, :]. No 512 x 512 matmul per member, and the
+move's direction has 513 or k + 1 dimensions instead of a matrix's: at equal members the estimate is
+better aligned (docs/results.md).
+
+A rank-1 layer-1 member costs the second and third layers' matmuls (x W1 and x U are shared by the
+tile); layer-2 and layer-3 members and unit members cost only elementwise work and small matmuls.
+No Ray, no I/O.
 """
 
 from __future__ import annotations
@@ -43,8 +52,11 @@ def param_range(layer: int) -> tuple[int, int]:
     raise ValueError(f"no layer {layer}; layers are {LAYERS}")
 
 
-def noise_length(layer: int, subspace: int = 0) -> int:
-    """Table floats one member of ``layer`` reads: its factors (a, b) and its bias move e."""
+def noise_length(layer: int, subspace: int = 0, unit: bool = False) -> int:
+    """Table floats one member of ``layer`` reads: its factors (a, b) and its bias move e; a unit
+    member: its column's factor a and its unit's bias move e."""
+    if unit and layer in (1, 2):
+        return (subspace or INPUTS if layer == 1 else HIDDEN) + 1
     if layer == 1:
         return (subspace or INPUTS) + 2 * HIDDEN
     if layer == 2:
@@ -137,17 +149,98 @@ def center_hidden1(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused:
     return network.epilogues(arithmetic, fused).hidden1(torch.mm(x, w1), b1)
 
 
+def unit_indices(first_member: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The hidden unit each of ``count`` members from ``first_member`` on moves: pair i moves unit i mod 512."""
+    return torch.div(torch.arange(first_member, first_member + count, device=device), 2, rounding_mode="floor") % HIDDEN
+
+
+def unit_factors(noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (a (m, K), e (m,)) of unit members' table rows (m, K + 1)."""
+    return noise[:, :-1], noise[:, -1]
+
+
+def unit_first_layer_forward(
+    xu: torch.Tensor,
+    z1: torch.Tensor,
+    h1: torch.Tensor,
+    z2: torch.Tensor,
+    theta: torch.Tensor,
+    noise: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    subspace: int,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
+    """(m, B, 10) logits of m layer-1 unit members (noise (m, K + 1), units and scales (m,)). Shared by
+    the tile: ``xu = x U`` (x with no subspace), the center's ``z1 = x W1``, ``h1`` and ``z2 = h1 W2``.
+    Member i adds ``scales_i * c * x U a_i`` to column units_i of z1 and ``scales_i * e_i`` to that bias;
+    layer 2's pre-activation moves by the outer product of that unit's change with its row of W2."""
+    _, b1, w2, b2, w3, b3 = network.unflatten(theta)
+    a, e = unit_factors(noise)
+    ops = network.epilogues(arithmetic, fused)
+    column = z1[:, units].T + (scales * input_scale(subspace))[:, None] * torch.mm(a, xu.T)
+    change = ops.hidden1(column, (b1[units] + scales * e)[:, None]) - h1[:, units].T
+    h2 = ops.hidden2(z2 + change.unsqueeze(-1) * w2[units].unsqueeze(1), b2)
+    return ops.logits(torch.matmul(h2, w3), b3)
+
+
+def unit_second_layer_forward(
+    h1: torch.Tensor,
+    z2: torch.Tensor,
+    h2: torch.Tensor,
+    z3: torch.Tensor,
+    theta: torch.Tensor,
+    noise: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
+    """(m, B, 10) logits of m layer-2 unit members, from the center's ``h1``, ``z2 = h1 W2``, ``h2`` and
+    ``z3 = h2 W3`` (shared by the tile): member i adds ``scales_i * h1 a_i`` to column units_i of z2."""
+    _, _, _, b2, w3, b3 = network.unflatten(theta)
+    a, e = unit_factors(noise)
+    ops = network.epilogues(arithmetic, fused)
+    column = z2[:, units].T + scales[:, None] * torch.mm(a, h1.T)
+    change = ops.hidden2(column, (b2[units] + scales * e)[:, None]) - h2[:, units].T
+    return ops.logits(z3 + change.unsqueeze(-1) * w3[units].unsqueeze(1), b3)
+
+
 def estimate(
-    rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int = 0, basis: torch.Tensor | None = None
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    layer: int,
+    subspace: int = 0,
+    basis: torch.Tensor | None = None,
+    unit: bool = False,
 ) -> torch.Tensor:
     """sum_k weights_k * (layer's move of member k), flat in theta's order for that layer (weight, then
-    bias). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; on
-    CPU single-threaded, so the bits do not depend on the thread count."""
+    bias). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; unit
+    members: each unit's pairs summed in pair order. On CPU single-threaded, so the bits do not depend on
+    the thread count."""
     if layer == 3:
         return torch.mv(rows.T, weights)
+    if unit:
+        return _unit_estimate(rows, weights, layer, subspace, basis)
     a, b, e = factors(rows, layer, subspace)
     with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():
         weight = torch.mm(a.squeeze(-1).T, b.squeeze(-1) * weights[:, None])
         if layer == 1 and subspace:
             weight = torch.mm(basis, weight).mul_(input_scale(subspace))
         return torch.cat([weight.flatten(), torch.mv(e.T, weights)])
+
+
+def _unit_estimate(
+    rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int, basis: torch.Tensor | None
+) -> torch.Tensor:
+    """``estimate`` for unit members: pair i's weighted factor lands in column i mod 512."""
+    a, e = unit_factors(rows)
+    pad = -rows.shape[0] % HIDDEN
+    with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():
+        weighted = torch.nn.functional.pad(torch.cat([a, e[:, None]], dim=1) * weights[:, None], (0, 0, 0, pad))
+        per_unit = weighted.reshape(-1, HIDDEN, a.shape[1] + 1).sum(dim=0)  # (512, K + 1)
+        weight = per_unit[:, :-1].T.contiguous()
+        if layer == 1 and subspace:
+            weight = torch.mm(basis, weight).mul_(input_scale(subspace))
+        return torch.cat([weight.flatten(), per_unit[:, -1]])
