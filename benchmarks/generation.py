@@ -8,7 +8,8 @@ directory) and times `Trainer.step()`: for each Ray worker count on one private 
 LocalExecutor (the `workers=0` row, no Ray). Each row starts from the same theta, waits for its pool,
 runs warm-up generations (torch.compile, caches), then reports medians over the timed generations.
 Ray overhead = eval_s - worker_compute_s / workers (the critical path if tiles split evenly).
-Reference: docs/performance.md (EvoTorch 0.6.1, P=64, minibatch 256, 2 Ray actors, this 2-core machine).
+The comparison with a peer library (EvoTorch) is `python -m benchmarks.peer`, which measures both in one
+run, in alternating rounds; docs/performance.md has its figures.
 """
 
 from __future__ import annotations
@@ -31,11 +32,8 @@ from es_service.executors import LocalExecutor, resolve_device
 from es_workers import noise
 from es_workers.evaluator import set_process_arithmetic
 
-REFERENCE = {  # docs/performance.md
+REFERENCE = {  # this project's targets for one generation at this setting
     "setting": {"pop_size": 64, "batch_size": 256, "workers": 2},
-    "evotorch_wall_s": 0.886,
-    "evotorch_mb_sent": 10.7,
-    "evotorch_mb_returned": 10.7,
     "target_wall_s": 0.20,
     "target_mb_sent": 3.0,
 }
@@ -138,7 +136,7 @@ def print_table(rows: list[dict], args) -> None:
     )
     head = (
         f"{'workers':>8} {'wall':>7} {'plan':>6} {'ray ovh':>8} {'compute':>8} {'grad':>6} {'adam':>6} "
-        f"{'other':>6} {'eval %':>7} {'MB to':>6} {'MB from':>8} {'EvoTorch/us':>12} {'us/target':>10}"
+        f"{'other':>6} {'eval %':>7} {'MB to':>6} {'MB from':>8} {'us/target':>10}"
     )
     print(head)
     for row in rows:
@@ -148,17 +146,12 @@ def print_table(rows: list[dict], args) -> None:
             f"{label:>8} {m['wall_s'] * 1e3:7.1f} "
             + " ".join(f"{m[k] * 1e3:{w}.1f}" for k, w in zip(PARTS, (6, 8, 8, 6, 6, 6)))
             + f" {m['eval_share'] * 100:7.1f} {m['bytes_to_workers'] / MB:6.2f}"
-            f" {m['bytes_from_workers'] / MB:8.4f}"
-            f" {ref['evotorch_wall_s'] / m['wall_s']:11.2f}x {m['wall_s'] / ref['target_wall_s']:9.2f}x"
+            f" {m['bytes_from_workers'] / MB:8.4f} {m['wall_s'] / ref['target_wall_s']:9.2f}x"
         )
-    print(
-        f"{'EvoTorch':>8} {ref['evotorch_wall_s'] * 1e3:7.1f} {'':>53} {ref['evotorch_mb_sent']:6.2f} "
-        f"{ref['evotorch_mb_returned']:8.4f}   (docs/performance.md: P=64, B=256, 2 Ray actors)"
-    )
     print(f"{'target':>8} {ref['target_wall_s'] * 1e3:7.1f} {'':>53} {ref['target_mb_sent']:6.2f}")
     s = ref["setting"]
     if (args.pop_size, args.batch_size) != (s["pop_size"], s["batch_size"]):
-        print("note: the reference numbers are for P=64, B=256; ratios here are only indicative")
+        print("note: the targets are for P=64, B=256; ratios to them here are only indicative")
     print(
         "ray ovh = eval_s - worker_compute_s/workers; compute = that critical-path share of eval_s; "
         "MB to = theta once + tile tasks (each worker fetches theta once per generation)"
