@@ -79,7 +79,8 @@ class HiddenLayerMembersConfig(LayerMembersConfig):
     kind: str = "rank1"
     """rank1: each member moves the whole matrix by a rank-1 move (and the bias); unit: each member moves
     one hidden unit's incoming weights (a column of the matrix) and its bias, pair i unit i mod 512: no
-    512 x 512 matmul per member, and at equal members a better-aligned estimate (docs/results.md)."""
+    512 x 512 matmul per member, so 4-5 times cheaper, and at equal compute a better-aligned estimate
+    (docs/results.md)."""
 
 
 class FirstLayerMembersConfig(HiddenLayerMembersConfig):

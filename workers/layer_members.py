@@ -19,9 +19,8 @@ Layers 1 and 2 have a second kind, **unit members** (``kind: unit``): a member m
 incoming weights (one column of W, ``c * U a`` for layer 1, ``a`` for layer 2) and that unit's bias,
 nothing else. Antithetic pair i moves unit ``i mod 512``, so the units share the pairs evenly. The
 later layers then see a change in one unit: layer 2's pre-activation moves by an outer product
-(delta h1_j) W2[j, :], layer 3's by (delta h2_j) W3[j, :]. No 512 x 512 matmul per member, and the
-move's direction has 513 or k + 1 dimensions instead of a matrix's: at equal members the estimate is
-better aligned (docs/results.md).
+(delta h1_j) W2[j, :], layer 3's by (delta h2_j) W3[j, :]. No 512 x 512 matmul per member: 4-5
+times cheaper than a rank-1 member, so at equal compute the estimate is better aligned (docs/results.md).
 
 A rank-1 layer-1 member costs the second and third layers' matmuls (x W1 and x U are shared by the
 tile); layer-2 and layer-3 members and unit members cost only elementwise work and small matmuls.
