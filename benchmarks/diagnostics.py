@@ -13,7 +13,7 @@ place besides backprop where autograd runs, and never part of ES training.
 
     python -m benchmarks.diagnostics alignment --config CONFIG [--checkpoint CK] [--set K=V ...] [--generations N]
     python -m benchmarks.diagnostics capacity --subspace K [--freeze-w2] [--epochs N] [--validation-size N]
-    python -m benchmarks.diagnostics displacement NAME=CHECKPOINT ...
+    python -m benchmarks.diagnostics displacement NAME=CHECKPOINT ... [--subspace K]
 """
 
 from __future__ import annotations
@@ -143,14 +143,20 @@ def displacement(theta: torch.Tensor, start: torch.Tensor) -> dict[str, dict[str
     return result
 
 
-def noise_top10_shares(seed: int = 0) -> dict[str, float]:
-    """The top-10 share of an i.i.d. Gaussian matrix of each weight's shape: the random-walk reference."""
+def noise_top10_shares(seed: int = 0, subspace: int = 0) -> dict[str, float]:
+    """The top-10 share of an i.i.d. Gaussian matrix of each weight's shape: the random-walk reference.
+    ``subspace`` k adds ``W1 in k dims``: a Gaussian move of W1 confined to k input directions (U G, U
+    784 x k orthonormal), the reference for layer-1 members in the images' principal subspace."""
     generator = torch.Generator().manual_seed(seed)
-    return {
+    shares = {
         name: top10_share(torch.randn(shape, generator=generator))
         for name, shape in network.PARAM_SHAPES
         if name.startswith("W")
     }
+    if subspace:
+        directions = torch.linalg.qr(torch.randn(784, subspace, generator=generator))[0]
+        shares[f"W1 in {subspace} dims"] = top10_share(directions @ torch.randn(subspace, 512, generator=generator))
+    return shares
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     room.add_argument("--out")
     moved = commands.add_parser("displacement")
     moved.add_argument("thetas", nargs="+", metavar="NAME=CHECKPOINT")
+    moved.add_argument("--subspace", type=int, default=0, help="add the noise share of W1 moves in k dimensions")
     moved.add_argument("--out")
     args = parser.parse_args(argv)
     if args.command == "alignment":
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs),
         }
     else:
-        result = {"noise_top10_share": noise_top10_shares()}
+        result = {"noise_top10_share": noise_top10_shares(subspace=args.subspace)}
         for item in args.thetas:
             name, _, path = item.partition("=")
             state = checkpoint.load(path)

@@ -44,6 +44,8 @@ def test_displacement_of_a_random_walk_is_at_the_noise_share():
     w1 = network.unflatten(structured)[0]
     w1 += torch.outer(torch.randn(784), torch.randn(512))  # a rank-1 move: all its energy in one direction
     assert diagnostics.displacement(structured, start)["W1"]["top10_share"] > 0.99
+    confined = diagnostics.noise_top10_shares(subspace=32)["W1 in 32 dims"]
+    assert 0.3 < confined < 0.5 and confined > 5 * noise["W1"]  # 10 of 32 directions, against 10 of 512
 
 
 def test_cli_appends_one_json_line(tmp_path, capsys):
