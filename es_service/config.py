@@ -1,8 +1,10 @@
 """Typed, frozen run configuration: loaded from YAML, overridden with ``--set``, validated up front.
 
-The sections are pydantic models; each field's docstring is its description, and docs/configuration.md
-is generated from them (``python -m es_service.config_docs``). Every field is checked before anything
-starts; a bad value raises :class:`ConfigError` naming the field, the value and what is allowed.
+The sections are frozen pydantic models (strict types, no unknown keys, choices as ``Literal``); each
+field's docstring is its description, and docs/configuration.md is generated from them (``python -m
+es_service.config_docs``). Value ranges and the rules across fields are ``Config``'s model validator
+(``validate``), each with the hint a user needs. Every field is checked before anything starts; a bad
+value raises :class:`ConfigError` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 Arithmetic = Literal["tf-ftz", "linear", "cpu-ftz"]
 FitnessKind = Literal["cross_entropy", "accuracy"]
@@ -237,6 +239,11 @@ class Config(Section):
     """Backprop epochs run before ES in the same command; ES starts from their theta. Each stage is a run
     directory of its own under RUN_DIR/warm_start/. `--init-from` skips the warm start."""
 
+    @model_validator(mode="after")
+    def _rules(self) -> Config:
+        """Value ranges and the rules across fields (``validate``), each message with its own hint."""
+        return validate(self)
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
@@ -291,6 +298,8 @@ def _config_error(error: ValidationError) -> ConfigError:
     """The first of pydantic's problems, phrased like every other ConfigError: one line with the field
     path, the value and what is allowed."""
     problem = min(error.errors(include_url=False), key=_position)
+    if isinstance(problem.get("ctx", {}).get("error"), ConfigError):  # raised by a rule in ``validate``
+        return problem["ctx"]["error"]
     loc = [str(part) for part in problem["loc"]]
     path, value = ".".join(loc) or "the config", problem["input"]
     if problem["type"] == "extra_forbidden":
@@ -612,10 +621,9 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"--set {text!r}: {part} is not a section")
         node[path[-1]] = value
     try:
-        config = Config.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as err:
         raise _config_error(err) from None
-    return validate(config)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
