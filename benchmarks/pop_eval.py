@@ -119,19 +119,19 @@ def mm_peak_call(device: torch.device, seconds_hint: float):
 
 
 def bench_shape(
-    evaluator, members: int, images: int, repeats: int, rank: int = 0, shared_first_layer: bool = False
+    evaluator, pop: int, images: int, repeats: int, rank: int = 0, shared_first_layer: bool = False
 ) -> dict:
     """Evaluation, the no-flush ceiling and torch.mm's peak, taking turns in each round; ratios are
     medians of the per-round ratios. Low rank or a shared first layer: full-rank evaluation takes a turn too."""
     device = evaluator.device
     rng = np.random.default_rng(0)
-    offsets = np.repeat(rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=(members + 1) // 2), 2)[
-        :members
+    offsets = np.repeat(rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=(pop + 1) // 2), 2)[
+        :pop
     ].astype(np.int64)  # antithetic pairs, as the planner lays them out
-    signs = np.where(np.arange(members) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    signs = np.where(np.arange(pop) % 2 == 0, 1.0, -1.0).astype(np.float32)
     indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
-    flop = FLOP_PER_IMAGE * members * images
+    flop = FLOP_PER_IMAGE * pop * images
     evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices, rank, shared_first_layer)  # noqa: E731
     x = torch.rand(images, 784, device=device)
     prebuilt = None
@@ -140,10 +140,10 @@ def bench_shape(
         noise_rows = evaluator.windows[:, : members.noise_length(rank)].index_select(0, index)
         ceiling = low_rank_ceiling(evaluator, theta, noise_rows, x, rank)
     elif shared_first_layer:
-        prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device), network.W1_SIZE)
+        prebuilt = evaluator.perturbed(theta, offsets, torch.full((pop,), 0.02, device=device), network.W1_SIZE)
         ceiling = shared_first_layer_ceiling(evaluator, theta, offsets, prebuilt, x)
     else:  # the same matmuls on the same distinct per-member weights, prebuilt; no flushing
-        prebuilt = evaluator.perturbed(theta, offsets, torch.full((members,), 0.02, device=device))
+        prebuilt = evaluator.perturbed(theta, offsets, torch.full((pop,), 0.02, device=device))
         ceiling = matmul_ceiling(evaluator, network.unflatten(prebuilt), x)
     peak, peak_flop = mm_peak_call(device, median_time(evaluate, device, 1, warmup=1))
     turns = {"evaluate": evaluate, "ceiling": ceiling, "peak": peak}
@@ -159,14 +159,14 @@ def bench_shape(
             "speedup_over_full_rank": statistics.median(f / e for f, e in zip(times["full_rank"], times["evaluate"])),
         }
     return {
-        "members": members,
+        "members": pop,
         "images": images,
         "rank": rank,
         "shared_first_layer": shared_first_layer,
         **extra,
         "evaluate_s": evaluate_s,
         "evaluate_flops": flop / evaluate_s,
-        "forward_passes_per_s": members * images / evaluate_s,
+        "forward_passes_per_s": pop * images / evaluate_s,
         "noflush_matmul_s": ceiling_s,
         "noflush_matmul_flops": flop / ceiling_s,
         "mm_peak_flops": peak_flop / peak_s,
