@@ -107,15 +107,19 @@ def test_nonfinite_fitness_never_poisons_theta(mnist, tmp_path):
     assert torch.isfinite(trainer.theta).all()
 
 
-def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path):
+SUBSPACE_STEP = ("es.rank=1", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w1.kind=unit", "es.w1.adam_space=subspace")
+
+
+@pytest.mark.parametrize("sets", [(), SUBSPACE_STEP], ids=["whole members", "W1 stepping in its subspace"])
+def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path, sets):
     from es_service import checkpoint
 
-    full = run_local(tiny_config(), mnist, tmp_path / "full")
-    run_local(tiny_config(), mnist, tmp_path / "part", generations=2)
+    full = run_local(tiny_config(*sets), mnist, tmp_path / "full")
+    run_local(tiny_config(*sets), mnist, tmp_path / "part", generations=2)
     state = checkpoint.load(tmp_path / "part" / "checkpoint.pt")
     assert state["generation"] == 2
     resumed = run_local(
-        tiny_config(),
+        tiny_config(*sets),
         mnist,
         tmp_path / "part",
         state=TrainState(state["theta"], state["optimizer"], state["generation"]),

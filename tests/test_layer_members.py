@@ -192,12 +192,14 @@ def test_a_unit_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
         h1 = ops.hidden1(x @ w1, b1)
         if layer == 1:
             shared = (x @ basis if subspace else x, x @ w1, h1, h1 @ w2)
-            got = layer_members.unit_first_layer_forward(*shared, theta, rows, units, scales, subspace, arithmetic)
+            forward = layer_members.unit_first_layer_forward
+            args = (*shared, theta, rows, units, scales, subspace, arithmetic)
         else:
             h2 = ops.hidden2(h1 @ w2, b2)
-            got = layer_members.unit_second_layer_forward(
-                h1, h1 @ w2, h2, h2 @ w3, theta, rows, units, scales, arithmetic
-            )
+            forward = layer_members.unit_second_layer_forward
+            args = (h1, h1 @ w2, h2, h2 @ w3, theta, rows, units, scales, arithmetic)
+        got = forward(*args)
+        assert torch.equal(forward(*args, fused=True), got)  # one compiled kernel per epilogue, the same bits
         assert got.shape == (3, 128, 10)
         for k in range(3):
             move = dense_move(rows[k], layer, subspace, basis, unit=int(units[k]))

@@ -198,3 +198,72 @@ def test_low_rank_estimate_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(estimates[0], estimates[1])
+
+
+def _orthonormal_basis(k: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(784, k, generator=generator, dtype=torch.float64))[0].float()
+
+
+def test_w1_in_subspace_is_adam_on_the_members_coefficients():
+    """W1 = W1_0 + c U M: the subspace step must equal torch's Adam on M, mapped back by c U; the other
+    layers take the plain Adam step, and W1's decay is AdamW's."""
+    from es_service.config import ESConfig
+    from es_workers import layer_members
+
+    k, lr, wd = 8, 0.01, 0.5
+    basis = _orthonormal_basis(k)
+    c = layer_members.input_scale(k)
+    theta = network.init_theta(0)
+    es = ESConfig(
+        learning_rate=lr, weight_decay=wd, weight_decay_mode="decoupled", w1={"subspace": k, "adam_space": "subspace"}
+    )
+    adam = strategy.AdamES.from_config(theta, es)
+    pixels = strategy.AdamES.from_config(
+        theta, es.model_copy(update={"w1": es.w1.model_copy(update={"adam_space": "pixels"})})
+    )
+    m_param = torch.nn.Parameter(torch.zeros(k, 512))
+    reference = torch.optim.Adam([m_param], lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    w1_expected = theta[: network.W1_SIZE].clone().view(784, 512)
+    for _ in range(3):
+        g_m = torch.randn(k, 512, generator=generator)
+        grad = torch.randn(network.NUM_PARAMS, generator=generator)
+        grad[: network.W1_SIZE] = (c * basis @ g_m).flatten()
+        before = m_param.detach().clone()
+        m_param.grad = -g_m
+        reference.step()
+        w1_expected = w1_expected * (1 - lr * wd) + c * basis @ (m_param.detach() - before)
+        adam.step(grad, lr, basis)
+        pixels.step(grad, lr)
+    got = adam.theta.detach()
+    assert torch.allclose(got[: network.W1_SIZE].view(784, 512), w1_expected, atol=1e-6)
+    assert torch.equal(got[network.W1_SIZE :], pixels.theta.detach()[network.W1_SIZE :])
+    assert not torch.allclose(got[: network.W1_SIZE], pixels.theta.detach()[: network.W1_SIZE], atol=1e-4)
+    with pytest.raises(ValueError, match="basis"):
+        adam.step(grad, lr)
+
+
+def test_w1_subspace_state_resumes_bit_for_bit_and_refuses_a_mismatch():
+    from es_service.config import ESConfig
+
+    k = 8
+    basis = _orthonormal_basis(k, seed=2)
+    es = ESConfig(learning_rate=0.01, w1={"subspace": k, "adam_space": "subspace"})
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(network.NUM_PARAMS, generator=generator) for _ in range(3)]
+    straight = strategy.AdamES.from_config(network.init_theta(0), es)
+    for grad in grads:
+        straight.step(grad, 0.01, basis)
+    first = strategy.AdamES.from_config(network.init_theta(0), es)
+    first.step(grads[0], 0.01, basis)
+    resumed = strategy.AdamES.from_config(first.theta.detach(), es)
+    resumed.load_state_dict(first.state_dict())
+    for grad in grads[1:]:
+        resumed.step(grad, 0.01, basis)
+    assert torch.equal(resumed.theta.detach(), straight.theta.detach())
+    pixels = strategy.AdamES.from_config(network.init_theta(0), ESConfig(learning_rate=0.01))
+    with pytest.raises(ValueError, match="adam_space"):
+        pixels.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="adam_space"):
+        resumed.load_state_dict(pixels.state_dict())

@@ -180,7 +180,7 @@ def unit_first_layer_forward(
     ops = network.epilogues(arithmetic, fused)
     column = z1[:, units].T + (scales * input_scale(subspace))[:, None] * torch.mm(a, xu.T)
     change = ops.hidden1(column, (b1[units] + scales * e)[:, None]) - h1[:, units].T
-    h2 = ops.hidden2(z2 + change.unsqueeze(-1) * w2[units].unsqueeze(1), b2)
+    h2 = ops.hidden2_moved(z2, change, w2[units], b2)  # fused: one kernel, no (m, B, 512) temporary
     return ops.logits(torch.matmul(h2, w3), b3)
 
 
@@ -203,7 +203,7 @@ def unit_second_layer_forward(
     ops = network.epilogues(arithmetic, fused)
     column = z2[:, units].T + scales[:, None] * torch.mm(a, h1.T)
     change = ops.hidden2(column, (b2[units] + scales * e)[:, None]) - h2[:, units].T
-    return ops.logits(z3 + change.unsqueeze(-1) * w3[units].unsqueeze(1), b3)
+    return ops.logits(network.moved(z3, change, w3[units]), b3)
 
 
 def estimate(

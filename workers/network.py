@@ -135,19 +135,37 @@ def add_bias(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return z + b
 
 
+def moved(z: torch.Tensor, change: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(m, B, n): the pre-activation z (B, n) of m members that each move one unit of the layer below by
+    change (m, B), read through that unit's row of the weight (rows (m, n)): an outer product each."""
+    return z + change.unsqueeze(-1) * rows.unsqueeze(1)
+
+
+def tf_ftz_hidden_moved(z: torch.Tensor, change: torch.Tensor, rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``tf_ftz_hidden`` of ``moved``: for unit members, one kernel when fused, with no (m, B, n) temporary."""
+    return tf_ftz_hidden(moved(z, change, rows), b)
+
+
+def add_bias_moved(z: torch.Tensor, change: torch.Tensor, rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return add_bias(moved(z, change, rows), b)
+
+
 @dataclass(frozen=True)
 class Epilogues:
     """The elementwise work after each matmul. Only exact ops (add, abs, compare, select, copysign):
-    fusing them into one kernel per layer (torch.compile) cannot change a single bit."""
+    fusing them into one kernel per layer (torch.compile) cannot change a single bit. ``hidden2_moved``
+    also multiplies (``moved``): fused, each step still rounds as in eager because FMA contraction is
+    off (inductor's C++ flag's default; TRITON_DEFAULT_FP_FUSION, es_workers.compiled)."""
 
     hidden1: Callable
     hidden2: Callable
     logits: Callable
+    hidden2_moved: Callable
 
 
 EAGER = {
-    "tf-ftz": Epilogues(tf_ftz_hidden1, tf_ftz_hidden, tf_ftz_logits),
-    "linear": Epilogues(add_bias, add_bias, add_bias),
+    "tf-ftz": Epilogues(tf_ftz_hidden1, tf_ftz_hidden, tf_ftz_logits, tf_ftz_hidden_moved),
+    "linear": Epilogues(add_bias, add_bias, add_bias, add_bias_moved),
 }
 
 
