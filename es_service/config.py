@@ -27,7 +27,6 @@ Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["constant", "linear", "cosine"]
 DecayMode = Literal["l2", "decoupled"]
 Shaping = Literal["centered_rank", "normalized"]
-AdamSpace = Literal["pixels", "subspace"]  # where Adam normalises layer 1's step (es_service.strategy.AdamES)
 LayerMemberKind = Literal["rank1", "unit"]  # how a member of es.w1 or es.w2 moves its layer (es_workers.layer_members)
 Gradient = Literal["masked", "straight-through"]  # backprop's gradients; see es_service/backprop.py
 DEVICES = typing.get_args(Device)
@@ -92,10 +91,6 @@ class FirstLayerMembersConfig(HiddenLayerMembersConfig):
     subspace: int = 0
     """The rank-1 move's input factor lies in the span of the training images' top-k uncentered
     principal components (0: all 784 pixels); unsupervised image statistics, no labels."""
-    adam_space: AdamSpace = "pixels"
-    """Where Adam normalises W1's step: pixels, per weight of W1; subspace (needs subspace > 0), per
-    principal-component coefficient of each unit's incoming weights, so the step stays in the images'
-    span and a rarely lit pixel's weight gets no larger step than the data supports."""
 
 
 class ESConfig(Section):
@@ -456,18 +451,6 @@ def _validate_layer_members(config: Config) -> None:
         0 <= es.w1.subspace <= 784,
         f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components",
     )
-    if es.w1.adam_space == "subspace":
-        _require(
-            es.w1.pop_size > 0 and es.w1.subspace > 0,
-            f"es.w1.adam_space: subspace with es.w1.pop_size {es.w1.pop_size} and es.w1.subspace "
-            f"{es.w1.subspace}: W1's step lives in the subspace its own members search; set both > 0, "
-            "or adam_space: pixels",
-        )
-        _require(
-            es.weight_decay == 0 or es.weight_decay_mode == "decoupled",
-            f"es.w1.adam_space: subspace with es.weight_decay {es.weight_decay} in mode l2: an L2 term "
-            "moves W1 outside the subspace; use es.weight_decay_mode: decoupled, or adam_space: pixels",
-        )
 
 
 def _validate_warm_start(config: Config) -> None:

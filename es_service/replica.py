@@ -138,7 +138,7 @@ class Replica:
         if grad.is_cuda:
             torch.cuda.synchronize()
         estimated = time.perf_counter()
-        step_norm = 0.0 if update.skipped else self.adam.step(grad, plan.learning_rate, self.basis)
+        step_norm = 0.0 if update.skipped else self.adam.step(grad, plan.learning_rate)
         self.generation += 1
         self._fingerprint = None
         return {"step_norm": step_norm, "grad_s": estimated - started, "adam_s": time.perf_counter() - estimated}

@@ -178,10 +178,8 @@ class AdamES:
         weight_norm_cap: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         layer_step_scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        w1_subspace: int = 0,
     ):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
-        self.w1_subspace = SubspaceAdam(w1_subspace, betas, theta.device) if w1_subspace else None
         self.weight_norm_cap = weight_norm_cap
         self.layer_step_scales = {
             layer: scale for layer, scale in zip(layer_members.LAYERS, layer_step_scales) if scale != 1.0
@@ -204,28 +202,19 @@ class AdamES:
             weight_norm_cap=es.weight_norm_cap,
             betas=(es.adam_beta1, es.adam_beta2),
             layer_step_scales=tuple(members.step_scale for members in es.layers()),
-            w1_subspace=es.w1.subspace if es.w1.adam_space == "subspace" else 0,
         )
 
-    def step(self, grad: torch.Tensor, learning_rate: float, basis: torch.Tensor | None = None) -> float:
-        """One descent step on -grad + weight_decay * theta; returns the step's L2 norm. ``basis``: layer
-        1's (784, k) image basis, needed when W1 steps in its subspace (es.w1.adam_space)."""
-        if self.w1_subspace is not None and basis is None:
-            raise ValueError("es.w1.adam_space: subspace steps W1 in the layer-1 members' image basis; pass it")
+    def step(self, grad: torch.Tensor, learning_rate: float) -> float:
+        """One descent step on -grad + weight_decay * theta; returns the step's L2 norm."""
         before = self.theta.detach().clone()
         direction = -grad.to(self.theta.device)
         if self.weight_decay:
             direction = direction + self.weight_decay * self.theta.detach()
-        if self.w1_subspace is not None:  # W1 gets its step below; AdamW here only decays it
-            w1_direction = direction[: network.W1_SIZE].clone()
-            direction[: network.W1_SIZE] = 0
         self.theta.grad = direction
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()
         self.theta.grad = None
-        if self.w1_subspace is not None:
-            self.w1_subspace.step(self.theta.detach()[: network.W1_SIZE], w1_direction, learning_rate, basis)
         for layer, scale in self.layer_step_scales.items():  # Adam's whole step, decay included, scales with lr
             start, stop = layer_members.param_range(layer)
             now, then = self.theta.detach()[start:stop], before[start:stop]
@@ -235,60 +224,7 @@ class AdamES:
         return float(torch.linalg.vector_norm(self.theta.detach() - before))
 
     def state_dict(self) -> dict:
-        state = self.optimizer.state_dict()
-        if self.w1_subspace is not None:
-            state = {**state, "w1_subspace": self.w1_subspace.state_dict()}
-        return state
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        state = dict(state)
-        w1_state = state.pop("w1_subspace", None)
-        if (w1_state is None) != (self.w1_subspace is None) or (
-            w1_state is not None and tuple(w1_state["m"].shape) != tuple(self.w1_subspace.m.shape)
-        ):
-            raise ValueError(
-                "the optimizer state's es.w1.adam_space differs from the config's; resume with the config "
-                "the run was started with"
-            )
         self.optimizer.load_state_dict(state)
-        if self.w1_subspace is not None:
-            self.w1_subspace.load_state_dict(w1_state)
-
-
-class SubspaceAdam:
-    """Adam for W1 in the coordinates its members search: W1 = W1_0 + c U M, U the (784, k) image basis,
-    c = sqrt(784 / k) (es_workers.layer_members). The estimate's W1 block is c U g_M, so g_M = U^T g / c
-    exactly; Adam normalises each of M's k x 512 coefficients and W1 moves by c U (its step). The step
-    stays in the images' span: per-pixel normalisation would give a rarely lit pixel's weight as large
-    a step as a common one's, from an estimate that is mostly noise there.
-    """
-
-    EPS = 1e-8  # torch.optim.Adam's default
-
-    def __init__(self, subspace: int, betas: tuple[float, float], device: torch.device | str = "cpu"):
-        self.scale = layer_members.input_scale(subspace)
-        self.betas = betas
-        self.m = torch.zeros(subspace, layer_members.HIDDEN, device=device)
-        self.v = torch.zeros(subspace, layer_members.HIDDEN, device=device)
-        self.steps = 0
-
-    def step(self, w1: torch.Tensor, direction: torch.Tensor, learning_rate: float, basis: torch.Tensor) -> None:
-        """Descend on ``direction`` (W1's block of -grad, flat) by one Adam step of M; moves ``w1`` in place
-        by c U (that step). ``basis``: U, (784, k)."""
-        beta1, beta2 = self.betas
-        with network.single_threaded() if w1.device.type == "cpu" else contextlib.nullcontext():
-            coefficients = torch.mm(basis.T, direction.view(layer_members.INPUTS, -1)).div_(self.scale)
-            self.steps += 1
-            self.m.mul_(beta1).add_(coefficients, alpha=1 - beta1)
-            self.v.mul_(beta2).addcmul_(coefficients, coefficients, value=1 - beta2)
-            denominator = (self.v / (1 - beta2**self.steps)).sqrt_().add_(self.EPS)
-            update = self.m.div(denominator).mul_(learning_rate * self.scale / (1 - beta1**self.steps))
-            w1.view(layer_members.INPUTS, -1).sub_(torch.mm(basis, update))
-
-    def state_dict(self) -> dict:
-        return {"m": self.m.clone(), "v": self.v.clone(), "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.m.copy_(state["m"].to(self.m.device))
-        self.v.copy_(state["v"].to(self.v.device))
-        self.steps = int(state["steps"])

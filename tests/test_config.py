@@ -264,14 +264,6 @@ RANGE_CASES = {
     ),
     "layer sigma scale zero": (["es.w1.noise_scale=0"], ["es.w1.noise_scale", "0", "> 0"]),
     "subspace past the pixels": (["es.w1.subspace=785"], ["es.w1.subspace", "785", "784"]),
-    "W1 stepping in a subspace it has none of": (
-        ["es.w1.adam_space=subspace", "es.w1.pop_size=64"],
-        ["es.w1.adam_space", "es.w1.subspace 0", "adam_space: pixels"],
-    ),
-    "W1 stepping in its subspace with an L2 decay": (
-        ["es.w1.adam_space=subspace", "es.w1.pop_size=64", "es.w1.subspace=32", "es.weight_decay=0.1"],
-        ["es.w1.adam_space", "l2", "decoupled"],
-    ),
     "unknown member kind": (["es.w2.kind=column"], ["es.w2.kind", "column", "rank1, unit"]),
     "no kind for layer 3": (["es.w3.kind=unit"], ["es.w3.kind", "unknown field"]),
     "a layer with no members": (

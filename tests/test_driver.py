@@ -107,10 +107,10 @@ def test_nonfinite_fitness_never_poisons_theta(mnist, tmp_path):
     assert torch.isfinite(trainer.theta).all()
 
 
-SUBSPACE_STEP = ("es.rank=1", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w1.kind=unit", "es.w1.adam_space=subspace")
+UNITS = ("es.rank=1", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w1.kind=unit", "es.w2.pop_size=8", "es.w2.kind=unit")
 
 
-@pytest.mark.parametrize("sets", [(), SUBSPACE_STEP], ids=["whole members", "W1 stepping in its subspace"])
+@pytest.mark.parametrize("sets", [(), UNITS], ids=["whole members", "unit members"])
 def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path, sets):
     from es_service import checkpoint
 

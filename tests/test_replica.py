@@ -41,7 +41,6 @@ def replica_of(config, table, basis) -> Replica:
         ("es.rank=1", "es.w3.pop_size=16"),
         LAYER_MEMBERS,
         (*LAYER_MEMBERS, "es.w1.kind=unit", "es.w2.kind=unit"),
-        (*LAYER_MEMBERS, "es.w1.kind=unit", "es.w1.adam_space=subspace"),
     ],
 )
 def test_a_replica_from_a_snapshot_follows_the_driver_bit_for_bit(mnist, sets):
