@@ -91,6 +91,11 @@ class FirstLayerMembersConfig(HiddenLayerMembersConfig):
     subspace: int = 0
     """The rank-1 move's input factor lies in the span of the training images' top-k uncentered
     principal components (0: all 784 pixels); unsupervised image statistics, no labels."""
+    subspace_power: float = 0.0
+    """Shape of the search within the subspace: component m's coefficient has a standard deviation
+    proportional to lambda_m^p (lambda_m: the images' energy along it), scaled so the moves' mean squared
+    entry is unchanged; 0: isotropic. p > 0 puts more of each member on the images' main directions,
+    p < 0 on the fainter ones (-0.5: every component moves the unit's pre-activation equally)."""
 
 
 class ESConfig(Section):
@@ -450,6 +455,15 @@ def _validate_layer_members(config: Config) -> None:
     _require(
         0 <= es.w1.subspace <= 784,
         f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components",
+    )
+    _require(
+        -2 <= es.w1.subspace_power <= 2,
+        f"es.w1.subspace_power: {es.w1.subspace_power}; use a number from -2 to 2 (0: isotropic)",
+    )
+    _require(
+        not (es.w1.subspace_power and not es.w1.subspace),
+        f"es.w1.subspace_power: {es.w1.subspace_power} with es.w1.subspace 0: it shapes the search within "
+        "the principal subspace; set es.w1.subspace > 0, or subspace_power: 0",
     )
 
 

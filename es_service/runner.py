@@ -74,7 +74,11 @@ def _check_reachable(address: str) -> None:
 def build_executor(config: Config, table, data, address: str | None):
     arithmetic = config.network.arithmetic
     w1 = config.es.w1  # layer-1 members' subspace: from the run's training images (never validation or test)
-    basis = layer_members.image_basis(data.train_images, w1.subspace) if w1.pop_size and w1.subspace else None
+    basis = (
+        layer_members.image_basis(data.train_images, w1.subspace, w1.subspace_power)
+        if w1.pop_size and w1.subspace
+        else None
+    )
     if config.workers.executor == "local":
         device = (
             "cpu"

@@ -300,7 +300,7 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
 def basis_of(config, mnist):
     """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
     subspace = config.es.w1.subspace
-    return layer_members.image_basis(mnist.train_images, subspace) if subspace else None
+    return layer_members.image_basis(mnist.train_images, subspace, config.es.w1.subspace_power) if subspace else None
 
 
 def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):

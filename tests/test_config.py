@@ -264,6 +264,14 @@ RANGE_CASES = {
     ),
     "layer sigma scale zero": (["es.w1.noise_scale=0"], ["es.w1.noise_scale", "0", "> 0"]),
     "subspace past the pixels": (["es.w1.subspace=785"], ["es.w1.subspace", "785", "784"]),
+    "a subspace power past 2": (
+        ["es.w1.subspace=32", "es.w1.subspace_power=3"],
+        ["es.w1.subspace_power", "3", "-2 to 2"],
+    ),
+    "a subspace power with no subspace": (
+        ["es.w1.subspace_power=0.5"],
+        ["es.w1.subspace_power", "es.w1.subspace 0", "subspace_power: 0"],
+    ),
     "unknown member kind": (["es.w2.kind=column"], ["es.w2.kind", "column", "rank1, unit"]),
     "no kind for layer 3": (["es.w3.kind=unit"], ["es.w3.kind", "unknown field"]),
     "a layer with no members": (

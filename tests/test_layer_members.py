@@ -64,6 +64,23 @@ def test_image_basis_is_orthonormal_deterministic_and_holds_most_of_the_images_e
     assert torch.allclose(layer_members.image_basis(images, 8), basis[:, :8], atol=1e-4)
 
 
+@pytest.mark.parametrize("power", [-0.5, 0.25, 0.5])
+def test_a_subspace_power_scales_each_component_by_its_energy(mnist, power):
+    """Column m of the shaped basis is U's column m times lambda_m^p, normalised to mean square 1: the
+    same directions, the moves' mean squared entry unchanged, and more weight on the main components."""
+    images = mnist.train_images[:20000]
+    plain, shaped = layer_members.image_basis(images, 16), layer_members.image_basis(images, 16, power)
+    scales = shaped.norm(dim=0)
+    assert torch.allclose(shaped / scales, plain, atol=1e-5)
+    assert float(scales.square().mean()) == pytest.approx(1.0, rel=1e-5)
+    x = images.reshape(-1, 784).double() / 255
+    energy = (x @ plain.double()).square().sum(dim=0)  # lambda_m: the images' energy along component m
+    expected = energy**power / (energy ** (2 * power)).mean().sqrt()
+    assert torch.allclose(scales.double(), expected, rtol=1e-4)
+    ordered = scales[:-1] >= scales[1:] if power > 0 else scales[:-1] <= scales[1:]
+    assert bool(ordered.all()) and float(scales.max() / scales.min()) > 2  # k = 16: lambda spans 30x
+
+
 @pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 24), (2, 0)])
 def test_a_rank1_layer_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
     """The forward from shared products equals the plain forward of theta + scale * dense move, up to the

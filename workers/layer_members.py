@@ -70,18 +70,27 @@ def input_scale(subspace: int) -> float:
     return math.sqrt(INPUTS / subspace) if subspace else 1.0
 
 
-def image_basis(images: torch.Tensor, subspace: int) -> torch.Tensor:
+def image_basis(images: torch.Tensor, subspace: int, power: float = 0.0) -> torch.Tensor:
     """(784, k) float32: the top-k eigenvectors of X^T X over the uint8 images (k uncentered principal
     components), each signed so its largest-magnitude entry is positive. Float64 on one thread: the same
-    images give the same basis, bit for bit, on this machine."""
+    images give the same basis, bit for bit, on this machine.
+
+    ``power`` p > 0 scales component m by lambda_m^p (lambda_m: its eigenvalue, the images' energy
+    along it), normalised so the scales' mean square is 1: a member's coefficients a ~ N(0, I) then
+    move W1 along U diag(s) a, a search distribution with variance lambda_m^(2p) (up to one factor)
+    along component m, and the same mean squared entry as with p = 0."""
     if not 1 <= subspace <= INPUTS:
         raise ValueError(f"subspace {subspace}: use 1 to {INPUTS} principal components")
     with network.single_threaded():
         x = images.reshape(-1, INPUTS).double() / 255.0
-        _, vectors = torch.linalg.eigh(x.T @ x)
+        values, vectors = torch.linalg.eigh(x.T @ x)
         basis = vectors[:, -subspace:].flip(-1)
         peak = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
-        return (basis * torch.sign(peak)).float().contiguous()
+        basis = basis * torch.sign(peak)
+        if power:
+            scales = values[-subspace:].flip(-1).clamp_min(1e-12) ** power  # > 0: the top k of X^T X
+            basis = basis * (scales / scales.square().mean().sqrt())
+        return basis.float().contiguous()
 
 
 def factors(noise: torch.Tensor, layer: int, subspace: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
