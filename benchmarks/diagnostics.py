@@ -60,8 +60,7 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
     """Per-block cosines of the service's estimate at ``theta`` for each planned generation (each its own
     members and minibatch), with their mean."""
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
-    subspace = config.es.w1.subspace if config.es.w1.pop_size else 0
-    basis = layer_members.image_basis(data.train_images, subspace, config.es.w1.subspace_power) if subspace else None
+    basis = planning.layer1_basis(config, data.train_images)
     executor = LocalExecutor(
         table, data.train_images, data.train_labels, config.network.arithmetic, "cpu", config.workers.fused, basis=basis
     )

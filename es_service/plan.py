@@ -14,7 +14,7 @@ import torch
 
 from es_service import strategy
 from es_service.config import Config
-from es_workers import network, noise
+from es_workers import layer_members, network, noise
 
 STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
 LAYER_STREAMS = {3: 4, 1: 5, 2: 6}  # 4 first: runs made when only layer 3 could have members keep their draws
@@ -185,3 +185,12 @@ def member_fitness(loss_sums: np.ndarray, correct: np.ndarray, batch_size: int, 
     for shard in range(loss_sums.shape[1]):
         total = total + loss_sums[:, shard]
     return -total / batch_size
+
+
+def layer1_basis(config: Config, train_images: torch.Tensor) -> torch.Tensor | None:
+    """Layer-1 members' search basis (es_workers.layer_members.image_basis with es.w1's subspace and
+    subspace_power), from the run's training images, never validation or test; None without them."""
+    w1 = config.es.w1
+    if not (w1.pop_size and w1.subspace):
+        return None
+    return layer_members.image_basis(train_images, w1.subspace, w1.subspace_power)

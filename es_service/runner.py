@@ -40,7 +40,7 @@ from es_service.runs import (
     write_config,
 )
 from es_service.strategy import AdamES
-from es_workers import layer_members, noise
+from es_workers import noise
 from es_workers.evaluator import center_accuracies, set_process_arithmetic
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
@@ -73,12 +73,7 @@ def _check_reachable(address: str) -> None:
 
 def build_executor(config: Config, table, data, address: str | None):
     arithmetic = config.network.arithmetic
-    w1 = config.es.w1  # layer-1 members' subspace: from the run's training images (never validation or test)
-    basis = (
-        layer_members.image_basis(data.train_images, w1.subspace, w1.subspace_power)
-        if w1.pop_size and w1.subspace
-        else None
-    )
+    basis = planning.layer1_basis(config, data.train_images)
     if config.workers.executor == "local":
         device = (
             "cpu"

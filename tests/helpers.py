@@ -28,7 +28,7 @@ from es_service import plan as planning
 from es_service.config import Config, from_dict
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
-from es_workers import layer_members, noise
+from es_workers import noise
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed
@@ -299,8 +299,7 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
 
 def basis_of(config, mnist):
     """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
-    subspace = config.es.w1.subspace
-    return layer_members.image_basis(mnist.train_images, subspace, config.es.w1.subspace_power) if subspace else None
+    return planning.layer1_basis(config, mnist.train_images)
 
 
 def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
