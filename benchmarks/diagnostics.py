@@ -68,7 +68,7 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
     for generation in generations:
         plan = planning.make_plan(config, generation, data.train_images.shape[0])
         grad = estimate(
-            config, table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0]
+            config, table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0], theta
         )
         index = torch.as_tensor(plan.batch_indices)
         x = data.train_images[index].reshape(-1, 784).float() / 255.0

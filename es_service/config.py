@@ -98,6 +98,14 @@ class FirstLayerMembersConfig(HiddenLayerMembersConfig):
     p < 0 on the fainter ones (-0.5: every component moves the unit's pre-activation equally)."""
 
 
+class SecondLayerMembersConfig(HiddenLayerMembersConfig):
+    subspace: int = 0
+    """Unit members only: a member's move of its unit's incoming weights lies in the span of W1^T U_k,
+    the first hidden layer's image of the training images' top-k principal components (recomputed
+    from W1 each generation), where most of W2's gradient lies; 0: all 512 inputs. Needs layer-1
+    members with es.w1.subspace >= k (their basis is the one used)."""
+
+
 class ESConfig(Section):
     pop_size: int = 64
     """Members per generation (even when antithetic). 0 only when every layer has its own members
@@ -137,7 +145,7 @@ class ESConfig(Section):
     """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
     w1: FirstLayerMembersConfig = FirstLayerMembersConfig()
     """Layer-1 members: a rank-1 move of W1 (and b1), evaluated from the shared x W1."""
-    w2: HiddenLayerMembersConfig = HiddenLayerMembersConfig()
+    w2: SecondLayerMembersConfig = SecondLayerMembersConfig()
     """Layer-2 members: a rank-1 move of W2 (and b2), evaluated from the center's first hidden layer."""
     w3: LayerMembersConfig = LayerMembersConfig()
     """Layer-3 members: a full move of W3 and b3 (5,130 floats), evaluated from the center's last hidden
@@ -459,6 +467,21 @@ def _validate_layer_members(config: Config) -> None:
     _require(
         -2 <= es.w1.subspace_power <= 2,
         f"es.w1.subspace_power: {es.w1.subspace_power}; use a number from -2 to 2 (0: isotropic)",
+    )
+    _require(
+        0 <= es.w2.subspace <= 512,
+        f"es.w2.subspace: {es.w2.subspace}; use 0 (all 512 inputs) or 1 to 512 dimensions",
+    )
+    _require(
+        not es.w2.subspace or es.w2.kind == "unit",
+        f"es.w2.subspace: {es.w2.subspace} with es.w2.kind {es.w2.kind!r}: only unit members search a "
+        "subspace of layer 2; set es.w2.kind: unit, or es.w2.subspace: 0",
+    )
+    _require(
+        not es.w2.subspace or (es.w1.pop_size and es.w2.subspace <= es.w1.subspace),
+        f"es.w2.subspace: {es.w2.subspace} needs layer-1 members whose subspace holds at least that many "
+        f"principal components (es.w1.pop_size {es.w1.pop_size}, es.w1.subspace {es.w1.subspace}); set "
+        f"es.w1.subspace >= {es.w2.subspace} with es.w1.pop_size > 0, or es.w2.subspace: 0",
     )
     _require(
         not (es.w1.subspace_power and not es.w1.subspace),

@@ -76,7 +76,7 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
         rank=plan.rank,
         shared_first_layer=plan.shared_first_layer,
         layer=tile.layer,
-        subspace=plan.subspace if tile.layer == 1 else 0,
+        subspace=plan.subspaces[tile.layer - 1] if tile.layer else 0,
         unit_from=tile.member_start if tile.layer and plan.unit_layers[tile.layer - 1] else None,
     )
 

@@ -68,8 +68,9 @@ class GenerationPlan:
     """Per layer 1, 2, 3: one table offset per antithetic pair of its layer members (es.wL.pop_size / 2)."""
     layer_noise_stds: tuple[float, float, float]
     """Per layer: its members' sigma (the scheduled sigma times es.wL.noise_scale)."""
-    subspace: int
-    """Layer-1 members: principal components of the images their input factor lies in (0: none)."""
+    subspaces: tuple[int, int, int]
+    """Per layer: the dimension of its members' input subspace (0: none; layer 1: the images' principal
+    components, layer 2: their image in the first hidden layer, es_workers.layer_members.hidden_basis)."""
     unit_layers: tuple[bool, bool, bool] = (False, False, False)
     """Per layer: its members are unit members (es.wL.kind: unit; layers 1 and 2 only)."""
 
@@ -172,7 +173,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         ),
         layer_offsets=layer_offsets,
         layer_noise_stds=tuple(noise_std * members.noise_scale for members in layers),
-        subspace=es.w1.subspace,
+        subspaces=(es.w1.subspace, es.w2.subspace, 0),
         unit_layers=(es.w1.kind == "unit", es.w2.kind == "unit", False),
     )
 

@@ -58,9 +58,15 @@ def shaped_update(config: Config, plan: planning.GenerationPlan, outcome) -> tup
 
 
 def estimate(
-    config: Config, table: torch.Tensor, basis: torch.Tensor | None, plan: planning.GenerationPlan, update: Update
+    config: Config,
+    table: torch.Tensor,
+    basis: torch.Tensor | None,
+    plan: planning.GenerationPlan,
+    update: Update,
+    theta: torch.Tensor,
 ) -> torch.Tensor:
-    """The gradient estimate: the whole members', with each layer that has layer members taking theirs."""
+    """The gradient estimate at ``theta`` (the generation's center): the whole members', with each layer
+    that has layer members taking theirs. ``basis``: layer 1's (es_service.plan.layer1_basis)."""
     whole = update.weights[0]
     members = len(plan.member_offsets)
     grad = (
@@ -72,6 +78,10 @@ def estimate(
         offsets = plan.layer_offsets[layer - 1]
         if len(offsets):
             start, stop = layer_members.param_range(layer)
+            subspace = plan.subspaces[layer - 1]
+            layer_basis = basis
+            if layer == 2 and subspace:
+                layer_basis = layer_members.hidden_basis(network.unflatten(theta)[0], basis, subspace)
             grad[start:stop] = strategy.layer_estimate(
                 table,
                 offsets,
@@ -79,8 +89,8 @@ def estimate(
                 layer,
                 plan.noise_std_of(layer),
                 2 * len(offsets),
-                plan.subspace if layer == 1 else 0,
-                basis,
+                subspace,
+                layer_basis,
                 plan.unit_layers[layer - 1],
             )
     return grad
@@ -134,7 +144,7 @@ class Replica:
             raise ValueError(f"update of generation {update.generation} for a replica at {self.generation}")
         started = time.perf_counter()
         plan = plan or planning.make_plan(self.config, self.generation, self.num_train)
-        grad = estimate(self.config, self.table, self.basis, plan, update)
+        grad = estimate(self.config, self.table, self.basis, plan, update, self.theta)
         if grad.is_cuda:
             torch.cuda.synchronize()
         estimated = time.perf_counter()

@@ -272,6 +272,22 @@ RANGE_CASES = {
         ["es.w1.subspace_power=0.5"],
         ["es.w1.subspace_power", "es.w1.subspace 0", "subspace_power: 0"],
     ),
+    "a layer-2 subspace past its inputs": (
+        ["es.w1.subspace=32", "es.w2.kind=unit", "es.w2.subspace=513"],
+        ["es.w2.subspace", "513", "1 to 512"],
+    ),
+    "a layer-2 subspace for rank-1 members": (
+        ["es.w1.pop_size=8", "es.w1.subspace=32", "es.w2.subspace=16"],
+        ["es.w2.subspace", "'rank1'", "es.w2.kind: unit"],
+    ),
+    "a layer-2 subspace wider than layer 1's": (
+        ["es.w1.pop_size=8", "es.w1.subspace=16", "es.w2.kind=unit", "es.w2.subspace=32"],
+        ["es.w2.subspace", "es.w1.subspace 16", "es.w1.subspace >= 32"],
+    ),
+    "a layer-2 subspace with no layer-1 members": (
+        ["es.w2.kind=unit", "es.w2.subspace=32"],
+        ["es.w2.subspace", "es.w1.pop_size 0", "es.w1.pop_size > 0"],
+    ),
     "unknown member kind": (["es.w2.kind=column"], ["es.w2.kind", "column", "rank1, unit"]),
     "no kind for layer 3": (["es.w3.kind=unit"], ["es.w3.kind", "unknown field"]),
     "a layer with no members": (

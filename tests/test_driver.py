@@ -107,7 +107,24 @@ def test_nonfinite_fitness_never_poisons_theta(mnist, tmp_path):
     assert torch.isfinite(trainer.theta).all()
 
 
-UNITS = ("es.rank=1", "es.w1.pop_size=8", "es.w1.subspace=32", "es.w1.kind=unit", "es.w2.pop_size=8", "es.w2.kind=unit")
+UNITS = (
+    "es.rank=1",
+    "es.w1.pop_size=8",
+    "es.w1.subspace=32",
+    "es.w1.kind=unit",
+    "es.w2.pop_size=8",
+    "es.w2.kind=unit",
+    "es.w2.subspace=16",
+)
+
+
+def test_unit_members_in_subspaces_do_not_depend_on_tiles_or_shards(mnist, tmp_path):
+    """Layer-2 members' subspace follows W1 (hidden_basis): every tile and the estimate rebuild it from
+    the same theta, so one member per tile over two shards gives the merged run's theta bit for bit."""
+    tiny = run_local(
+        tiny_config(*UNITS, "workers.members_per_tile=1", "es.shard_size=16"), mnist, tmp_path / "t", merge_tiles=False
+    )
+    assert torch.equal(tiny.theta, run_local(tiny_config(*UNITS, "es.shard_size=16"), mnist, tmp_path / "m").theta)
 
 
 @pytest.mark.parametrize("sets", [(), UNITS], ids=["whole members", "unit members"])

@@ -22,8 +22,8 @@ def dense_move(
     start, stop = layer_members.param_range(layer)
     if unit is not None:
         column, bias = row[:-1].double(), float(row[-1])
-        if layer == 1 and subspace:
-            column = basis.double() @ column * layer_members.input_scale(subspace)
+        if subspace:
+            column = basis.double() @ column * layer_members.input_scale(subspace, 784 if layer == 1 else 512)
         weight = torch.zeros(column.shape[0], 512, dtype=torch.float64)
         weight[:, unit] = column
         bias_move = torch.zeros(512, dtype=torch.float64)
@@ -158,11 +158,12 @@ def test_layer_estimate_is_a_gradient_on_average():
     assert cosine > 0.03 and slope == pytest.approx(1.0, rel=0.3)
 
 
-@pytest.mark.parametrize("layer,unit", [(1, False), (2, False), (1, True), (2, True)])
-def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, layer, unit):
+@pytest.mark.parametrize(
+    "layer,unit,subspace", [(1, False, 32), (2, False, 0), (1, True, 32), (2, True, 0), (2, True, 32)]
+)
+def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, layer, unit, subspace):
     table = noise.make_table(7, 1 << 20)
     theta = network.init_theta(0)
-    subspace = 32 if layer == 1 else 0
     basis = layer_members.image_basis(mnist.train_images[:5000], 32) if subspace else None
     rng = np.random.default_rng(1)
     offsets = np.repeat(rng.integers(0, noise.max_offset(1 << 20) + 1, size=5), 2).astype(np.int64)
@@ -190,17 +191,37 @@ def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, l
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
 
 
-@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 24), (2, 0)])
+def layer_basis(mnist, theta, layer, subspace):
+    """The basis a layer's members search (None with no subspace): the images' principal components
+    (layer 1), or their image in the first hidden layer at theta's W1 (layer 2)."""
+    if not subspace:
+        return None
+    images = layer_members.image_basis(mnist.train_images[:5000], subspace)
+    return images if layer == 1 else layer_members.hidden_basis(network.unflatten(theta)[0], images, subspace)
+
+
+def test_hidden_basis_is_orthonormal_and_spans_the_first_layers_image_of_the_components(mnist):
+    w1 = network.unflatten(network.init_theta(0))[0]
+    images = layer_members.image_basis(mnist.train_images[:5000], 32)
+    q = layer_members.hidden_basis(w1, images, 16)
+    assert q.shape == (512, 16) and torch.allclose(q.T @ q, torch.eye(16), atol=1e-5)
+    image = w1.T @ images[:, :16]  # (512, 16): the components through W1
+    assert torch.allclose(q @ (q.T @ image), image, atol=1e-4 * float(image.abs().max()))
+    assert not torch.allclose(q @ (q.T @ (w1.T @ images[:, 16:17])), w1.T @ images[:, 16:17], atol=1e-3)
+    assert torch.equal(layer_members.hidden_basis(w1.clone(), images.clone(), 16), q)
+
+
+@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 24), (2, 0), (2, 24)])
 def test_a_unit_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
     """A unit member's logits from the center's shared activations equal the plain forward of theta plus
     its one-column move, up to the matmuls' rounding; a batch of members gives each one's logits."""
     table = noise.make_table(5, 1 << 20)
     theta = network.init_theta(0)
     w1, b1, w2, b2, w3, _ = network.unflatten(theta)
-    basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
+    basis = layer_basis(mnist, theta, layer, subspace)
     x = mnist.train_images[:128].reshape(-1, 784).float() / 255
     length = layer_members.noise_length(layer, subspace, unit=True)
-    assert length == ((subspace or 784) if layer == 1 else 512) + 1
+    assert length == (subspace or (784 if layer == 1 else 512)) + 1
     offsets, units = (11, 9000, 4242), torch.tensor([0, 300, 511])
     scales = torch.tensor([0.5, -0.5, 0.25])
     rows = torch.stack([table[o : o + length] for o in offsets])
@@ -214,7 +235,18 @@ def test_a_unit_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
         else:
             h2 = ops.hidden2(h1 @ w2, b2)
             forward = layer_members.unit_second_layer_forward
-            args = (h1, h1 @ w2, h2, h2 @ w3, theta, rows, units, scales, arithmetic)
+            args = (
+                h1 @ basis if subspace else h1,
+                h1 @ w2,
+                h2,
+                h2 @ w3,
+                theta,
+                rows,
+                units,
+                scales,
+                subspace,
+                arithmetic,
+            )
         got = forward(*args)
         assert torch.equal(forward(*args, fused=True), got)  # one compiled kernel per epilogue, the same bits
         assert got.shape == (3, 128, 10)
@@ -229,11 +261,11 @@ def test_a_unit_member_is_theta_plus_its_dense_move(mnist, layer, subspace):
             assert not torch.equal(expected, network.forward(x, network.unflatten(theta), arithmetic))
 
 
-@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 16), (2, 0)])
+@pytest.mark.parametrize("layer,subspace", [(1, 0), (1, 16), (2, 0), (2, 16)])
 def test_unit_estimate_is_the_weighted_sum_of_each_units_moves(mnist, layer, subspace):
     """Pair i moves unit i mod 512: 515 pairs put two pairs on units 0, 1 and 2."""
     table = noise.make_table(2, 1 << 20)
-    basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
+    basis = layer_basis(mnist, network.init_theta(0), layer, subspace)
     rng = np.random.default_rng(3)
     offsets = rng.integers(0, noise.max_offset(1 << 20) + 1, size=515)
     weights = rng.normal(size=515)

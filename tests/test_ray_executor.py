@@ -89,7 +89,7 @@ SYNCS = ["broadcast", "replay"]
         ("workers.theta_sync=replay", "es.rank=0"),
         ("workers.theta_sync=replay", "es.rank=1", "es.w3.pop_size=16"),
         ("workers.theta_sync=replay", *LAYER_MEMBERS),
-        ("workers.theta_sync=replay", *LAYER_MEMBERS, "es.w1.kind=unit", "es.w2.kind=unit"),
+        ("workers.theta_sync=replay", *LAYER_MEMBERS, "es.w1.kind=unit", "es.w2.kind=unit", "es.w2.subspace=16"),
     ],
 )
 def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):

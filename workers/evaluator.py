@@ -80,7 +80,8 @@ class PopulationEvaluator:
         self._compiled_for: set[tuple[int, ...]] = set()
         self._xw1: tuple | None = None  # (theta, key, x @ W1): see shared_xw1
         self.basis = None if basis is None else basis.to(self.device, dtype=torch.float32)
-        """(784, k) principal components of the training images: layer-1 members' input subspace."""
+        """(784, k) principal components of the training images: layer-1 members' input subspace, and
+        (its first columns) what layer-2 unit members' subspace is built from (``hidden_basis``)."""
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
@@ -265,13 +266,14 @@ class PopulationEvaluator:
         units = layer_members.unit_indices(unit_from, len(offsets), self.device) if unit else None
         w1, b1, w2, b2, w3, _ = network.unflatten(theta)
         ops = network.epilogues(self.arithmetic, self.fused)
+        columns = 0 if self.basis is None else self.basis.shape[1]
+        if subspace and (columns < subspace or (layer == 1 and columns != subspace)):
+            raise ValueError(
+                f"layer-{layer} members in a {subspace}-dimensional subspace need the evaluator's basis of "
+                f"{'that many' if layer == 1 else 'at least that many'} principal components (it has {columns})"
+            )
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
             if layer == 1:
-                if subspace and (self.basis is None or self.basis.shape[1] != subspace):
-                    raise ValueError(
-                        f"layer-1 members in a {subspace}-dimensional subspace need the evaluator's "
-                        "basis of that many principal components"
-                    )
                 shared = (x @ self.basis if subspace else x, self.shared_xw1(theta, x, image_indices))
                 if unit:
                     h1 = ops.hidden1(shared[1], b1)
@@ -281,7 +283,8 @@ class PopulationEvaluator:
                 shared = (h1, torch.mm(h1, w2))
                 if unit:
                     h2 = ops.hidden2(shared[1], b2)
-                    shared = (*shared, h2, torch.mm(h2, w3))
+                    h1q = h1 @ layer_members.hidden_basis(w1, self.basis, subspace) if subspace else h1
+                    shared = (h1q, shared[1], h2, torch.mm(h2, w3))
 
         def forward(rows, member_scales, member_units):
             if unit:
@@ -290,7 +293,7 @@ class PopulationEvaluator:
                         *shared, theta, rows, member_units, member_scales, subspace, self.arithmetic, self.fused
                     )
                 return layer_members.unit_second_layer_forward(
-                    *shared, theta, rows, member_units, member_scales, self.arithmetic, self.fused
+                    *shared, theta, rows, member_units, member_scales, subspace, self.arithmetic, self.fused
                 )
             if layer == 1:
                 return layer_members.first_layer_forward(
@@ -419,7 +422,8 @@ class TileTask:
     """0: whole members; 1, 2 or 3: layer members, which move that layer only (es_workers.layer_members);
     ``rank`` and ``shared_first_layer`` do not apply to them."""
     subspace: int = 0
-    """Layer-1 members: principal components their input factor lies in (0: all 784 pixels)."""
+    """Layer members' input subspace (layer 1: the images' principal components; layer-2 unit members:
+    their image in the first hidden layer); 0: none."""
     unit_from: int | None = None
     """Unit members of layer 1 or 2 (es_workers.layer_members): the tile's first member's index in its
     layer's population, which says the unit each member moves; None: not unit members."""

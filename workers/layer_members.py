@@ -17,7 +17,9 @@ block-structured population (block-coordinate ES; compare Salimans et al. 2017 f
 
 Layers 1 and 2 have a second kind, **unit members** (``kind: unit``): a member moves one hidden unit's
 incoming weights (one column of W, ``c * U a`` for layer 1, ``a`` for layer 2) and that unit's bias,
-nothing else. Antithetic pair i moves unit ``i mod 512``, so the units share the pairs evenly. The
+nothing else. Layer 2's may search a subspace too: ``c * Q a`` with Q (512 x k) an orthonormal basis of
+span(W1^T U_k), where the first hidden layer carries the images' top-k principal components
+(``hidden_basis``, recomputed from theta's W1 each generation; c = sqrt(512 / k)). Antithetic pair i moves unit ``i mod 512``, so the units share the pairs evenly. The
 later layers then see a change in one unit: layer 2's pre-activation moves by an outer product
 (delta h1_j) W2[j, :], layer 3's by (delta h2_j) W3[j, :]. No 512 x 512 matmul per member: 4-5
 times cheaper than a rank-1 member, so at equal compute the estimate is better aligned (docs/results.md).
@@ -53,9 +55,9 @@ def param_range(layer: int) -> tuple[int, int]:
 
 def noise_length(layer: int, subspace: int = 0, unit: bool = False) -> int:
     """Table floats one member of ``layer`` reads: its factors (a, b) and its bias move e; a unit
-    member: its column's factor a and its unit's bias move e."""
+    member: its column's factor a (k floats in a k-dimensional subspace) and its unit's bias move e."""
     if unit and layer in (1, 2):
-        return (subspace or INPUTS if layer == 1 else HIDDEN) + 1
+        return (subspace or (INPUTS if layer == 1 else HIDDEN)) + 1
     if layer == 1:
         return (subspace or INPUTS) + 2 * HIDDEN
     if layer == 2:
@@ -65,9 +67,22 @@ def noise_length(layer: int, subspace: int = 0, unit: bool = False) -> int:
     raise ValueError(f"no layer {layer}; layers are {LAYERS}")
 
 
-def input_scale(subspace: int) -> float:
-    """c for layer 1: sqrt(784 / k), so the move's mean squared entry is sigma^2 (1 with no subspace)."""
-    return math.sqrt(INPUTS / subspace) if subspace else 1.0
+def input_scale(subspace: int, fan_in: int = INPUTS) -> float:
+    """c: sqrt(fan_in / k), so a move in a k-dimensional subspace has the mean squared entry sigma^2
+    (1 with no subspace). fan_in: 784 for layer 1, 512 for layer 2."""
+    return math.sqrt(fan_in / subspace) if subspace else 1.0
+
+
+def hidden_basis(w1: torch.Tensor, images_basis: torch.Tensor, subspace: int) -> torch.Tensor:
+    """(512, k) orthonormal basis of span(W1^T U_k), the first hidden layer's image of the training
+    images' top-k principal components (U_k: the first k columns of layer 1's basis; their scales do
+    not change the span): layer-2 unit members' input subspace at this W1. An image x near span(U_k)
+    gives x W1 in it, so W2's gradient, sum over images of h1^T (dL/dz2), lies mostly there too (about
+    91% of its squared norm at k = 32, docs/results.md). Recomputed from theta's W1 wherever it is
+    needed (workers and the estimate), in float64 on one thread on CPU: the same W1, the same bits."""
+    with network.single_threaded() if w1.device.type == "cpu" else contextlib.nullcontext():
+        q, _ = torch.linalg.qr(w1.double().T @ images_basis[:, :subspace].double())
+        return q.float().contiguous()
 
 
 def image_basis(images: torch.Tensor, subspace: int, power: float = 0.0) -> torch.Tensor:
@@ -194,7 +209,7 @@ def unit_first_layer_forward(
 
 
 def unit_second_layer_forward(
-    h1: torch.Tensor,
+    h1q: torch.Tensor,
     z2: torch.Tensor,
     h2: torch.Tensor,
     z3: torch.Tensor,
@@ -202,15 +217,17 @@ def unit_second_layer_forward(
     noise: torch.Tensor,
     units: torch.Tensor,
     scales: torch.Tensor,
+    subspace: int,
     arithmetic: str,
     fused: bool = False,
 ) -> torch.Tensor:
-    """(m, B, 10) logits of m layer-2 unit members, from the center's ``h1``, ``z2 = h1 W2``, ``h2`` and
-    ``z3 = h2 W3`` (shared by the tile): member i adds ``scales_i * h1 a_i`` to column units_i of z2."""
+    """(m, B, 10) logits of m layer-2 unit members, from the center's ``h1q = h1 Q`` (``h1`` itself with
+    no subspace; Q: ``hidden_basis``), ``z2 = h1 W2``, ``h2`` and ``z3 = h2 W3`` (shared by the tile):
+    member i adds ``scales_i * c * h1 Q a_i`` to column units_i of z2."""
     _, _, _, b2, w3, b3 = network.unflatten(theta)
     a, e = unit_factors(noise)
     ops = network.epilogues(arithmetic, fused)
-    column = z2[:, units].T + scales[:, None] * torch.mm(a, h1.T)
+    column = z2[:, units].T + (scales * input_scale(subspace, HIDDEN))[:, None] * torch.mm(a, h1q.T)
     change = ops.hidden2(column, (b2[units] + scales * e)[:, None]) - h2[:, units].T
     return ops.logits(network.moved(z3, change, w3[units]), b3)
 
@@ -224,7 +241,7 @@ def estimate(
     unit: bool = False,
 ) -> torch.Tensor:
     """sum_k weights_k * (layer's move of member k), flat in theta's order for that layer (weight, then
-    bias). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; unit
+    bias). ``basis``: the input subspace's basis (layer 1: U; layer-2 unit members: ``hidden_basis``). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; unit
     members: each unit's pairs summed in pair order. On CPU single-threaded, so the bits do not depend on
     the thread count."""
     if layer == 3:
@@ -249,6 +266,6 @@ def _unit_estimate(
         weighted = torch.nn.functional.pad(torch.cat([a, e[:, None]], dim=1) * weights[:, None], (0, 0, 0, pad))
         per_unit = weighted.reshape(-1, HIDDEN, a.shape[1] + 1).sum(dim=0)  # (512, K + 1)
         weight = per_unit[:, :-1].T.contiguous()
-        if layer == 1 and subspace:
-            weight = torch.mm(basis, weight).mul_(input_scale(subspace))
+        if subspace:
+            weight = torch.mm(basis, weight).mul_(input_scale(subspace, INPUTS if layer == 1 else HIDDEN))
         return torch.cat([weight.flatten(), per_unit[:, -1]])
