@@ -7,12 +7,17 @@ place besides backprop where autograd runs, and never part of ES training.
   * ``capacity``: masked backprop restricted to layer members' search space (W1 = W1_0 + U M with U the
     images' top-k principal components, only M and the later layers trained; optionally W2 frozen):
     how much accuracy that space can hold, whatever estimator searches it.
+  * ``energy``: the share of each weight's masked gradient (per minibatch) in the top-k directions of
+    that layer's input (the uncentered second moment of x, h1 or h2 over training images), and for W2
+    in span(W1^T U_k) (es_workers.layer_members.hidden_basis): where a subspace search loses little.
+    A share of k / fan_in is what a random subspace holds.
   * ``displacement``: per weight matrix, how far it moved from the seed's initialisation and the share
     of that move's squared norm in its top-10 singular values (i.i.d. noise puts about 6% of a 784 x 512
     move there, 7% of a 512 x 512 one: a move at that share is a random walk, not learned features).
 
     python -m benchmarks.diagnostics alignment --config CONFIG [--checkpoint CK] [--set K=V ...] [--generations N]
     python -m benchmarks.diagnostics capacity --subspace K [--freeze-w2] [--epochs N] [--validation-size N]
+    python -m benchmarks.diagnostics energy [--checkpoint CK] [--subspaces 8 16 32 64 128] [--batches N]
     python -m benchmarks.diagnostics displacement NAME=CHECKPOINT ... [--subspace K]
 """
 
@@ -124,6 +129,52 @@ def capacity(
     return rows
 
 
+def _top_directions(inputs: torch.Tensor) -> torch.Tensor:
+    """(n, n) eigenvectors of inputs^T inputs (float64), largest eigenvalue first."""
+    return torch.linalg.eigh(inputs.double().T @ inputs.double())[1].flip(-1)
+
+
+def energy(
+    theta: torch.Tensor,
+    data,
+    subspaces: tuple[int, ...] = (8, 16, 32, 64, 128),
+    batches: int = 6,
+    batch_size: int = 256,
+    sample: int = 8192,
+    seed: int = 0,
+    arithmetic: str = "tf-ftz",
+) -> dict:
+    """Per weight matrix and k: the mean over ``batches`` minibatches of the share of the masked
+    gradient's squared norm in the top-k directions of the layer's input (from ``sample`` training
+    images), "W2 via W1" in span(W1^T U_k), and the flushed share of the first hidden layer."""
+    generator = torch.Generator().manual_seed(seed)
+    images = data.train_images.reshape(-1, 784).float() / 255.0
+    w1, b1, w2, b2, _, _ = network.unflatten(theta)
+    ops = network.epilogues(arithmetic)
+    x = images[torch.randperm(images.shape[0], generator=generator)[:sample]]
+    h1 = ops.hidden1(x @ w1, b1)
+    h2 = ops.hidden2(h1 @ w2, b2)
+    directions = {"W1": _top_directions(x), "W2": _top_directions(h1), "W3": _top_directions(h2)}
+    shares: dict[str, dict[int, list[float]]] = {
+        name: {k: [] for k in subspaces} for name in [*directions, "W2 via W1"]
+    }
+    for _ in range(batches):
+        index = torch.randperm(images.shape[0], generator=generator)[:batch_size]
+        grads = network.unflatten(masked_gradient(theta, images[index], data.train_labels[index], arithmetic))
+        for name, grad in zip(("W1", "W2", "W3"), grads[0::2]):
+            total = float(grad.double().square().sum())
+            for k in subspaces:
+                shares[name][k].append(float((directions[name][:, :k].T @ grad.double()).square().sum()) / total)
+        total = float(grads[2].double().square().sum())
+        for k in subspaces:
+            q = layer_members.hidden_basis(w1, directions["W1"].float(), k).double()
+            shares["W2 via W1"][k].append(float((q.T @ grads[2].double()).square().sum()) / total)
+    return {
+        "flushed_h1": float((h1 == 0).float().mean()),
+        "share": {name: {str(k): float(np.mean(v)) for k, v in by_k.items()} for name, by_k in shares.items()},
+    }
+
+
 def top10_share(matrix: torch.Tensor) -> float:
     values = torch.linalg.svdvals(matrix.double())
     return float((values[:10] ** 2).sum() / (values**2).sum())
@@ -173,6 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     room.add_argument("--epochs", type=int, default=6)
     room.add_argument("--validation-size", type=int, default=10000)
     room.add_argument("--out")
+    where = commands.add_parser("energy")
+    where.add_argument("--checkpoint", help="theta to measure at (default: the seed's initialisation)")
+    where.add_argument("--subspaces", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    where.add_argument("--batches", type=int, default=6)
+    where.add_argument("--validation-size", type=int, default=10000)
+    where.add_argument("--out")
     moved = commands.add_parser("displacement")
     moved.add_argument("thetas", nargs="+", metavar="NAME=CHECKPOINT")
     moved.add_argument("--subspace", type=int, default=0, help="add the noise share of W1 moves in k dimensions")
@@ -194,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             "freeze_w2": args.freeze_w2,
             "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs),
         }
+    elif args.command == "energy":
+        theta = checkpoint.load(args.checkpoint)["theta"] if args.checkpoint else planning.seed_theta(0)
+        data = load_mnist().hold_out(args.validation_size)
+        result = {"checkpoint": args.checkpoint, **energy(theta, data, tuple(args.subspaces), args.batches)}
     else:
         result = {"noise_top10_share": noise_top10_shares(subspace=args.subspace)}
         for item in args.thetas:

@@ -68,3 +68,16 @@ def test_capacity_of_the_subspace_learns_with_backprop(mnist):
     small = dataclasses.replace(mnist, train_images=mnist.train_images[:3000], train_labels=mnist.train_labels[:3000])
     rows = diagnostics.capacity(small.hold_out(1000), subspace=16, freeze_w2=True, epochs=1)
     assert len(rows) == 1 and rows[0]["validation_accuracy"] > 0.3 and rows[0]["train_accuracy"] > 0.3
+
+
+def test_the_gradients_energy_lies_in_the_inputs_top_directions(mnist):
+    """At the seed's initialisation most of W1's and W2's gradient lies in a few input directions (a
+    random 16 of 784 or 512 would hold 2-3%), and span(W1^T U_k) holds nearly as much of W2's as h1's
+    own top k; shares grow with k and stay in [0, 1]."""
+    result = diagnostics.energy(planning.seed_theta(0), mnist, subspaces=(4, 16), batches=2, sample=2048)
+    share = result["share"]
+    assert 0 < result["flushed_h1"] < 1
+    for name in ("W1", "W2", "W3", "W2 via W1"):
+        assert 0 <= share[name]["4"] <= share[name]["16"] <= 1 + 1e-9
+    assert share["W1"]["16"] > 0.5 and share["W2"]["16"] > 0.5
+    assert share["W2 via W1"]["16"] > 0.8 * share["W2"]["16"]
