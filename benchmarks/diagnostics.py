@@ -91,15 +91,20 @@ def capacity(
     subspace: int,
     freeze_w2: bool = False,
     epochs: int = 6,
+    project_init: bool = False,
     learning_rate: float = 1e-3,
     batch_size: int = 128,
     seed: int = 0,
     arithmetic: str = "tf-ftz",
 ) -> list[dict]:
     """Masked backprop (Adam) from the seed's initialisation with W1 = W1_0 + U M: one row per epoch
-    with the validation accuracy (when ``data`` holds images out) and the train accuracy."""
+    with the validation accuracy (when ``data`` holds images out) and the train accuracy.
+    ``project_init``: W1_0 projected on span(U) (U U^T W1_0), so the first layer sees the k components
+    only: where decay has erased the initialisation, that is what layer-1 members in the subspace keep."""
     basis = layer_members.image_basis(data.train_images, subspace)
     w1, b1, w2, b2, w3, b3 = (part.clone() for part in network.unflatten(planning.seed_theta(seed)))
+    if project_init:
+        w1 = basis @ (basis.T @ w1)
     moves = torch.zeros(subspace, w1.shape[1], requires_grad=True)
     trained = [moves, b1.requires_grad_(), b2.requires_grad_(), w3.requires_grad_(), b3.requires_grad_()]
     if not freeze_w2:
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     room = commands.add_parser("capacity")
     room.add_argument("--subspace", type=int, required=True, help="principal components W1 moves in")
     room.add_argument("--freeze-w2", action="store_true")
+    room.add_argument("--project-init", action="store_true", help="W1_0 projected on the k components")
     room.add_argument("--epochs", type=int, default=6)
     room.add_argument("--validation-size", type=int, default=10000)
     room.add_argument("--out")
@@ -249,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "subspace": args.subspace,
             "freeze_w2": args.freeze_w2,
-            "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs),
+            "project_init": args.project_init,
+            "epochs": capacity(data, args.subspace, args.freeze_w2, args.epochs, args.project_init),
         }
     elif args.command == "energy":
         theta = checkpoint.load(args.checkpoint)["theta"] if args.checkpoint else planning.seed_theta(0)

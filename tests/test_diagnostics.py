@@ -68,6 +68,8 @@ def test_capacity_of_the_subspace_learns_with_backprop(mnist):
     small = dataclasses.replace(mnist, train_images=mnist.train_images[:3000], train_labels=mnist.train_labels[:3000])
     rows = diagnostics.capacity(small.hold_out(1000), subspace=16, freeze_w2=True, epochs=1)
     assert len(rows) == 1 and rows[0]["validation_accuracy"] > 0.3 and rows[0]["train_accuracy"] > 0.3
+    projected = diagnostics.capacity(small.hold_out(1000), subspace=16, freeze_w2=True, epochs=1, project_init=True)
+    assert projected[0]["validation_accuracy"] > 0.3 and projected != rows  # another start, another result
 
 
 def test_the_gradients_energy_lies_in_the_inputs_top_directions(mnist):
