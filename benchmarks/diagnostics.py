@@ -72,9 +72,7 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
     rows = []
     for generation in generations:
         plan = planning.make_plan(config, generation, data.train_images.shape[0])
-        grad = estimate(
-            config, table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0], theta
-        )
+        grad = estimate(table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0], theta)
         index = torch.as_tensor(plan.batch_indices)
         x = data.train_images[index].reshape(-1, 784).float() / 255.0
         rows.append(block_cosines(grad, masked_gradient(theta, x, data.train_labels[index], config.network.arithmetic)))

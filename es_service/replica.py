@@ -58,7 +58,6 @@ def shaped_update(config: Config, plan: planning.GenerationPlan, outcome) -> tup
 
 
 def estimate(
-    config: Config,
     table: torch.Tensor,
     basis: torch.Tensor | None,
     plan: planning.GenerationPlan,
@@ -144,7 +143,7 @@ class Replica:
             raise ValueError(f"update of generation {update.generation} for a replica at {self.generation}")
         started = time.perf_counter()
         plan = plan or planning.make_plan(self.config, self.generation, self.num_train)
-        grad = estimate(self.config, self.table, self.basis, plan, update, self.theta)
+        grad = estimate(self.table, self.basis, plan, update, self.theta)
         if grad.is_cuda:
             torch.cuda.synchronize()
         estimated = time.perf_counter()

@@ -281,18 +281,44 @@ def test_unit_estimate_is_the_weighted_sum_of_each_units_moves(mnist, layer, sub
     assert torch.equal(layer_members.unit_indices(1023, 4), torch.tensor([511, 0, 0, 1]))
 
 
-def test_a_subspace_without_its_basis_is_refused(mnist):
-    evaluator = PopulationEvaluator(noise.make_table(7, 1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz")
-    with pytest.raises(ValueError, match="basis"):
+@pytest.mark.parametrize(
+    "layer,unit_from,basis_columns,message",
+    [(1, None, 0, "basis"), (2, 0, 8, "basis"), (2, None, 32, "only as unit members")],
+)
+def test_a_subspace_the_members_cannot_search_is_refused(mnist, layer, unit_from, basis_columns, message):
+    """Without enough principal components, or for layer-2 rank-1 members (which have no subspace)."""
+    basis = layer_members.image_basis(mnist.train_images[:5000], basis_columns) if basis_columns else None
+    evaluator = PopulationEvaluator(
+        noise.make_table(7, 1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", basis=basis
+    )
+    with pytest.raises(ValueError, match=message):
         evaluator.evaluate_layer(
             network.init_theta(0),
-            1,
+            layer,
             np.array([0, 0]),
             np.array([1.0, -1.0], dtype=np.float32),
             0.05,
             np.arange(8),
             subspace=16,
+            unit_from=unit_from,
         )
+
+
+def test_the_evaluator_keeps_the_hidden_basis_for_one_theta_and_rebuilds_it_when_theta_moves(mnist):
+    """A generation's later tiles reuse layer 2's basis; an in-place update of theta (a new generation)
+    rebuilds it, equal to the basis computed from the new W1."""
+    images = layer_members.image_basis(mnist.train_images[:5000], 32)
+    evaluator = PopulationEvaluator(
+        noise.make_table(7, 1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", basis=images
+    )
+    theta = network.init_theta(0)
+    first = evaluator.hidden_basis(theta, 16)
+    assert evaluator.hidden_basis(theta, 16) is first
+    assert evaluator.hidden_basis(theta.clone(), 16) is not first
+    theta.mul_(0.5).add_(network.init_theta(1), alpha=0.5)
+    moved = evaluator.hidden_basis(theta, 16)
+    assert torch.equal(moved, layer_members.hidden_basis(network.unflatten(theta)[0], images, 16))
+    assert not torch.allclose(moved.abs(), first.abs(), atol=1e-3)
 
 
 def test_input_scale_keeps_the_moves_mean_square_entry():

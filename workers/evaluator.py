@@ -78,7 +78,7 @@ class PopulationEvaluator:
         self.threads = max(1, threads or torch.get_num_threads())
         self._pool: ThreadPoolExecutor | None = None
         self._compiled_for: set[tuple[int, ...]] = set()
-        self._xw1: tuple | None = None  # (theta, key, x @ W1): see shared_xw1
+        self._kept: dict[str, tuple] = {}  # name -> (theta, key, value): see _kept_for
         self.basis = None if basis is None else basis.to(self.device, dtype=torch.float32)
         """(784, k) principal components of the training images: layer-1 members' input subspace, and
         (its first columns) what layer-2 unit members' subspace is built from (``hidden_basis``)."""
@@ -151,17 +151,31 @@ class PopulationEvaluator:
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def shared_xw1(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> torch.Tensor:
-        """x @ W1, which every low-rank or shared-first-layer member on these images shares. Kept for the
-        next tile while the same theta object, unmodified (its version counter), meets the same images:
-        a generation's later tiles on this worker reuse it. The same op on the same inputs either way,
-        so no bit depends on the reuse."""
-        key = (theta._version, x.shape, np.asarray(image_indices, dtype=np.int64).tobytes())
-        if self._xw1 is not None and self._xw1[0] is theta and self._xw1[1] == key:
-            return self._xw1[2]
+        """x @ W1, which every low-rank or shared-first-layer member on these images shares."""
+        key = (x.shape, np.asarray(image_indices, dtype=np.int64).tobytes())
+        return self._kept_for("xw1", theta, key, lambda: torch.mm(x, network.unflatten(theta)[0]))
+
+    def hidden_basis(self, theta: torch.Tensor, subspace: int) -> torch.Tensor:
+        """layer_members.hidden_basis of theta's W1: what layer-2 unit members in a subspace share."""
+        return self._kept_for(
+            "hidden_basis",
+            theta,
+            subspace,
+            lambda: layer_members.hidden_basis(network.unflatten(theta)[0], self.basis, subspace),
+        )
+
+    def _kept_for(self, name: str, theta: torch.Tensor, key, compute):
+        """``compute()``, kept for the next tile while the same theta object, unmodified (its version
+        counter), comes with the same key: a generation's later tiles on this worker reuse it. The same
+        ops on the same inputs either way, so no bit depends on the reuse."""
+        key = (theta._version, key)
+        kept = self._kept.get(name)
+        if kept is not None and kept[0] is theta and kept[1] == key:
+            return kept[2]
         with network.single_threaded() if not self.batched else contextlib.nullcontext():
-            xw1 = torch.mm(x, network.unflatten(theta)[0])
-        self._xw1 = (theta, key, xw1)
-        return xw1
+            value = compute()
+        self._kept[name] = (theta, key, value)
+        return value
 
     def _evaluate_shared_first_layer(self, theta, offsets: np.ndarray, scales: torch.Tensor, x, y, xw1):
         """``evaluate`` with x W1 given and x E1 computed once per run of members sharing a slice (an
@@ -267,6 +281,8 @@ class PopulationEvaluator:
         w1, b1, w2, b2, w3, _ = network.unflatten(theta)
         ops = network.epilogues(self.arithmetic, self.fused)
         columns = 0 if self.basis is None else self.basis.shape[1]
+        if subspace and layer == 2 and not unit:
+            raise ValueError("layer-2 members move in a subspace only as unit members (es.w2.kind: unit)")
         if subspace and (columns < subspace or (layer == 1 and columns != subspace)):
             raise ValueError(
                 f"layer-{layer} members in a {subspace}-dimensional subspace need the evaluator's basis of "
@@ -283,7 +299,7 @@ class PopulationEvaluator:
                 shared = (h1, torch.mm(h1, w2))
                 if unit:
                     h2 = ops.hidden2(shared[1], b2)
-                    h1q = h1 @ layer_members.hidden_basis(w1, self.basis, subspace) if subspace else h1
+                    h1q = h1 @ self.hidden_basis(theta, subspace) if subspace else h1
                     shared = (h1q, shared[1], h2, torch.mm(h2, w3))
 
         def forward(rows, member_scales, member_units):
