@@ -100,7 +100,8 @@ def test_a_rank1_layer_member_is_theta_plus_its_dense_move(mnist, layer, subspac
                     xu, x @ network.unflatten(theta)[0], theta, row, scale, subspace, arithmetic
                 )
             else:
-                h1 = layer_members.center_hidden1(x, theta, arithmetic)
+                w1, b1 = network.unflatten(theta)[:2]
+                h1 = network.epilogues(arithmetic).hidden1(x @ w1, b1)
                 got = layer_members.second_layer_forward(
                     h1, h1 @ network.unflatten(theta)[2], theta, row, scale, arithmetic
                 )
@@ -319,6 +320,33 @@ def test_the_evaluator_keeps_the_hidden_basis_for_one_theta_and_rebuilds_it_when
     moved = evaluator.hidden_basis(theta, 16)
     assert torch.equal(moved, layer_members.hidden_basis(network.unflatten(theta)[0], images, 16))
     assert not torch.allclose(moved.abs(), first.abs(), atol=1e-3)
+
+
+@pytest.mark.parametrize("layer,unit_from,subspace", [(1, 0, 16), (2, 0, 16), (2, None, 0), (3, None, 0)])
+def test_what_tiles_share_is_kept_only_for_the_same_theta_and_minibatch(mnist, layer, unit_from, subspace):
+    """One evaluator through a sequence of tiles (another minibatch, theta moved in place) scores each as a
+    fresh evaluator does: nothing kept from an earlier tile leaks into a later one."""
+    table = noise.make_table(7, 1 << 20)
+    basis = layer_members.image_basis(mnist.train_images[:5000], 16)
+
+    def make():
+        return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", basis=basis)
+
+    offsets, signs = np.array([5, 5, 900, 900]), np.array([1.0, -1.0, 1.0, -1.0], dtype=np.float32)
+    theta = network.init_theta(0)
+    kept = make()
+
+    def score(evaluator, images):
+        if layer == 3:
+            return evaluator.evaluate_output_layer(theta, offsets, signs, 0.05, images)[0]
+        return evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace, unit_from)[0]
+
+    first, second = np.arange(64), np.arange(64, 128)
+    for images, move in ((first, False), (first, False), (second, False), (second, True)):
+        if move:
+            theta.mul_(0.5).add_(network.init_theta(1), alpha=0.5)
+        assert np.array_equal(score(kept, images), score(make(), images))
+    assert not np.array_equal(score(kept, second), score(kept, first))
 
 
 def test_input_scale_keeps_the_moves_mean_square_entry():

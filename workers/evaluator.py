@@ -152,8 +152,9 @@ class PopulationEvaluator:
 
     def shared_xw1(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> torch.Tensor:
         """x @ W1, which every low-rank or shared-first-layer member on these images shares."""
-        key = (x.shape, np.asarray(image_indices, dtype=np.int64).tobytes())
-        return self._kept_for("xw1", theta, key, lambda: torch.mm(x, network.unflatten(theta)[0]))
+        return self._kept_for(
+            "xw1", theta, images_key(x, image_indices), lambda: torch.mm(x, network.unflatten(theta)[0])
+        )
 
     def hidden_basis(self, theta: torch.Tensor, subspace: int) -> torch.Tensor:
         """layer_members.hidden_basis of theta's W1: what layer-2 unit members in a subspace share."""
@@ -163,6 +164,27 @@ class PopulationEvaluator:
             subspace,
             lambda: layer_members.hidden_basis(network.unflatten(theta)[0], self.basis, subspace),
         )
+
+    def _layer_shared(self, theta, x, image_indices, layer: int, unit: bool, subspace: int) -> tuple:
+        """What a tile of layer members shares, for ``evaluate_layer``: x U (or x) and x W1 for layer 1,
+        the center's h1 and h1 W2 for layer 2; unit members add the center's activations up to the next
+        layer's pre-activation (h1 and h1 W2 for layer 1; h2 and h2 W3 for layer 2, whose h1 is then
+        taken in layer 2's subspace when it has one)."""
+        _, b1, w2, b2, w3, _ = network.unflatten(theta)
+        ops = network.epilogues(self.arithmetic, self.fused)
+        xw1 = self.shared_xw1(theta, x, image_indices)
+        if layer == 1:
+            shared = (x @ self.basis if subspace else x, xw1)
+            if not unit:
+                return shared
+            h1 = ops.hidden1(xw1, b1)
+            return (*shared, h1, torch.mm(h1, w2))
+        h1 = ops.hidden1(xw1, b1)
+        z2 = torch.mm(h1, w2)
+        if not unit:
+            return (h1, z2)
+        h2 = ops.hidden2(z2, b2)
+        return (h1 @ self.hidden_basis(theta, subspace) if subspace else h1, z2, h2, torch.mm(h2, w3))
 
     def _kept_for(self, name: str, theta: torch.Tensor, key, compute):
         """``compute()``, kept for the next tile while the same theta object, unmodified (its version
@@ -234,13 +256,18 @@ class PopulationEvaluator:
     def evaluate_output_layer(
         self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float, image_indices: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for layer-3 members (members.output_layer_forward): the center's hidden layer once, then one
-        small batched matmul per fixed chunk of OUTPUT_LAYER_CHUNK members (on CPU one chunk per thread, with
-        single-threaded ops, like members), so no result depends on the thread count."""
+        """``evaluate`` for layer-3 members (members.output_layer_forward): the center's hidden layer once per
+        theta and minibatch (kept for later tiles, as in ``evaluate_layer``), then one small batched matmul per
+        fixed chunk of OUTPUT_LAYER_CHUNK members (on CPU one chunk per thread, with single-threaded ops, like
+        members), so no result depends on the thread count."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         rows = noise.slices(self.table, offsets, network.OUTPUT_LAYER_SIZE)
-        with network.single_threaded() if not self.batched else contextlib.nullcontext():
-            h2 = network.center_hidden2(x, theta, self.arithmetic, self.fused)
+        h2 = self._kept_for(
+            "layer 3",
+            theta,
+            images_key(x, image_indices),
+            lambda: network.center_hidden2(x, theta, self.arithmetic, self.fused),
+        )
 
         def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
             part = slice(k * OUTPUT_LAYER_CHUNK, (k + 1) * OUTPUT_LAYER_CHUNK)
@@ -269,17 +296,14 @@ class PopulationEvaluator:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``evaluate`` for layer members (es_workers.layer_members), which move layer 1, 2 or 3 only;
         ``unit_from``: they are unit members, and the first is that member of its layer's population.
-        What the tile's members share is computed once: x W1 and x U for layer 1, the center's first
-        hidden layer h1 and h1 W2 for layer 2 (unit members: the center's activations up to the next
-        layer's pre-activation); then one member per thread on CPU, batched on CUDA."""
+        What the members share (``_layer_shared``) is computed once per theta and minibatch and kept for
+        the generation's later tiles; then one member per thread on CPU, batched on CUDA."""
         if layer == 3:
             return self.evaluate_output_layer(theta, offsets, signs, noise_std, image_indices)
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         unit = unit_from is not None
         length = layer_members.noise_length(layer, subspace, unit)
         units = layer_members.unit_indices(unit_from, len(offsets), self.device) if unit else None
-        w1, b1, w2, b2, w3, _ = network.unflatten(theta)
-        ops = network.epilogues(self.arithmetic, self.fused)
         columns = 0 if self.basis is None else self.basis.shape[1]
         if subspace and layer == 2 and not unit:
             raise ValueError("layer-2 members move in a subspace only as unit members (es.w2.kind: unit)")
@@ -288,19 +312,12 @@ class PopulationEvaluator:
                 f"layer-{layer} members in a {subspace}-dimensional subspace need the evaluator's basis of "
                 f"{'that many' if layer == 1 else 'at least that many'} principal components (it has {columns})"
             )
-        with network.single_threaded() if not self.batched else contextlib.nullcontext():
-            if layer == 1:
-                shared = (x @ self.basis if subspace else x, self.shared_xw1(theta, x, image_indices))
-                if unit:
-                    h1 = ops.hidden1(shared[1], b1)
-                    shared = (*shared, h1, torch.mm(h1, w2))
-            else:
-                h1 = layer_members.center_hidden1(x, theta, self.arithmetic, self.fused)
-                shared = (h1, torch.mm(h1, w2))
-                if unit:
-                    h2 = ops.hidden2(shared[1], b2)
-                    h1q = h1 @ self.hidden_basis(theta, subspace) if subspace else h1
-                    shared = (h1q, shared[1], h2, torch.mm(h2, w3))
+        shared = self._kept_for(
+            f"layer {layer}",
+            theta,
+            (unit, subspace, images_key(x, image_indices)),
+            lambda: self._layer_shared(theta, x, image_indices, layer, unit, subspace),
+        )
 
         def forward(rows, member_scales, member_units):
             if unit:
@@ -515,6 +532,11 @@ def accuracy(
         predicted = network.forward(x, params, arithmetic, fused).argmax(dim=-1)
         correct += int((predicted == labels[start : start + chunk].to(images.device)).sum())
     return correct / images.shape[0]
+
+
+def images_key(x: torch.Tensor, image_indices: np.ndarray) -> tuple:
+    """What identifies a minibatch for ``PopulationEvaluator._kept_for``: its shape and image indices."""
+    return x.shape, np.asarray(image_indices, dtype=np.int64).tobytes()
 
 
 def center_accuracies(

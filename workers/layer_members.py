@@ -166,12 +166,6 @@ def second_layer_forward(
     return network.epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), b3)
 
 
-def center_hidden1(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
-    """(B, 512) first hidden layer of the unperturbed network (scaled frame)."""
-    w1, b1 = network.unflatten(theta)[:2]
-    return network.epilogues(arithmetic, fused).hidden1(torch.mm(x, w1), b1)
-
-
 def unit_indices(first_member: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The hidden unit each of ``count`` members from ``first_member`` on moves: pair i moves unit i mod 512."""
     return torch.div(torch.arange(first_member, first_member + count, device=device), 2, rounding_mode="floor") % HIDDEN
