@@ -165,26 +165,33 @@ class PopulationEvaluator:
             lambda: layer_members.hidden_basis(network.unflatten(theta)[0], self.basis, subspace),
         )
 
+    def center(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> tuple:
+        """The unperturbed network's products on these images, which layer members share (scaled frame):
+        x W1, h1, z2 = h1 W2, h2 and z3 = h2 W3; kept like ``shared_xw1``."""
+
+        def compute():
+            _, b1, w2, b2, w3, _ = network.unflatten(theta)
+            ops = network.epilogues(self.arithmetic, self.fused)
+            xw1 = self.shared_xw1(theta, x, image_indices)
+            h1 = ops.hidden1(xw1, b1)
+            z2 = torch.mm(h1, w2)
+            h2 = ops.hidden2(z2, b2)
+            return xw1, h1, z2, h2, torch.mm(h2, w3)
+
+        return self._kept_for("center", theta, images_key(x, image_indices), compute)
+
     def _layer_shared(self, theta, x, image_indices, layer: int, unit: bool, subspace: int) -> tuple:
         """What a tile of layer members shares, for ``evaluate_layer``: x U (or x) and x W1 for layer 1,
         the center's h1 and h1 W2 for layer 2; unit members add the center's activations up to the next
         layer's pre-activation (h1 and h1 W2 for layer 1; h2 and h2 W3 for layer 2, whose h1 is then
         taken in layer 2's subspace when it has one)."""
-        _, b1, w2, b2, w3, _ = network.unflatten(theta)
-        ops = network.epilogues(self.arithmetic, self.fused)
-        xw1 = self.shared_xw1(theta, x, image_indices)
+        xw1, h1, z2, h2, z3 = self.center(theta, x, image_indices)
         if layer == 1:
             shared = (x @ self.basis if subspace else x, xw1)
-            if not unit:
-                return shared
-            h1 = ops.hidden1(xw1, b1)
-            return (*shared, h1, torch.mm(h1, w2))
-        h1 = ops.hidden1(xw1, b1)
-        z2 = torch.mm(h1, w2)
+            return (*shared, h1, z2) if unit else shared
         if not unit:
             return (h1, z2)
-        h2 = ops.hidden2(z2, b2)
-        return (h1 @ self.hidden_basis(theta, subspace) if subspace else h1, z2, h2, torch.mm(h2, w3))
+        return (h1 @ self.hidden_basis(theta, subspace) if subspace else h1, z2, h2, z3)
 
     def _kept_for(self, name: str, theta: torch.Tensor, key, compute):
         """``compute()``, kept for the next tile while the same theta object, unmodified (its version
@@ -257,17 +264,12 @@ class PopulationEvaluator:
         self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float, image_indices: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """``evaluate`` for layer-3 members (members.output_layer_forward): the center's hidden layer once per
-        theta and minibatch (kept for later tiles, as in ``evaluate_layer``), then one small batched matmul per
+        theta and minibatch (``center``, kept for later tiles), then one small batched matmul per
         fixed chunk of OUTPUT_LAYER_CHUNK members (on CPU one chunk per thread, with single-threaded ops, like
         members), so no result depends on the thread count."""
         theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
         rows = noise.slices(self.table, offsets, network.OUTPUT_LAYER_SIZE)
-        h2 = self._kept_for(
-            "layer 3",
-            theta,
-            images_key(x, image_indices),
-            lambda: network.center_hidden2(x, theta, self.arithmetic, self.fused),
-        )
+        h2 = self.center(theta, x, image_indices)[3]
 
         def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
             part = slice(k * OUTPUT_LAYER_CHUNK, (k + 1) * OUTPUT_LAYER_CHUNK)

@@ -179,11 +179,6 @@ def epilogues(arithmetic: str, fused: bool = False) -> Epilogues:
     return cached(("epilogues", arithmetic), lambda: Epilogues(*(Compiled(fn) for fn in vars(eager).values())))
 
 
-def center_hidden2(x: torch.Tensor, theta: torch.Tensor, arithmetic: str, fused: bool = False) -> torch.Tensor:
-    """(B, 512) last hidden layer of the unperturbed network (scaled frame): what W3 multiplies."""
-    return _hidden2(x, unflatten(theta), epilogues(arithmetic, fused), batched=False)
-
-
 def forward(x: torch.Tensor, params: list[torch.Tensor], arithmetic: str, fused: bool = False) -> torch.Tensor:
     """Logits for images ``x`` (B, 784). ``params`` may carry a leading member dimension (P, ...),
     in which case the result is (P, B, 10) from batched matmuls.
