@@ -27,7 +27,8 @@ Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["constant", "linear", "cosine"]
 DecayMode = Literal["l2", "decoupled"]
 Shaping = Literal["centered_rank", "normalized"]
-LayerMemberKind = Literal["rank1", "unit"]  # how a member of es.w1 or es.w2 moves its layer (es_workers.layer_members)
+LayerMemberKind = Literal["rank1", "unit", "activity"]  # how a member of es.w1 or es.w2 moves its layer
+OutputMemberKind = Literal["full", "activity"]  # how a member of es.w3 moves its layer (es_workers.layer_members)
 Gradient = Literal["masked", "straight-through"]  # backprop's gradients; see es_service/backprop.py
 DEVICES = typing.get_args(Device)
 GRADIENTS = typing.get_args(Gradient)
@@ -84,7 +85,9 @@ class HiddenLayerMembersConfig(LayerMembersConfig):
     """rank1: each member moves the whole matrix by a rank-1 move (and the bias); unit: each member moves
     one hidden unit's incoming weights (a column of the matrix) and its bias, pair i unit i mod 512: no
     512 x 512 matmul per member, so 4-5 times cheaper, and at equal compute a better-aligned estimate
-    (docs/results.md)."""
+    (docs/results.md); activity: not weight-space ES but activity perturbation (forward-only): pair i
+    moves unit i's pre-activation by +-sigma on every image and each image's loss is read, pop_size
+    1024 (docs/design.md, "Activity members")."""
 
 
 class FirstLayerMembersConfig(HiddenLayerMembersConfig):
@@ -104,6 +107,12 @@ class SecondLayerMembersConfig(HiddenLayerMembersConfig):
     the first hidden layer's image of the training images' top-k principal components (recomputed
     from W1 each generation), where most of W2's gradient lies; 0: all 512 inputs. Needs layer-1
     members with es.w1.subspace >= k (their basis is the one used)."""
+
+
+class OutputLayerMembersConfig(LayerMembersConfig):
+    kind: OutputMemberKind = "full"
+    """full: each member moves all of W3 and b3; activity: pair i moves logit i's pre-activation by
+    +-sigma on every image and each image's loss is read (activity perturbation, forward-only), pop_size 20."""
 
 
 class ESConfig(Section):
@@ -147,7 +156,7 @@ class ESConfig(Section):
     """Layer-1 members: a rank-1 move of W1 (and b1), evaluated from the shared x W1."""
     w2: SecondLayerMembersConfig = SecondLayerMembersConfig()
     """Layer-2 members: a rank-1 move of W2 (and b2), evaluated from the center's first hidden layer."""
-    w3: LayerMembersConfig = LayerMembersConfig()
+    w3: OutputLayerMembersConfig = OutputLayerMembersConfig()
     """Layer-3 members: a full move of W3 and b3 (5,130 floats), evaluated from the center's last hidden
     layer (about 1/10 of a rank-1 member's time on CPU)."""
     rank: int = 0
@@ -265,6 +274,10 @@ class Config(Section):
         return digest_of(self.to_dict())
 
 
+ADDED_FIELDS = {"w3.kind": "full"}
+"""Trajectory fields added after runs were recorded, with their default: hashed only when set."""
+
+
 def digest_of(data: dict[str, Any]) -> str:
     """``Config.digest`` of a config dict as it was written. A checkpoint from before a field existed
     holds a dict without it, and its digest was taken without it: hashing the dict as stored (not
@@ -275,6 +288,11 @@ def digest_of(data: dict[str, Any]) -> str:
     data["eval"] = None
     data["checkpoint"] = None
     es = data.get("es", {})
+    for name, default in ADDED_FIELDS.items():  # runs that leave a newer field at its default keep their digest
+        section, field = name.rsplit(".", 1)
+        parent = es.get(section, {}) if section != "es" else es
+        if isinstance(parent, dict) and parent.get(field, default) == default:
+            parent.pop(field, None)
     if all(es.get(name) is None for name in ("noise_std_final", "learning_rate_final", "batch_size_final")):
         data.pop("generations", None)  # schedules stretch over `generations`; otherwise it only says when to stop
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -460,6 +478,18 @@ def _validate_layer_members(config: Config) -> None:
             f"es.pop_size: 0 leaves layer {layer} with no members; set {name}.pop_size > 0, es.pop_size > 0, "
             f"or freeze it with {name}.step_scale: 0",
         )
+    for layer, members in enumerate(es.layers(), start=1):
+        units = (512, 512, 10)[layer - 1]
+        _require(
+            members.kind != "activity" or members.pop_size == 2 * units,
+            f"es.w{layer}.pop_size: {members.pop_size} with es.w{layer}.kind activity: its members are one "
+            f"antithetic pair per unit; set es.w{layer}.pop_size: {2 * units}",
+        )
+    _require(
+        es.w1.kind != "activity" or not es.w1.subspace,
+        f"es.w1.subspace: {es.w1.subspace} with es.w1.kind activity: activity members move a unit's "
+        "pre-activation, not its weights; set es.w1.subspace: 0",
+    )
     _require(
         0 <= es.w1.subspace <= 784,
         f"es.w1.subspace: {es.w1.subspace}; use 0 (all 784 pixels) or 1 to 784 principal components",

@@ -59,7 +59,14 @@ class Trainer:
         self.num_train = data.train_images.shape[0]
         basis = None if basis is None else basis.to(device)  # layer-1 members' subspace, as the workers hold it
         self.replica = Replica(
-            config, self.num_train, state.theta.to(device), state.generation, state.optimizer_state, table, basis
+            config,
+            self.num_train,
+            state.theta.to(device),
+            state.generation,
+            state.optimizer_state,
+            table,
+            basis,
+            data.train_images,
         )
         self.last_update = None
         """The previous generation's update, which workers that keep a replica of theta replay."""

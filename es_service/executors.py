@@ -37,6 +37,10 @@ class GenerationOutcome:
     """Tiles evaluated on a replica whose fingerprint differed from the driver's theta: discarded, reissued."""
     compute_s: float = 0.0
     """Evaluation time summed over the tiles, as the workers measured it."""
+    image_losses: tuple[np.ndarray | None, ...] = (None, None, None)
+    """Per layer 1, 2, 3 with activity members: (members, batch size) float32, each image's loss (nan
+    until scored); None for other layers."""
+    shard_bounds: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def empty(cls, plan: GenerationPlan) -> GenerationOutcome:
@@ -45,7 +49,13 @@ class GenerationOutcome:
             return np.full(shape, np.nan), np.zeros(shape, dtype=np.int64)
 
         return cls(
-            *results(len(plan.member_offsets)), tuple(results(2 * len(offsets)) for offsets in plan.layer_offsets)
+            *results(len(plan.member_offsets)),
+            tuple(results(2 * len(offsets)) for offsets in plan.layer_offsets),
+            image_losses=tuple(
+                np.full((2 * len(offsets), len(plan.batch_indices)), np.nan, dtype=np.float32) if activity else None
+                for offsets, activity in zip(plan.layer_offsets, plan.activity_layers)
+            ),
+            shard_bounds=plan.shard_bounds,
         )
 
     def results(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +66,9 @@ class GenerationOutcome:
         loss_sums, correct = self.results(tile.layer)
         loss_sums[tile.member_start : tile.member_stop, tile.shard] = result.loss_sums
         correct[tile.member_start : tile.member_stop, tile.shard] = result.correct
+        if result.image_losses is not None:
+            start, stop = self.shard_bounds[tile.shard]
+            self.image_losses[tile.layer - 1][tile.member_start : tile.member_stop, start:stop] = result.image_losses
         self.compute_s += result.compute_s
 
 
@@ -65,6 +78,10 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
     members = slice(tile.member_start, tile.member_stop)
     offsets, signs = plan.members(tile.layer)
     start, stop = plan.shard_bounds[tile.shard]
+
+    def kind_of(kind: str) -> bool:
+        return bool(tile.layer) and {"unit": plan.unit_layers, "activity": plan.activity_layers}[kind][tile.layer - 1]
+
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,
@@ -77,7 +94,8 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
         shared_first_layer=plan.shared_first_layer,
         layer=tile.layer,
         subspace=plan.subspaces[tile.layer - 1] if tile.layer else 0,
-        unit_from=tile.member_start if tile.layer and plan.unit_layers[tile.layer - 1] else None,
+        unit_from=tile.member_start if kind_of("unit") or kind_of("activity") else None,
+        activity=kind_of("activity"),
     )
 
 

@@ -73,6 +73,9 @@ class GenerationPlan:
     components, layer 2: their image in the first hidden layer, es_workers.layer_members.hidden_basis)."""
     unit_layers: tuple[bool, bool, bool] = (False, False, False)
     """Per layer: its members are unit members (es.wL.kind: unit; layers 1 and 2 only)."""
+    activity_layers: tuple[bool, bool, bool] = (False, False, False)
+    """Per layer: its members are activity members (es.wL.kind: activity): pair i moves unit i's
+    pre-activation by +-sigma on every image, and reads no table rows."""
 
     def members(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, signs) of the whole members (layer 0) or of one layer's members, each of whose
@@ -175,6 +178,7 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
         layer_noise_stds=tuple(noise_std * members.noise_scale for members in layers),
         subspaces=(es.w1.subspace, es.w2.subspace, 0),
         unit_layers=(es.w1.kind == "unit", es.w2.kind == "unit", False),
+        activity_layers=tuple(members.kind == "activity" for members in layers),
     )
 
 

@@ -305,6 +305,7 @@ class RayExecutor:
             self.events.append((time.monotonic(), "resync", tile.tile_id))
             return
         assert result.loss_sums.dtype == np.float64 and result.correct.dtype == np.int64
+        assert result.image_losses is None or result.image_losses.dtype == np.float32
         outcome.fill(tile, result)
         done.add(tile.tile_id)
 

@@ -132,6 +132,15 @@ def layer_estimate(
     return layer_members.estimate(rows, weight_tensor, layer, subspace, basis, unit) / (pop_size * noise_std)
 
 
+def activity_slopes(image_losses: np.ndarray, noise_std: float) -> np.ndarray:
+    """(pairs, images) float32 central differences (loss(+sigma) - loss(-sigma)) / (2 sigma) of activity
+    members' per-image losses (pair i: members 2i and 2i + 1): each image's slope along its unit's
+    pre-activation. An image without two finite losses gives no slope (0)."""
+    losses = np.asarray(image_losses, dtype=np.float64)
+    slopes = (losses[0::2] - losses[1::2]) / (2.0 * noise_std)
+    return np.where(np.isfinite(slopes), slopes, 0.0).astype(np.float32)
+
+
 def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:
     """Value at ``progress`` in [0, 1] moving from ``start`` to ``final`` (None: stays at start)."""
     if final is None or schedule == "constant":

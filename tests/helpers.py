@@ -49,6 +49,20 @@ TINY: dict[str, Any] = {
 }
 
 
+# Activity members on every layer (one pair per unit), with the sigma and step they train with
+ACTIVITY = (
+    "es.pop_size=0",
+    "es.w1.pop_size=1024",
+    "es.w1.kind=activity",
+    "es.w2.pop_size=1024",
+    "es.w2.kind=activity",
+    "es.w3.pop_size=20",
+    "es.w3.kind=activity",
+    "es.noise_std=0.3",
+    "es.learning_rate=0.001",
+)
+
+
 def tiny_config(*overrides: str) -> Config:
     """TINY, validated; overrides as in --set (``es.pop_size=4``)."""
     return from_dict(TINY, list(overrides))

@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from es_service import config_docs
-from es_service.config import Config, ConfigError, from_dict, load, parse_override, validate
+from es_service.config import Config, ConfigError, digest_of, from_dict, load, parse_override, validate
 from es_workers.network import NUM_PARAMS
 from tests.helpers import REPO, TINY, write_config
 
@@ -289,7 +289,7 @@ RANGE_CASES = {
         ["es.w2.subspace", "es.w1.pop_size 0", "es.w1.pop_size > 0"],
     ),
     "unknown member kind": (["es.w2.kind=column"], ["es.w2.kind", "column", "rank1, unit"]),
-    "no kind for layer 3": (["es.w3.kind=unit"], ["es.w3.kind", "unknown field"]),
+    "no unit members for layer 3": (["es.w3.kind=unit"], ["es.w3.kind", "'unit'", "full", "activity"]),
     "a layer with no members": (
         ["es.pop_size=0", "es.w1.pop_size=8", "es.w3.pop_size=8"],
         ["es.pop_size", "layer 2", "es.w2.pop_size"],
@@ -347,6 +347,18 @@ RANGE_CASES = {
     "unknown warm-start gradient": (
         ["warm_start.gradient=sign"],
         ["warm_start.gradient", "'sign'", "masked", "straight-through"],
+    ),
+    "activity members, not one pair per unit": (
+        ["es.w2.pop_size=1000", "es.w2.kind=activity"],
+        ["es.w2.pop_size", "1000", "activity", "es.w2.pop_size: 1024"],
+    ),
+    "activity members of the output layer": (
+        ["es.w3.pop_size=64", "es.w3.kind=activity"],
+        ["es.w3.pop_size", "64", "es.w3.pop_size: 20"],
+    ),
+    "activity members in a subspace": (
+        ["es.w1.pop_size=1024", "es.w1.kind=activity", "es.w1.subspace=32"],
+        ["es.w1.subspace", "32", "activity", "es.w1.subspace: 0"],
     ),
     "warm start with cpu-ftz": (
         ["warm_start.epochs=1", "network.arithmetic=cpu-ftz"],
@@ -419,6 +431,15 @@ def test_digest_is_stable():
 )
 def test_digest_changes_with_a_trajectory_field(override):
     assert digest(override) != digest()
+
+
+def test_a_field_added_later_changes_the_digest_only_when_set():
+    """es.w3.kind came after runs were recorded: at its default the digest is the one taken before it
+    existed (the dict without it); set, it is part of the trajectory."""
+    data = from_dict(TINY, ["es.w3.pop_size=20"]).to_dict()
+    del data["es"]["w3"]["kind"]
+    assert digest_of(data) == digest("es.w3.pop_size=20")
+    assert digest("es.w3.pop_size=20", "es.w3.kind=activity") != digest("es.w3.pop_size=20")
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 from es_service import plan as planning
 from es_service.driver import TrainState
 from es_workers import layer_members, network
-from tests.helpers import run_local, tiny_config
+from tests.helpers import ACTIVITY, run_local, tiny_config
 
 
 def test_same_config_and_seed_give_bitwise_same_theta(mnist, tmp_path):
@@ -45,6 +45,9 @@ LAYER_SETS = {
     3: ("es.w3.pop_size=64",),
     "unit 1": ("es.w1.pop_size=16", "es.w1.subspace=32", "es.w1.kind=unit"),
     "unit 2": ("es.w2.pop_size=16", "es.w2.kind=unit"),
+    "activity 1": ("es.w1.pop_size=1024", "es.w1.kind=activity", "es.noise_std=0.3"),
+    "activity 2": ("es.w2.pop_size=1024", "es.w2.kind=activity", "es.noise_std=0.3"),
+    "activity 3": ("es.w3.pop_size=20", "es.w3.kind=activity", "es.noise_std=0.3"),
 }
 
 
@@ -57,7 +60,8 @@ def test_layer_members_move_only_their_layers_estimate(mnist, tmp_path, name):
     start, stop = layer_members.param_range(layer)
     inside = torch.zeros(network.NUM_PARAMS, dtype=torch.bool)
     inside[start:stop] = True
-    plain = run_local(tiny_config("es.rank=1"), mnist, tmp_path / "plain", generations=1)
+    sigma = [setting for setting in LAYER_SETS[name] if setting.startswith("es.noise_std")]  # the whole members' too
+    plain = run_local(tiny_config("es.rank=1", *sigma), mnist, tmp_path / "plain", generations=1)
     one = run_local(tiny_config("es.rank=1", *LAYER_SETS[name]), mnist, tmp_path / "one", generations=1)
     assert torch.equal(one.theta[~inside], plain.theta[~inside]) and not torch.equal(
         one.theta[inside], plain.theta[inside]
@@ -127,7 +131,27 @@ def test_unit_members_in_subspaces_do_not_depend_on_tiles_or_shards(mnist, tmp_p
     assert torch.equal(tiny.theta, run_local(tiny_config(*UNITS, "es.shard_size=16"), mnist, tmp_path / "m").theta)
 
 
-@pytest.mark.parametrize("sets", [(), UNITS], ids=["whole members", "unit members"])
+def test_activity_members_do_not_depend_on_tiles_or_shards_and_train_every_layer(mnist, tmp_path):
+    """Activity members read every image's loss: tiles of 100 members (no chunk boundary) over four
+    shards give the merged run's theta bit for bit, the same config gives the same theta, and every
+    layer moves."""
+    split = run_local(
+        tiny_config(*ACTIVITY, "workers.members_per_tile=100", "es.shard_size=16"),
+        mnist,
+        tmp_path / "split",
+        merge_tiles=False,
+    )
+    merged = run_local(tiny_config(*ACTIVITY, "es.shard_size=16"), mnist, tmp_path / "merged")
+    again = run_local(tiny_config(*ACTIVITY), mnist, tmp_path / "again")
+    assert torch.equal(split.theta, merged.theta) and torch.equal(merged.theta, again.theta)
+    start = planning.seed_theta(3)
+    for layer in layer_members.LAYERS:
+        low, high = layer_members.param_range(layer)
+        assert not torch.equal(again.theta[low:high], start[low:high]), layer
+    assert not torch.equal(again.theta, run_local(tiny_config(*ACTIVITY, "seed=4"), mnist, tmp_path / "s4").theta)
+
+
+@pytest.mark.parametrize("sets", [(), UNITS, ACTIVITY], ids=["whole members", "unit members", "activity members"])
 def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path, sets):
     from es_service import checkpoint
 

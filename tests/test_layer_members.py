@@ -370,3 +370,89 @@ def test_a_layers_step_scale_scales_its_step_and_zero_freezes_it():
     moved_full = full.theta.detach()[start2:stop2] - theta[start2:stop2]
     moved_half = half.theta.detach()[start2:stop2] - theta[start2:stop2]
     assert torch.allclose(moved_half, 0.5 * moved_full, rtol=1e-2, atol=1e-5)
+
+
+# ---- activity members ---------------------------------------------------------------------------------
+
+
+def moved_forward(x, theta, layer: int, unit: int, shift: float, arithmetic: str) -> torch.Tensor:
+    """(B, 10) logits of the whole network with one unit's pre-activation (the matmul output, before its
+    flush) moved by ``shift`` on every image: the definition an activity member stands for."""
+    w1, b1, w2, b2, w3, b3 = network.unflatten(theta)
+    ops = network.epilogues(arithmetic)
+    z = torch.mm(x, w1)
+    for index, (weight, bias, epilogue) in enumerate(
+        [(w2, b1, ops.hidden1), (w3, b2, ops.hidden2), (None, b3, ops.logits)], start=1
+    ):
+        if index == layer:
+            z = z.clone()
+            z[:, unit] += shift
+        h = epilogue(z, bias)
+        if weight is None:
+            return h
+        z = torch.mm(h, weight)
+
+
+def activity_members(theta, layer: int, mnist, arithmetic: str, sigma: float, images, unit_from: int = 0, count=None):
+    evaluator = PopulationEvaluator(torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, arithmetic, "cpu")
+    count = 2 * layer_members.UNITS[layer] - unit_from if count is None else count
+    signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), (unit_from + count + 1) // 2)[
+        unit_from : unit_from + count
+    ]
+    return evaluator.evaluate_activity(theta, layer, signs, sigma, images, unit_from)
+
+
+@pytest.mark.parametrize("layer", layer_members.LAYERS)
+def test_an_activity_member_is_the_network_with_one_units_pre_activation_moved(mnist, layer):
+    """Each member's per-image losses are those of the network whose unit i mod units is moved by its
+    sign times sigma (layers 1 and 2 read the move through the next layer's row of weights: the same up
+    to float32 rounding; layer 3 moves a logit itself: bit for bit)."""
+    theta = network.init_theta(0)
+    images = np.arange(64, dtype=np.int64)
+    x = mnist.train_images[:64].reshape(-1, 784).float() / 255.0
+    y = mnist.train_labels[:64]
+    loss_sums, correct, per_image = activity_members(theta, layer, mnist, "tf-ftz", 0.3, images, unit_from=6, count=14)
+    assert per_image.shape == (14, 64) and per_image.dtype == np.float32
+    for member in range(14):
+        index = 6 + member
+        logits = moved_forward(x, theta, layer, index // 2, 0.3 if index % 2 == 0 else -0.3, "tf-ftz")
+        expected = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+        if layer == 3:
+            assert np.array_equal(per_image[member], expected)
+        else:
+            assert np.allclose(per_image[member], expected, rtol=1e-4, atol=1e-5)
+        assert correct[member] == int((logits.argmax(dim=1) == y).sum())
+        assert np.isclose(loss_sums[member], per_image[member].astype(np.float64).sum())
+
+
+def test_activity_estimate_is_the_gradient_where_the_network_is_smooth(mnist):
+    """Without flushes the loss is smooth, so central differences of each unit's pre-activation are
+    its gradient, and input^T slopes is the weight's: the activity estimate of every block matches
+    minus autograd's gradient of the mean loss (cosine above 0.999). A sign slip or a wrong input
+    would fail it."""
+    theta = network.init_theta(1)
+    images = np.arange(100, 164, dtype=np.int64)
+    x = mnist.train_images[images].reshape(-1, 784).float() / 255.0
+    y = mnist.train_labels[images]
+    inputs = layer_members.center_inputs(x, theta, "linear")
+    params = theta.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(network.forward(x, network.unflatten(params), "linear"), y).backward()
+    for layer in layer_members.LAYERS:
+        per_image = activity_members(theta, layer, mnist, "linear", 1e-2, images)[2]
+        slopes = torch.as_tensor(strategy.activity_slopes(per_image, 1e-2))
+        estimate = layer_members.activity_estimate(inputs[layer - 1], slopes.T).double()
+        start, stop = layer_members.param_range(layer)
+        cosine = torch.nn.functional.cosine_similarity(estimate, -params.grad[start:stop].double(), dim=0)
+        assert cosine > 0.999, (layer, float(cosine))
+
+
+def test_activity_members_do_not_depend_on_threads_or_tile_mates(mnist):
+    theta = network.init_theta(0)
+    images = np.arange(64, dtype=np.int64)
+    whole = activity_members(theta, 1, mnist, "tf-ftz", 0.3, images, count=64)
+    part = activity_members(theta, 1, mnist, "tf-ftz", 0.3, images, unit_from=5, count=30)
+    assert np.array_equal(whole[2][5:35], part[2]) and np.array_equal(whole[1][5:35], part[1])
+    one = PopulationEvaluator(
+        torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=1
+    ).evaluate_activity(theta, 1, np.tile(np.array([1.0, -1.0], dtype=np.float32), 32), 0.3, images, 0)
+    assert np.array_equal(whole[2], one[2])

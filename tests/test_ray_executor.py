@@ -16,7 +16,7 @@ from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
 from es_workers import network, noise
 from es_workers.actor import PopulationWorker
-from tests.helpers import basis_of, run_local, tiny_config
+from tests.helpers import ACTIVITY, basis_of, run_local, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -90,6 +90,8 @@ SYNCS = ["broadcast", "replay"]
         ("workers.theta_sync=replay", "es.rank=1", "es.w3.pop_size=16"),
         ("workers.theta_sync=replay", *LAYER_MEMBERS),
         ("workers.theta_sync=replay", *LAYER_MEMBERS, "es.w1.kind=unit", "es.w2.kind=unit", "es.w2.subspace=16"),
+        ("workers.members_per_tile=300", *ACTIVITY),
+        ("workers.theta_sync=replay", "workers.members_per_tile=300", "es.shard_size=32", *ACTIVITY),
     ],
 )
 def test_ray_workers_give_the_in_process_theta(ray_cluster, mnist, tmp_path, sets):

@@ -41,7 +41,8 @@ class PopulationWorker:
         self.evaluator = PopulationEvaluator(
             _tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device, fused, basis=basis
         )
-        self._cpu_table, self._cpu_basis = _tensor(table), basis  # a replica's update runs on the CPU
+        # a replica's update runs on the CPU
+        self._cpu_table, self._cpu_basis, self._cpu_images = _tensor(table), basis, _tensor(images)
         self.node_id = ray.get_runtime_context().get_node_id()
         self._generation = -1
         self._theta: torch.Tensor | None = None
@@ -81,7 +82,7 @@ class PopulationWorker:
 
         update_ref, snapshot_ref = sync_holder
         if snapshot_ref is not None:
-            self._replica = ray.get(snapshot_ref).attach(self._cpu_table, self._cpu_basis)
+            self._replica = ray.get(snapshot_ref).attach(self._cpu_table, self._cpu_basis, self._cpu_images)
             self._generation = -1
         elif update_ref is not None and self._replica is not None and self._replica.generation == task.generation - 1:
             self._replica.apply(ray.get(update_ref))

@@ -31,6 +31,7 @@ OUTPUT_LAYER_CHUNK = (
 # Unit members per batched pass on CPU, at fixed places in their population (see _unit_chunks); the
 # fastest sizes on the 2-core development CPU (layer 1: 16, 120-140 us a member; layer 2: 32, about 50)
 UNIT_CHUNK = {1: 16, 2: 32}
+ACTIVITY_CHUNK = {1: 16, 2: 32, 3: 20}  # activity members per pass on CPU, likewise (layer 3: all 20)
 
 
 def set_process_arithmetic(arithmetic: str) -> None:
@@ -359,30 +360,79 @@ class PopulationEvaluator:
             )
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
-    def _unit_chunks(self, forward, offsets, scales, length: int, unit_from: int, y, layer: int) -> list:
-        """CPU unit members: n = UNIT_CHUNK[layer] at a time, each chunk at a fixed place in the layer's
-        population (members [c * n, (c + 1) * n)), a tile's part of one padded with unmoved rows.
-        A member's row then sits at the same place of a same-shaped batch whatever its tile, so its bits
-        never depend on its tile mates; one chunk per thread, with single-threaded ops."""
-        if not len(offsets):
-            return [(np.zeros(0), np.zeros(0, dtype=np.int64))]
-        stop, size = unit_from + len(offsets), UNIT_CHUNK[layer]
+    def evaluate_activity(
+        self,
+        theta: torch.Tensor,
+        layer: int,
+        signs: np.ndarray,
+        noise_std: float,
+        image_indices: np.ndarray,
+        unit_from: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(loss sums, correct counts, per-image losses (m, B) float32) of activity members of ``layer``
+        (layer_members.activity_forward), members ``unit_from`` on of the layer's population: pair i moves
+        unit i's pre-activation by +sigma, then by -sigma. Every image's loss goes back, not only their
+        sum: the estimate reads each image's slope. In chunks at fixed places of the population, as unit
+        members (``_unit_chunks``), so a member's bits never depend on its tile."""
+        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
+        center = self.center(theta, x, image_indices)
+        units = layer_members.UNITS[layer]
+
+        def forward(member_scales, first):
+            member_units = layer_members.unit_indices(first, len(member_scales), self.device, units)
+            return layer_members.activity_forward(
+                layer, center, theta, member_units, member_scales, self.arithmetic, self.fused
+            )
+
+        size = ACTIVITY_CHUNK[layer] if not self.batched else max(2, self.chunk_size(len(y), rank=1) // 2 * 2)
+        results = self._chunks(forward, scales, unit_from, size, y, f"activity {layer}", per_image=True)
+        return tuple(np.concatenate([r[k] for r in results]) for k in range(3))
+
+    def _chunks(self, forward, scales, unit_from: int, size: int, y, name: str, rows=None, per_image=False) -> list:
+        """Members [unit_from, unit_from + len(scales)) of a population, ``size`` at a time, each chunk at a
+        fixed place in it (members [c * size, (c + 1) * size)), a tile's part of one padded with unmoved
+        members (scale 0; ``rows(low, high)``: their noise rows, zero-padded likewise). A member's row then
+        sits at the same place of a same-shaped batch whatever its tile, so its bits never depend on its
+        tile mates; one chunk per thread on CPU, with single-threaded ops."""
+        if not len(scales):
+            empty = (np.zeros(0), np.zeros(0, dtype=np.int64))
+            return [(*empty, np.zeros((0, len(y)), dtype=np.float32)) if per_image else empty]
+        stop = unit_from + len(scales)
         chunks = range(unit_from // size, (stop - 1) // size + 1)
 
-        def run(k: int) -> tuple[np.ndarray, np.ndarray]:
+        def run(k: int) -> tuple:
             first = chunks[k] * size
             low, high = max(unit_from, first), min(stop, first + size)
-            rows = torch.zeros(size, length, device=self.device)
-            member_scales = torch.zeros(size, device=self.device)
             mine = slice(low - first, high - first)
-            rows[mine] = noise.slices(self.table, offsets[low - unit_from : high - unit_from], length)
+            member_scales = torch.zeros(size, device=self.device)
             member_scales[mine] = scales[low - unit_from : high - unit_from]
-            loss_sums, correct = self._score(
-                forward(rows, member_scales, layer_members.unit_indices(first, size, self.device)), y
-            )
-            return loss_sums[mine], correct[mine]
+            if rows is None:
+                logits = forward(member_scales, first)
+            else:
+                chunk_rows = rows(low - unit_from, high - unit_from)
+                padded = torch.zeros(size, chunk_rows.shape[1], device=self.device)
+                padded[mine] = chunk_rows
+                logits = forward(padded, member_scales, first)
+            return tuple(part[mine] for part in self._score(logits, y, per_image))
 
-        return self.map_members(run, len(chunks), first_alone=self._first_of_shape((f"units {layer}", *y.shape)))
+        if self.batched:
+            return [run(k) for k in range(len(chunks))]
+        return self.map_members(run, len(chunks), first_alone=self._first_of_shape((name, *y.shape)))
+
+    def _unit_chunks(self, forward, offsets, scales, length: int, unit_from: int, y, layer: int) -> list:
+        """CPU unit members: UNIT_CHUNK[layer] at a time at fixed places (``_chunks``), their table rows
+        gathered per chunk."""
+        return self._chunks(
+            lambda rows, member_scales, first: forward(
+                rows, member_scales, layer_members.unit_indices(first, len(rows), self.device)
+            ),
+            scales,
+            unit_from,
+            UNIT_CHUNK[layer],
+            y,
+            f"units {layer}",
+            rows=lambda low, high: noise.slices(self.table, offsets[low:high], length),
+        )
 
     def _first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
@@ -418,7 +468,8 @@ class PopulationEvaluator:
                 )
             return first + list(self._pool.map(fn, range(len(first), count)))
 
-    def _score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score(self, logits: torch.Tensor, y: torch.Tensor, per_image: bool = False) -> tuple[np.ndarray, ...]:
+        """(loss sums, correct counts) per member; ``per_image``: and every image's loss, (m, B) float32."""
         if logits.dim() == 2:
             logits = logits.unsqueeze(0)
         members, batch = logits.shape[0], logits.shape[1]
@@ -431,6 +482,8 @@ class PopulationEvaluator:
             loss_sums = np.array([math.fsum(row) for row in losses.numpy()], dtype=np.float64)
         else:  # an fsum over P x B values on the host would cost more than the forward pass
             loss_sums = losses.sum(dim=1).cpu().numpy()
+        if per_image:
+            return loss_sums, correct, losses.float().cpu().numpy()
         return loss_sums, correct
 
 
@@ -462,6 +515,9 @@ class TileTask:
     unit_from: int | None = None
     """Unit members of layer 1 or 2 (es_workers.layer_members): the tile's first member's index in its
     layer's population, which says the unit each member moves; None: not unit members."""
+    activity: bool = False
+    """Activity members of ``layer`` (es_workers.layer_members.activity_forward), from ``unit_from`` on;
+    their result carries every image's loss."""
     batch_range: tuple[int, int] | None = None
     """Set where the generation's minibatch travels once per worker instead of with every tile (Ray):
     the shard's [start, stop) in it, and ``image_indices`` is empty until ``with_batch``."""
@@ -488,17 +544,27 @@ class TileResult:
     loss_sums: np.ndarray
     correct: np.ndarray
     compute_s: float = 0.0
+    image_losses: np.ndarray | None = None
+    """Activity members: (members, images) float32, each image's loss (O(members x images) scalars)."""
     fingerprint: int | None = None
     """With a replica of theta (``workers.theta_sync: replay``): its fingerprint, which the driver checks
     against its own theta's; None from a replica not at the tile's generation."""
 
     @property
     def nbytes(self) -> int:
-        return self.loss_sums.nbytes + self.correct.nbytes + 32
+        extra = 0 if self.image_losses is None else self.image_losses.nbytes
+        return self.loss_sums.nbytes + self.correct.nbytes + extra + 32
 
 
 def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
     started = time.perf_counter()
+    if task.activity:
+        loss_sums, correct, image_losses = evaluator.evaluate_activity(
+            theta, task.layer, task.signs, task.noise_std, task.image_indices, task.unit_from
+        )
+        return TileResult(
+            task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started, image_losses=image_losses
+        )
     if task.layer:
         loss_sums, correct = evaluator.evaluate_layer(
             theta,

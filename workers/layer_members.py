@@ -24,6 +24,14 @@ later layers then see a change in one unit: layer 2's pre-activation moves by an
 (delta h1_j) W2[j, :], layer 3's by (delta h2_j) W3[j, :]. No 512 x 512 matmul per member: 4-5
 times cheaper than a rank-1 member, so at equal compute the estimate is better aligned (docs/results.md).
 
+**Activity members** (``kind: activity``, every layer) are not weight-space ES but activity
+perturbation (node perturbation; Widrow and Lehr 1990), forward passes only: pair i moves unit i's
+pre-activation (the matmul output, before its flush) by +sigma and by -sigma on every image, and
+every image's loss comes back. Image n's central difference is its slope along that unit; the layer's
+estimate is (layer input)^T slopes (``activity_estimate``), B nearly independent samples per pair
+where a weight-space member sums its B losses into one. They read no noise table rows; the
+forward is a unit member's (``activity_forward``).
+
 A rank-1 layer-1 member costs the second and third layers' matmuls (x W1 and x U are shared by the
 tile); layer-2 and layer-3 members and unit members cost only elementwise work and small matmuls.
 No Ray, no I/O.
@@ -40,6 +48,7 @@ from es_workers import members, network
 
 LAYERS = (1, 2, 3)
 INPUTS, HIDDEN, OUTPUTS = network.LAYER_SIZES[0], network.LAYER_SIZES[1], network.LAYER_SIZES[-1]
+UNITS = dict(zip(LAYERS, network.LAYER_SIZES[1:]))  # each layer's units: what its activity members move
 
 
 def param_range(layer: int) -> tuple[int, int]:
@@ -166,9 +175,11 @@ def second_layer_forward(
     return network.epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), b3)
 
 
-def unit_indices(first_member: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The hidden unit each of ``count`` members from ``first_member`` on moves: pair i moves unit i mod 512."""
-    return torch.div(torch.arange(first_member, first_member + count, device=device), 2, rounding_mode="floor") % HIDDEN
+def unit_indices(
+    first_member: int, count: int, device: torch.device | str = "cpu", units: int = HIDDEN
+) -> torch.Tensor:
+    """The unit each of ``count`` members from ``first_member`` on moves: pair i moves unit i mod ``units``."""
+    return torch.div(torch.arange(first_member, first_member + count, device=device), 2, rounding_mode="floor") % units
 
 
 def unit_factors(noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,13 +204,30 @@ def unit_first_layer_forward(
     the tile: ``xu = x U`` (x with no subspace), the center's ``z1 = x W1``, ``h1`` and ``z2 = h1 W2``.
     Member i adds ``scales_i * c * x U a_i`` to column units_i of z1 and ``scales_i * e_i`` to that bias;
     layer 2's pre-activation moves by the outer product of that unit's change with its row of W2."""
-    _, b1, w2, b2, w3, b3 = network.unflatten(theta)
+    b1 = network.unflatten(theta)[1]
     a, e = unit_factors(noise)
-    ops = network.epilogues(arithmetic, fused)
     column = z1[:, units].T + (scales * input_scale(subspace))[:, None] * torch.mm(a, xu.T)
-    change = ops.hidden1(column, (b1[units] + scales * e)[:, None]) - h1[:, units].T
+    return _first_layer_unit_moved(column, (b1[units] + scales * e)[:, None], units, h1, z2, theta, arithmetic, fused)
+
+
+def _first_layer_unit_moved(column, bias, units, h1, z2, theta, arithmetic: str, fused: bool) -> torch.Tensor:
+    """(m, B, 10) logits with first-layer unit units_i's pre-activation (before its flush) set to
+    column_i (m, B) and its bias to bias_i: layer 2's pre-activation moves by the outer product of the
+    unit's change with its row of W2."""
+    _, _, w2, b2, w3, b3 = network.unflatten(theta)
+    ops = network.epilogues(arithmetic, fused)
+    change = ops.hidden1(column, bias) - h1[:, units].T
     h2 = ops.hidden2_moved(z2, change, w2[units], b2)  # fused: one kernel, no (m, B, 512) temporary
     return ops.logits(torch.matmul(h2, w3), b3)
+
+
+def _second_layer_unit_moved(column, bias, units, h2, z3, theta, arithmetic: str, fused: bool) -> torch.Tensor:
+    """(m, B, 10) logits with second-layer unit units_i's pre-activation set to column_i and its bias to
+    bias_i: the logits' pre-activation moves by the unit's change times its row of W3."""
+    w3, b3 = network.unflatten(theta)[4:]
+    ops = network.epilogues(arithmetic, fused)
+    change = ops.hidden2(column, bias) - h2[:, units].T
+    return ops.logits(network.moved(z3, change, w3[units]), b3)
 
 
 def unit_second_layer_forward(
@@ -218,12 +246,59 @@ def unit_second_layer_forward(
     """(m, B, 10) logits of m layer-2 unit members, from the center's ``h1q = h1 Q`` (``h1`` itself with
     no subspace; Q: ``hidden_basis``), ``z2 = h1 W2``, ``h2`` and ``z3 = h2 W3`` (shared by the tile):
     member i adds ``scales_i * c * h1 Q a_i`` to column units_i of z2."""
-    _, _, _, b2, w3, b3 = network.unflatten(theta)
+    b2 = network.unflatten(theta)[3]
     a, e = unit_factors(noise)
-    ops = network.epilogues(arithmetic, fused)
     column = z2[:, units].T + (scales * input_scale(subspace, HIDDEN))[:, None] * torch.mm(a, h1q.T)
-    change = ops.hidden2(column, (b2[units] + scales * e)[:, None]) - h2[:, units].T
-    return ops.logits(network.moved(z3, change, w3[units]), b3)
+    return _second_layer_unit_moved(column, (b2[units] + scales * e)[:, None], units, h2, z3, theta, arithmetic, fused)
+
+
+def activity_forward(
+    layer: int,
+    center: tuple[torch.Tensor, ...],
+    theta: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    arithmetic: str,
+    fused: bool = False,
+) -> torch.Tensor:
+    """(m, B, 10) logits of m activity members of ``layer``: member i moves unit units_i's pre-activation
+    (the matmul output, before its flush) by scales_i on every image, and nothing else. ``center``: the
+    unperturbed network's (x W1, h1, z2 = h1 W2, h2, z3 = h2 W3) on the images, shared by the tile.
+    Layer 1's and 2's are unit members whose column moves by a constant; layer 3's move one logit."""
+    xw1, h1, z2, h2, z3 = center
+    _, b1, _, b2, _, b3 = network.unflatten(theta)
+    shift = scales[:, None]
+    if layer == 1:
+        return _first_layer_unit_moved(
+            xw1[:, units].T + shift, b1[units, None], units, h1, z2, theta, arithmetic, fused
+        )
+    if layer == 2:
+        return _second_layer_unit_moved(
+            z2[:, units].T + shift, b2[units, None], units, h2, z3, theta, arithmetic, fused
+        )
+    one_hot = torch.nn.functional.one_hot(units, OUTPUTS).to(z3.dtype)  # z + s * 0 is z, bit for bit
+    return network.epilogues(arithmetic, fused).logits(network.moved(z3, shift.expand(-1, z3.shape[0]), one_hot), b3)
+
+
+def center_inputs(x: torch.Tensor, theta: torch.Tensor, arithmetic: str) -> tuple[torch.Tensor, ...]:
+    """Each layer's input at the center, (x, h1, h2) in the scaled frame: what an activity estimate
+    multiplies its per-image slopes by (eager epilogues, equal bit for bit to the fused ones)."""
+    w1, b1, w2, b2 = network.unflatten(theta)[:4]
+    ops = network.epilogues(arithmetic)
+    h1 = ops.hidden1(torch.mm(x, w1), b1)
+    return x, h1, ops.hidden2(torch.mm(h1, w2), b2)
+
+
+def activity_estimate(layer_input: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """The ascent direction on fitness (minus the mean loss) of one layer's weight and bias, flat in
+    theta's order, from ``slopes`` (B, units): d loss_n / d (unit j's pre-activation on image n), as
+    activity members measure them. The pre-activation is layer_input W (+ the bias), so its weight's
+    gradient is layer_input^T slopes and its bias's the slopes' sum: exact float32 algebra of the
+    matmul, no error carried back through any weight (Widrow and Lehr 1990, node perturbation)."""
+    batch = layer_input.shape[0]
+    with network.single_threaded() if slopes.device.type == "cpu" else contextlib.nullcontext():
+        weight = torch.mm(layer_input.T, slopes)
+        return torch.cat([weight.flatten(), slopes.sum(dim=0)]).div_(-batch)
 
 
 def estimate(
