@@ -3,7 +3,8 @@ place besides backprop where autograd runs, and never part of ES training.
 
   * ``alignment``: one generation's estimate from the service itself (its plan, evaluator and update
     estimate, in-process) at a theta, against minus the masked autograd gradient of the cross-entropy
-    on the same minibatch, per parameter block (the cosine of i.i.d. noise is about 1/sqrt(block size)).
+    on the same minibatch, per parameter block (the cosine of i.i.d. noise is about 1/sqrt(block size)),
+    and the seconds the estimate took (median over the generations measured).
   * ``capacity``: masked backprop restricted to layer members' search space (W1 = W1_0 + U M with U the
     images' top-k principal components, only M and the later layers trained; optionally W2 frozen):
     how much accuracy that space can hold, whatever estimator searches it.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import numpy as np
 import torch
@@ -63,24 +65,32 @@ def block_cosines(estimate_: torch.Tensor, gradient: torch.Tensor) -> dict[str, 
 
 def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int, ...] = (0,)) -> dict:
     """Per-block cosines of the service's estimate at ``theta`` for each planned generation (each its own
-    members and minibatch), with their mean."""
+    members and minibatch), with their mean, and the seconds each estimate took (every member's
+    evaluation, the shaping and the update's estimate; the first may include compiling fused kernels,
+    so the summary is the median)."""
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
     basis = planning.layer1_basis(config, data.train_images)
+    arithmetic = config.network.arithmetic
     executor = LocalExecutor(
-        table, data.train_images, data.train_labels, config.network.arithmetic, "cpu", config.workers.fused, basis=basis
+        table, data.train_images, data.train_labels, arithmetic, "cpu", config.workers.fused, basis=basis
     )
     rows = []
     for generation in generations:
         plan = planning.make_plan(config, generation, data.train_images.shape[0])
-        grad = estimate(table, basis, plan, shaped_update(config, plan, executor.run_generation(theta, plan))[0], theta)
+        started = time.perf_counter()
+        update = shaped_update(config, plan, executor.run_generation(theta, plan))[0]
+        grad = estimate(table, basis, plan, update, theta, data.train_images, arithmetic)
+        seconds = time.perf_counter() - started
         index = torch.as_tensor(plan.batch_indices)
         x = data.train_images[index].reshape(-1, 784).float() / 255.0
-        rows.append(block_cosines(grad, masked_gradient(theta, x, data.train_labels[index], config.network.arithmetic)))
-    names = [name for name in BLOCKS if all(name in row for row in rows)]
+        cosines = block_cosines(grad, masked_gradient(theta, x, data.train_labels[index], arithmetic))
+        rows.append({"cosines": cosines, "seconds": seconds})
+    names = [name for name in BLOCKS if all(name in row["cosines"] for row in rows)]
     return {
         "generations": list(generations),
         "per_generation": rows,
-        "mean": {name: float(np.mean([row[name] for row in rows])) for name in names},
+        "mean": {name: float(np.mean([row["cosines"][name] for row in rows])) for name in names},
+        "seconds": float(np.median([row["seconds"] for row in rows])),
     }
 
 

@@ -31,6 +31,19 @@ def test_the_service_estimate_points_along_the_masked_gradient(mnist):
     assert len(result["per_generation"]) == 2
     assert result["mean"]["W3"] > 0.1
     assert abs(result["mean"]["W2"]) < 0.05  # 8 whole rank-1 members: W2's estimate is noise
+    seconds = [row["seconds"] for row in result["per_generation"]]
+    assert all(value > 0 for value in seconds) and min(seconds) <= result["seconds"] <= max(seconds)
+
+
+def test_alignment_of_activity_members_reads_the_images(mnist):
+    """Layer-3 activity members (one pair per logit) need the training images for their estimate
+    (input^T slopes): at the seed's initialisation W3's estimate is close to minus the gradient."""
+    config = tiny_config(
+        "es.pop_size=0", "es.w1.step_scale=0", "es.w2.step_scale=0", "es.w3.pop_size=20", "es.w3.kind=activity"
+    )
+    result = diagnostics.alignment(config, planning.seed_theta(config.seed), mnist)
+    assert result["mean"]["W3"] > 0.5 and result["seconds"] > 0
+    assert set(result["mean"]) == {"W3"}  # b3 starts at 0, which the flushes pass no gradient
 
 
 def test_displacement_of_a_random_walk_is_at_the_noise_share():
