@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=3, help="minibatches (B = 256) to average over")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="docs/results/2026-12-07-cpu-per-image/gates")
+    parser.add_argument("--note", default="", help="added to the record's note (e.g. where the checkpoint came from)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     thetas = {"init": planning.seed_theta(0)}
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "commit": commit,
         "threads": args.threads,
-        "note": "the CPU was shared with a training run: seconds are upper bounds and only roughly comparable",
+        "note": f"the CPU was shared with a training run: seconds are upper bounds, roughly comparable. {args.note}",
         "arithmetic": ARITHMETIC,
         "batch_size": 256,
         "batches": args.batches,
@@ -256,8 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gates.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "gates.md").write_text(table(rows, list(thetas)))
-    print(table(rows, list(thetas)))
+    head = (
+        f"Per-image gates ({result['date']}, {cpu}, torch {torch.__version__}, {args.threads} threads, commit"
+        f" {commit[:7]}): cosine with minus the masked gradient ({ARITHMETIC}, B = 256, mean over {args.batches}"
+        f" minibatches) per weight matrix, and the median seconds per estimate. {result['note']}\n\n"
+    )
+    (out / "gates.md").write_text(head + table(rows, list(thetas)))
+    print(head + table(rows, list(thetas)))
 
 
 if __name__ == "__main__":
