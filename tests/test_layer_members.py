@@ -456,3 +456,7 @@ def test_activity_members_do_not_depend_on_threads_or_tile_mates(mnist):
         torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=1
     ).evaluate_activity(theta, 1, np.tile(np.array([1.0, -1.0], dtype=np.float32), 32), 0.3, images, 0)
     assert np.array_equal(whole[2], one[2])
+    batched = PopulationEvaluator(
+        torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True
+    ).evaluate_activity(theta, 1, np.tile(np.array([1.0, -1.0], dtype=np.float32), 32), 0.3, images, 0)
+    assert np.allclose(batched[2], whole[2], rtol=1e-4, atol=1e-5)  # the GPU's path, in larger chunks
