@@ -14,6 +14,7 @@ Writes a run directory in the same format as ES runs (metrics.jsonl, run.json, c
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,7 @@ def train_backprop(
     log.truncate_after(start_epoch)
     started = time.monotonic()
     record: dict = {"generation": start_epoch}
-    with StopSignals() as stop:
+    with StopSignals() as stop, contextlib.closing(log):
         for epoch in range(start_epoch + 1, epochs + 1):
             epoch_start = time.perf_counter()
             order = torch.randperm(images.shape[0], generator=generator).to(device)

@@ -184,4 +184,6 @@ class Trainer:
             except Exception:
                 self.checkpoint()  # theta only changes at a generation's end, so this state is consistent
                 raise
+            finally:
+                self.metrics.close()
         return last_record

@@ -3,6 +3,11 @@
 A crash (or a full disk) in the middle of an append leaves a torn last line; readers drop it, as a
 database drops a torn log record, and the resume that follows recomputes that generation. A damaged
 line anywhere else is not a crash's doing and is refused.
+
+Every numeric field also goes to TensorBoard event files in the same directory (the format Ray Tune
+writes), where the ``tensorboard`` package is installed (the README's set-up installs it); without it
+a run writes metrics.jsonl alone. A resume opens its writer with ``purge_step`` at the checkpoint's
+next generation, so TensorBoard drops the events a crash left past it, as metrics.jsonl drops lines.
 """
 
 from __future__ import annotations
@@ -33,12 +38,25 @@ def _parse(line: str) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("generation"), int) else None
 
 
+def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
+    """A TensorBoard ``SummaryWriter`` for ``log_dir``, or None where the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
 class MetricsLog:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tensorboard: bool = True):
         self.path = Path(path)
+        self.tensorboard = tensorboard
+        self._writer = None
+        self._purge_step: int | None = None
 
     def truncate_after(self, generation: int) -> None:
         """Drop lines past a checkpoint's generation (and a torn last line): a resume recomputes them identically."""
+        self._purge_step = generation + 1
         if not self.path.exists():
             return
         kept = [record for record in read(self.path) if record["generation"] <= generation]
@@ -49,8 +67,29 @@ class MetricsLog:
         try:
             with open(self.path, "a") as handle:
                 handle.write(line)
+            self._to_tensorboard(record)
         except OSError as err:
             raise rundir.disk_full(self.path, err) or err from None
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
+        if not self.tensorboard:
+            return
+        if self._writer is None:
+            self._writer = tensorboard_writer(self.path.parent, self._purge_step)
+            if self._writer is None:
+                self.tensorboard = False
+                return
+        step = record["generation"]
+        for key, value in record.items():
+            if key not in ("generation", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:

@@ -166,3 +166,33 @@ def test_checkpoint_then_continue_equals_uninterrupted(mnist, tmp_path, sets):
         state=TrainState(state["theta"], state["optimizer"], state["generation"]),
     )
     assert torch.equal(resumed.theta, full.theta)
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard reads back from a run directory's event files, as (step, value) lists."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_metrics_go_to_tensorboard_and_a_resume_drops_what_came_after_its_checkpoint(mnist, tmp_path):
+    """The event files hold every numeric metric of every generation, as metrics.jsonl does; a run
+    resumed from generation 2 after generations 3 and 4 were logged leaves one value per step."""
+    pytest.importorskip("tensorboard")
+    import json
+
+    from es_service import checkpoint
+
+    run_local(tiny_config(), mnist, tmp_path, generations=2)
+    kept = checkpoint.load(tmp_path / "checkpoint.pt")
+    for _ in range(2):  # generations 3 and 4, then again from the checkpoint at 2
+        run_local(tiny_config(), mnist, tmp_path, state=TrainState(kept["theta"], kept["optimizer"], 2))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(tmp_path)
+    assert [step for step, _ in scalars["fitness_mean"]] == [1, 2, 3, 4]
+    for name in ("fitness_mean", "theta_norm", "step_norm"):
+        assert [step for step, _ in scalars[name]] == [r["generation"] for r in records]
+        assert [value for _, value in scalars[name]] == pytest.approx([r[name] for r in records], rel=1e-6)
+    assert [step for step, _ in scalars["test_accuracy"]] == [2, 4]
