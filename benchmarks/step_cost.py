@@ -7,7 +7,7 @@ without the center's evaluation). The yardstick is backprop through the explicit
 gradients, es_service.backprop) with torch's Adam on the same theta and batch size: it never trains
 anything here, it only prices a step.
 
-    python -m benchmarks.step_cost --config configs/mnist_es.yaml [--rounds 15] [--out FILE]
+    python -m benchmarks.step_cost --config configs/mnist_es.yaml [--rounds 15] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -60,9 +60,16 @@ def backprop_step(config: Config, data):
     return step
 
 
-def measure(config: Config, data, rounds: int, warmup: int = 2) -> dict:
-    """Per-round seconds of each step and their ratios; the median ratio is the figure to quote."""
+def measure(config: Config, data, rounds: int, warmup: int = 2, threads: int = 1) -> dict:
+    """Per-round seconds of each step and their ratios; the median ratio is the figure to quote.
+
+    ``threads``: torch's thread count for both (the evaluator runs one member chunk per thread). One
+    thread each prices a step per core and holds on a shared machine: there a two-thread OpenMP matmul
+    waits for a descheduled partner (a masked-autograd step measured 0.75 s with 2 threads beside a
+    training run, 0.03 s with 1)."""
     config = config.model_copy(update={"eval": config.eval.model_copy(update={"every": 10**9})})
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as run_dir:
         times = interleaved_times(
             {"es_step": es_step(config, data, Path(run_dir)), "backprop_step": backprop_step(config, data)},
@@ -70,6 +77,7 @@ def measure(config: Config, data, rounds: int, warmup: int = 2) -> dict:
             rounds,
             warmup,
         )
+    torch.set_num_threads(saved)
     ratios = [es / bp for es, bp in zip(times["es_step"], times["backprop_step"])]
     return {
         "es_step_s_median": statistics.median(times["es_step"]),
@@ -78,6 +86,7 @@ def measure(config: Config, data, rounds: int, warmup: int = 2) -> dict:
         "ratios": ratios,
         "times": times,
         "batch_size": config.es.batch_size,
+        "threads": threads,
     }
 
 
@@ -86,13 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both steps (default 1)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     config = load(args.config, args.overrides)
-    result = measure(config, load_data(config), args.rounds)
+    result = measure(config, load_data(config), args.rounds, threads=args.threads)
     print(
         f"ES step {result['es_step_s_median']:.3f} s, masked-autograd step {result['backprop_step_s_median']:.4f} s: "
-        f"ratio {result['ratio_median']:.1f} (median of {args.rounds} rounds)"
+        f"ratio {result['ratio_median']:.1f} (median of {args.rounds} rounds, {args.threads} thread(s))"
     )
     write_json(
         args.out, {"config": args.config, "overrides": args.overrides, **device_facts(torch.device("cpu")), **result}
