@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from es_service import rundir
-from es_service.config import WARM_START_STAGES
+from es_service.config import WARM_START_STAGES, ConfigError
+from es_service.config import load as load_config
 from es_service.metrics import read as read_metrics
 from es_service.plot import PlotUnavailable, plot_runs
 
@@ -25,11 +26,9 @@ def summarize(run_dir: Path) -> dict:
     records = read_metrics(metrics_path)
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     last = evaluated[-1] if evaluated else {}
-    try:
-        import yaml
-
-        arithmetic = yaml.safe_load((run_dir / rundir.CONFIG_NAME).read_text())["network"]["arithmetic"]
-    except Exception:
+    try:  # the bounded loader: a run directory's config.yaml is input like any other
+        arithmetic = load_config(run_dir / rundir.CONFIG_NAME).network.arithmetic
+    except ConfigError:
         arithmetic = "?"
     method, wall_s = info.get("method", "es"), sum(r.get("wall_s", 0.0) for r in records)
     stages = [
