@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from es_service import rundir
 from es_service.config import WARM_START_STAGES, ConfigError
 from es_service.config import load as load_config
 from es_service.metrics import read as read_metrics
-from es_service.plot import PlotUnavailable, plot_runs
+from es_service.plot import PlotUnavailable, plot_runs, printable
 
 
 class ReportError(RuntimeError):
@@ -40,7 +41,7 @@ def summarize(run_dir: Path) -> dict:
         method += f" after {'+'.join(str(len(epochs)) for epochs in stages)} backprop epochs"
         wall_s += sum(r.get("wall_s", 0.0) for epochs in stages for r in epochs)
     return {
-        "run": run_dir.name,
+        "run": printable(run_dir.name),
         "method": method,
         "arithmetic": arithmetic,
         "train_accuracy": last.get("train_accuracy"),
@@ -71,10 +72,42 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_plot_path(plot_path: Path, run_dirs: list[Path]) -> None:
+    """Refuse a --plot that would write over anything but an earlier chart, or into a run directory
+    (a run's files are its own: a chart saved as its checkpoint.pt would end the run)."""
+    shown = repr(printable(str(plot_path)))
+    for run_dir in run_dirs:
+        if plot_path.resolve().is_relative_to(run_dir.resolve()):
+            raise ReportError(
+                f"--plot {shown} lies inside the run directory {printable(str(run_dir))!r}, whose files "
+                "only its run writes; pass a path outside it, e.g. --plot report.png"
+            )
+    if plot_path.exists() and not plot_path.is_file():
+        raise ReportError(f"--plot {shown} exists and is not a file; pass the path of a new PNG")
+    if plot_path.exists():
+        with plot_path.open("rb") as file:
+            if file.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                raise ReportError(
+                    f"--plot {shown} exists and is not a PNG; refusing to write over it: pass a new file name"
+                )
+    folder = plot_path.parent
+    if not folder.is_dir():
+        raise ReportError(
+            f"--plot {shown}: the folder {printable(str(folder))!r} does not exist; create it, or pass a "
+            "--plot in an existing folder"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ReportError(f"--plot {shown}: the folder is not writable by this user; pass a --plot elsewhere")
+
+
 def report(run_dirs: list[Path], plot_path: Path) -> str:
+    check_plot_path(plot_path, run_dirs)
     rows = [summarize(path) for path in run_dirs]
     try:
         plot_runs([(path.name, read_metrics(path / rundir.METRICS_NAME)) for path in run_dirs], plot_path)
     except PlotUnavailable as err:  # the table is the report; the chart is the part that can wait
         return render(rows) + f"\n\nwarning: learning curves not drawn: {err}"
-    return render(rows) + f"\n\nlearning curves: {plot_path}"
+    return render(rows) + f"\n\nlearning curves: {printable(str(plot_path))}"
