@@ -331,15 +331,15 @@ def _config_error(error: ValidationError) -> ConfigError:
     if problem["type"] == "literal_error":
         allowed = ", ".join(typing.get_args(_model_at(loc[:-1]).model_fields[loc[-1]].annotation))
         if not isinstance(value, str):
-            return ConfigError(f"{path}: expected a string ({allowed}), got {_shown(value)}")
-        return ConfigError(f"{path}: {_shown(value)}; allowed: {allowed}")
+            return ConfigError(f"{path}: expected a string ({allowed}), got {shown(value)}")
+        return ConfigError(f"{path}: {shown(value)}; allowed: {allowed}")
     expected = _EXPECTED.get(problem["type"])
     if expected:
-        return ConfigError(f"{path}: expected {expected}, got {_shown(value)}")
-    return ConfigError(f"{path}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {_shown(value)}")
+        return ConfigError(f"{path}: expected {expected}, got {shown(value)}")
+    return ConfigError(f"{path}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {shown(value)}")
 
 
-def _shown(value: Any, limit: int = 80) -> str:
+def shown(value: Any, limit: int = 80) -> str:
     """repr(value), cut to ``limit`` characters: whatever the input, a message stays one readable line."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
@@ -380,7 +380,7 @@ def validate(config: Config) -> Config:
     es, workers, arithmetic = config.es, config.workers, config.network.arithmetic
     for name, limit in INT_LIMITS.items():
         value = functools.reduce(getattr, name.split("."), config)
-        _require(value <= limit, f"{name}: {_shown(value)} is more than any run can use; use at most {limit:,}")
+        _require(value <= limit, f"{name}: {shown(value)} is more than any run can use; use at most {limit:,}")
     _require(config.seed >= 0, f"seed: {config.seed} is negative; use an integer >= 0")
     _require(config.generations >= 1, f"generations: {config.generations}; use an integer >= 1")
     _require(
@@ -637,17 +637,17 @@ def _yaml_problem(err: Exception) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``key.sub=value`` into a key path and a YAML-parsed value."""
     if "=" not in text:
-        raise ConfigError(f"--set {_shown(text)}: expected key=value, e.g. --set es.noise_std=0.02")
+        raise ConfigError(f"--set {shown(text)}: expected key=value, e.g. --set es.noise_std=0.02")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {_shown(text)}: empty key; expected key=value, e.g. --set generations=50")
+        raise ConfigError(f"--set {shown(text)}: empty key; expected key=value, e.g. --set generations=50")
     try:
         return key.split("."), safe_yaml.load(raw) if raw != "" else None
     except safe_yaml.TooLarge as err:
-        raise ConfigError(f"--set {_shown(text)} {err}") from None
+        raise ConfigError(f"--set {shown(text)} {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(
-            f"--set {_shown(text)}: the value is not valid YAML{_yaml_problem(err)}; "
+            f"--set {shown(text)}: the value is not valid YAML{_yaml_problem(err)}; "
             "quote a string value, e.g. --set 'key=\"text\"'"
         ) from None
 
@@ -677,7 +677,7 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {_shown(text)}: {part} is not a section")
+                raise ConfigError(f"--set {shown(text)}: {part} is not a section")
         node[path[-1]] = value
     try:
         return Config.model_validate(data)
@@ -713,7 +713,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file {str(path)!r}: expected a mapping of fields at the top level, got {_shown(data)} "
+            f"config file {str(path)!r}: expected a mapping of fields at the top level, got {shown(data)} "
             "(e.g. `generations: 100`)"
         )
     return from_dict(data, overrides)
