@@ -321,7 +321,8 @@ def _config_error(error: ValidationError) -> ConfigError:
     problem = min(error.errors(include_url=False), key=_position)
     if isinstance(problem.get("ctx", {}).get("error"), ConfigError):  # raised by a rule in ``validate``
         return problem["ctx"]["error"]
-    loc = [str(part) for part in problem["loc"]]
+    # a key is the user's text: an empty, long or unprintable one (a line break) is shown quoted and cut
+    loc = [part if part.isprintable() and 0 < len(part) <= 40 else shown(part, 40) for part in map(str, problem["loc"])]
     path, value = ".".join(loc) or "the config", problem["input"]
     if problem["type"] == "extra_forbidden":
         return ConfigError(
@@ -629,6 +630,9 @@ def physical_memory() -> int | None:
 
 
 def _yaml_problem(err: Exception) -> str:
+    if isinstance(err, yaml.reader.ReaderError):  # its str() spans two lines
+        character = chr(err.character) if isinstance(err.character, int) else err.character
+        return f" at character {err.position + 1}: {character!r} ({err.reason})"
     mark = getattr(err, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     return f"{where}: {getattr(err, 'problem', None) or type(err).__name__}"

@@ -96,7 +96,8 @@ class _Loader(yaml.SafeLoader):
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as err:  # a scalar no plain type holds, e.g. a 13th month
+        # a scalar no plain type holds: a 13th month, `!!float x`; AttributeError: `!!timestamp x`
+        except (ValueError, OverflowError, AttributeError) as err:
             raise yaml.constructor.ConstructorError(None, None, str(err), node.start_mark) from None
 
     def _count(self, nodes: int, event: yaml.Event) -> None:
