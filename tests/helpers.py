@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from es_service.executors import LocalExecutor
 from es_workers import noise
 
 REPO = Path(__file__).resolve().parents[1]
+FUZZ_EXAMPLES: Counter[str] = Counter()
+"""Examples the fuzz tests (test_fuzz_inputs) passed, by where they ran and how they ended; conftest
+prints the totals."""
 BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed
 # Client settings that would point a test's commands at some other Ray (or its token)
 CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
@@ -95,9 +99,11 @@ def cli(
     cwd: Path | str | None = None,
     check: bool = True,
     timeout: float = 600,
+    preexec_fn=None,
 ) -> subprocess.CompletedProcess:
     """``es-service ARGS`` (as ``python -m es_service.cli``) in a subprocess, as a user runs it, output
-    captured as text; ``env`` defaults to ``cli_env()``. ``check``: fail unless it exits 0, showing its output."""
+    captured as text; ``env`` defaults to ``cli_env()``. ``check``: fail unless it exits 0, showing its output.
+    ``preexec_fn`` runs in the child before the command (e.g. to set a resource limit)."""
     result = subprocess.run(
         _cli_command(args),
         env=cli_env() if env is None else env,
@@ -105,6 +111,7 @@ def cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -123,6 +130,19 @@ def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | N
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def finished_run(folder: Path, env: dict[str, str], *overrides: str) -> Path:
+    """folder/run: TINY (with ``overrides``) trained to the end by the CLI, for tests that check what
+    other commands leave beside them."""
+    config = write_config(folder / "tiny.yaml", tiny_config(*overrides))
+    cli("train", "--config", config, "--run-dir", folder / "run", "--quiet", env=env, cwd=folder)
+    return folder / "run"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path: what "left byte for byte as it was" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
