@@ -120,7 +120,9 @@ def cli(
     return result
 
 
-def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None) -> subprocess.Popen:
+def start_cli(
+    *args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None, preexec_fn=None
+) -> subprocess.Popen:
     """The same command left running: stdout and stderr piped, as text."""
     return subprocess.Popen(
         _cli_command(args),
@@ -129,6 +131,7 @@ def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
 
 

@@ -50,7 +50,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
 AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a read-only mode")
 
 
-def unwritable(tmp: Path) -> list[str]:
+def unwritable(tmp: Path, _beside: Path) -> list[str]:
     folder = tmp / "locked"
     folder.mkdir()
     folder.chmod(0o500)
@@ -83,13 +83,19 @@ def run(call: Call, env: dict[str, str], tmp: Path) -> subprocess.CompletedProce
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
         return cli(*call.args, env=env, cwd=call.cwd or tmp, check=False, preexec_fn=cap if limit else None)
-    process = start_cli(*call.args, env=env, cwd=call.cwd or tmp)
+    # SIGINT's default action, as in a terminal: a shell that starts the tests in the background has
+    # them ignore it, the CLI would inherit that, and Python raises KeyboardInterrupt only when it is not ignored
+    process = start_cli(*call.args, env=env, cwd=call.cwd or tmp, preexec_fn=default_sigint)
     maps = Path(f"/proc/{process.pid}/maps")
     while process.poll() is None and "libtorch" not in maps.read_text():
         time.sleep(0.01)  # the CLI maps torch in main(), after its module loads and before any run starts
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=600)
     return subprocess.CompletedProcess(call.args, process.returncode, stdout, stderr)
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def nested_aliases(tmp: Path) -> str:
