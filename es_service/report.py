@@ -73,17 +73,26 @@ def render(rows: list[dict]) -> str:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUN_FILES = {
+    rundir.CONFIG_NAME,
+    rundir.RUN_INFO_NAME,
+    rundir.METRICS_NAME,
+    rundir.CHECKPOINT_NAME,
+    rundir.PLOT_NAME,
+    rundir.LOCK_NAME,
+    "warm_start",
+}
 
 
 def check_plot_path(plot_path: Path, run_dirs: list[Path]) -> None:
-    """Refuse a --plot that would write over anything but an earlier chart, or into a run directory
-    (a run's files are its own: a chart saved as its checkpoint.pt would end the run)."""
-    shown = repr(printable(str(plot_path)))
+    """Refuse a --plot that would write over anything but an earlier chart, or over a run's own files
+    (a chart saved as a run's checkpoint.pt would end the run; its learning_curve.png is the run's to draw)."""
+    shown, target = repr(printable(str(plot_path))), plot_path.resolve()
     for run_dir in run_dirs:
-        if plot_path.resolve().is_relative_to(run_dir.resolve()):
+        if any(target.is_relative_to(run_dir.resolve() / name) for name in RUN_FILES):
             raise ReportError(
-                f"--plot {shown} lies inside the run directory {printable(str(run_dir))!r}, whose files "
-                "only its run writes; pass a path outside it, e.g. --plot report.png"
+                f"--plot {shown} is one of the files of the run directory {printable(str(run_dir))!r}, which "
+                "only its run writes; pass another path, e.g. --plot report.png"
             )
     if plot_path.exists() and not plot_path.is_file():
         raise ReportError(f"--plot {shown} exists and is not a file; pass the path of a new PNG")

@@ -165,7 +165,7 @@ ROWS = {
     "report --plot onto a run's checkpoint": (
         lambda t, b: ["report", str(b), "--plot", str(b / "checkpoint.pt")],
         2,
-        ["--plot", "inside the run directory", "report.png"],
+        ["--plot", "checkpoint.pt", "one of the files of the run directory", "report.png"],
     ),
     "report --plot onto a file that is not a PNG": (
         lambda t, b: ["report", str(b), "--plot", str(file_at(t / "notes.txt"))],
