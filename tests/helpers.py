@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -32,6 +33,19 @@ from es_service.executors import LocalExecutor
 from es_workers import noise
 
 REPO = Path(__file__).resolve().parents[1]
+CLI_DATA_LIMIT_MB = 1536
+"""The memory cap of a CLI fed a config that once took 3.4 GB: torch and MNIST fit below it, the config's
+expansion would not (RLIMIT_DATA counts the heap and anonymous mappings, not mapped libraries)."""
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}
+"""For a CLI under the cap: the CUDA driver's own reservations are not what the cap measures."""
+
+
+def cap_cli_memory() -> None:
+    """A subprocess's preexec_fn: its RLIMIT_DATA at CLI_DATA_LIMIT_MB."""
+    limit = CLI_DATA_LIMIT_MB << 20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 FUZZ_EXAMPLES: Counter[str] = Counter()
 """Examples the fuzz tests (test_fuzz_inputs) passed, by where they ran and how they ended; conftest
 prints the totals."""

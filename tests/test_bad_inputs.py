@@ -7,18 +7,17 @@ gigabytes or a traceback, and commands that must still succeed (and say nothing 
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TINY, cli, error_line, snapshot, start_cli, write_config
+from tests.helpers import NO_CUDA, TINY, cap_cli_memory, cli, error_line, snapshot, start_cli, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -64,34 +63,31 @@ class Call:
 
     args: list[str]
     cwd: Path | None = None
-    data_limit_mb: int | None = None
+    capped: bool = False  # memory capped (helpers.cap_cli_memory), without CUDA
     interrupt: bool = False
-    env: dict[str, str] = field(default_factory=dict)
-
-
-DATA_LIMIT_MB = 1536
-"""The CLI's private memory cap for a config that once took 3.4 GB: torch and MNIST fit below it, the
-config's expansion would not (RLIMIT_DATA counts heap and anonymous mappings, not mapped libraries)."""
 
 
 def run(call: Call, env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**env, **call.env}
     if not call.interrupt:
-        limit = call.data_limit_mb and call.data_limit_mb << 20
-
-        def cap() -> None:
-            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-        return cli(*call.args, env=env, cwd=call.cwd or tmp, check=False, preexec_fn=cap if limit else None)
+        if call.capped:
+            env = {**env, **NO_CUDA}
+        cap = cap_cli_memory if call.capped else None
+        return cli(*call.args, env=env, cwd=call.cwd or tmp, check=False, preexec_fn=cap)
     # SIGINT's default action, as in a terminal: a shell that starts the tests in the background has
     # them ignore it, the CLI would inherit that, and Python raises KeyboardInterrupt only when it is not ignored
     process = start_cli(*call.args, env=env, cwd=call.cwd or tmp, preexec_fn=default_sigint)
-    maps = Path(f"/proc/{process.pid}/maps")
-    while process.poll() is None and "libtorch" not in maps.read_text():
+    while process.poll() is None and not torch_mapped(process.pid):
         time.sleep(0.01)  # the CLI maps torch in main(), after its module loads and before any run starts
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=600)
     return subprocess.CompletedProcess(call.args, process.returncode, stdout, stderr)
+
+
+def torch_mapped(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # gone already
+        return False
 
 
 def default_sigint() -> None:
@@ -223,7 +219,7 @@ ROWS = {
         ["generations", "more than any run can use", "at most 1,000,000,000"],
     ),
     "nested YAML aliases, under a memory cap": (
-        lambda t, b: Call(train(t, "--config", nested_aliases(t)), data_limit_mb=DATA_LIMIT_MB),
+        lambda t, b: Call(train(t, "--config", nested_aliases(t)), capped=True),
         2,
         ["aliases.yaml", "more than 10,000 values, aliases expanded"],
     ),

@@ -13,7 +13,6 @@ conftest.py's terminal summary prints how many were tried and how many fuzz test
 from __future__ import annotations
 
 import copy
-import resource
 import tempfile
 import tracemalloc
 import typing
@@ -26,13 +25,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from es_service.config import Config, ConfigError, load
-from tests.helpers import FUZZ_EXAMPLES, TINY, cli, error_line, snapshot, write_config
+from tests.helpers import FUZZ_EXAMPLES, NO_CUDA, TINY, cap_cli_memory, cli, error_line, snapshot, write_config
 
 IN_PROCESS_EXAMPLES = 300  # per in-process test below
 CLI_EXAMPLES = 6
 MEMORY_LIMIT_MB = 50
 """Most the loader may allocate for one example: the configs are a few KB, the bombs refused unexpanded."""
-CLI_DATA_LIMIT_MB = 1536  # the CLI's heap with torch and MNIST loaded fits; an expanded bomb would not
 
 
 def fuzz_settings(examples: int):
@@ -252,11 +250,6 @@ def test_nested_aliases_are_refused_before_they_expand(text, set_texts):
 # ---- the real CLI ----------------------------------------------------------------------------------
 
 
-def _cap_memory() -> None:
-    limit = CLI_DATA_LIMIT_MB << 20
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-
 @pytest.mark.e2e
 @example(data={**TINY, "es": {**TINY["es"], "noise_std": 0.05}}, set_texts=["eval.every=1"])  # one that trains
 @fuzz_settings(CLI_EXAMPLES)
@@ -275,7 +268,7 @@ def test_generated_configs_through_the_cli(env, beside, data, set_texts):
             config.write_text(data)
         args = ["train", "--config", config, "--run-dir", folder / "run", "--quiet"]
         args += [arg for text in set_texts for arg in ("--set", text)]
-        result = cli(*args, env=env, cwd=folder, check=False, preexec_fn=_cap_memory)
+        result = cli(*args, env={**env, **NO_CUDA}, cwd=folder, check=False, preexec_fn=cap_cli_memory)
         assert result.returncode in (0, 2), result.stderr
         if result.returncode == 0:
             assert result.stderr == "", result.stderr
