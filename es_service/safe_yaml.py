@@ -127,7 +127,7 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
 
 
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
-    digits = sum(char.isdigit() for char in node.value)
+    digits = sum(char.isdigit() for char in node.value) if isinstance(node, yaml.ScalarNode) else 0
     if digits > MAX_INT_DIGITS:  # else Python's own limit speaks, suggesting sys.set_int_max_str_digits
         raise yaml.constructor.ConstructorError(
             None, None, f"an integer of {digits} digits; no field takes one that large", node.start_mark
