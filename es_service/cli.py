@@ -2,7 +2,8 @@
 
 Exit codes: 0 done, 1 the run failed (no workers, cluster unreachable, theta diverged, disk full),
 2 bad input (config, data, checkpoint, run directory, arguments), 130 interrupted (a checkpoint was
-written; `es-service resume RUN_DIR` continues). Every error is one line: the problem and the fix.
+written; `es-service resume RUN_DIR` continues; before the first generation nothing was: run the command
+again). Every error is one line: the problem and the fix.
 """
 
 from __future__ import annotations
