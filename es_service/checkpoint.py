@@ -53,6 +53,14 @@ def save(state: dict[str, Any], path: str | Path) -> None:
 def load(path: str | Path) -> dict[str, Any]:
     """Read and check a checkpoint; raise CheckpointError naming the problem and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory; pass the checkpoint file in it, e.g. {str(path / 'checkpoint.pt')!r}"
+        )
+    if path.exists() and not path.is_file():  # a pipe or a device: reading it could block or never end
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a regular file; pass a checkpoint.pt from a run directory"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint.pt from a run directory")
     try:

@@ -2,19 +2,21 @@
 
 Exit codes: 0 done, 1 the run failed (no workers, cluster unreachable, theta diverged, disk full),
 2 bad input (config, data, checkpoint, run directory, arguments), 130 interrupted (a checkpoint was
-written; `es-service resume RUN_DIR` continues). Every error is one line: the problem and the fix.
+written; `es-service resume RUN_DIR` continues; before the first generation nothing was: run the command
+again). Every error is one line: the problem and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
 from pathlib import Path
 
-from es_service import jobs
-from es_service.config import DEVICES, GRADIENTS
+# Everything else is imported inside main(), where a SIGINT that arrives while it loads is answered
+# with one line rather than a traceback.
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -77,6 +79,9 @@ def _init_from_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from es_service import jobs
+    from es_service.config import DEVICES, GRADIENTS
+
     parser = _Parser(prog="es-service", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="start a run from a YAML config")
@@ -128,7 +133,7 @@ def _overrides(args) -> list[str]:
 
 
 def _dispatch(args) -> dict:
-    from es_service import backprop_runs, runner
+    from es_service import backprop_runs, jobs, runner
     from es_service.config import load
 
     if args.command in jobs.COMMANDS:
@@ -167,6 +172,16 @@ def _dispatch(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # SIGINT before a run installs its handlers (while loading, before the first generation): what
+        # was being built is removed on the way out, and there is no checkpoint to continue from
+        print("es-service: interrupted before the first generation; run the command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from es_service.checkpoint import CheckpointError
     from es_service.config import ConfigError
@@ -189,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     except (Diverged, RunFailed, WriteError) as err:
         print(f"es-service: error: run failed: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        # a path argument no file system accepts: Path.exists and is_file raise rather than answer
+        print(f"es-service: error: a path is too long ({err.strerror}); pass a shorter one", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as err:
         if type(err).__name__ != "NoWorkersError":  # ray_executor is imported only when Ray runs
             raise

@@ -9,6 +9,7 @@ value raises :class:`ConfigError` naming the field, the value and what is allowe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -17,7 +18,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+
+from es_service import safe_yaml
 
 Arithmetic = Literal["tf-ftz", "linear", "cpu-ftz"]
 FitnessKind = Literal["cross_entropy", "accuracy"]
@@ -71,7 +75,8 @@ class NetworkConfig(Section):
 class LayerMembersConfig(Section):
     pop_size: int = 0
     """Members (antithetic pairs) that move only this layer's weight and bias (es_workers.layer_members);
-    ranked among themselves, their estimate replaces the whole members' for this layer (0: none)."""
+    ranked among themselves, their estimate replaces the whole members' for this layer (0: none; at most
+    10,000,000)."""
     noise_scale: float = 1.0
     """Their sigma, as a multiple of the scheduled es.noise_std."""
     step_scale: float = 1.0
@@ -117,8 +122,8 @@ class OutputLayerMembersConfig(LayerMembersConfig):
 
 class ESConfig(Section):
     pop_size: int = 64
-    """Members per generation (even when antithetic). 0 only when every layer has its own members
-    (es.wN.pop_size) or is frozen (es.wN.step_scale: 0)."""
+    """Members per generation (even when antithetic; at most 10,000,000). 0 only when every layer has its own
+    members (es.wN.pop_size) or is frozen (es.wN.step_scale: 0)."""
     antithetic: bool = True
     """Evaluate each noise slice at +sigma and -sigma (mirrored sampling)."""
     noise_std: float = 0.02
@@ -151,7 +156,8 @@ class ESConfig(Section):
     batch_size_final: int | None = None
     """Minibatch size at the last generation (None: constant); grows linearly, rounded to shard_size."""
     shard_size: int = 0
-    """Images per fitness shard (0: the whole batch is one shard). Never derived from the worker count."""
+    """Images per fitness shard (0: the whole batch is one shard; at most 60,000). Never derived from the
+    worker count."""
     w1: FirstLayerMembersConfig = FirstLayerMembersConfig()
     """Layer-1 members: a rank-1 move of W1 (and b1), evaluated from the shared x W1."""
     w2: SecondLayerMembersConfig = SecondLayerMembersConfig()
@@ -186,20 +192,20 @@ class WorkersConfig(Section):
     """Compile each layer's elementwise work into one kernel (torch.compile; bitwise equal to eager, which
     it falls back to if compiling fails)."""
     members_per_tile: int = 8
-    """Population members evaluated together in one tile (one worker call); never changes theta."""
+    """Population members evaluated together in one tile (one worker call; at most 10,000); never changes theta."""
     theta_sync: ThetaSync = "broadcast"
     """How Ray workers get theta each generation; never changes theta. broadcast: from the object store
     (theta's 2.68 MB per worker). replay: each keeps a replica and replays the driver's update from
     O(P) scalars, checked by a fingerprint per result (a snapshot on joining or drifting); see
     docs/scaling.md."""
     count: int = 0
-    """Worker actors (0: one per GPU, else one per cpus_per_worker CPUs in the cluster)."""
+    """Worker actors (0: one per GPU, else one per cpus_per_worker CPUs in the cluster; at most 100,000)."""
     min_count: int = 1
-    """Fewest worker actors the pool keeps (elastic lower bound)."""
+    """Fewest worker actors the pool keeps (elastic lower bound; at most 100,000)."""
     max_count: int = 64
-    """Most worker actors the pool starts (elastic upper bound; asked of the autoscaler)."""
+    """Most worker actors the pool starts (elastic upper bound; asked of the autoscaler; at most 100,000)."""
     cpus_per_worker: int = 1
-    """CPUs each worker actor reserves (and its torch thread count)."""
+    """CPUs each worker actor reserves (and its torch thread count; at most 4096)."""
     gpus_per_worker: float = 0.0
     """GPUs each worker actor reserves (0: evaluate on CPU)."""
     tile_timeout_s: float = 600.0
@@ -210,24 +216,25 @@ class WorkersConfig(Section):
 
 class EvalConfig(Section):
     every: int = 10
-    """Evaluate the center's train/test accuracy every this many generations (and at the end)."""
+    """Evaluate the center's train/test accuracy every this many generations (and at the end; at most 10**9)."""
     train_size: int = 10000
     """Training images used for the periodic train accuracy (0: all 60,000; at most what validation_size leaves)."""
 
 
 class CheckpointConfig(Section):
     every: int = 10
-    """Write a checkpoint every this many generations (and at the end, and on SIGTERM/SIGINT)."""
+    """Write a checkpoint every this many generations (and at the end, and on SIGTERM/SIGINT; at most 10**9)."""
 
 
 class WarmStartConfig(Section):
     epochs: int = 0
     """Backprop epochs (torch autograd + Adam, on the run's training images) before ES; ES starts from
-    their theta, not the seed's initialisation. 0: no warm start (ES from scratch)."""
+    their theta, not the seed's initialisation. 0: no warm start (ES from scratch); at most 100,000."""
     learning_rate: float = 0.001
     """Adam step size of those epochs."""
     finetune_epochs: int = 0
-    """Then this many more epochs with a fresh Adam at finetune_learning_rate (0: none; needs epochs >= 1)."""
+    """Then this many more epochs with a fresh Adam at finetune_learning_rate (0: none; needs epochs >= 1; at
+    most 100,000)."""
     finetune_learning_rate: float = 0.0001
     """Adam step size of the fine-tuning epochs."""
     batch_size: int = 128
@@ -242,9 +249,10 @@ class WarmStartConfig(Section):
 
 class Config(Section):
     seed: int = 0
-    """Base seed: the initialisation, the noise table, member offsets and minibatches all derive from it."""
+    """Base seed: the initialisation, the noise table, member offsets and minibatches all derive from it
+    (0 to 2**63 - 1)."""
     generations: int = 100
-    """Generations to train."""
+    """Generations to train (at most 10**9)."""
     data_dir: str | None = None
     """MNIST location (raw or .gz files); None: ES_DATA_DIR, the user cache, download, registry fallback."""
     validation_size: int = 0
@@ -331,7 +339,8 @@ def _config_error(error: ValidationError) -> ConfigError:
     problem = min(error.errors(include_url=False), key=_position)
     if isinstance(problem.get("ctx", {}).get("error"), ConfigError):  # raised by a rule in ``validate``
         return problem["ctx"]["error"]
-    loc = [str(part) for part in problem["loc"]]
+    # a key is the user's text: an empty, long or unprintable one (a line break) is shown quoted and cut
+    loc = [part if part.isprintable() and 0 < len(part) <= 40 else shown(part, 40) for part in map(str, problem["loc"])]
     path, value = ".".join(loc) or "the config", problem["input"]
     if problem["type"] == "extra_forbidden":
         return ConfigError(
@@ -341,12 +350,18 @@ def _config_error(error: ValidationError) -> ConfigError:
     if problem["type"] == "literal_error":
         allowed = ", ".join(typing.get_args(_model_at(loc[:-1]).model_fields[loc[-1]].annotation))
         if not isinstance(value, str):
-            return ConfigError(f"{path}: expected a string ({allowed}), got {value!r}")
-        return ConfigError(f"{path}: {value!r}; allowed: {allowed}")
+            return ConfigError(f"{path}: expected a string ({allowed}), got {shown(value)}")
+        return ConfigError(f"{path}: {shown(value)}; allowed: {allowed}")
     expected = _EXPECTED.get(problem["type"])
     if expected:
-        return ConfigError(f"{path}: expected {expected}, got {value!r}")
-    return ConfigError(f"{path}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {value!r}")
+        return ConfigError(f"{path}: expected {expected}, got {shown(value)}")
+    return ConfigError(f"{path}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {shown(value)}")
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters: whatever the input, a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _require(ok: bool, message: str) -> None:
@@ -354,9 +369,37 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+MAX_GENERATIONS = 10**9  # a billion generations: decades at the fastest generation this service runs
+MAX_MEMBERS = 10**7  # members per generation, ten thousand times the paper's populations
+MAX_WORKERS = 100_000
+INT_LIMITS = {
+    "seed": 2**63 - 1,  # a signed 64-bit integer, as every reader of a checkpoint can hold it
+    "generations": MAX_GENERATIONS,
+    "es.pop_size": MAX_MEMBERS,
+    "es.w1.pop_size": MAX_MEMBERS,
+    "es.w2.pop_size": MAX_MEMBERS,
+    "es.w3.pop_size": MAX_MEMBERS,
+    "es.shard_size": 60000,  # the MNIST training set
+    "workers.members_per_tile": 10_000,
+    "workers.count": MAX_WORKERS,
+    "workers.min_count": MAX_WORKERS,
+    "workers.max_count": MAX_WORKERS,
+    "workers.cpus_per_worker": 4096,
+    "eval.every": MAX_GENERATIONS,
+    "checkpoint.every": MAX_GENERATIONS,
+    "warm_start.epochs": 100_000,
+    "warm_start.finetune_epochs": 100_000,
+}
+"""Upper bounds of the integers that have no other: a larger value could only waste or break a run (each
+field's description in docs/configuration.md names its bound)."""
+
+
 def validate(config: Config) -> Config:
     """Check value ranges and cross-field rules; return the config unchanged."""
     es, workers, arithmetic = config.es, config.workers, config.network.arithmetic
+    for name, limit in INT_LIMITS.items():
+        value = functools.reduce(getattr, name.split("."), config)
+        _require(value <= limit, f"{name}: {shown(value)} is more than any run can use; use at most {limit:,}")
     _require(config.seed >= 0, f"seed: {config.seed} is negative; use an integer >= 0")
     _require(config.generations >= 1, f"generations: {config.generations}; use an integer >= 1")
     _require(
@@ -616,27 +659,10 @@ def physical_memory() -> int | None:
         return None
 
 
-def _yaml_load(text: str) -> Any:
-    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node):
-        seen = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return loader.construct_mapping(node, deep=True)
-
-    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=StrictLoader)
-
-
 def _yaml_problem(err: Exception) -> str:
+    if isinstance(err, yaml.reader.ReaderError):  # its str() spans two lines
+        character = chr(err.character) if isinstance(err.character, int) else err.character
+        return f" at character {err.position + 1}: {character!r} ({err.reason})"
     mark = getattr(err, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     return f"{where}: {getattr(err, 'problem', None) or type(err).__name__}"
@@ -644,18 +670,18 @@ def _yaml_problem(err: Exception) -> str:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``key.sub=value`` into a key path and a YAML-parsed value."""
-    import yaml
-
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set es.noise_std=0.02")
+        raise ConfigError(f"--set {shown(text)}: expected key=value, e.g. --set es.noise_std=0.02")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: empty key; expected key=value, e.g. --set generations=50")
+        raise ConfigError(f"--set {shown(text)}: empty key; expected key=value, e.g. --set generations=50")
     try:
-        return key.split("."), _yaml_load(raw) if raw != "" else None
+        return key.split("."), safe_yaml.load(raw) if raw != "" else None
+    except safe_yaml.TooLarge as err:
+        raise ConfigError(f"--set {shown(text)} {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(
-            f"--set {text!r}: the value is not valid YAML{_yaml_problem(err)}; "
+            f"--set {shown(text)}: the value is not valid YAML{_yaml_problem(err)}; "
             "quote a string value, e.g. --set 'key=\"text\"'"
         ) from None
 
@@ -673,7 +699,7 @@ def _rename_head_members(data: Any) -> None:
 def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
     try:
         data = json.loads(json.dumps(data))  # deep copy; also rejects non-plain values early
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # ValueError: a list or mapping that holds itself
         raise ConfigError(
             f"the config holds a value that is not a plain number, string, list or mapping ({err}); "
             "quote dates and other special YAML values"
@@ -685,7 +711,7 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {part} is not a section")
+                raise ConfigError(f"--set {shown(text)}: {part} is not a section")
         node[path[-1]] = value
     try:
         return Config.model_validate(data)
@@ -695,26 +721,33 @@ def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config file, apply ``--set`` overrides, validate."""
-    import yaml
-
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
     try:
-        data = _yaml_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            raw = file.read(safe_yaml.MAX_BYTES + 1)  # never more: the file may be any size
+        if len(raw) > safe_yaml.MAX_BYTES:
+            raise ConfigError(
+                f"config file {str(path)!r} is larger than {safe_yaml.MAX_BYTES >> 20} MiB; a config is a "
+                "few KB of YAML: pass the config file itself"
+            )
+        data = safe_yaml.load(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
         raise ConfigError(f"config file {str(path)!r} cannot be read ({err.strerror}); check its permissions") from None
+    except safe_yaml.TooLarge as err:
+        raise ConfigError(f"config file {str(path)!r} {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(err)}") from None
     if data is None:  # an empty file: all defaults
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file {str(path)!r}: expected a mapping of fields at the top level, got {data!r} "
+            f"config file {str(path)!r}: expected a mapping of fields at the top level, got {shown(data)} "
             "(e.g. `generations: 100`)"
         )
     return from_dict(data, overrides)

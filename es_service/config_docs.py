@@ -13,6 +13,7 @@ import typing
 
 from pydantic import BaseModel
 
+from es_service import safe_yaml
 from es_service.config import Config
 
 COMMAND = "python -m es_service.config_docs > docs/configuration.md"
@@ -25,7 +26,10 @@ A run is configured by one YAML file. Every field is optional; a missing field t
 below. Override any field on the command line with `--set section.field=value` (repeatable), e.g.
 `--set es.noise_std=0.01` or `--set es.w1.pop_size=256`. Unknown keys, wrong types, duplicate keys
 and bad values are refused before anything starts: the message names the field, the value and what
-is allowed (exit code 2).
+is allowed (exit code 2). The YAML is read safely (no tag runs code) within bounds checked before
+any value is built from it: at most {safe_yaml.MAX_BYTES >> 20} MiB and {safe_yaml.MAX_NODES:,} values with every alias expanded,
+lists and mappings at most {safe_yaml.MAX_DEPTH} deep, integers of at most {safe_yaml.MAX_INT_DIGITS} digits, no alias inside
+the node it names. Integer fields have upper bounds past which no run could go (given below).
 
 The types and descriptions are those of `es_service/config.py`, where each field has a docstring.
 `float | null` means a number or `null`; an integer is accepted where a number is. In YAML, `null`

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,9 +132,18 @@ def figure(runs: list[tuple[str, list[dict]]]) -> Figure:
     return fig
 
 
+def printable(name: str) -> str:
+    """A file name as text anyone can print or draw: bytes that are not UTF-8 (which Python keeps as
+    lone surrogates, and neither matplotlib nor a UTF-8 terminal accepts) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def plot_runs(runs: list[tuple[str, list[dict]]], path: str | Path) -> Path:
     """Draw one PNG comparing runs; ``runs`` is [(label, metrics records)]. Raises ``PlotUnavailable``
     without matplotlib."""
     buffer = io.BytesIO()
-    figure(runs).savefig(buffer, format="png")
+    with warnings.catch_warnings():
+        # a run name in a script the font lacks draws as boxes; a warning per character says no more
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        figure([(printable(label), records) for label, records in runs]).savefig(buffer, format="png")
     return rundir.atomic_write(path, buffer.getvalue())

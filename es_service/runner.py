@@ -18,7 +18,7 @@ import torch
 from es_service import checkpoint, rundir
 from es_service import plan as planning
 from es_service.backprop_runs import continue_backprop, warm_start
-from es_service.config import Config, ConfigError, WarmStartConfig, check_fits_memory, from_dict
+from es_service.config import Config, ConfigError, WarmStartConfig, check_fits_memory, from_dict, shown
 from es_service.config import load as load_config
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
@@ -57,11 +57,23 @@ def device_description(executor) -> str:
     return f"{executor.describe()}; driver CPU {cpu} x{os.cpu_count()}" + (f"; GPU {gpu}" if gpu else "")
 
 
-def _check_reachable(address: str) -> None:
-    """ray.init retries an unreachable cluster for minutes; a TCP connect to it answers within seconds."""
+def check_address(address: str, source: str = "--address") -> None:
+    """Refuse a cluster address ray.init would refuse only after everything is loaded (and in a traceback)."""
+    if address in ("auto", "local"):  # Ray resolves these itself
+        return
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit():
-        return  # "auto" and the like: Ray resolves those itself
+    if "://" in host or not (host and colon and port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(
+            f"{source} {shown(address)}: expected the head's HOST:PORT (e.g. 127.0.0.1:6379), ray://HOST:PORT or auto"
+        )
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """ray.init retries an unreachable cluster for minutes; a TCP connect to it answers within seconds."""
+    check_address(address, source)
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
@@ -89,7 +101,7 @@ def build_executor(config: Config, table, data, address: str | None):
 
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):  # a cluster (inside a Ray job RAY_ADDRESS is set)
-            _check_reachable(address or os.environ["RAY_ADDRESS"])
+            _check_reachable(address or os.environ["RAY_ADDRESS"], "--address" if address else "$RAY_ADDRESS")
             kwargs = {"address": address} if address else {}
         else:  # a private embedded Ray: never join some other `ray start` cluster on this machine
             kwargs = {"address": "local", "include_dashboard": False}
@@ -166,6 +178,8 @@ def train(
     quiet: bool = False,
     init_from: Path | None = None,
 ) -> dict:
+    if address:
+        check_address(address)
     check_run_dir(run_dir, force)
     if init_from is not None and config.warm_start.epochs:
         print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
@@ -250,6 +264,8 @@ def resume(
     from its stage's last epoch, a backprop run from its last epoch."""
     if not run_dir.is_dir():
         raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
+    if address:
+        check_address(address)
     with rundir.Lock(run_dir):
         return _resume(run_dir, list(overrides), address, stop_after, time_budget_s, quiet)
 
@@ -289,6 +305,11 @@ def _resume(
         data = load_data(config)
         with started_executor(config, planning.noise_seed(config.seed), data, address) as executor:
             return _warm_start_then_train(config, run_dir, data, executor, stop_after, time_budget_s, quiet)
+    if not path.exists():  # checkpoint.load's fix (pass a checkpoint) is no option of resume's
+        raise UsageError(
+            f"run directory {str(run_dir)!r} has no {CHECKPOINT_NAME} to continue from; start the run again "
+            f"with `es-service train --config {run_dir / CONFIG_NAME} --run-dir {run_dir} --force`"
+        )
     state = checkpoint.load(path)
     _check_belongs(run_dir, path, state, info or {})
     config = _resume_config(state["config"], overrides)

@@ -9,6 +9,7 @@ time writes it (its lock).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -20,7 +21,7 @@ import yaml
 
 from es_service import checkpoint, rundir
 from es_service import plan as planning
-from es_service.config import Config
+from es_service.config import Config, shown
 from es_service.data import load_mnist
 from es_service.executors import resolve_device
 from es_service.metrics import read as read_metrics
@@ -72,6 +73,14 @@ def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor,
 
 def check_run_dir(run_dir: Path, force: bool) -> None:
     """Refuse, before anything is loaded, a --run-dir that cannot become this run's directory."""
+    try:
+        _check_run_dir(run_dir, force)
+    except OSError as err:  # a name too long, a loop of links: the path cannot be looked at, let alone made
+        fix = "pass a shorter path" if err.errno == errno.ENAMETOOLONG else "pass another --run-dir"
+        raise UsageError(f"--run-dir {shown(str(run_dir))}: {err.strerror}; {fix}") from None
+
+
+def _check_run_dir(run_dir: Path, force: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {str(run_dir)!r} is a file; pass the path of a directory (it is created)")
     existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())
@@ -89,6 +98,20 @@ def check_run_dir(run_dir: Path, force: bool) -> None:
         raise UsageError(
             f"run directory {str(run_dir)!r} already exists; pick another --run-dir, "
             f"resume it with `es-service resume {run_dir}`, or pass --force to replace it"
+        )
+    if run_dir.exists() and Path.cwd().is_relative_to(run_dir.resolve()):
+        raise UsageError(
+            f"--run-dir {str(run_dir)!r} is (or holds) the directory this command runs in, which --force "
+            "cannot replace; run the command from outside it, e.g. after `cd ..`"
+        )
+    if run_dir.name in ("", ".."):
+        raise UsageError(
+            f"--run-dir {str(run_dir)!r} does not end in a directory name; pass the run's path, e.g. runs/NAME"
+        )
+    if run_dir.is_symlink():
+        raise UsageError(
+            f"--run-dir {str(run_dir)!r} is a symbolic link, which a run directory never replaces; pass "
+            f"the path it points to instead, --run-dir {run_dir.resolve()}"
         )
     if run_dir.exists() and not (run_dir / RUN_INFO_NAME).exists() and any(run_dir.iterdir()):
         raise UsageError(

@@ -43,6 +43,23 @@ def mnist():
     return load_mnist()
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A CLI subprocess's environment with one MNIST cache per module (the first run fills it)."""
+    from tests.helpers import cli_env, mnist_dir
+
+    mnist_dir()
+    return cli_env(tmp_path_factory.mktemp("xdg-cache"))
+
+
+@pytest.fixture(scope="module")
+def beside(env, tmp_path_factory):
+    """A finished tiny run that no command names: each must leave it byte for byte as it is."""
+    from tests.helpers import finished_run
+
+    return finished_run(tmp_path_factory.mktemp("beside"), env, "generations=2")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One multi-node-capable local Ray cluster for the whole Ray layer (ray.cluster_utils.Cluster).
@@ -111,3 +128,14 @@ def memory_guard(request):
             "instead of stacking large tensors",
             pytrace=False,
         )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many generated inputs the fuzz tests tried, and how many of those tests failed."""
+    from tests.helpers import FUZZ_EXAMPLES
+
+    if not FUZZ_EXAMPLES:
+        return
+    failed = sum("test_fuzz_inputs" in report.nodeid for report in terminalreporter.stats.get("failed", []))
+    tried = ", ".join(f"{count} {outcome}" for outcome, count in sorted(FUZZ_EXAMPLES.items(), reverse=True))
+    terminalreporter.write_line(f"fuzz: {sum(FUZZ_EXAMPLES.values())} examples tried ({tried}); {failed} failed tests")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -15,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +33,22 @@ from es_service.executors import LocalExecutor
 from es_workers import noise
 
 REPO = Path(__file__).resolve().parents[1]
+CLI_DATA_LIMIT_MB = 1536
+"""The memory cap of a CLI fed a config that once took 3.4 GB: torch and MNIST fit below it, the config's
+expansion would not (RLIMIT_DATA counts the heap and anonymous mappings, not mapped libraries)."""
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}
+"""For a CLI under the cap: the CUDA driver's own reservations are not what the cap measures."""
+
+
+def cap_cli_memory() -> None:
+    """A subprocess's preexec_fn: its RLIMIT_DATA at CLI_DATA_LIMIT_MB."""
+    limit = CLI_DATA_LIMIT_MB << 20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+FUZZ_EXAMPLES: Counter[str] = Counter()
+"""Examples the fuzz tests (test_fuzz_inputs) passed, by where they ran and how they ended; conftest
+prints the totals."""
 BIN = Path(sys.executable).parent  # where `ray` and `es-service` are installed
 # Client settings that would point a test's commands at some other Ray (or its token)
 CLIENT_UNSET = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
@@ -109,9 +127,11 @@ def cli(
     cwd: Path | str | None = None,
     check: bool = True,
     timeout: float = 600,
+    preexec_fn=None,
 ) -> subprocess.CompletedProcess:
     """``es-service ARGS`` (as ``python -m es_service.cli``) in a subprocess, as a user runs it, output
-    captured as text; ``env`` defaults to ``cli_env()``. ``check``: fail unless it exits 0, showing its output."""
+    captured as text; ``env`` defaults to ``cli_env()``. ``check``: fail unless it exits 0, showing its output.
+    ``preexec_fn`` runs in the child before the command (e.g. to set a resource limit)."""
     result = subprocess.run(
         _cli_command(args),
         env=cli_env() if env is None else env,
@@ -119,6 +139,7 @@ def cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -127,7 +148,9 @@ def cli(
     return result
 
 
-def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None) -> subprocess.Popen:
+def start_cli(
+    *args: Any, env: dict[str, str] | None = None, cwd: Path | str | None = None, preexec_fn=None
+) -> subprocess.Popen:
     """The same command left running: stdout and stderr piped, as text."""
     return subprocess.Popen(
         _cli_command(args),
@@ -136,7 +159,21 @@ def start_cli(*args: Any, env: dict[str, str] | None = None, cwd: Path | str | N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
+
+
+def finished_run(folder: Path, env: dict[str, str], *overrides: str) -> Path:
+    """folder/run: TINY (with ``overrides``) trained to the end by the CLI, for tests that check what
+    other commands leave beside them."""
+    config = write_config(folder / "tiny.yaml", tiny_config(*overrides))
+    cli("train", "--config", config, "--run-dir", folder / "run", "--quiet", env=env, cwd=folder)
+    return folder / "run"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path: what "left byte for byte as it was" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

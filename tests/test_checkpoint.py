@@ -149,7 +149,7 @@ def test_missing_file(tmp_path):
 
 
 def test_a_directory_is_not_a_checkpoint(tmp_path):
-    assert "does not exist" in refusal(tmp_path)
+    assert "is a directory" in refusal(tmp_path) and "checkpoint.pt" in refusal(tmp_path)
 
 
 def test_garbage_file(tmp_path):

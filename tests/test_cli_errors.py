@@ -16,18 +16,11 @@ import yaml
 
 from es_service import checkpoint
 from es_service.config import Config, from_dict
-from tests.helpers import TINY, cli, cli_env, error_line, mnist_dir, start_cli, tiny_config, write_config
+from tests.helpers import TINY, cli, error_line, mnist_dir, snapshot, start_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
 
 RUN_FILES = {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "learning_curve.png", ".lock"}
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One MNIST cache for the module (the first run verifies and copies the files once)."""
-    mnist_dir()
-    return cli_env(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture
@@ -40,10 +33,6 @@ def work(tmp_path):
 
 def config_file(folder: Path, data: Config | None = None) -> Path:
     return write_config(folder / "tiny.yaml", TINY if data is None else data)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def assert_nothing_written(cwd: Path, run_dir: Path) -> None:

@@ -125,8 +125,25 @@ def test_top_level_list(tmp_path):
         (b"0\n", ["expected a mapping", "got 0"]),
         (b"[]\n", ["expected a mapping", "got []"]),
         (b"seed: 3\ngenerations: 2\nseed: 4\n", ["duplicate key 'seed'", "line 3"]),
+        (b"# " + b"x" * (1 << 20) + b"\n", ["larger than 1 MiB", "a few KB"]),
+        (b"es: " + b"[" * 17 + b"]" * 17 + b"\n", ["line 1, column 20", "nest more than 16 deep"]),
+        (b"es: &e {w1: *e}\n", ["line 1, column 13", "alias *e lies inside the node it names"]),
+        (b"seed: " + b"1" * 101 + b"\n", ["line 1, column 7", "an integer of 101 digits"]),
+        (b"seed: 2001-13-45\n", ["line 1, column 7", "month must be in 1..12"]),
+        (b"? {a: 1}\n: 1\n", ["line 1, column 3", "a dict used as a key"]),
     ],
-    ids=["not UTF-8", "a number", "an empty list", "a key twice"],
+    ids=[
+        "not UTF-8",
+        "a number",
+        "an empty list",
+        "a key twice",
+        "past 1 MiB",
+        "17 deep",
+        "an alias in its own node",
+        "a 101-digit integer",
+        "a 13th month",
+        "a mapping as a key",
+    ],
 )
 def test_a_file_that_is_not_a_mapping_of_fields(tmp_path, content, parts):
     path = tmp_path / "c.yaml"
@@ -134,6 +151,14 @@ def test_a_file_that_is_not_a_mapping_of_fields(tmp_path, content, parts):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert_names(str(info.value), str(path), *parts)
+
+
+def test_a_merged_key_may_be_overridden(tmp_path):
+    """`<<:` merges keys (YAML 1.1), and a key of the mapping itself wins over a merged one: no duplicate."""
+    path = tmp_path / "c.yaml"
+    path.write_text("es:\n  <<: {pop_size: 8, batch_size: 64}\n  pop_size: 16\n")
+    es = load(path).es
+    assert (es.pop_size, es.batch_size) == (16, 64)
 
 
 def test_a_directory_is_not_a_config_file(tmp_path):
