@@ -44,7 +44,10 @@ def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    try:
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    except UnicodeError:  # TensorBoard writes UTF-8 paths only: a directory named otherwise gets metrics.jsonl alone
+        return None
 
 
 class MetricsLog:
