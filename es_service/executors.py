@@ -78,10 +78,8 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
     members = slice(tile.member_start, tile.member_stop)
     offsets, signs = plan.members(tile.layer)
     start, stop = plan.shard_bounds[tile.shard]
-
-    def kind_of(kind: str) -> bool:
-        return bool(tile.layer) and {"unit": plan.unit_layers, "activity": plan.activity_layers}[kind][tile.layer - 1]
-
+    unit = bool(tile.layer) and plan.unit_layers[tile.layer - 1]
+    activity = bool(tile.layer) and plan.activity_layers[tile.layer - 1]
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,
@@ -94,8 +92,8 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
         shared_first_layer=plan.shared_first_layer,
         layer=tile.layer,
         subspace=plan.subspaces[tile.layer - 1] if tile.layer else 0,
-        unit_from=tile.member_start if kind_of("unit") or kind_of("activity") else None,
-        activity=kind_of("activity"),
+        unit_from=tile.member_start if unit or activity else None,
+        activity=activity,
     )
 
 
