@@ -4,7 +4,7 @@ Two gradients (``gradient``):
   * ``masked`` (default): autograd through the explicit flushes. A flushed element passes no gradient,
     as a ReLU's zero side does, so backprop sees which units the flushes switch off and can use them.
     A bias at exactly 0 is flushed and so never moves (measured: 93.3% test with the flushes, 86.1%
-    with them switched off, biases still 0 after 30 epochs; docs/results.md).
+    with them switched off, biases still 0 after 30 epochs; docs/lab-notes/2026-11-27-why-plain-es-stalls.md).
   * ``straight-through``: the seed's TensorFlow gradient. TF's flushes happen inside the GPU kernels
     of linear ops (add, multiply), whose gradients are linear: the backward pass is the linear network's,
     evaluated at the flushed forward activations. This is the row the seed reports as 94% train / 92% test.

@@ -90,7 +90,7 @@ class HiddenLayerMembersConfig(LayerMembersConfig):
     """rank1: each member moves the whole matrix by a rank-1 move (and the bias); unit: each member moves
     one hidden unit's incoming weights (a column of the matrix) and its bias, pair i unit i mod 512: no
     512 x 512 matmul per member, so 4-5 times cheaper, and at equal compute a better-aligned estimate
-    (docs/results.md); activity: not weight-space ES but activity perturbation (forward-only): pair i
+    (docs/lab-notes/2026-11-30-es-alone-layer-and-unit-members.md); activity: not weight-space ES but activity perturbation (forward-only): pair i
     moves unit i's pre-activation by +-sigma on every image and each image's loss is read, pop_size
     1024 (docs/design.md, "Activity members")."""
 

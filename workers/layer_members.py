@@ -22,7 +22,8 @@ span(W1^T U_k), where the first hidden layer carries the images' top-k principal
 (``hidden_basis``, recomputed from theta's W1 each generation; c = sqrt(512 / k)). Antithetic pair i moves unit ``i mod 512``, so the units share the pairs evenly. The
 later layers then see a change in one unit: layer 2's pre-activation moves by an outer product
 (delta h1_j) W2[j, :], layer 3's by (delta h2_j) W3[j, :]. No 512 x 512 matmul per member: 4-5
-times cheaper than a rank-1 member, so at equal compute the estimate is better aligned (docs/results.md).
+times cheaper than a rank-1 member, so at equal compute the estimate is better aligned
+(docs/lab-notes/2026-11-30-es-alone-layer-and-unit-members.md).
 
 **Activity members** (``kind: activity``, every layer) are not weight-space ES but activity
 perturbation (node perturbation; Widrow and Lehr 1990), forward passes only: pair i moves unit i's
@@ -87,7 +88,7 @@ def hidden_basis(w1: torch.Tensor, images_basis: torch.Tensor, subspace: int) ->
     images' top-k principal components (U_k: the first k columns of layer 1's basis; their scales do
     not change the span): layer-2 unit members' input subspace at this W1. An image x near span(U_k)
     gives x W1 in it, so W2's gradient, sum over images of h1^T (dL/dz2), lies mostly there too (about
-    91% of its squared norm at k = 32, docs/results.md). Recomputed from theta's W1 wherever it is
+    91% of its squared norm at k = 32, docs/lab-notes/2026-12-01-es-alone-compute.md). Recomputed from theta's W1 wherever it is
     needed (workers and the estimate), in float64 on one thread on CPU: the same W1, the same bits."""
     with network.single_threaded() if w1.device.type == "cpu" else contextlib.nullcontext():
         q, _ = torch.linalg.qr(w1.double().T @ images_basis[:, :subspace].double())
