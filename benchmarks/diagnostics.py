@@ -37,8 +37,8 @@ from es_service.backprop import logits_fn
 from es_service.config import Config, load
 from es_service.data import load_mnist
 from es_service.executors import LocalExecutor
-from es_service.replica import estimate, shaped_update
-from es_service.runs import load_data
+from es_service.runs import load_data, seed_problem
+from es_service.strategy import estimate, shaped_update
 from es_workers import layer_members, network, noise
 
 BLOCKS = [name for name, _ in network.PARAM_SHAPES]
@@ -69,17 +69,15 @@ def alignment(config: Config, theta: torch.Tensor, data, generations: tuple[int,
     evaluation, the shaping and the update's estimate; the first may include compiling fused kernels,
     so the summary is the median)."""
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
-    basis = planning.layer1_basis(config, data.train_images)
     arithmetic = config.network.arithmetic
-    executor = LocalExecutor(
-        table, data.train_images, data.train_labels, arithmetic, "cpu", config.workers.fused, basis=basis
-    )
+    problem = seed_problem(config, data)
+    executor = LocalExecutor(problem, table)
     rows = []
     for generation in generations:
         plan = planning.make_plan(config, generation, data.train_images.shape[0])
         started = time.perf_counter()
         update = shaped_update(config, plan, executor.run_generation(theta, plan))[0]
-        grad = estimate(table, basis, plan, update, theta, data.train_images, arithmetic)
+        grad = estimate(table, problem, plan, update, theta)
         seconds = time.perf_counter() - started
         index = torch.as_tensor(plan.batch_indices)
         x = data.train_images[index].reshape(-1, 784).float() / 255.0

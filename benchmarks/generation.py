@@ -29,6 +29,7 @@ from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor, resolve_device
+from es_service.runs import seed_problem
 from es_workers import noise
 from es_workers.evaluator import set_process_arithmetic
 
@@ -61,12 +62,10 @@ def build_executor(config, table, data, workers: int):
     if not workers:
         arithmetic = config.network.arithmetic
         device = "cpu" if arithmetic == "cpu-ftz" else resolve_device(config.workers.device)
-        return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused)
+        return LocalExecutor(seed_problem(config, data), table, device)
     from es_service.ray_executor import RayExecutor
 
-    executor = RayExecutor(
-        table, data.train_images, data.train_labels, config.network.arithmetic, config.workers, autoscale=False
-    )
+    executor = RayExecutor(seed_problem(config, data), table, config.workers, autoscale=False)
     alive = executor.wait_until_ready()
     if alive < workers:
         executor.close()
@@ -106,7 +105,7 @@ def bench_row(args, workers: int, table, data, theta0) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="es-bench-") as run_dir:
             state = TrainState(theta0.clone(), None, 0)
-            trainer = Trainer(config, Path(run_dir), data, table, 0, executor, state, "cpu")
+            trainer = Trainer(config, Path(run_dir), executor.problem, table, 0, executor, state, "cpu")
             started = time.perf_counter()
             for _ in range(args.warmup):
                 trainer.step()

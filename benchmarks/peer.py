@@ -217,9 +217,8 @@ def main(argv=None) -> dict:
         with contextlib.ExitStack() as stack:
             executor = build_executor(config, table, data, args.workers)
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="es-peer-"))
-            trainer = Trainer(
-                config, Path(run_dir), data, table, 0, executor, TrainState(theta0.clone(), None, 0), "cpu"
-            )
+            state = TrainState(theta0.clone(), None, 0)
+            trainer = Trainer(config, Path(run_dir), executor.problem, table, 0, executor, state, "cpu")
             searcher, problem = build_peer(config, data, theta0, args.workers)
             records = []
 

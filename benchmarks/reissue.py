@@ -22,6 +22,7 @@ from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.ray_executor import RayExecutor
 from es_workers import noise
+from es_workers.ftz_mnist import FtzMnist
 from es_workers.network import init_theta
 
 
@@ -40,7 +41,7 @@ def main(argv=None) -> dict:
     )
     data = load_mnist()
     table = noise.make_table(1, config.noise.table_size)
-    executor = RayExecutor(table, data.train_images, data.train_labels, "tf-ftz", config.workers)
+    executor = RayExecutor(FtzMnist(data.train_images, data.train_labels), table, config.workers)
     executor.wait_until_ready()
     theta = init_theta(0)
     detect, redispatch = [], []

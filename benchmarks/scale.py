@@ -40,7 +40,7 @@ from es_service import plan as planning
 from es_service import strategy
 from es_service.config import from_dict
 from es_service.executors import GenerationOutcome, make_task
-from es_service.replica import shaped_update
+from es_service.strategy import shaped_update
 from es_workers import network, noise
 
 # 16 actors at most: an actor process holds ~310 MB of its own (importing torch alone is ~280 MB)
@@ -246,13 +246,14 @@ def dispatch_row(actors: int, tile_counts, repeats: int) -> dict:
     import ray
 
     from es_service.ray_executor import RayExecutor
+    from es_workers.ftz_mnist import FtzMnist
 
     rng = np.random.default_rng(actors)
     images = torch.from_numpy(rng.integers(0, 256, (DISPATCH["images"], 784), dtype=np.uint8))
     labels = torch.from_numpy(rng.integers(0, 10, DISPATCH["images"]).astype(np.int64))
     configs = {tiles: dispatch_config(actors, tiles) for tiles in tile_counts}
     table = noise.make_table(planning.noise_seed(0), DISPATCH["table_size"])
-    executor = RayExecutor(table, images, labels, "tf-ftz", configs[tile_counts[0]].workers)
+    executor = RayExecutor(FtzMnist(images, labels), table, configs[tile_counts[0]].workers)
     try:
         alive = executor.wait_until_ready(timeout_s=300)
         if alive < actors:

@@ -25,19 +25,17 @@ from es_service.backprop import logits_fn
 from es_service.config import Config, load
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
-from es_service.runs import load_data
+from es_service.runs import load_data, seed_problem
 from es_workers import network, noise
 
 
 def es_step(config: Config, data, run_dir: Path):
     """A function that runs the next generation of ``config`` through the service's own Trainer."""
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
-    basis = planning.layer1_basis(config, data.train_images)
-    executor = LocalExecutor(
-        table, data.train_images, data.train_labels, config.network.arithmetic, "cpu", config.workers.fused, basis=basis
-    )
+    problem = seed_problem(config, data)
+    executor = LocalExecutor(problem, table)
     state = TrainState(planning.seed_theta(config.seed), None, 0)
-    trainer = Trainer(config, run_dir, data, table, planning.noise_seed(config.seed), executor, state, basis=basis)
+    trainer = Trainer(config, run_dir, problem, table, planning.noise_seed(config.seed), executor, state)
     return lambda: trainer.step()
 
 

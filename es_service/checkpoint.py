@@ -9,6 +9,7 @@ config does not match, or whose theta or Adam state holds inf or nan.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what is wrong and what to do."""
 
 
+Layout = list[tuple[str, tuple[int, ...]]]
+"""theta's named blocks (es_workers.problem.Problem.layout)."""
+
+
 def build(
-    config: Config, theta: torch.Tensor, optimizer_state: dict, generation: int, noise_seed: int
+    config: Config,
+    theta: torch.Tensor,
+    optimizer_state: dict,
+    generation: int,
+    noise_seed: int,
+    layout: Layout = network.PARAM_SHAPES,
 ) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
@@ -37,8 +47,12 @@ def build(
         "noise": {"seed": noise_seed, "table_size": config.noise.table_size},
         "config": config.to_dict(),
         "config_digest": config.digest(),
-        "layout": [[name, list(shape)] for name, shape in network.PARAM_SHAPES],
+        "layout": _listed(layout),
     }
+
+
+def _listed(layout: Layout) -> list:
+    return [[name, list(shape)] for name, shape in layout]
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
@@ -50,8 +64,9 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     rundir.atomic_write(path, buffer.getbuffer())
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read and check a checkpoint; raise CheckpointError naming the problem and the fix."""
+def load(path: str | Path, layout: Layout = network.PARAM_SHAPES) -> dict[str, Any]:
+    """Read and check a checkpoint of a theta laid out as ``layout`` (the seed's network's by default);
+    raise CheckpointError naming the problem and the fix."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
@@ -72,12 +87,10 @@ def load(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} is not an es-service checkpoint of format {FORMAT_VERSION}")
-    layout = [[name, list(shape)] for name, shape in network.PARAM_SHAPES]
-    theta = state.get("theta")
-    if state.get("layout") != layout or not isinstance(theta, torch.Tensor) or theta.shape != (network.NUM_PARAMS,):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has a parameter layout other than this network's {network.LAYER_SIZES}"
-        )
+    theta, num_params = state.get("theta"), sum(math.prod(shape) for _, shape in layout)
+    if state.get("layout") != _listed(layout) or not isinstance(theta, torch.Tensor) or theta.shape != (num_params,):
+        expected = network.LAYER_SIZES if layout == network.PARAM_SHAPES else [name for name, _ in layout]
+        raise CheckpointError(f"checkpoint {str(path)!r} has a parameter layout other than this network's {expected}")
     if theta.dtype != torch.float32:
         raise CheckpointError(f"checkpoint {str(path)!r}: theta is {theta.dtype}, expected torch.float32")
     try:
@@ -89,7 +102,7 @@ def load(path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r}: its config does not match its digest (edited by hand?); "
             "restore the original config or start a new run"
         )
-    problem = _field_problem(state, config)
+    problem = _field_problem(state, config, num_params)
     if problem:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: {problem}; it is damaged or was not written by "
@@ -113,7 +126,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _field_problem(state: dict[str, Any], config: Config) -> str | None:
+def _field_problem(state: dict[str, Any], config: Config, num_params: int) -> str | None:
     """What is wrong with the fields besides theta and the config, or None."""
     if not _is_count(state.get("generation")):
         return f"generation is {state.get('generation')!r}, expected an integer >= 0"
@@ -133,13 +146,9 @@ def _field_problem(state: dict[str, Any], config: Config) -> str | None:
     for moments in optimizer["state"].values():
         for name in ("exp_avg", "exp_avg_sq"):
             value = moments.get(name) if isinstance(moments, dict) else None
-            if (
-                not isinstance(value, torch.Tensor)
-                or value.shape != (network.NUM_PARAMS,)
-                or value.dtype != torch.float32
-            ):
+            if not isinstance(value, torch.Tensor) or value.shape != (num_params,) or value.dtype != torch.float32:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                return f"optimizer {name} is {shape}, expected float32 of shape ({network.NUM_PARAMS},)"
+                return f"optimizer {name} is {shape}, expected float32 of shape ({num_params},)"
         if not isinstance(moments.get("step"), (torch.Tensor, int, float)):
             return "optimizer step count is missing"
     return None

@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from es_service import checkpoint
-from es_service import plan as planning
 from es_service.config import Config
 from es_service.metrics import MetricsLog
-from es_service.replica import Replica, shaped_update
+from es_service.replica import Replica
 from es_service.rundir import CHECKPOINT_NAME
 from es_service.stopping import Interrupted, StopSignals
+from es_service.strategy import OpenES
 from es_workers import layer_members
-from es_workers.evaluator import center_accuracies
+from es_workers.problem import Problem
 
 
 class Diverged(RuntimeError):
@@ -41,36 +41,26 @@ class Trainer:
         self,
         config: Config,
         run_dir: Path,
-        data,
+        problem: Problem,
         table: torch.Tensor,
         noise_seed: int,
         executor,
         state: TrainState,
         device: str = "cpu",
         progress=None,
-        basis: torch.Tensor | None = None,
     ):
+        """``table``: the driver's copy of the noise table, on ``device``, where the update runs."""
         self.config = config
         self.run_dir = Path(run_dir)
+        self.problem = problem
         self.noise_seed = noise_seed
         self.executor = executor
         self.progress = progress
         self.saved_generation = state.generation  # the checkpoint on disk: run.json never claims more
-        self.num_train = data.train_images.shape[0]
-        basis = None if basis is None else basis.to(device)  # layer-1 members' subspace, as the workers hold it
-        self.replica = Replica(
-            config,
-            self.num_train,
-            state.theta.to(device),
-            state.generation,
-            state.optimizer_state,
-            table,
-            basis,
-            data.train_images,
-        )
+        self.strategy = OpenES(config, problem)
+        self.replica = Replica(config, state.theta.to(device), state.generation, state.optimizer_state, table, problem)
         self.last_update = None
         """The previous generation's update, which workers that keep a replica of theta replay."""
-        self.eval_sets = data.eval_sets(device, config.eval.train_size)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.metrics.truncate_after(self.generation)
         self.last_accuracy: dict[str, float] = {}
@@ -86,27 +76,30 @@ class Trainer:
 
     def checkpoint(self) -> None:
         state = checkpoint.build(
-            self.config, self.theta, self.replica.adam.state_dict(), self.generation, self.noise_seed
+            self.config,
+            self.theta,
+            self.replica.adam.state_dict(),
+            self.generation,
+            self.noise_seed,
+            self.problem.layout,
         )
         checkpoint.save(state, self.run_dir / CHECKPOINT_NAME)
         self.saved_generation = self.generation
 
     def evaluate_center(self) -> dict[str, float]:
-        self.last_accuracy = center_accuracies(
-            self.theta, self.eval_sets, self.config.network.arithmetic, fused=self.config.workers.fused
-        )
+        self.last_accuracy = self.problem.metrics(self.theta)
         return self.last_accuracy
 
     def step(self, evaluate: bool = False) -> dict:
         """Run one generation; returns its metrics record (with the center's accuracy when
         ``evaluate``, every eval.every generations, and at the last generation)."""
         started = time.perf_counter()
-        plan = planning.make_plan(self.config, self.generation, self.num_train)
+        plan = self.strategy.ask(self.generation)
         planned = time.perf_counter()
         outcome = self.executor.run_generation(self.theta, plan, self.replica, self.last_update)
         evaluated = time.perf_counter()
         # no member scored: the update is skipped, since Adam's momentum would still move theta
-        update, fitness = shaped_update(self.config, plan, outcome)
+        update, fitness = self.strategy.tell(plan, outcome)
         applied = self.replica.apply(update, plan)
         self.last_update = update
         self._check_finite(plan)

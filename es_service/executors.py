@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from es_service.plan import GenerationPlan, Tile, merge_tiles
-from es_workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile
+from es_workers.evaluator import TileResult, TileTask
+from es_workers.problem import Problem
 
 
 @dataclass
@@ -106,24 +107,14 @@ def resolve_device(preference: str) -> str:
 
 
 class LocalExecutor:
-    """The same evaluator, in this process: one call per shard over all its members (``merge_tiles``),
-    or one per planned tile."""
+    """The problem's evaluator, in this process: one call per shard over all its members
+    (``merge_tiles``), or one per planned tile."""
 
-    def __init__(
-        self,
-        table: torch.Tensor,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        arithmetic: str,
-        device: str,
-        fused: bool = False,
-        merge_tiles: bool = True,
-        basis: torch.Tensor | None = None,
-    ):
-        self.evaluator = PopulationEvaluator(table, images, labels, arithmetic, device, fused, basis=basis)
+    def __init__(self, problem: Problem, table: torch.Tensor, device: str = "cpu", merge_tiles: bool = True):
+        self.problem = problem
+        self.evaluator = problem.evaluator(table, device)
         self.device = device  # where the driver's update runs too
-        self.table = self.evaluator.table
-        self.basis = self.evaluator.basis
+        self.table = self.evaluator.table  # the driver's update shares this copy (on the GPU with CUDA)
         self.merge_tiles = merge_tiles
 
     def run_generation(
@@ -133,7 +124,7 @@ class LocalExecutor:
         outcome = GenerationOutcome.empty(plan)
         theta = theta.to(self.evaluator.device)
         for tile in merge_tiles(plan.tiles) if self.merge_tiles else plan.tiles:
-            outcome.fill(tile, run_tile(self.evaluator, theta, make_task(plan, tile)))
+            outcome.fill(tile, self.evaluator.run_tile(theta, make_task(plan, tile)))
         return outcome
 
     def describe(self) -> str:

@@ -7,12 +7,12 @@ No Ray, no I/O.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from es_service import strategy
 from es_service.config import Config
 from es_workers import layer_members, network, noise
 
@@ -25,9 +25,15 @@ def derive_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
+def init_seed(seed: int) -> int:
+    """The seed a problem's initialisation gets in a run whose config says ``seed``."""
+    return derive_seed(seed, STREAM_INIT)
+
+
 def seed_theta(seed: int) -> torch.Tensor:
-    """The seed's initialisation for a run whose config says ``seed``: every run, ES or backprop, starts here."""
-    return network.init_theta(derive_seed(seed, STREAM_INIT))
+    """The seed's network's initialisation for a run whose config says ``seed``: every run, ES or
+    backprop, starts here."""
+    return network.init_theta(init_seed(seed))
 
 
 def noise_seed(seed: int) -> int:
@@ -137,11 +143,24 @@ def merge_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
     return tuple(Tile(k, start, stop, shard, layer) for k, ((layer, shard), (start, stop)) in enumerate(spans.items()))
 
 
-def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan:
+def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:
+    """Value at ``progress`` in [0, 1] moving from ``start`` to ``final`` (None: stays at start)."""
+    if final is None or schedule == "constant":
+        return start
+    if schedule == "linear":
+        return start + (final - start) * progress
+    if schedule == "cosine":
+        return final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def make_plan(config: Config, generation: int, num_train: int, num_params: int = network.NUM_PARAMS) -> GenerationPlan:
+    """The plan of ``generation``: ``num_train`` examples to draw its minibatch from, ``num_params``
+    floats in a member's noise slice (theta's length)."""
     es = config.es
     rng = np.random.default_rng([derive_seed(config.seed, STREAM_GENERATION), generation])
     num_slices = es.pop_size // 2 if es.antithetic else es.pop_size
-    slice_offsets = rng.integers(0, noise.max_offset(config.noise.table_size) + 1, size=num_slices)
+    slice_offsets = rng.integers(0, noise.max_offset(config.noise.table_size, num_params) + 1, size=num_slices)
     if es.antithetic:
         member_offsets, member_signs = antithetic_members(slice_offsets)
     else:
@@ -151,19 +170,19 @@ def make_plan(config: Config, generation: int, num_train: int) -> GenerationPlan
     batch_indices = rng.choice(num_train, size=batch_size, replace=False).astype(np.int64)
     bounds = shard_bounds(batch_size, es.shard_size)
     progress = generation / max(1, config.generations - 1)
-    noise_std = strategy.scheduled(es.noise_std, es.noise_std_final, progress, es.schedule)
+    noise_std = scheduled(es.noise_std, es.noise_std_final, progress, es.schedule)
     layers = es.layers()
     # a stream per layer: runs without layer members keep every draw they had before
     layer_offsets = tuple(
         np.random.default_rng([derive_seed(config.seed, LAYER_STREAMS[layer]), generation])
-        .integers(0, noise.max_offset(config.noise.table_size) + 1, size=members.pop_size // 2)
+        .integers(0, noise.max_offset(config.noise.table_size, num_params) + 1, size=members.pop_size // 2)
         .astype(np.int64)
         for layer, members in zip((1, 2, 3), layers)
     )
     return GenerationPlan(
         generation=generation,
         noise_std=noise_std,
-        learning_rate=strategy.scheduled(es.learning_rate, es.learning_rate_final, progress, es.schedule),
+        learning_rate=scheduled(es.learning_rate, es.learning_rate_final, progress, es.schedule),
         slice_offsets=slice_offsets.astype(np.int64),
         member_offsets=member_offsets.astype(np.int64),
         member_signs=member_signs,

@@ -28,6 +28,7 @@ from es_service.config import WorkersConfig
 from es_service.executors import GenerationOutcome, make_task
 from es_service.plan import GenerationPlan
 from es_workers.actor import PopulationWorker
+from es_workers.problem import Problem
 
 WAIT_S = 0.2
 POOL_CHECK_S = 1.0
@@ -108,29 +109,19 @@ class _ReplaySync:
 class RayExecutor:
     def __init__(
         self,
+        problem: Problem,
         table: torch.Tensor,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        arithmetic: str,
         workers: WorkersConfig,
         autoscale: bool = False,
-        basis: torch.Tensor | None = None,
         worker_class: type = PopulationWorker,
     ):
         self.config = workers
         self.replay = workers.theta_sync == "replay"
-        self.table, self.device = table, "cpu"  # the driver's update reads this table on the CPU
-        self.basis = basis
+        self.problem, self.table, self.device = problem, table, "cpu"  # the driver's update runs on the CPU
         self._requested = not autoscale  # an embedded local Ray has no autoscaler worth asking
         self._asked_autoscaler = False
-        self.arithmetic = arithmetic
-        self.refs = {
-            "table": ray.put(table.numpy()),
-            "images": ray.put(images.numpy()),
-            "labels": ray.put(labels.numpy()),
-        }
-        if basis is not None:  # computed once here: every worker must hold the driver's bits
-            self.refs["basis"] = ray.put(basis.numpy())
+        # put once: every worker holds the driver's bits of the table and of the problem's arrays
+        self.refs = {"table": ray.put(table.numpy()), "problem": ray.put(problem)}
         self.actor_class = ray.remote(worker_class).options(
             num_cpus=workers.cpus_per_worker,
             num_gpus=workers.gpus_per_worker,
@@ -165,7 +156,7 @@ class RayExecutor:
         if not self._requested and not self.config.count:
             self._request_resources()
         for _ in range(self.target_count() - len(self.workers)):
-            handle = self.actor_class.remote(self.refs, self.arithmetic, self.config.cpus_per_worker, self.config.fused)
+            handle = self.actor_class.remote(self.refs, self.config.cpus_per_worker)
             self.workers[self._next_id] = _Worker(handle, handle.ready.remote())
             self._next_id += 1
         pending = {w.ready_ref: wid for wid, w in self.workers.items() if not w.ready}

@@ -34,6 +34,7 @@ from es_service.runs import (
     initial_theta,
     load_data,
     plot,
+    prepared_problem,
     record_stop,
     resolve,
     run_info,
@@ -42,6 +43,7 @@ from es_service.runs import (
 from es_service.strategy import AdamES
 from es_workers import noise
 from es_workers.evaluator import center_accuracies, set_process_arithmetic
+from es_workers.problem import Problem
 
 RESUME_OVERRIDABLE = ("generations", "data_dir", "workers.", "eval.", "checkpoint.")
 CONNECT_TIMEOUT_S = 10.0
@@ -83,18 +85,14 @@ def _check_reachable(address: str, source: str) -> None:
         ) from None
 
 
-def build_executor(config: Config, table, data, address: str | None):
-    arithmetic = config.network.arithmetic
-    basis = planning.layer1_basis(config, data.train_images)
+def build_executor(config: Config, problem: Problem, table: torch.Tensor, address: str | None):
     if config.workers.executor == "local":
         device = (
             "cpu"
-            if arithmetic == "cpu-ftz"
+            if config.network.arithmetic == "cpu-ftz"
             else resolve(config.workers.device, "workers.device", "use --set workers.device=cpu (or auto)")
         )
-        return LocalExecutor(
-            table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused, basis=basis
-        )
+        return LocalExecutor(problem, table, device)
     import ray
 
     from es_service.ray_executor import RayExecutor
@@ -107,14 +105,14 @@ def build_executor(config: Config, table, data, address: str | None):
             kwargs = {"address": "local", "include_dashboard": False}
         ray.init(logging_level="WARNING", log_to_driver=True, **kwargs)
     autoscale = bool(address or os.environ.get("RAY_ADDRESS"))
-    return RayExecutor(table, data.train_images, data.train_labels, arithmetic, config.workers, autoscale, basis)
+    return RayExecutor(problem, table, config.workers, autoscale)
 
 
 @contextlib.contextmanager
-def started_executor(config: Config, noise_seed: int, data, address: str | None):
+def started_executor(config: Config, noise_seed: int, problem: Problem, address: str | None):
     """The executor (with its noise table, and a connection to the cluster), closed on the way out."""
     check_fits_memory(config)
-    executor = build_executor(config, noise.make_table(noise_seed, config.noise.table_size), data, address)
+    executor = build_executor(config, problem, noise.make_table(noise_seed, config.noise.table_size), address)
     try:
         yield executor
     finally:
@@ -126,7 +124,7 @@ def _train(
     run_dir: Path,
     state: TrainState,
     noise_seed: int,
-    data,
+    problem: Problem,
     executor,
     stop_after: int | None,
     time_budget_s: float | None,
@@ -137,16 +135,7 @@ def _train(
         progress = None if quiet else Progress(config.generations, start=state.generation)
         # the driver's update shares the executor's copy of the table (on the GPU for a local CUDA executor)
         trainer = Trainer(
-            config,
-            run_dir,
-            data,
-            executor.table,
-            noise_seed,
-            executor,
-            state,
-            executor.device,
-            progress,
-            basis=executor.basis,
+            config, run_dir, problem, executor.table, noise_seed, executor, state, executor.device, progress
         )
         write_run_info(run_dir, status="running", device=device_description(executor), pid=os.getpid(), error=None)
         record = trainer.run(stop_after=stop_after, time_budget_s=time_budget_s)
@@ -177,61 +166,55 @@ def train(
     time_budget_s: float | None = None,
     quiet: bool = False,
     init_from: Path | None = None,
+    problem: Problem | None = None,
 ) -> dict:
+    """Train ``problem`` (default: the seed's network on MNIST) as ``config`` says, in ``run_dir``."""
     if address:
         check_address(address)
     check_run_dir(run_dir, force)
     if init_from is not None and config.warm_start.epochs:
         print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
         config = config.model_copy(update={"warm_start": WarmStartConfig()})
-    theta, origin = initial_theta(config, init_from)
-    set_process_arithmetic(config.network.arithmetic)
-    data = load_data(config)
+    theta, origin = initial_theta(config, init_from, problem)
+    problem, data = prepared_problem(config, problem)
     noise_seed = planning.noise_seed(config.seed)
-    with started_executor(config, noise_seed, data, address) as executor:
+    with started_executor(config, noise_seed, problem, address) as executor:
         if config.warm_start.epochs:  # the directory holds the stages; its ES checkpoint comes after them
             with create_run_dir(run_dir, config, None, force, status="warm start"):
-                return _warm_start_then_train(config, run_dir, data, executor, stop_after, time_budget_s, quiet)
-        with create_run_dir(run_dir, config, _es_start(config, theta), force, init_from=origin):
-            return _train(
-                config,
-                run_dir,
-                TrainState(theta, None, 0),
-                noise_seed,
-                data,
-                executor,
-                stop_after,
-                time_budget_s,
-                quiet,
-            )
+                return _warm_start_then_train(
+                    config, run_dir, data, problem, executor, stop_after, time_budget_s, quiet
+                )
+        with create_run_dir(run_dir, config, _es_start(config, theta, problem), force, init_from=origin):
+            state = TrainState(theta, None, 0)
+            return _train(config, run_dir, state, noise_seed, problem, executor, stop_after, time_budget_s, quiet)
 
 
-def _es_start(config: Config, theta: torch.Tensor) -> dict:
+def _es_start(config: Config, theta: torch.Tensor, problem: Problem) -> dict:
     """The checkpoint of generation 0: theta and a fresh Adam."""
     adam = AdamES.from_config(theta, config.es)
-    return checkpoint.build(config, theta, adam.state_dict(), 0, planning.noise_seed(config.seed))
+    return checkpoint.build(config, theta, adam.state_dict(), 0, planning.noise_seed(config.seed), problem.layout)
 
 
 def _warm_start_then_train(
-    config: Config, run_dir: Path, data, executor, stop_after: int | None, time_budget_s: float | None, quiet: bool
+    config: Config,
+    run_dir: Path,
+    data,
+    problem: Problem,
+    executor,
+    stop_after: int | None,
+    time_budget_s: float | None,
+    quiet: bool,
 ) -> dict:
     try:
         theta, origin = warm_start(config, run_dir, data, quiet)
-        checkpoint.save(_es_start(config, theta), run_dir / CHECKPOINT_NAME)
+        checkpoint.save(_es_start(config, theta, problem), run_dir / CHECKPOINT_NAME)
     except BaseException as err:
         record_stop(run_dir, err)
         raise
     write_run_info(run_dir, status="created", init_from=origin, error=None)
+    state = TrainState(theta, None, 0)
     return _train(
-        config,
-        run_dir,
-        TrainState(theta, None, 0),
-        planning.noise_seed(config.seed),
-        data,
-        executor,
-        stop_after,
-        time_budget_s,
-        quiet,
+        config, run_dir, state, planning.noise_seed(config.seed), problem, executor, stop_after, time_budget_s, quiet
     )
 
 
@@ -259,15 +242,17 @@ def resume(
     stop_after: int | None = None,
     time_budget_s: float | None = None,
     quiet: bool = False,
+    problem: Problem | None = None,
 ) -> dict:
     """Continue a run where it stopped: an ES run from its checkpoint, a hybrid still in its warm start
-    from its stage's last epoch, a backprop run from its last epoch."""
+    from its stage's last epoch, a backprop run from its last epoch. ``problem``: the one the run
+    trained, when not the seed's network."""
     if not run_dir.is_dir():
         raise UsageError(f"run directory {str(run_dir)!r} does not exist; pass a directory made by `es-service train`")
     if address:
         check_address(address)
     with rundir.Lock(run_dir):
-        return _resume(run_dir, list(overrides), address, stop_after, time_budget_s, quiet)
+        return _resume(run_dir, list(overrides), address, stop_after, time_budget_s, quiet, problem)
 
 
 def _resume(
@@ -277,6 +262,7 @@ def _resume(
     stop_after: int | None,
     time_budget_s: float | None,
     quiet: bool,
+    problem: Problem | None,
 ) -> dict:
     path = run_dir / CHECKPOINT_NAME
     read_metrics(run_dir / METRICS_NAME)  # a damaged line is refused before anything changes
@@ -301,31 +287,29 @@ def _resume(
         return {"run_dir": str(run_dir), **record}
     if not path.exists() and (run_dir / "warm_start").is_dir():  # stopped in its warm start, before ES began
         config = _resume_config(load_config(run_dir / CONFIG_NAME), overrides)
-        set_process_arithmetic(config.network.arithmetic)
-        data = load_data(config)
-        with started_executor(config, planning.noise_seed(config.seed), data, address) as executor:
-            return _warm_start_then_train(config, run_dir, data, executor, stop_after, time_budget_s, quiet)
+        problem, data = prepared_problem(config, problem)
+        with started_executor(config, planning.noise_seed(config.seed), problem, address) as executor:
+            return _warm_start_then_train(config, run_dir, data, problem, executor, stop_after, time_budget_s, quiet)
     if not path.exists():  # checkpoint.load's fix (pass a checkpoint) is no option of resume's
         raise UsageError(
             f"run directory {str(run_dir)!r} has no {CHECKPOINT_NAME} to continue from; start the run again "
             f"with `es-service train --config {run_dir / CONFIG_NAME} --run-dir {run_dir} --force`"
         )
-    state = checkpoint.load(path)
+    state = checkpoint.load(path) if problem is None else checkpoint.load(path, problem.layout)
     _check_belongs(run_dir, path, state, info or {})
     config = _resume_config(state["config"], overrides)
     if state["generation"] > config.generations:
         raise ConfigError(
             f"generations: {config.generations} is below the checkpoint's generation {state['generation']}"
         )
-    set_process_arithmetic(config.network.arithmetic)
-    data = load_data(config)
+    problem, _ = prepared_problem(config, problem)
     noise_seed = state["noise"]["seed"]
-    with started_executor(config, noise_seed, data, address) as executor:
+    with started_executor(config, noise_seed, problem, address) as executor:
         write_config(run_dir, config)
         if not info:
             write_run_info(run_dir, config_digest=config.digest(), noise_seed=noise_seed)
         train_state = TrainState(state["theta"], state["optimizer"], state["generation"])
-        return _train(config, run_dir, train_state, noise_seed, data, executor, stop_after, time_budget_s, quiet)
+        return _train(config, run_dir, train_state, noise_seed, problem, executor, stop_after, time_budget_s, quiet)
 
 
 def _check_belongs(run_dir: Path, path: Path, state: dict, info: dict) -> None:

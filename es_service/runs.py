@@ -21,13 +21,16 @@ import yaml
 
 from es_service import checkpoint, rundir
 from es_service import plan as planning
-from es_service.config import Config, shown
-from es_service.data import load_mnist
+from es_service.config import Config, ConfigError, shown
+from es_service.data import Mnist, load_mnist
 from es_service.executors import resolve_device
 from es_service.metrics import read as read_metrics
 from es_service.plot import plot_runs
 from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, PLOT_NAME, RUN_INFO_NAME
 from es_service.stopping import Interrupted
+from es_workers.evaluator import set_process_arithmetic
+from es_workers.ftz_mnist import FtzMnist
+from es_workers.problem import Problem
 
 FINAL_ACCURACIES = ("train_accuracy", "test_accuracy", "validation_accuracy")  # what run.json's "final" keeps
 
@@ -53,13 +56,56 @@ def resolve(preference: str, option: str, fix: str) -> str:
         raise UsageError(f"{option} is 'cuda' but torch sees no CUDA device on this machine; {fix}") from None
 
 
-def initial_theta(config: Config, init_from: Path | None) -> tuple[torch.Tensor, dict | None]:
-    """The seed's initialisation, or the theta of the checkpoint ``init_from`` (with where it came from,
-    for run.json). Only theta is taken: the new run starts its own optimizer and schedules."""
+def seed_problem(config: Config, data: Mnist) -> FtzMnist:
+    """The seed's network on ``data`` as ``config`` describes it."""
+    eval_sets = data.eval_sets("cpu", config.eval.train_size)
+    basis = planning.layer1_basis(config, data.train_images)
+    return FtzMnist(
+        data.train_images, data.train_labels, config.network.arithmetic, config.workers.fused, basis, eval_sets
+    )
+
+
+def prepared_problem(config: Config, problem: Problem | None) -> tuple[Problem, Mnist | None]:
+    """The run's problem, set up in this process: ``problem``, or the seed's network on MNIST when
+    None (with the data, which a backprop warm start trains on)."""
+    if problem is None:
+        set_process_arithmetic(config.network.arithmetic)
+        data = load_data(config)
+        return seed_problem(config, data), data
+    check_problem_config(config)
+    problem.prepare_process()
+    return problem, None
+
+
+def check_problem_config(config: Config) -> None:
+    """Refuse what only the seed's network has: a problem's members move every parameter, by full-rank
+    noise, and its fitness is its loss."""
+    es = config.es
+    unsupported = [
+        (es.rank != 0, "es.rank: low-rank members", "es.rank=0"),
+        (es.shared_first_layer, "es.shared_first_layer", "es.shared_first_layer=false"),
+        (any(members.pop_size for members in es.layers()), "layer members (es.w1, es.w2, es.w3)", "es.wL.pop_size=0"),
+        (es.fitness == "accuracy", "es.fitness 'accuracy'", "es.fitness=cross_entropy (the problem's loss)"),
+        (bool(config.warm_start.epochs), "warm_start: a backprop warm start", "warm_start.epochs=0"),
+        (bool(config.validation_size), "validation_size", "validation_size=0 (hold data out in the problem)"),
+    ]
+    for wrong, what, fix in unsupported:
+        if wrong:
+            raise ConfigError(f"{what} exists for the seed's network only, not for a Problem of your own; set {fix}")
+
+
+def initial_theta(
+    config: Config, init_from: Path | None, problem: Problem | None = None
+) -> tuple[torch.Tensor, dict | None]:
+    """The initialisation for the config's seed (the seed's network's, or ``problem``'s), or the theta
+    of the checkpoint ``init_from`` (with where it came from, for run.json). Only theta is taken: the
+    new run starts its own optimizer and schedules."""
     if init_from is None:
-        return planning.seed_theta(config.seed), None
+        if problem is None:
+            return planning.seed_theta(config.seed), None
+        return problem.init_theta(planning.init_seed(config.seed)), None
     try:
-        state = checkpoint.load(init_from)
+        state = checkpoint.load(init_from) if problem is None else checkpoint.load(init_from, problem.layout)
     except checkpoint.CheckpointError as err:
         raise checkpoint.CheckpointError(f"--init-from: {err}") from None
     theta = state["theta"].clone()

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from es_service import plan as planning
 from es_workers import layer_members, members, network, noise
+from es_workers.problem import Problem
 
 if TYPE_CHECKING:
-    from es_service.config import ESConfig
+    from es_service.config import Config, ESConfig
 
 # Slices gathered per matrix-vector product: fixed per device type, so the sum order is fixed. On CPU
 # small chunks stay memory-friendly (8 rows: ~3x faster than 64 on this 2-core machine); on CUDA larger
@@ -141,17 +144,6 @@ def activity_slopes(image_losses: np.ndarray, noise_std: float) -> np.ndarray:
     return np.where(np.isfinite(slopes), slopes, 0.0).astype(np.float32)
 
 
-def scheduled(start: float, final: float | None, progress: float, schedule: str) -> float:
-    """Value at ``progress`` in [0, 1] moving from ``start`` to ``final`` (None: stays at start)."""
-    if final is None or schedule == "constant":
-        return start
-    if schedule == "linear":
-        return start + (final - start) * progress
-    if schedule == "cosine":
-        return final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
 def cap_weight_norms(theta: torch.Tensor, multiplier: float) -> None:
     """Scale each weight matrix whose Frobenius norm exceeds ``multiplier`` times its expected He-init
     norm sqrt(2 * fan_out) (network.init_theta draws N(0, 2 / fan_in)) back onto that cap, in place.
@@ -237,3 +229,135 @@ class AdamES:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class Update:
+    generation: int
+    """The generation whose fitness this is; applying it turns that generation's theta into the next's."""
+    weights: tuple[np.ndarray, ...]
+    """Per group in GROUPS, one float32 weight per noise slice (empty for a group without members); for
+    activity members, each pair's per-image slopes (units x images, flat): O(P B) scalars."""
+    skipped: bool = False
+    """No member scored: theta stays and Adam does not step."""
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes: the weights, the generation and the flag."""
+        return sum(weights.nbytes for weights in self.weights) + 9
+
+
+GROUPS = (0, *layer_members.LAYERS)
+"""Member groups in an update: 0 the whole members, then each layer's members."""
+
+
+def shaped_update(config: Config, plan: planning.GenerationPlan, outcome) -> tuple[Update, np.ndarray]:
+    """(the update, every member's fitness) from one generation's results: each group ranked among
+    itself, then one weight per noise slice."""
+    es = config.es
+    weights, every_fitness = [], []
+    for group in GROUPS:
+        loss_sums, correct = outcome.results(group)
+        fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
+        if group and plan.activity_layers[group - 1]:
+            slopes = activity_slopes(outcome.image_losses[group - 1], plan.noise_std_of(group))
+            weights.append(slopes.reshape(-1))
+        else:
+            antithetic = es.antithetic if group == 0 else True
+            shaped = shape_fitness(fitness, es.fitness_shaping)
+            weights.append(np.asarray(slice_weights(shaped, antithetic), dtype=np.float32))
+        every_fitness.append(fitness)
+    fitness = np.concatenate(every_fitness)
+    return Update(plan.generation, tuple(weights), skipped=not np.isfinite(fitness).any()), fitness
+
+
+def estimate(
+    table: torch.Tensor, problem: Problem, plan: planning.GenerationPlan, update: Update, theta: torch.Tensor
+) -> torch.Tensor:
+    """The gradient estimate at ``theta`` (the generation's center): the whole members', with each layer
+    that has layer members taking theirs (the seed's network only: es_workers.ftz_mnist, whose layer-1
+    basis and training images layer and activity members' estimates read)."""
+    count = len(plan.member_offsets)
+    length = members.noise_length(plan.rank) if plan.rank else problem.num_params
+    grad = (
+        grad_estimate(table, plan.slice_offsets, update.weights[0], plan.noise_std, count, plan.rank, length)
+        if count
+        else torch.zeros(problem.num_params, device=table.device)
+    )
+    basis = getattr(problem, "basis", None)
+    basis = None if basis is None else basis.to(table.device)
+    inputs = None
+    for layer in layer_members.LAYERS:
+        offsets = plan.layer_offsets[layer - 1]
+        if len(offsets) and plan.activity_layers[layer - 1]:
+            if inputs is None:
+                inputs = activity_inputs(problem.train_images, plan, theta, problem.arithmetic)
+            slopes = torch.as_tensor(update.weights[layer].reshape(len(offsets), -1)).to(theta.device)
+            start, stop = layer_members.param_range(layer)
+            grad[start:stop] = layer_members.activity_estimate(inputs[layer - 1], slopes.T)
+        elif len(offsets):
+            start, stop = layer_members.param_range(layer)
+            subspace = plan.subspaces[layer - 1]
+            layer_basis = basis
+            if layer == 2 and subspace:
+                layer_basis = layer_members.hidden_basis(network.unflatten(theta)[0], basis, subspace)
+            grad[start:stop] = layer_estimate(
+                table,
+                offsets,
+                update.weights[layer],
+                layer,
+                plan.noise_std_of(layer),
+                2 * len(offsets),
+                subspace,
+                layer_basis,
+                plan.unit_layers[layer - 1],
+            )
+    return grad
+
+
+def activity_inputs(
+    images: torch.Tensor | None, plan: planning.GenerationPlan, theta: torch.Tensor, arithmetic: str
+) -> tuple[torch.Tensor, ...]:
+    """Each layer's input at the center on the generation's minibatch (layer_members.center_inputs)."""
+    if images is None:
+        raise ValueError("activity members' estimate needs the training images: attach them to the replica")
+    index = torch.as_tensor(plan.batch_indices).to(images.device)
+    x = images.reshape(-1, layer_members.INPUTS).index_select(0, index).to(theta.device).float() / 255.0
+    with network.single_threaded() if theta.device.type == "cpu" else contextlib.nullcontext():
+        return layer_members.center_inputs(x, theta, arithmetic)
+
+
+class OpenES:
+    """OpenAI-ES with Adam over a ``Problem``, as ask and tell (evosax's and EvoTorch's interface).
+
+    ``ask(generation)``: the generation's plan, a pure function of (config, generation): its members
+    (noise-table offsets and signs), sigma, the learning rate, the minibatch and the tiles.
+    ``tell(plan, outcome)``: the update, O(P) scalars: each member group's fitness shaped among
+    itself, one weight per noise slice. ``estimate`` and ``step``: the gradient estimate from an
+    update, and Adam's step on it, with the weight decay and the norm cap. The driver and every
+    replica of theta (es_service.replica) run them on the same update, so their bits stay equal.
+    """
+
+    def __init__(self, config: Config, problem: Problem):
+        self.config, self.problem = config, problem
+
+    def ask(self, generation: int) -> planning.GenerationPlan:
+        return planning.make_plan(self.config, generation, self.problem.num_examples, self.problem.num_params)
+
+    def tell(self, plan: planning.GenerationPlan, outcome) -> tuple[Update, np.ndarray]:
+        """(the update, every member's fitness)."""
+        return shaped_update(self.config, plan, outcome)
+
+    def optimizer(self, theta: torch.Tensor, state: dict | None = None) -> AdamES:
+        """Adam over ``theta`` as es.* says (``state``: a checkpoint's)."""
+        adam = AdamES.from_config(theta, self.config.es)
+        if state is not None:
+            adam.load_state_dict(state)
+        return adam
+
+    def estimate(self, table: torch.Tensor, plan: planning.GenerationPlan, update: Update, theta: torch.Tensor):
+        return estimate(table, self.problem, plan, update, theta)
+
+    def step(self, adam: AdamES, grad: torch.Tensor, plan: planning.GenerationPlan, update: Update) -> float:
+        """Adam's step on ``grad`` at the plan's learning rate (none for a skipped update); its norm."""
+        return 0.0 if update.skipped else adam.step(grad, plan.learning_rate)

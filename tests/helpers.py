@@ -30,6 +30,7 @@ from es_service import plan as planning
 from es_service.config import Config, from_dict
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
+from es_service.runs import seed_problem
 from es_workers import noise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,27 +349,14 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
 # --- the driver loop in-process (test_driver, test_ray_executor, test_report, test_rundir, test_cli_e2e) ---
 
 
-def basis_of(config, mnist):
-    """Layer-1 members' subspace, as the runner computes it (None when the config has none)."""
-    return planning.layer1_basis(config, mnist.train_images)
-
-
 def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
-    basis = basis_of(config, mnist)
-    executor = LocalExecutor(
-        table,
-        mnist.train_images,
-        mnist.train_labels,
-        config.network.arithmetic,
-        "cpu",
-        merge_tiles=merge_tiles,
-        basis=basis,
-    )
+    problem = seed_problem(config, mnist)
+    executor = LocalExecutor(problem, table, "cpu", merge_tiles=merge_tiles)
     if state is None:
         state = TrainState(planning.seed_theta(config.seed), None, 0)
-    trainer = Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
+    trainer = Trainer(config, run_dir, problem, table, noise_seed, executor, state)
     trainer.run(stop_after=generations)
     return trainer

@@ -14,9 +14,10 @@ import torch
 from es_service import plan as planning
 from es_service.driver import Trainer, TrainState
 from es_service.ray_executor import RayExecutor
+from es_service.runs import seed_problem
 from es_workers import network, noise
 from es_workers.actor import PopulationWorker
-from tests.helpers import ACTIVITY, basis_of, run_local, tiny_config
+from tests.helpers import ACTIVITY, run_local, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -25,18 +26,10 @@ def make_trainer(config, mnist, run_dir, worker_class=PopulationWorker):
     run_dir.mkdir(parents=True, exist_ok=True)
     noise_seed = planning.noise_seed(config.seed)
     table = noise.make_table(noise_seed, config.noise.table_size)
-    basis = basis_of(config, mnist)
-    executor = RayExecutor(
-        table,
-        mnist.train_images,
-        mnist.train_labels,
-        config.network.arithmetic,
-        config.workers,
-        basis=basis,
-        worker_class=worker_class,
-    )
+    problem = seed_problem(config, mnist)
+    executor = RayExecutor(problem, table, config.workers, worker_class=worker_class)
     state = TrainState(planning.seed_theta(config.seed), None, 0)
-    return Trainer(config, run_dir, mnist, table, noise_seed, executor, state, basis=basis)
+    return Trainer(config, run_dir, problem, table, noise_seed, executor, state)
 
 
 def run_ray(config, mnist, run_dir, during=None, wait=True, worker_class=PopulationWorker):

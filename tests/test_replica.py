@@ -10,8 +10,10 @@ import torch
 
 from es_service import plan as planning
 from es_service.executors import GenerationOutcome
-from es_service.replica import Replica, Update, shaped_update
+from es_service.replica import Replica
+from es_service.strategy import Update, shaped_update
 from es_workers import layer_members, noise
+from es_workers.ftz_mnist import FtzMnist
 from tests.helpers import tiny_config
 
 NUM_TRAIN = 1000
@@ -30,8 +32,12 @@ def scored(config, generation: int, rng: np.random.Generator) -> tuple[planning.
     return plan, outcome
 
 
-def replica_of(config, table, basis) -> Replica:
-    return Replica(config, NUM_TRAIN, planning.seed_theta(config.seed), 0, table=table, basis=basis)
+def problem_of(mnist, basis=None) -> FtzMnist:
+    return FtzMnist(mnist.train_images[:NUM_TRAIN], mnist.train_labels[:NUM_TRAIN], basis=basis)
+
+
+def replica_of(config, table, problem) -> Replica:
+    return Replica(config, planning.seed_theta(config.seed), 0, table=table, problem=problem)
 
 
 @pytest.mark.parametrize(
@@ -47,9 +53,12 @@ def test_a_replica_from_a_snapshot_follows_the_driver_bit_for_bit(mnist, sets):
     config = tiny_config(*sets)
     table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
     basis = layer_members.image_basis(mnist.train_images, 32) if config.es.w1.subspace else None
-    driver, rng = replica_of(config, table, basis), np.random.default_rng(0)
+    problem = problem_of(mnist, basis)
+    driver, rng = replica_of(config, table, problem), np.random.default_rng(0)
     driver.apply(shaped_update(config, *scored(config, 0, rng))[0])
-    worker = pickle.loads(pickle.dumps(driver)).attach(table, basis)  # a snapshot, as a late joiner gets it
+    worker = pickle.loads(pickle.dumps(driver)).attach(
+        table, pickle.loads(pickle.dumps(problem))
+    )  # a snapshot, as a late joiner gets it
     assert worker.generation == 1 and worker.fingerprint() == driver.fingerprint()
     for generation in range(1, 4):
         plan, outcome = scored(config, generation, rng)
@@ -82,9 +91,9 @@ def test_an_update_of_another_generation_is_refused():
         replica.apply(stale)
 
 
-def test_a_skipped_update_moves_the_generation_not_theta():
+def test_a_skipped_update_moves_the_generation_not_theta(mnist):
     config = tiny_config()
-    replica = replica_of(config, noise.make_table(1, config.noise.table_size), None)
+    replica = replica_of(config, noise.make_table(1, config.noise.table_size), problem_of(mnist))
     plan = planning.make_plan(config, 0, NUM_TRAIN)
     update, fitness = shaped_update(config, plan, GenerationOutcome.empty(plan))  # nobody scored
     assert update.skipped and not np.isfinite(fitness).any()

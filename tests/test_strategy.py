@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from es_service import plan as planning
 from es_service import strategy
 from es_workers import members, network, noise
 
@@ -75,10 +76,10 @@ def test_weight_decay_shrinks_theta_when_gradient_is_zero():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_schedules_move_from_start_to_final(schedule):
-    assert strategy.scheduled(1.0, 0.1, 0.0, schedule) == pytest.approx(1.0)
-    assert strategy.scheduled(1.0, 0.1, 1.0, schedule) == pytest.approx(0.1)
-    assert 0.1 < strategy.scheduled(1.0, 0.1, 0.5, schedule) < 1.0
-    assert strategy.scheduled(1.0, None, 0.7, schedule) == 1.0
+    assert planning.scheduled(1.0, 0.1, 0.0, schedule) == pytest.approx(1.0)
+    assert planning.scheduled(1.0, 0.1, 1.0, schedule) == pytest.approx(0.1)
+    assert 0.1 < planning.scheduled(1.0, 0.1, 0.5, schedule) < 1.0
+    assert planning.scheduled(1.0, None, 0.7, schedule) == 1.0
 
 
 def test_decoupled_weight_decay_is_adamw():

@@ -1,7 +1,7 @@
-"""The stateless Ray worker: caches the noise table and MNIST on its device, evaluates tiles.
+"""The stateless Ray worker: holds the noise table and one problem on its device, evaluates tiles.
 
 "Stateless": it holds only caches (table, data, this generation's theta); any worker can take any
-tile, and a replacement rebuilds everything from object-store refs. theta comes one of two ways
+tile, and a replacement rebuilds everything from object-store refs (the table and the pickled problem). theta comes one of two ways
 (``workers.theta_sync``): fetched from the object store each generation (``evaluate``), or kept as a
 replica that replays each generation's update from O(P) scalars and is reloaded from a snapshot when
 it joins late or drifts (``evaluate_replay``). The replica is the driver's own object (an
@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 
-from es_workers.evaluator import PopulationEvaluator, TileResult, TileTask, run_tile, set_process_arithmetic
+from es_workers.evaluator import TileResult, TileTask
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -29,20 +29,20 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class PopulationWorker:
-    def __init__(self, refs: dict, arithmetic: str, threads: int, fused: bool = False):
-        set_process_arithmetic(arithmetic)  # before any parallel torch op: the flag is per thread
-        torch.set_num_threads(threads)
+    """``refs``: the object-store refs of the noise table (a float32 array) and of the problem (a pickled
+    es_workers.problem.Problem, whose arrays the node's workers share)."""
+
+    def __init__(self, refs: dict, threads: int):
         import ray
 
-        table, images, labels = ray.get([refs["table"], refs["images"], refs["labels"]])
+        problem = ray.get(refs["problem"])
+        problem.prepare_process()  # before any parallel torch op: e.g. the flush flag is per thread
+        torch.set_num_threads(threads)
+        table = _tensor(ray.get(refs["table"]))
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
-        basis = _tensor(ray.get(refs["basis"])) if "basis" in refs else None
-        self.evaluator = PopulationEvaluator(
-            _tensor(table), _tensor(images), _tensor(labels), arithmetic, self.device, fused, basis=basis
-        )
-        # a replica's update runs on the CPU
-        self._cpu_table, self._cpu_basis, self._cpu_images = _tensor(table), basis, _tensor(images)
+        self.evaluator = problem.evaluator(table, self.device)
+        self._cpu_table, self._problem = table, problem  # a replica's update runs on the CPU
         self.node_id = ray.get_runtime_context().get_node_id()
         self._generation = -1
         self._theta: torch.Tensor | None = None
@@ -71,7 +71,7 @@ class PopulationWorker:
             theta = ray.get(theta_holder[0])
             self._theta = _tensor(theta).to(self.evaluator.device)
             self._generation = task.generation
-        return run_tile(self.evaluator, self._theta, self._with_batch(batch_holder, task))
+        return self.evaluator.run_tile(self._theta, self._with_batch(batch_holder, task))
 
     def evaluate_replay(self, sync_holder: list, batch_holder: list, task: TileTask) -> TileResult:
         """``sync_holder``: [the previous generation's update, a snapshot], ObjectRefs or None, in a list
@@ -82,7 +82,7 @@ class PopulationWorker:
 
         update_ref, snapshot_ref = sync_holder
         if snapshot_ref is not None:
-            self._replica = ray.get(snapshot_ref).attach(self._cpu_table, self._cpu_basis, self._cpu_images)
+            self._replica = ray.get(snapshot_ref).attach(self._cpu_table, self._problem)
             self._generation = -1
         elif update_ref is not None and self._replica is not None and self._replica.generation == task.generation - 1:
             self._replica.apply(ray.get(update_ref))
@@ -92,5 +92,5 @@ class PopulationWorker:
         if task.generation != self._generation:
             self._theta = self._replica.theta.to(self.evaluator.device)
             self._generation = task.generation
-        result = run_tile(self.evaluator, self._theta, self._with_batch(batch_holder, task))
+        result = self.evaluator.run_tile(self._theta, self._with_batch(batch_holder, task))
         return dataclasses.replace(result, fingerprint=self._replica.fingerprint())

@@ -84,6 +84,38 @@ class PopulationEvaluator:
         """(784, k) principal components of the training images: layer-1 members' input subspace, and
         (its first columns) what layer-2 unit members' subspace is built from (``hidden_basis``)."""
 
+    def run_tile(self, theta: torch.Tensor, task: TileTask) -> TileResult:
+        """The tile's results: its member kind's evaluation on its shard."""
+        started = time.perf_counter()
+        if task.activity:
+            loss_sums, correct, image_losses = self.evaluate_activity(
+                theta, task.layer, task.signs, task.noise_std, task.image_indices, task.unit_from
+            )
+            return TileResult(
+                task.generation,
+                task.tile_id,
+                loss_sums,
+                correct,
+                time.perf_counter() - started,
+                image_losses=image_losses,
+            )
+        if task.layer:
+            loss_sums, correct = self.evaluate_layer(
+                theta,
+                task.layer,
+                task.offsets,
+                task.signs,
+                task.noise_std,
+                task.image_indices,
+                task.subspace,
+                task.unit_from,
+            )
+        else:
+            loss_sums, correct = self.evaluate(
+                theta, task.offsets, task.signs, task.noise_std, task.image_indices, task.rank, task.shared_first_layer
+            )
+        return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
+
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
         return self.images.index_select(0, index).float() / 255.0, self.labels.index_select(0, index)
@@ -554,33 +586,6 @@ class TileResult:
     def nbytes(self) -> int:
         extra = 0 if self.image_losses is None else self.image_losses.nbytes
         return self.loss_sums.nbytes + self.correct.nbytes + extra + 32
-
-
-def run_tile(evaluator: PopulationEvaluator, theta: torch.Tensor, task: TileTask) -> TileResult:
-    started = time.perf_counter()
-    if task.activity:
-        loss_sums, correct, image_losses = evaluator.evaluate_activity(
-            theta, task.layer, task.signs, task.noise_std, task.image_indices, task.unit_from
-        )
-        return TileResult(
-            task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started, image_losses=image_losses
-        )
-    if task.layer:
-        loss_sums, correct = evaluator.evaluate_layer(
-            theta,
-            task.layer,
-            task.offsets,
-            task.signs,
-            task.noise_std,
-            task.image_indices,
-            task.subspace,
-            task.unit_from,
-        )
-    else:
-        loss_sums, correct = evaluator.evaluate(
-            theta, task.offsets, task.signs, task.noise_std, task.image_indices, task.rank, task.shared_first_layer
-        )
-    return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
 
 
 def accuracy(

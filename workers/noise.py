@@ -19,9 +19,9 @@ def make_table(seed: int, size: int) -> torch.Tensor:
     return torch.randn(size, generator=generator, dtype=torch.float32)
 
 
-def max_offset(table_size: int) -> int:
-    """Largest valid slice start (inclusive)."""
-    return table_size - NUM_PARAMS
+def max_offset(table_size: int, length: int = NUM_PARAMS) -> int:
+    """Largest valid start (inclusive) of a slice of ``length`` floats (theta's)."""
+    return table_size - length
 
 
 def windows(table: torch.Tensor, length: int = NUM_PARAMS) -> torch.Tensor:

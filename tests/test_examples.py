@@ -1,0 +1,80 @@
+"""The library as a user meets it: the README's Python example as written, and a problem of one's own
+(examples/spirals.py) trained in-process and on a local Ray, with a checkpoint and a resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import es_service
+from es_service import checkpoint
+from examples.spirals import Spirals, config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_python_example() -> str:
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def theta_of(run_dir) -> torch.Tensor:
+    return checkpoint.load(run_dir / "checkpoint.pt", Spirals().layout)["theta"]
+
+
+def test_the_public_names():
+    assert {"Config", "Problem", "OpenES", "train", "resume", "load_config"} <= set(es_service.__all__)
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_python_example(), "README.md", "exec"), namespace)
+    result = namespace["result"]
+    start = namespace["LeastSquares"]().metrics(torch.zeros(20))["mse"]
+    assert result["generation"] == namespace["config"].generations
+    assert result["mse"] < start / 100, (start, result)  # ES fits the 20 weights
+    run_dir = tmp_path / result["run_dir"]
+    assert {"checkpoint.pt", "config.yaml", "metrics.jsonl", "run.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "'mse'" in capsys.readouterr().out
+
+
+def test_a_problem_of_ones_own_learns_in_process(tmp_path):
+    result = es_service.train(config("local", generations=300), Spirals(), tmp_path / "run")
+    assert result["test_accuracy"] > 0.9, result  # chance is 0.5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["fitness_mean"] > records[0]["fitness_mean"]
+
+
+def test_a_problem_of_ones_own_resumes_to_the_uninterrupted_theta(tmp_path):
+    whole = tmp_path / "whole"
+    es_service.train(config("local", generations=12), Spirals(), whole)
+    parts = tmp_path / "parts"
+    first = es_service.train(config("local", generations=12), Spirals(), parts, stop_after=5)
+    assert first["generation"] == 5
+    assert es_service.resume(parts, Spirals())["generation"] == 12
+    assert torch.equal(theta_of(parts), theta_of(whole))
+
+
+def test_a_problems_checkpoint_is_refused_for_the_seed_network(tmp_path):
+    es_service.train(config("local", generations=2), Spirals(), tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointError, match="parameter layout"):
+        checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_what_only_the_seed_network_has_is_refused_for_a_problem(tmp_path):
+    refused = config("local").model_copy(update={"es": config().es.model_copy(update={"rank": 1})})
+    with pytest.raises(es_service.ConfigError, match="es.rank: low-rank members exists for the seed's network only"):
+        es_service.train(refused, Spirals(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_a_problem_of_ones_own_trains_to_the_same_theta_on_ray(tmp_path, ray_cluster):
+    es_service.train(config("local", generations=6), Spirals(), tmp_path / "local")
+    es_service.train(config("ray", generations=6), Spirals(), tmp_path / "ray")
+    assert torch.equal(theta_of(tmp_path / "ray"), theta_of(tmp_path / "local"))

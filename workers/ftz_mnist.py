@@ -1,0 +1,90 @@
+"""The seed's problem: the deep linear MNIST network at float32's underflow edge (es_workers.network).
+
+Its members are every kind the service has (whole, low-rank, shared first layer, layer, unit, output
+and activity members: es_workers.members, es_workers.layer_members), evaluated by
+``PopulationEvaluator``. It holds the training images and labels, the sets the center's accuracy is
+measured on, the arithmetic, and layer 1's search basis where its members have one. No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from es_workers import network
+from es_workers.evaluator import PopulationEvaluator, center_accuracies, set_process_arithmetic
+from es_workers.problem import Problem
+
+
+def _tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
+
+
+class FtzMnist(Problem):
+    """The 784-512-512-10 network in ``arithmetic`` on MNIST.
+
+    ``eval_sets``: name -> (uint8 images, labels) the center's accuracy is measured on (``metrics``);
+    they stay on the driver (a pickled problem leaves them behind). ``basis``: layer-1 members' input
+    subspace (es_workers.layer_members.image_basis), or None. ``fused``: compiled epilogues."""
+
+    num_params = network.NUM_PARAMS
+    layout = network.PARAM_SHAPES
+
+    def __init__(
+        self,
+        train_images: torch.Tensor,
+        train_labels: torch.Tensor,
+        arithmetic: str = "tf-ftz",
+        fused: bool = False,
+        basis: torch.Tensor | None = None,
+        eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self.train_images = _tensor(train_images)
+        self.train_labels = _tensor(train_labels)
+        self.arithmetic = arithmetic
+        self.fused = fused
+        self.basis = None if basis is None else _tensor(basis)
+        self.eval_sets = eval_sets or {}
+        self.num_examples = self.train_images.shape[0]
+
+    def init_theta(self, seed: int) -> torch.Tensor:
+        return network.init_theta(seed)
+
+    def metrics(self, theta: torch.Tensor) -> dict[str, float]:
+        """Each eval set's accuracy and, flushing, the test set's with denormals kept
+        (es_workers.evaluator.center_accuracies), on theta's device."""
+        sets = {
+            name: (images.to(theta.device), labels.to(theta.device))
+            for name, (images, labels) in self.eval_sets.items()
+        }
+        return center_accuracies(theta, sets, self.arithmetic, fused=self.fused)
+
+    def prepare_process(self) -> None:
+        set_process_arithmetic(self.arithmetic)
+
+    def evaluator(self, table: torch.Tensor, device: str, threads: int | None = None) -> PopulationEvaluator:
+        return PopulationEvaluator(
+            table,
+            self.train_images,
+            self.train_labels,
+            self.arithmetic,
+            device,
+            self.fused,
+            threads=threads,
+            basis=self.basis,
+        )
+
+    def __getstate__(self) -> dict:
+        """As numpy arrays (Ray's object store shares those between a node's workers without copies), and
+        without the eval sets."""
+        arrays = {name: getattr(self, name) for name in ("train_images", "train_labels", "basis")}
+        state = {name: None if value is None else value.numpy() for name, value in arrays.items()}
+        return {**state, "arithmetic": self.arithmetic, "fused": self.fused}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["train_images"], state["train_labels"], state["arithmetic"], state["fused"], state["basis"])
