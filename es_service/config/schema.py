@@ -1,4 +1,4 @@
-"""Typed, frozen run configuration: loaded from YAML, overridden with ``--set``, validated up front.
+"""Typed, frozen run configuration: the sections, their fields and the rules on them.
 
 The sections are frozen pydantic models (strict types, no unknown keys, choices as ``Literal``); each
 field's docstring is its description, and docs/configuration.md is generated from them (``python -m
@@ -15,13 +15,9 @@ import json
 import math
 import re
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
-
-from es_service import safe_yaml
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 Arithmetic = Literal["tf-ftz", "linear", "cpu-ftz"]
 FitnessKind = Literal["cross_entropy", "accuracy"]
@@ -306,58 +302,6 @@ def digest_of(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_EXPECTED = {
-    "int_type": "an integer",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "model_type": "a mapping of fields",
-    "dict_type": "a mapping of fields",
-}
-
-
-def _model_at(loc: list[str] | tuple[str, ...]) -> type[BaseModel]:
-    section = Config
-    for part in loc:
-        section = section.model_fields[part].annotation
-    return section
-
-
-def _position(problem: dict[str, Any]) -> list[tuple[int, Any]]:
-    """Where a reader meets the problem going through the file: a section's unknown keys first (a
-    misspelt key explains the errors after it), by name, then its fields in order, depth first."""
-    loc, unknown = problem["loc"], problem["type"] == "extra_forbidden"
-    return [
-        (0, part) if unknown and depth == len(loc) - 1 else (1, list(_model_at(loc[:depth]).model_fields).index(part))
-        for depth, part in enumerate(loc)
-    ]
-
-
-def _config_error(error: ValidationError) -> ConfigError:
-    """The first of pydantic's problems, phrased like every other ConfigError: one line with the field
-    path, the value and what is allowed."""
-    problem = min(error.errors(include_url=False), key=_position)
-    if isinstance(problem.get("ctx", {}).get("error"), ConfigError):  # raised by a rule in ``validate``
-        return problem["ctx"]["error"]
-    # a key is the user's text: an empty, long or unprintable one (a line break) is shown quoted and cut
-    loc = [part if part.isprintable() and 0 < len(part) <= 40 else shown(part, 40) for part in map(str, problem["loc"])]
-    path, value = ".".join(loc) or "the config", problem["input"]
-    if problem["type"] == "extra_forbidden":
-        return ConfigError(
-            f"{path}: unknown field; allowed in {'.'.join(loc[:-1]) or 'the config'}: "
-            f"{', '.join(_model_at(loc[:-1]).model_fields)}"
-        )
-    if problem["type"] == "literal_error":
-        allowed = ", ".join(typing.get_args(_model_at(loc[:-1]).model_fields[loc[-1]].annotation))
-        if not isinstance(value, str):
-            return ConfigError(f"{path}: expected a string ({allowed}), got {shown(value)}")
-        return ConfigError(f"{path}: {shown(value)}; allowed: {allowed}")
-    expected = _EXPECTED.get(problem["type"])
-    if expected:
-        return ConfigError(f"{path}: expected {expected}, got {shown(value)}")
-    return ConfigError(f"{path}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {shown(value)}")
-
-
 def shown(value: Any, limit: int = 80) -> str:
     """repr(value), cut to ``limit`` characters: whatever the input, a message stays one readable line."""
     text = repr(value)
@@ -589,7 +533,6 @@ def _validate_warm_start(config: Config) -> None:
 
 SIGMA_RANGE = (1e-6, 10.0)
 MAX_LEARNING_RATE = 10.0
-MNIST_BYTES = 300 << 20  # the images as uint8 for the members, the evaluation sets as float32
 
 
 def _validate_limits(config: Config) -> None:
@@ -614,140 +557,3 @@ def _validate_limits(config: Config) -> None:
     for name in ("gpus_per_worker", "tile_timeout_s", "no_worker_timeout_s"):
         value = getattr(workers, name)
         _require(math.isfinite(value), f"workers.{name}: {value}; use a finite number")
-
-
-def check_fits_memory(config: Config) -> None:
-    """Refuse a run that cannot fit in this machine's memory, before its noise table exists. Checked
-    where a run starts, not in ``validate``: a checkpoint made on a larger machine must still load here."""
-    need, largest = memory_needed(config)
-    total = physical_memory()
-    section, name = largest.split(".")
-    _require(
-        total is None or need <= total,
-        f"{largest}: {getattr(getattr(config, section), name)} would need about {need / 2**30:.1f} GiB of "
-        f"memory for this run, and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}",
-    )
-
-
-def memory_needed(config: Config) -> tuple[int, str]:
-    """Bytes a run holds at once on the driver (and on each worker): the noise table, the population's
-    offsets, scores and (low rank) gathered noise rows, and one member's activations per CPU thread;
-    with the field whose share is largest."""
-    import os
-
-    from es_workers.members import noise_length
-    from es_workers.network import NUM_PARAMS
-
-    es = config.es
-    batch = max(es.batch_size, es.batch_size_final or 0)
-    shards = -(-batch // es.shard_size) if es.shard_size else 1
-    members = es.pop_size + sum(layer.pop_size for layer in es.layers())
-    shares = {
-        "noise.table_size": 4 * config.noise.table_size,
-        "es.pop_size": members * (8 * (4 + 2 * shards) + (4 * noise_length(es.rank) if es.rank else 0)),
-        "es.batch_size": min(members, os.cpu_count() or 1) * 4 * (NUM_PARAMS + batch * (784 + 4 * 512 + 20)),
-    }
-    return sum(shares.values()) + MNIST_BYTES, max(shares, key=shares.get)
-
-
-def physical_memory() -> int | None:
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _yaml_problem(err: Exception) -> str:
-    if isinstance(err, yaml.reader.ReaderError):  # its str() spans two lines
-        character = chr(err.character) if isinstance(err.character, int) else err.character
-        return f" at character {err.position + 1}: {character!r} ({err.reason})"
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{where}: {getattr(err, 'problem', None) or type(err).__name__}"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``key.sub=value`` into a key path and a YAML-parsed value."""
-    if "=" not in text:
-        raise ConfigError(f"--set {shown(text)}: expected key=value, e.g. --set es.noise_std=0.02")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {shown(text)}: empty key; expected key=value, e.g. --set generations=50")
-    try:
-        return key.split("."), safe_yaml.load(raw) if raw != "" else None
-    except safe_yaml.TooLarge as err:
-        raise ConfigError(f"--set {shown(text)} {err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"--set {shown(text)}: the value is not valid YAML{_yaml_problem(err)}; "
-            "quote a string value, e.g. --set 'key=\"text\"'"
-        ) from None
-
-
-def _rename_head_members(data: Any) -> None:
-    """es.head_pop_size, the members of the output layer only, is es.w3.pop_size now: configs and
-    checkpoints written with the old name load unchanged."""
-    es = data.get("es") if isinstance(data, dict) else None
-    if isinstance(es, dict) and "head_pop_size" in es:
-        w3 = es.setdefault("w3", {})
-        if isinstance(w3, dict):
-            w3.setdefault("pop_size", es.pop("head_pop_size"))
-
-
-def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
-    try:
-        data = json.loads(json.dumps(data))  # deep copy; also rejects non-plain values early
-    except (TypeError, ValueError) as err:  # ValueError: a list or mapping that holds itself
-        raise ConfigError(
-            f"the config holds a value that is not a plain number, string, list or mapping ({err}); "
-            "quote dates and other special YAML values"
-        ) from None
-    _rename_head_members(data)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {shown(text)}: {part} is not a section")
-        node[path[-1]] = value
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise _config_error(err) from None
-
-
-def load(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file, apply ``--set`` overrides, validate."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file to --config")
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-    try:
-        with path.open("rb") as file:
-            raw = file.read(safe_yaml.MAX_BYTES + 1)  # never more: the file may be any size
-        if len(raw) > safe_yaml.MAX_BYTES:
-            raise ConfigError(
-                f"config file {str(path)!r} is larger than {safe_yaml.MAX_BYTES >> 20} MiB; a config is a "
-                "few KB of YAML: pass the config file itself"
-            )
-        data = safe_yaml.load(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"config file {str(path)!r} cannot be read ({err.strerror}); check its permissions") from None
-    except safe_yaml.TooLarge as err:
-        raise ConfigError(f"config file {str(path)!r} {err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(err)}") from None
-    if data is None:  # an empty file: all defaults
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(path)!r}: expected a mapping of fields at the top level, got {shown(data)} "
-            "(e.g. `generations: 100`)"
-        )
-    return from_dict(data, overrides)
