@@ -1,6 +1,8 @@
-"""The run configuration: its schema (schema.py), reading it from YAML and ``--set`` (load.py), and
-whether a run fits in memory (memory.py)."""
+"""The run configuration: its schema (schema.py, es.py, with what every section shares in base.py),
+reading it from YAML and ``--set`` (load.py), and whether a run fits in memory (memory.py)."""
 
+from es_service.config.base import ConfigError, shown
+from es_service.config.es import ESConfig
 from es_service.config.load import from_dict, load, parse_override
 from es_service.config.memory import check_fits_memory
 from es_service.config.schema import (
@@ -8,13 +10,9 @@ from es_service.config.schema import (
     GRADIENTS,
     WARM_START_STAGES,
     Config,
-    ConfigError,
-    ESConfig,
     WarmStartConfig,
     WorkersConfig,
     digest_of,
-    shown,
-    validate,
 )
 
 __all__ = [
@@ -32,5 +30,4 @@ __all__ = [
     "load",
     "parse_override",
     "shown",
-    "validate",
 ]

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from es_service import safe_yaml
-from es_service.config.schema import Config, ConfigError, shown
+from es_service.config.base import ConfigError, Refused, shown
+from es_service.config.schema import Config
 
 _EXPECTED = {
     "int_type": "an integer",
@@ -43,15 +44,24 @@ def _position(problem: dict[str, Any]) -> list[tuple[int, Any]]:
     ]
 
 
+def _order(problem: dict[str, Any]) -> tuple[bool, list[tuple[int, Any]]]:
+    """Problems of structure and type first (a value of the wrong type is checked by no rule), then
+    broken rules; each kind in the order a reader meets them."""
+    return isinstance(problem.get("ctx", {}).get("error"), ValueError), _position(problem)
+
+
 def _config_error(error: ValidationError) -> ConfigError:
     """The first of pydantic's problems, phrased like every other ConfigError: one line with the field
     path, the value and what is allowed."""
-    problem = min(error.errors(include_url=False), key=_position)
-    if isinstance(problem.get("ctx", {}).get("error"), ConfigError):  # raised by a rule in ``validate``
-        return problem["ctx"]["error"]
+    problem = min(error.errors(include_url=False), key=_order)
+    broken = problem.get("ctx", {}).get("error")
+    if isinstance(broken, ConfigError):  # a rule across fields: its message names them
+        return broken
     # a key is the user's text: an empty, long or unprintable one (a line break) is shown quoted and cut
     loc = [part if part.isprintable() and 0 < len(part) <= 40 else shown(part, 40) for part in map(str, problem["loc"])]
     path, value = ".".join(loc) or "the config", problem["input"]
+    if isinstance(broken, Refused):  # a field's own rule: its section does not know where it sits
+        return ConfigError(f"{path}: {broken}")
     if problem["type"] == "extra_forbidden":
         return ConfigError(
             f"{path}: unknown field; allowed in {'.'.join(loc[:-1]) or 'the config'}: "

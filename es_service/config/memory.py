@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from es_service.config.schema import Config, _require
+from es_service.config.base import require
+from es_service.config.schema import Config
 
 MNIST_BYTES = 300 << 20  # the images as uint8 for the members, the evaluation sets as float32
 
 
 def check_fits_memory(config: Config) -> None:
     """Refuse a run that cannot fit in this machine's memory, before its noise table exists. Checked
-    where a run starts, not in ``validate``: a checkpoint made on a larger machine must still load here."""
+    where a run starts, not by the schema: a checkpoint made on a larger machine must still load here."""
     need, largest = memory_needed(config)
     total = physical_memory()
     section, name = largest.split(".")
-    _require(
+    require(
         total is None or need <= total,
         f"{largest}: {getattr(getattr(config, section), name)} would need about {need / 2**30:.1f} GiB of "
         f"memory for this run, and this machine has {total / 2**30 if total else 0:.1f} GiB; lower {largest}",
