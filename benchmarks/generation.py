@@ -28,7 +28,8 @@ from es_service import plan as planning
 from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
-from es_service.executors import LocalExecutor, resolve_device
+from es_service.executors import LocalExecutor
+from es_service.runs import resolve
 from es_workers import noise
 from es_workers.evaluator import set_process_arithmetic
 
@@ -60,7 +61,11 @@ def make_config(args, workers: int):
 def build_executor(config, table, data, workers: int):
     if not workers:
         arithmetic = config.network.arithmetic
-        device = "cpu" if arithmetic == "cpu-ftz" else resolve_device(config.workers.device)
+        device = (
+            "cpu"
+            if arithmetic == "cpu-ftz"
+            else resolve(config.workers.device, "workers.device", "use 'auto' or 'cpu'")
+        )
         return LocalExecutor(table, data.train_images, data.train_labels, arithmetic, device, config.workers.fused)
     from es_service.ray_executor import RayExecutor
 
