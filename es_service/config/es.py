@@ -167,8 +167,9 @@ class ESConfig(Section):
         return self.w1, self.w2, self.w3
 
     @model_validator(mode="after")
-    def _members(self) -> ESConfig:
-        """Who moves each layer: the whole members, its own or nobody (then it must be frozen)."""
+    def _who_moves_each_layer(self) -> ESConfig:
+        """The whole members, the layer's own, or nobody (then the layer is frozen); activity members are
+        one pair per unit."""
         require(
             not (self.antithetic and self.pop_size % 2),
             f"es.pop_size: {self.pop_size} is odd but es.antithetic is true; use an even population",
@@ -185,6 +186,12 @@ class ESConfig(Section):
                 f"es.w{layer}.pop_size: {members.pop_size} with es.w{layer}.kind activity: its members are one "
                 f"antithetic pair per unit; set es.w{layer}.pop_size: {2 * units}",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _how_members_search(self) -> ESConfig:
+        """Subspaces are for weight moves (layer 2's for unit members, inside layer 1's basis); a shared
+        first layer is for full-rank members."""
         w1, w2 = self.w1, self.w2
         require(
             w1.kind != "activity" or not w1.subspace,
