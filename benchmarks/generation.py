@@ -28,8 +28,8 @@ from es_service import plan as planning
 from es_service.config import from_dict
 from es_service.data import load_mnist
 from es_service.driver import Trainer, TrainState
-from es_service.executors import LocalExecutor, resolve_device
-from es_service.runs import seed_problem
+from es_service.executors import LocalExecutor
+from es_service.runs import resolve, seed_problem
 from es_workers import noise
 from es_workers.evaluator import set_process_arithmetic
 
@@ -61,7 +61,11 @@ def make_config(args, workers: int):
 def build_executor(config, table, data, workers: int):
     if not workers:
         arithmetic = config.network.arithmetic
-        device = "cpu" if arithmetic == "cpu-ftz" else resolve_device(config.workers.device)
+        device = (
+            "cpu"
+            if arithmetic == "cpu-ftz"
+            else resolve(config.workers.device, "workers.device", "use 'auto' or 'cpu'")
+        )
         return LocalExecutor(seed_problem(config, data), table, device)
     from es_service.ray_executor import RayExecutor
 

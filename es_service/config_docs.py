@@ -2,7 +2,7 @@
 ``python -m es_service.config_docs > docs/configuration.md``.
 
 One table per section (field, type, default, description); the descriptions are the fields' docstrings in
-es_service/config.py, so the reference cannot drift from the code. tests/test_config.py fails when the
+es_service/config/, so the reference cannot drift from the code. tests/test_config.py fails when the
 file is stale.
 """
 
@@ -20,7 +20,7 @@ COMMAND = "python -m es_service.config_docs > docs/configuration.md"
 
 INTRO = f"""# Configuration reference
 
-<!-- Generated from es_service/config.py by `{COMMAND}`; edit the field docstrings there, not this file. -->
+<!-- Generated from es_service/config/ by `{COMMAND}`; edit the field docstrings there, not this file. -->
 
 A run is configured by one YAML file. Every field is optional; a missing field takes the default
 below. Override any field on the command line with `--set section.field=value` (repeatable), e.g.
@@ -31,7 +31,7 @@ any value is built from it: at most {safe_yaml.MAX_BYTES >> 20} MiB and {safe_ya
 lists and mappings at most {safe_yaml.MAX_DEPTH} deep, integers of at most {safe_yaml.MAX_INT_DIGITS} digits, no alias inside
 the node it names. Integer fields have upper bounds past which no run could go (given below).
 
-The types and descriptions are those of `es_service/config.py`, where each field has a docstring.
+The types and descriptions are those of the models in `es_service/config/`, where each field has a docstring.
 `float | null` means a number or `null`; an integer is accepted where a number is. In YAML, `null`
 stands for Python's `None`. The design behind the arithmetic, low-rank members and layer members is in
 [design.md](design.md).

@@ -98,14 +98,6 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
     )
 
 
-def resolve_device(preference: str) -> str:
-    if preference == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("workers.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return preference
-
-
 class LocalExecutor:
     """The problem's evaluator, in this process: one call per shard over all its members
     (``merge_tiles``), or one per planned tile."""

@@ -23,7 +23,6 @@ from es_service import checkpoint, rundir
 from es_service import plan as planning
 from es_service.config import Config, ConfigError, shown
 from es_service.data import Mnist, load_mnist
-from es_service.executors import resolve_device
 from es_service.metrics import read as read_metrics
 from es_service.plot import plot_runs
 from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, PLOT_NAME, RUN_INFO_NAME
@@ -49,11 +48,13 @@ def load_data(config: Config, data_dir: str | None = None):
 
 
 def resolve(preference: str, option: str, fix: str) -> str:
-    """resolve_device, with a missing GPU reported as the option that asked for it."""
-    try:
-        return resolve_device(preference)
-    except RuntimeError:
-        raise UsageError(f"{option} is 'cuda' but torch sees no CUDA device on this machine; {fix}") from None
+    """The device 'auto', 'cpu' or 'cuda' means here (auto: CUDA if torch sees one); a missing GPU is
+    reported as the option that asked for it, with ``fix``."""
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{option} is 'cuda' but torch sees no CUDA device on this machine; {fix}")
+    return preference
 
 
 def seed_problem(config: Config, data: Mnist) -> FtzMnist:

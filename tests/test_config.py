@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from es_service import config_docs
-from es_service.config import Config, ConfigError, digest_of, from_dict, load, parse_override, validate
+from es_service.config import Config, ConfigError, digest_of, from_dict, load, parse_override
 from es_workers.network import NUM_PARAMS
 from tests.helpers import REPO, TINY, write_config
 
@@ -26,7 +26,7 @@ def assert_names(message: str, *parts: str) -> None:
 
 
 def test_defaults_validate_and_an_empty_mapping_means_defaults():
-    assert validate(Config()) == Config()
+    assert Config.model_validate(Config().to_dict()) == Config()  # every default, checked by every rule
     assert from_dict({}) == Config()
 
 
@@ -244,7 +244,7 @@ def test_type_errors_through_set():
     assert_names(refused(TINY, ["es.noise_sd=0.1"]), "es.noise_sd", "unknown field", "noise_std")
 
 
-# ---- value ranges and cross-field rules (validate) --------------------------------------------------
+# ---- value ranges and cross-field rules ------------------------------------------------------------
 
 RANGE_CASES = {
     "negative seed": (["seed=-1"], ["seed", "-1", ">= 0"]),
@@ -419,6 +419,14 @@ def test_range_errors(overrides, parts):
 def test_boundary_values_are_accepted(overrides):
     config = from_dict(TINY, overrides)
     assert isinstance(config, Config)
+
+
+def test_of_several_problems_the_first_in_the_file_is_reported():
+    """Problems of structure and type before broken rules (a value of the wrong type meets no rule), each
+    kind in the order a reader meets it."""
+    assert_names(refused(TINY, ["es.pop_size=7", "seed=-1"]), "seed: -1 is negative")
+    assert_names(refused(TINY, ["es.w2.pop_size=7", "es.w1.noise_scale=0"]), "es.w1.noise_scale: 0")
+    assert_names(refused(TINY, ["seed=-1", "checkpoint.every=x"]), "checkpoint.every", "expected an integer")
 
 
 def test_odd_population_without_antithetic_keeps_its_size():

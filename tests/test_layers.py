@@ -91,15 +91,17 @@ def test_the_math_core_imports_neither_ray_nor_io():
 
 
 def driver_side_graph() -> dict[str, set[str]]:
-    """es_service module -> the es_service modules it imports (at any depth)."""
+    """es_service module -> the es_service modules it imports (at any depth); a subpackage
+    (es_service/config/) is one module."""
     graph = {}
-    for path in (REPO / "es_service").glob("*.py"):
+    for path in (REPO / "es_service").rglob("*.py"):
+        module = path.relative_to(REPO / "es_service").parts[0].removesuffix(".py")
         names = imported_modules(path)
         found = {name.split(".")[1] for name in names if name.startswith("es_service.")}
         for node in ast.walk(ast.parse(path.read_text())):  # from es_service import a, b
             if isinstance(node, ast.ImportFrom) and node.module == "es_service":
                 found.update(alias.name for alias in node.names)
-        graph[path.stem] = found - {path.stem}
+        graph[module] = graph.get(module, set()) | found - {module}
     return graph
 
 
