@@ -26,7 +26,7 @@ from benchmarks import pop_eval
 from benchmarks.common import device_facts, median_time, write_json
 from es_service import strategy
 from es_service.data import load_mnist
-from es_workers import network, noise
+from es_workers import kinds, network, noise
 from es_workers.evaluator import PopulationEvaluator
 
 
@@ -43,8 +43,8 @@ def check_fused_bitwise(table, data, device, members, images) -> dict:
     offsets, signs, rng = _members(members, table.numel(), 1)
     index = rng.choice(60000, size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
-    a = eager.evaluate(theta, offsets, signs, 0.02, index)
-    b = fused.evaluate(theta, offsets, signs, 0.02, index)
+    a = kinds.Whole().evaluate(eager, theta, offsets, signs, 0.02, index)
+    b = kinds.Whole().evaluate(fused, theta, offsets, signs, 0.02, index)
     x = data.test_images.reshape(-1, 784)[:2000].to(device).float() / 255.0
     params = network.unflatten(theta)
     logits_equal = torch.equal(network.forward(x, params, "tf-ftz", True), network.forward(x, params, "tf-ftz"))
@@ -78,8 +78,8 @@ def check_chunk_independence(table, data, device, members=64, images=512) -> dic
     offsets, signs, rng = _members(members, table.numel(), 2)
     index = rng.choice(60000, size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
-    a = batched.evaluate(theta, offsets, signs, 0.02, index)
-    b = single.evaluate(theta, offsets, signs, 0.02, index)
+    a = kinds.Whole().evaluate(batched, theta, offsets, signs, 0.02, index)
+    b = kinds.Whole().evaluate(single, theta, offsets, signs, 0.02, index)
     return {
         "members": members,
         "bitwise_equal": bool(np.array_equal(a[0], b[0])),
@@ -99,10 +99,10 @@ def check_variant(table, data, device, members, images, rank=0, shared_first_lay
     index = rng.choice(60000, size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0)
     a, b = (
-        evaluator.evaluate(theta.to(device), offsets, signs, 0.02, index, rank, shared_first_layer)
+        kinds.whole_kind(rank, shared_first_layer).evaluate(evaluator, theta.to(device), offsets, signs, 0.02, index)
         for evaluator in (eager, fused)
     )
-    c = loop.evaluate(theta, offsets, signs, 0.02, index, rank, shared_first_layer)
+    c = kinds.whole_kind(rank, shared_first_layer).evaluate(loop, theta, offsets, signs, 0.02, index)
     return {
         "members": members,
         "images": images,
@@ -121,7 +121,7 @@ def check_update(table, device, repeats) -> dict:
         weights = rng.standard_normal(slices)
         for rank in (0, 1):
             seconds = median_time(
-                functools.partial(strategy.grad_estimate, table, offsets, weights, 0.02, 2 * slices, rank),
+                functools.partial(kinds.whole_kind(rank).estimate, table, offsets, weights, 0.02, 2 * slices, None),
                 device,
                 repeats,
             )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import FLOP_PER_IMAGE, device_facts, interleaved_times, median_time, write_json
-from es_workers import members, network, noise
+from es_workers import kinds, members, network, noise
 from es_workers.evaluator import PopulationEvaluator
 
 DEFAULT_SHAPES = {"cpu": "32x256,64x256", "cuda": "512x512,2048x1024"}
@@ -132,7 +132,8 @@ def bench_shape(
     indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)
     flop = FLOP_PER_IMAGE * pop * images
-    evaluate = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices, rank, shared_first_layer)  # noqa: E731
+    kind = kinds.whole_kind(rank, shared_first_layer)
+    evaluate = lambda: kind.evaluate(evaluator, theta, offsets, signs, 0.02, indices)  # noqa: E731
     x = torch.rand(images, 784, device=device)
     prebuilt = None
     if rank:
@@ -148,7 +149,7 @@ def bench_shape(
     peak, peak_flop = mm_peak_call(device, median_time(evaluate, device, 1, warmup=1))
     turns = {"evaluate": evaluate, "ceiling": ceiling, "peak": peak}
     if rank or shared_first_layer:
-        turns["full_rank"] = lambda: evaluator.evaluate(theta, offsets, signs, 0.02, indices)
+        turns["full_rank"] = lambda: kinds.Whole().evaluate(evaluator, theta, offsets, signs, 0.02, indices)
     times = interleaved_times(turns, device, repeats)
     del prebuilt
     evaluate_s, ceiling_s, peak_s = (statistics.median(times[name]) for name in ("evaluate", "ceiling", "peak"))

@@ -4,7 +4,7 @@
         [--json docs/scaling/scale.json]
     python -m benchmarks.scale --reuse docs/scaling/scale.json [--json OUT]
 
-driver: per generation, plan.make_plan, fitness shaping with slice weights, strategy.grad_estimate with
+driver: per generation, plan.make_plan, fitness shaping with slice weights, the whole kind's estimate (es_workers.kinds) with
 the arguments driver.estimate passes, and AdamES.step, for P = 1k to 100k members, full rank and rank 1,
 on the config's default noise table with random fitness. A size whose estimate the measured sizes
 predict to take longer than --max-call-s is not run: its time comes from a least-squares line in P
@@ -144,8 +144,8 @@ def driver_row(config, table, repeats: int, rng, with_estimate: bool) -> dict:
     if with_estimate:
         weights = shape()
 
-        def estimate():  # as driver.estimate calls it
-            return strategy.grad_estimate(table, plan.slice_offsets, weights, plan.noise_std, pop_size, rank=plan.rank)
+        def estimate():  # as the strategy's estimate calls it
+            return plan.kinds[0].estimate(table, plan.slice_offsets, weights, plan.noise_std, pop_size, None)
 
         # no warm-up calls: at large P one call takes seconds, and the median drops a cold first call
         row["estimate_s"] = float(np.median([median_time(estimate, cpu, 1, warmup=0) for _ in range(max(repeats, 1))]))

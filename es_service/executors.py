@@ -54,7 +54,7 @@ class GenerationOutcome:
             tuple(results(2 * len(offsets)) for offsets in plan.layer_offsets),
             image_losses=tuple(
                 np.full((2 * len(offsets), len(plan.batch_indices)), np.nan, dtype=np.float32) if activity else None
-                for offsets, activity in zip(plan.layer_offsets, plan.activity_layers)
+                for offsets, activity in zip(plan.layer_offsets, (kind.per_image for kind in plan.kinds[1:]))
             ),
             shard_bounds=plan.shard_bounds,
         )
@@ -79,8 +79,6 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
     members = slice(tile.member_start, tile.member_stop)
     offsets, signs = plan.members(tile.layer)
     start, stop = plan.shard_bounds[tile.shard]
-    unit = bool(tile.layer) and plan.unit_layers[tile.layer - 1]
-    activity = bool(tile.layer) and plan.activity_layers[tile.layer - 1]
     return TileTask(
         generation=plan.generation,
         tile_id=tile.tile_id,
@@ -89,12 +87,8 @@ def make_task(plan: GenerationPlan, tile: Tile, batch_by_reference: bool = False
         noise_std=float(plan.noise_std_of(tile.layer)),
         image_indices=np.empty(0, dtype=np.int64) if batch_by_reference else plan.batch_indices[start:stop],
         batch_range=(start, stop) if batch_by_reference else None,
-        rank=plan.rank,
-        shared_first_layer=plan.shared_first_layer,
-        layer=tile.layer,
-        subspace=plan.subspaces[tile.layer - 1] if tile.layer else 0,
-        unit_from=tile.member_start if unit or activity else None,
-        activity=activity,
+        kind=plan.kinds[tile.layer],
+        first=tile.member_start,
     )
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from es_service.config import Config
-from es_workers import layer_members, network, noise
+from es_workers import kinds, layer_members, network, noise
+from es_workers.kinds import Kind
 
 STREAM_INIT, STREAM_NOISE, STREAM_GENERATION = 1, 2, 3
 LAYER_STREAMS = {3: 4, 1: 5, 2: 6}  # 4 first: runs made when only layer 3 could have members keep their draws
@@ -64,24 +65,14 @@ class GenerationPlan:
     member_signs: np.ndarray
     """+1 or -1 per member: theta_i = theta + sign_i * sigma * slice_i."""
     batch_indices: np.ndarray
-    rank: int
-    """0: full-rank slices; r: low-rank members (members.low_rank_forward)."""
-    shared_first_layer: bool
-    """Full-rank members' first layer as x W1 + scale * x E1 (members.shared_first_layer_forward)."""
+    kinds: tuple[Kind, Kind, Kind, Kind]
+    """Per member group (the whole members, then layer 1's, 2's and 3's): its kind (es_workers.kinds)."""
     shard_bounds: tuple[tuple[int, int], ...]
     tiles: tuple[Tile, ...]
     layer_offsets: tuple[np.ndarray, np.ndarray, np.ndarray]
     """Per layer 1, 2, 3: one table offset per antithetic pair of its layer members (es.wL.pop_size / 2)."""
     layer_noise_stds: tuple[float, float, float]
     """Per layer: its members' sigma (the scheduled sigma times es.wL.noise_scale)."""
-    subspaces: tuple[int, int, int]
-    """Per layer: the dimension of its members' input subspace (0: none; layer 1: the images' principal
-    components, layer 2: their image in the first hidden layer, es_workers.layer_members.hidden_basis)."""
-    unit_layers: tuple[bool, bool, bool] = (False, False, False)
-    """Per layer: its members are unit members (es.wL.kind: unit; layers 1 and 2 only)."""
-    activity_layers: tuple[bool, bool, bool] = (False, False, False)
-    """Per layer: its members are activity members (es.wL.kind: activity): pair i moves unit i's
-    pre-activation by +-sigma on every image, and reads no table rows."""
 
     def members(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, signs) of the whole members (layer 0) or of one layer's members, each of whose
@@ -187,17 +178,19 @@ def make_plan(config: Config, generation: int, num_train: int, num_params: int =
         member_offsets=member_offsets.astype(np.int64),
         member_signs=member_signs,
         batch_indices=batch_indices,
-        rank=es.rank,
-        shared_first_layer=es.shared_first_layer,
+        kinds=(
+            kinds.whole_kind(es.rank, es.shared_first_layer, num_params),
+            *(
+                kinds.layer_kind(layer, members.kind, members.subspace if layer < 3 else 0)
+                for layer, members in zip((1, 2, 3), layers)
+            ),
+        ),
         shard_bounds=bounds,
         tiles=make_tiles(
             es.pop_size, config.workers.members_per_tile, len(bounds), tuple(members.pop_size for members in layers)
         ),
         layer_offsets=layer_offsets,
         layer_noise_stds=tuple(noise_std * members.noise_scale for members in layers),
-        subspaces=(es.w1.subspace, es.w2.subspace, 0),
-        unit_layers=(es.w1.kind == "unit", es.w2.kind == "unit", False),
-        activity_layers=tuple(members.kind == "activity" for members in layers),
     )
 
 

@@ -1,13 +1,16 @@
-"""OpenAI-ES math (Salimans et al. 2017): centered-rank fitness shaping and the gradient estimate
-from shared-noise-table slices. No Ray, no I/O.
+"""The update rule in one place: ``OpenES`` (Salimans et al. 2017) over a problem, as ask and tell.
 
-Sign convention: fitness is maximised. ``grad_estimate`` approximates d E[F(theta + sigma eps)] / d theta
-(an ascent direction); the optimizer *descends* on ``-grad_estimate + weight_decay * theta``.
+Fitness shaping (centered ranks or z-scores) per member group, one weight per noise slice (or, for
+per-image kinds, each image's slope), each member kind's estimate (es_workers.kinds), and Adam with
+L2 or decoupled weight decay, the weight-norm cap and per-layer step scales. What a generation
+evaluates, with its scheduled sigma and learning rate, is the plan (es_service.plan). No Ray, no I/O.
+
+Sign convention: fitness is maximised. The estimate approximates d E[F(theta + sigma eps)] / d theta
+(an ascent direction); the optimizer *descends* on ``-estimate + weight_decay * theta``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,16 +19,11 @@ import numpy as np
 import torch
 
 from es_service import plan as planning
-from es_workers import layer_members, members, network, noise
+from es_workers import layer_members, network
 from es_workers.problem import Problem
 
 if TYPE_CHECKING:
     from es_service.config import Config, ESConfig
-
-# Slices gathered per matrix-vector product: fixed per device type, so the sum order is fixed. On CPU
-# small chunks stay memory-friendly (8 rows: ~3x faster than 64 on this 2-core machine); on CUDA larger
-# chunks mean fewer launches.
-GRAD_CHUNK_ROWS = {"cpu": 8, "cuda": 64}
 
 
 def centered_ranks(fitness: np.ndarray) -> np.ndarray:
@@ -71,68 +69,6 @@ def slice_weights(shaped: np.ndarray, antithetic: bool) -> np.ndarray:
     if antithetic:
         return shaped[0::2] - shaped[1::2]
     return shaped
-
-
-def grad_estimate(
-    table: torch.Tensor,
-    offsets: np.ndarray,
-    weights: np.ndarray,
-    noise_std: float,
-    pop_size: int,
-    rank: int = 0,
-    length: int = noise.NUM_PARAMS,
-) -> torch.Tensor:
-    """(1 / (pop_size * sigma)) * sum_k weights_k * perturbation_k, on the table's device.
-
-    Full rank (``rank`` 0), perturbation_k is table[offset_k : offset_k + length] (``length``
-    network.OUTPUT_LAYER_SIZE for layer-3 members): slices are gathered from a zero-copy strided view, a fixed
-    number of rows at a time, and reduced with one matrix-vector product per chunk. Low rank, see
-    ``low_rank_grad``. No Python loop over members either way.
-    """
-    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
-    if rank:
-        return low_rank_grad(table, offsets, weight_tensor, rank) / (pop_size * noise_std)
-    total = torch.zeros(length, dtype=torch.float32, device=table.device)
-    chunk = GRAD_CHUNK_ROWS.get(table.device.type, 64)
-    for start in range(0, len(offsets), chunk):
-        rows = noise.slices(table, offsets[start : start + chunk], length)
-        total += torch.mv(rows.T, weight_tensor[start : start + chunk])
-    return total / (pop_size * noise_std)
-
-
-def low_rank_grad(table: torch.Tensor, offsets: np.ndarray, weights: torch.Tensor, rank: int) -> torch.Tensor:
-    """sum_k weights_k * members.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
-    matmul of the stacked factors (the K dense perturbations are never built) and one for the biases.
-    On CPU single-threaded: from 256 slices on, MKL's two-thread GEMM here gave other bits than one."""
-    rows = noise.slices(table, offsets, members.noise_length(rank))
-    parts = []
-    with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
-        for a, b, e in members.low_rank_factors(rows, rank):
-            count, fan_in, _ = a.shape
-            stacked_a = a.permute(1, 0, 2).reshape(fan_in, count * rank)
-            stacked_b = (b * weights[:, None, None]).permute(0, 2, 1).reshape(count * rank, -1)
-            parts += [torch.mm(stacked_a, stacked_b).mul_(rank**-0.5).flatten(), torch.mv(e.T, weights)]
-    return torch.cat(parts)
-
-
-def layer_estimate(
-    table: torch.Tensor,
-    offsets: np.ndarray,
-    weights: np.ndarray,
-    layer: int,
-    noise_std: float,
-    pop_size: int,
-    subspace: int = 0,
-    basis: torch.Tensor | None = None,
-    unit: bool = False,
-) -> torch.Tensor:
-    """``grad_estimate`` for one layer's members (es_workers.layer_members; ``unit``: unit members): the
-    estimate of that layer's weight and bias only, flat in theta's order for them."""
-    if layer == 3:  # a full move of W3, b3: the full-rank path, on that block's length
-        return grad_estimate(table, offsets, weights, noise_std, pop_size, length=network.OUTPUT_LAYER_SIZE)
-    rows = noise.slices(table, offsets, layer_members.noise_length(layer, subspace, unit))
-    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
-    return layer_members.estimate(rows, weight_tensor, layer, subspace, basis, unit) / (pop_size * noise_std)
 
 
 def activity_slopes(image_losses: np.ndarray, noise_std: float) -> np.ndarray:
@@ -202,7 +138,7 @@ class AdamES:
             decoupled=es.weight_decay_mode == "decoupled",
             weight_norm_cap=es.weight_norm_cap,
             betas=(es.adam_beta1, es.adam_beta2),
-            layer_step_scales=tuple(members.step_scale for members in es.layers()),
+            layer_step_scales=tuple(layer.step_scale for layer in es.layers()),
         )
 
     def step(self, grad: torch.Tensor, learning_rate: float) -> float:
@@ -259,7 +195,7 @@ def shaped_update(config: Config, plan: planning.GenerationPlan, outcome) -> tup
     for group in GROUPS:
         loss_sums, correct = outcome.results(group)
         fitness = planning.member_fitness(loss_sums, correct, len(plan.batch_indices), es.fitness)
-        if group and plan.activity_layers[group - 1]:
+        if plan.kinds[group].per_image:
             slopes = activity_slopes(outcome.image_losses[group - 1], plan.noise_std_of(group))
             weights.append(slopes.reshape(-1))
         else:
@@ -274,57 +210,23 @@ def shaped_update(config: Config, plan: planning.GenerationPlan, outcome) -> tup
 def estimate(
     table: torch.Tensor, problem: Problem, plan: planning.GenerationPlan, update: Update, theta: torch.Tensor
 ) -> torch.Tensor:
-    """The gradient estimate at ``theta`` (the generation's center): the whole members', with each layer
-    that has layer members taking theirs (the seed's network only: es_workers.ftz_mnist, whose layer-1
-    basis and training images layer and activity members' estimates read)."""
+    """The gradient estimate at ``theta`` (the generation's center): the whole members' kind's, with each
+    layer that has layer members taking its kind's (es_workers.kinds; the center's inputs they read
+    come from the problem)."""
     count = len(plan.member_offsets)
-    length = members.noise_length(plan.rank) if plan.rank else problem.num_params
+    center = problem.center(theta, plan.batch_indices)
     grad = (
-        grad_estimate(table, plan.slice_offsets, update.weights[0], plan.noise_std, count, plan.rank, length)
+        plan.kinds[0].estimate(table, plan.slice_offsets, update.weights[0], plan.noise_std, count, center)
         if count
         else torch.zeros(problem.num_params, device=table.device)
     )
-    basis = getattr(problem, "basis", None)
-    basis = None if basis is None else basis.to(table.device)
-    inputs = None
-    for layer in layer_members.LAYERS:
-        offsets = plan.layer_offsets[layer - 1]
-        if len(offsets) and plan.activity_layers[layer - 1]:
-            if inputs is None:
-                inputs = activity_inputs(problem.train_images, plan, theta, problem.arithmetic)
-            slopes = torch.as_tensor(update.weights[layer].reshape(len(offsets), -1)).to(theta.device)
-            start, stop = layer_members.param_range(layer)
-            grad[start:stop] = layer_members.activity_estimate(inputs[layer - 1], slopes.T)
-        elif len(offsets):
-            start, stop = layer_members.param_range(layer)
-            subspace = plan.subspaces[layer - 1]
-            layer_basis = basis
-            if layer == 2 and subspace:
-                layer_basis = layer_members.hidden_basis(network.unflatten(theta)[0], basis, subspace)
-            grad[start:stop] = layer_estimate(
-                table,
-                offsets,
-                update.weights[layer],
-                layer,
-                plan.noise_std_of(layer),
-                2 * len(offsets),
-                subspace,
-                layer_basis,
-                plan.unit_layers[layer - 1],
-            )
+    for layer, offsets in zip(layer_members.LAYERS, plan.layer_offsets):
+        if len(offsets):
+            kind = plan.kinds[layer]
+            start, stop = kind.param_range
+            sigma = plan.noise_std_of(layer)
+            grad[start:stop] = kind.estimate(table, offsets, update.weights[layer], sigma, 2 * len(offsets), center)
     return grad
-
-
-def activity_inputs(
-    images: torch.Tensor | None, plan: planning.GenerationPlan, theta: torch.Tensor, arithmetic: str
-) -> tuple[torch.Tensor, ...]:
-    """Each layer's input at the center on the generation's minibatch (layer_members.center_inputs)."""
-    if images is None:
-        raise ValueError("activity members' estimate needs the training images: attach them to the replica")
-    index = torch.as_tensor(plan.batch_indices).to(images.device)
-    x = images.reshape(-1, layer_members.INPUTS).index_select(0, index).to(theta.device).float() / 255.0
-    with network.single_threaded() if theta.device.type == "cpu" else contextlib.nullcontext():
-        return layer_members.center_inputs(x, theta, arithmetic)
 
 
 class OpenES:

@@ -193,6 +193,7 @@ def test_build_context_has_the_package():
     patterns = [line for line in lines if line and not line.startswith("#")]
     assert patterns[0] == "*", "the context starts empty ('*'; no .venv, .git, runs/) and re-includes what it needs"
     setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
-    folders = [setuptools.get("package-dir", {}).get(package, package) for package in setuptools["packages"]]
+    tops = [package for package in setuptools["packages"] if "." not in package]  # subpackages come with them
+    folders = [setuptools.get("package-dir", {}).get(package, package) for package in tops]
     for needed in ("pyproject.toml", "README.md", *(f"{folder}/" for folder in folders)):
         assert f"!{needed}" in patterns, f"{needed} is left out of the build context; `pip install .` needs it"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from es_workers import compiled, members, network, noise
+from es_workers import compiled, kinds, members, network, noise
 from es_workers.evaluator import PopulationEvaluator, TileTask, accuracy, center_accuracies, set_process_arithmetic
 
 
@@ -42,11 +42,11 @@ def test_member_results_do_not_depend_on_tile_mates(evaluator):
     theta = network.init_theta(0)
     offsets, signs = _members(6)
     images = np.arange(100, 164, dtype=np.int64)
-    together = evaluator.evaluate(theta, offsets, signs, 0.02, images)
+    together = kinds.Whole().evaluate(evaluator, theta, offsets, signs, 0.02, images)
     for j in range(6):
-        alone = evaluator.evaluate(theta, offsets[j : j + 1], signs[j : j + 1], 0.02, images)
+        alone = kinds.Whole().evaluate(evaluator, theta, offsets[j : j + 1], signs[j : j + 1], 0.02, images)
         assert alone[0][0] == together[0][j] and alone[1][0] == together[1][j]
-    shuffled = evaluator.evaluate(theta, offsets[::-1].copy(), signs[::-1].copy(), 0.02, images)
+    shuffled = kinds.Whole().evaluate(evaluator, theta, offsets[::-1].copy(), signs[::-1].copy(), 0.02, images)
     assert np.array_equal(shuffled[0][::-1], together[0])
 
 
@@ -54,7 +54,7 @@ def test_results_match_the_reference_forward(evaluator, mnist):
     theta = network.init_theta(0)
     offsets, signs = _members(2)
     images = np.arange(64, dtype=np.int64)
-    loss_sums, correct = evaluator.evaluate(theta, offsets, signs, 0.05, images)
+    loss_sums, correct = kinds.Whole().evaluate(evaluator, theta, offsets, signs, 0.05, images)
     table = evaluator.table
     x = mnist.train_images[:64].reshape(-1, 784).float() / 255.0
     y = mnist.train_labels[:64]
@@ -79,13 +79,13 @@ def test_results_match_the_reference_forward(evaluator, mnist):
 def test_overflowing_members_give_nonfinite_loss(evaluator):
     theta = network.init_theta(0) * 1e13  # logits overflow float32 after the 2**125 rescale
     offsets, signs = _members(2)
-    loss_sums, _ = evaluator.evaluate(theta, offsets, signs, 0.02, np.arange(32, dtype=np.int64))
+    loss_sums, _ = kinds.Whole().evaluate(evaluator, theta, offsets, signs, 0.02, np.arange(32, dtype=np.int64))
     assert not np.isfinite(loss_sums).all()
 
 
 def test_tile_task_asserts_dtypes_at_the_boundary():
     with pytest.raises(AssertionError):
-        TileTask(0, 0, np.array([1, 2], dtype=np.int32), np.ones(2, np.float32), 0.1, np.arange(3))
+        TileTask(0, 0, np.array([1, 2], dtype=np.int32), np.ones(2, np.float32), 0.1, np.arange(3), kinds.Whole())
 
 
 def test_cpu_ftz_refused_on_cuda():
@@ -121,8 +121,8 @@ def test_fused_member_is_bitwise_equal_to_the_reference(mnist, arithmetic):
     theta = network.init_theta(0)
     offsets, signs = _members(4, seed=3)
     images = np.arange(200, 328, dtype=np.int64)
-    expected = eager.evaluate(theta, offsets, signs, 0.02, images)
-    got = fused.evaluate(theta, offsets, signs, 0.02, images)
+    expected = kinds.Whole().evaluate(eager, theta, offsets, signs, 0.02, images)
+    got = kinds.Whole().evaluate(fused, theta, offsets, signs, 0.02, images)
     assert np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     x = mnist.test_images[:500].reshape(-1, 784).float() / 255.0
     params = network.unflatten(theta)
@@ -142,8 +142,8 @@ def test_batched_path_equals_member_loop_on_cpu(mnist):
     offsets, signs = _members(5, seed=4)
     images = np.arange(64, dtype=np.int64)
     expected, got = (
-        loop.evaluate(theta, offsets, signs, 0.02, images),
-        batched.evaluate(theta, offsets, signs, 0.02, images),
+        kinds.Whole().evaluate(loop, theta, offsets, signs, 0.02, images),
+        kinds.Whole().evaluate(batched, theta, offsets, signs, 0.02, images),
     )
     assert np.allclose(expected[0], got[0], rtol=1e-6, atol=0) and np.array_equal(expected[1], got[1])
 
@@ -160,8 +160,8 @@ def test_batched_fused_path_is_bitwise_equal_to_batched_eager(mnist):
     offsets, signs = _members(6, seed=5)
     images = np.arange(300, 364, dtype=np.int64)
     expected, got = (
-        eager.evaluate(theta, offsets, signs, 0.03, images),
-        fused.evaluate(theta, offsets, signs, 0.03, images),
+        kinds.Whole().evaluate(eager, theta, offsets, signs, 0.03, images),
+        kinds.Whole().evaluate(fused, theta, offsets, signs, 0.03, images),
     )
     assert np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     scales = torch.tensor([0.03, -0.03, 0.01])
@@ -184,7 +184,7 @@ def test_member_results_do_not_depend_on_the_thread_count(mnist, arithmetic, fus
     def run(threads):
         evaluator = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, arithmetic, "cpu", fused=fused)
         assert evaluator.threads == threads
-        result = evaluator.evaluate(theta, offsets, signs, 0.02, images)
+        result = kinds.Whole().evaluate(evaluator, theta, offsets, signs, 0.02, images)
         assert torch.get_num_threads() == threads  # restored after the evaluation
         return result
 
@@ -208,8 +208,10 @@ def test_low_rank_members_do_not_depend_on_threads_or_tile_mates(mnist, fused):
     def evaluator():  # one per thread count: it sizes its member threads from torch's count
         return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
 
-    results = _at_thread_counts((1, 2, 3), lambda _: evaluator().evaluate(theta, offsets, signs, 0.02, images, rank=1))
-    alone = evaluator().evaluate(theta, offsets[3:4], signs[3:4], 0.02, images, rank=1)
+    results = _at_thread_counts(
+        (1, 2, 3), lambda _: kinds.whole_kind(rank=1).evaluate(evaluator(), theta, offsets, signs, 0.02, images)
+    )
+    alone = kinds.whole_kind(rank=1).evaluate(evaluator(), theta, offsets[3:4], signs[3:4], 0.02, images)
     assert len(set(results[0][0].tolist())) == len(offsets)
     for loss_sums, correct in results[1:]:
         assert np.array_equal(loss_sums, results[0][0]) and np.array_equal(correct, results[0][1])
@@ -228,7 +230,9 @@ def test_shared_first_layer_members_do_not_depend_on_threads_or_tile_mates(mnist
         return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
 
     def evaluate(ev, members):
-        return ev.evaluate(theta, offsets[members], signs[members], 0.02, images, shared_first_layer=True)
+        return kinds.whole_kind(shared_first_layer=True).evaluate(
+            ev, theta, offsets[members], signs[members], 0.02, images
+        )
 
     results = _at_thread_counts((1, 2, 3), lambda _: evaluate(evaluator(), slice(None)))
     assert len(set(results[0][0].tolist())) == len(offsets)
@@ -238,7 +242,7 @@ def test_shared_first_layer_members_do_not_depend_on_threads_or_tile_mates(mnist
     assert evaluate(ev, slice(3, 4))[0][0] == results[0][0][3]
     swapped = evaluate(ev, np.array([3, 2, 1, 0]))[0]
     assert np.array_equal(swapped, results[0][0][[3, 2, 1, 0]])
-    dense = ev.evaluate(theta, offsets, signs, 0.02, images)[0]
+    dense = kinds.Whole().evaluate(ev, theta, offsets, signs, 0.02, images)[0]
     assert np.allclose(dense, results[0][0], rtol=1e-5) and not np.array_equal(dense, results[0][0])
 
 
@@ -256,15 +260,18 @@ def test_shared_first_layer_batched_path_agrees_with_the_member_loop(mnist):
     offsets = np.append(np.repeat(_members(3, seed=9)[0], 2), noise.max_offset(1 << 20))  # the last offset too
     signs = np.append(np.tile(np.array([1.0, -1.0], np.float32), 3), np.float32(-1.0))
     images = np.arange(500, 756, dtype=np.int64)
-    expected = loop.evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True)
+    expected = kinds.whole_kind(shared_first_layer=True).evaluate(loop, theta, offsets, signs, 0.03, images)
     eager, fused = (
-        batched[f].evaluate(theta, offsets, signs, 0.03, images, shared_first_layer=True) for f in (False, True)
+        kinds.whole_kind(shared_first_layer=True).evaluate(batched[f], theta, offsets, signs, 0.03, images)
+        for f in (False, True)
     )
     assert np.array_equal(eager[0], fused[0]) and np.array_equal(eager[1], fused[1])
     assert np.allclose(expected[0], fused[0], rtol=1e-4, atol=0) and np.abs(expected[1] - fused[1]).max() <= 1
     # whole pairs take the no-copy layout (x E1 broadcast over each pair): the same bits as the copy
     for f in (False, True):
-        pairs = batched[f].evaluate(theta, offsets[:6], signs[:6], 0.03, images, shared_first_layer=True)
+        pairs = kinds.whole_kind(shared_first_layer=True).evaluate(
+            batched[f], theta, offsets[:6], signs[:6], 0.03, images
+        )
         assert np.array_equal(pairs[0], fused[0][:6]) and np.array_equal(pairs[1], fused[1][:6])
 
 
@@ -280,8 +287,8 @@ def test_low_rank_batched_path_agrees_with_the_member_loop_and_the_dense_member(
     theta = network.init_theta(0)
     offsets, signs = _members(6, seed=9)
     images = np.arange(500, 756, dtype=np.int64)
-    expected = loop.evaluate(theta, offsets, signs, 0.03, images, rank=rank)
-    got = batched.evaluate(theta, offsets, signs, 0.03, images, rank=rank)
+    expected = kinds.whole_kind(rank=rank).evaluate(loop, theta, offsets, signs, 0.03, images)
+    got = kinds.whole_kind(rank=rank).evaluate(batched, theta, offsets, signs, 0.03, images)
     assert np.allclose(expected[0], got[0], rtol=1e-4, atol=0) and np.abs(expected[1] - got[1]).max() <= 1
     x, y = loop.batch(images)
     for j in range(len(offsets)):
@@ -304,14 +311,19 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
         return PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused)
 
     results = _at_thread_counts(
-        (1, 2), lambda _: evaluator().evaluate_output_layer(theta, offsets, signs, 0.05, images)
+        (1, 2), lambda _: kinds.Output().evaluate(evaluator(), theta, offsets, signs, 0.05, images)
     )
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
     # the batched path (what CUDA runs) agrees: same chunks, ops on all threads
-    batched = PopulationEvaluator(
-        table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused, batched=True
-    ).evaluate_output_layer(theta, offsets, signs, 0.05, images)
+    batched = kinds.Output().evaluate(
+        PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", fused=fused, batched=True),
+        theta,
+        offsets,
+        signs,
+        0.05,
+        images,
+    )
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
     eager = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu")
     x, y = eager.batch(images)
@@ -320,9 +332,9 @@ def test_head_members_are_full_members_whose_slice_moves_only_the_output_layer(m
         padded[-network.OUTPUT_LAYER_SIZE :] = table[offsets[j] : offsets[j] + network.OUTPUT_LAYER_SIZE]
         with network.single_threaded():
             logits = members.member_forward(x, theta, padded, torch.tensor(np.float32(signs[j] * 0.05)), "tf-ftz")
-        loss_sums, correct = eager._score(logits, y)
+        loss_sums, correct = eager.score(logits, y)
         assert loss_sums[0] == results[0][0][j] and correct[0] == results[0][1][j]
-        alone = evaluator().evaluate_output_layer(theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
+        alone = kinds.Output().evaluate(evaluator(), theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images)
         assert alone[0][0] == results[0][0][j]
 
 
@@ -335,12 +347,16 @@ def test_x_w1_is_reused_only_for_the_same_unmodified_theta_and_images(mnist, var
     theta = network.init_theta(0)
     images = np.arange(64, dtype=np.int64)
     ev = make()
-    first = ev.evaluate(theta, offsets, signs, 0.02, images, **variant)
-    assert np.array_equal(ev.evaluate(theta, offsets[2:], signs[2:], 0.02, images, **variant)[0], first[0][2:])
-    other_images = ev.evaluate(theta, offsets, signs, 0.02, images + 64, **variant)[0]
-    assert np.array_equal(other_images, make().evaluate(theta, offsets, signs, 0.02, images + 64, **variant)[0])
-    ev.evaluate(theta, offsets, signs, 0.02, images, **variant)
+    first = kinds.whole_kind(**variant).evaluate(ev, theta, offsets, signs, 0.02, images)
+    assert np.array_equal(
+        kinds.whole_kind(**variant).evaluate(ev, theta, offsets[2:], signs[2:], 0.02, images)[0], first[0][2:]
+    )
+    other_images = kinds.whole_kind(**variant).evaluate(ev, theta, offsets, signs, 0.02, images + 64)[0]
+    assert np.array_equal(
+        other_images, kinds.whole_kind(**variant).evaluate(make(), theta, offsets, signs, 0.02, images + 64)[0]
+    )
+    kinds.whole_kind(**variant).evaluate(ev, theta, offsets, signs, 0.02, images)
     theta.mul_(1.5)  # an optimizer step in place: same object, new values
-    moved = ev.evaluate(theta, offsets, signs, 0.02, images, **variant)[0]
-    assert np.array_equal(moved, make().evaluate(theta, offsets, signs, 0.02, images, **variant)[0])
+    moved = kinds.whole_kind(**variant).evaluate(ev, theta, offsets, signs, 0.02, images)[0]
+    assert np.array_equal(moved, kinds.whole_kind(**variant).evaluate(make(), theta, offsets, signs, 0.02, images)[0])
     assert not np.array_equal(moved, first[0])

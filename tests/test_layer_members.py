@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from es_service import strategy
-from es_workers import layer_members, network, noise
+from es_workers import kinds, layer_members, network, noise
 from es_workers.evaluator import PopulationEvaluator
 
 
@@ -131,7 +131,8 @@ def test_layer_estimate_is_the_weighted_sum_of_dense_moves(mnist, layer, subspac
     basis = layer_members.image_basis(mnist.train_images[:5000], subspace) if subspace else None
     offsets = np.array([3, 500, 70000, 123456, 9], dtype=np.int64)
     weights = np.array([0.5, -0.25, 0.125, -0.5, 0.3])
-    got = strategy.layer_estimate(table, offsets, weights, layer, 0.02, 10, subspace, basis)
+    center = kinds.Center(network.init_theta(0), basis)
+    got = kinds.layer_kind(layer, "rank1", subspace).estimate(table, offsets, weights, 0.02, 10, center)
     length = layer_members.noise_length(layer, subspace)
     expected = sum(w * dense_move(table[o : o + length], layer, subspace, basis) for o, w in zip(offsets, weights))
     start, stop = layer_members.param_range(layer)
@@ -152,7 +153,10 @@ def test_layer_estimate_is_a_gradient_on_average():
     for k, offset in enumerate(offsets):
         a, b, _ = layer_members.factors(table[offset : offset + layer_members.noise_length(2)], 2)
         weights[k] = float(2 * sigma * (a.double().T @ gradient @ b.double()))
-    estimate = strategy.layer_estimate(table, offsets, weights, 2, sigma, 2 * pairs).double()[: 512 * 512]
+    center = kinds.Center(network.init_theta(0))
+    estimate = (
+        kinds.LayerRank1(layer=2).estimate(table, offsets, weights, sigma, 2 * pairs, center).double()[: 512 * 512]
+    )
     flat = gradient.flatten()
     cosine = float(estimate @ flat / (estimate.norm() * flat.norm()))
     slope = float(estimate @ flat / (flat @ flat))
@@ -163,6 +167,7 @@ def test_layer_estimate_is_a_gradient_on_average():
     "layer,unit,subspace", [(1, False, 32), (2, False, 0), (1, True, 32), (2, True, 0), (2, True, 32)]
 )
 def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, layer, unit, subspace):
+    kind = kinds.layer_kind(layer, "unit" if unit else "rank1", subspace)  # the first unit member: 600
     table = noise.make_table(7, 1 << 20)
     theta = network.init_theta(0)
     basis = layer_members.image_basis(mnist.train_images[:5000], 32) if subspace else None
@@ -175,20 +180,22 @@ def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, l
         evaluator = PopulationEvaluator(
             table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=threads, basis=basis
         )
-        results.append(
-            evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace, 600 if unit else None)
-        )
+        results.append(kind.evaluate(evaluator, theta, offsets, signs, 0.05, images, 600))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert len(set(results[0][0].tolist())) == len(offsets)
     alone = PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis)
     for j in (0, 7):
-        one = alone.evaluate_layer(
-            theta, layer, offsets[j : j + 1], signs[j : j + 1], 0.05, images, subspace, 600 + j if unit else None
-        )
+        one = kind.evaluate(alone, theta, offsets[j : j + 1], signs[j : j + 1], 0.05, images, 600 + j)
         assert one[0][0] == results[0][0][j]
-    batched = PopulationEvaluator(
-        table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis, batched=True
-    ).evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace, 600 if unit else None)
+    batched = kind.evaluate(
+        PopulationEvaluator(table, mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", basis=basis, batched=True),
+        theta,
+        offsets,
+        signs,
+        0.05,
+        images,
+        600,
+    )
     assert np.allclose(batched[0], results[0][0], rtol=1e-4) and np.abs(batched[1] - results[0][1]).max() <= 1
 
 
@@ -270,7 +277,8 @@ def test_unit_estimate_is_the_weighted_sum_of_each_units_moves(mnist, layer, sub
     rng = np.random.default_rng(3)
     offsets = rng.integers(0, noise.max_offset(1 << 20) + 1, size=515)
     weights = rng.normal(size=515)
-    got = strategy.layer_estimate(table, offsets, weights, layer, 0.02, 1030, subspace, basis, unit=True)
+    center = kinds.Center(network.init_theta(0), layer_basis(mnist, None, 1, subspace))  # the images' components
+    got = kinds.Unit(layer=layer, subspace=subspace).estimate(table, offsets, weights, 0.02, 1030, center)
     length = layer_members.noise_length(layer, subspace, unit=True)
     start, stop = layer_members.param_range(layer)
     expected = torch.zeros(stop - start, dtype=torch.float64)
@@ -293,15 +301,14 @@ def test_a_subspace_the_members_cannot_search_is_refused(mnist, layer, unit_from
         noise.make_table(7, 1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", basis=basis
     )
     with pytest.raises(ValueError, match=message):
-        evaluator.evaluate_layer(
+        kinds.layer_kind(layer, "rank1" if unit_from is None else "unit", 16).evaluate(
+            evaluator,
             network.init_theta(0),
-            layer,
             np.array([0, 0]),
             np.array([1.0, -1.0], dtype=np.float32),
             0.05,
             np.arange(8),
-            subspace=16,
-            unit_from=unit_from,
+            unit_from or 0,
         )
 
 
@@ -338,8 +345,10 @@ def test_what_tiles_share_is_kept_only_for_the_same_theta_and_minibatch(mnist, l
 
     def score(evaluator, images):
         if layer == 3:
-            return evaluator.evaluate_output_layer(theta, offsets, signs, 0.05, images)[0]
-        return evaluator.evaluate_layer(theta, layer, offsets, signs, 0.05, images, subspace, unit_from)[0]
+            return kinds.Output().evaluate(evaluator, theta, offsets, signs, 0.05, images)[0]
+        return kinds.layer_kind(layer, "rank1" if unit_from is None else "unit", subspace).evaluate(
+            evaluator, theta, offsets, signs, 0.05, images, unit_from or 0
+        )[0]
 
     first, second = np.arange(64), np.arange(64, 128)
     for images, move in ((first, False), (first, False), (second, False), (second, True)):
@@ -399,7 +408,7 @@ def activity_members(theta, layer: int, mnist, arithmetic: str, sigma: float, im
     signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), (unit_from + count + 1) // 2)[
         unit_from : unit_from + count
     ]
-    return evaluator.evaluate_activity(theta, layer, signs, sigma, images, unit_from)
+    return kinds.Activity(layer=layer).evaluate(evaluator, theta, None, signs, sigma, images, unit_from)
 
 
 @pytest.mark.parametrize("layer", layer_members.LAYERS)
@@ -452,11 +461,25 @@ def test_activity_members_do_not_depend_on_threads_or_tile_mates(mnist):
     whole = activity_members(theta, 1, mnist, "tf-ftz", 0.3, images, count=64)
     part = activity_members(theta, 1, mnist, "tf-ftz", 0.3, images, unit_from=5, count=30)
     assert np.array_equal(whole[2][5:35], part[2]) and np.array_equal(whole[1][5:35], part[1])
-    one = PopulationEvaluator(
-        torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=1
-    ).evaluate_activity(theta, 1, np.tile(np.array([1.0, -1.0], dtype=np.float32), 32), 0.3, images, 0)
+    one = kinds.Activity(layer=1).evaluate(
+        PopulationEvaluator(torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", threads=1),
+        theta,
+        None,
+        np.tile(np.array([1.0, -1.0], dtype=np.float32), 32),
+        0.3,
+        images,
+        0,
+    )
     assert np.array_equal(whole[2], one[2])
-    batched = PopulationEvaluator(
-        torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True
-    ).evaluate_activity(theta, 1, np.tile(np.array([1.0, -1.0], dtype=np.float32), 32), 0.3, images, 0)
+    batched = kinds.Activity(layer=1).evaluate(
+        PopulationEvaluator(
+            torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, "tf-ftz", "cpu", batched=True
+        ),
+        theta,
+        None,
+        np.tile(np.array([1.0, -1.0], dtype=np.float32), 32),
+        0.3,
+        images,
+        0,
+    )
     assert np.allclose(batched[2], whole[2], rtol=1e-4, atol=1e-5)  # the GPU's path, in larger chunks

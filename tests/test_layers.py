@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 # import name -> folder: the workers/ folder installs as ``es_workers`` (pyproject's package-dir)
 PACKAGES = {"es_service": "es_service", "es_workers": "workers", "benchmarks": "benchmarks"}
 MATH_CORE = (
+    "workers/problem.py",
+    "workers/ftz_mnist.py",
+    "workers/kinds.py",
     "workers/network.py",
     "workers/members.py",
     "workers/layer_members.py",
@@ -117,6 +120,66 @@ def test_run_management_runs_one_way():
         assert not below(module) & {"runner", "cli"}, module
     assert not below("runs") & {"backprop", "backprop_runs"}
     assert graph["rundir"] == set()
+
+
+def test_no_cycle_between_driver_side_modules():
+    """One generation goes down one floor at a time and comes back as a return value: cli -> runner ->
+    driver -> strategy -> plan -> config, never back up (es_service/__init__.py, the public API, only
+    re-exports)."""
+    graph = driver_side_graph()
+    graph.pop("__init__")
+
+    def cycle_from(module: str, path: tuple = ()) -> tuple | None:
+        if module in path:
+            return (*path, module)
+        return next(filter(None, (cycle_from(step, (*path, module)) for step in graph.get(module, ()))), None)
+
+    assert [cycle for module in graph if (cycle := cycle_from(module))] == []
+
+
+UPDATE_RULE = {
+    "centered_ranks",
+    "normalized",
+    "shape_fitness",
+    "slice_weights",
+    "activity_slopes",
+    "Update",
+    "shaped_update",
+    "estimate",
+    "cap_weight_norms",
+    "AdamES",
+    "OpenES",
+}
+"""What decides the update: the fitness shaping, the estimate, Adam with its decay and cap, ask and tell."""
+
+
+def top_level_definitions(path: Path) -> set[str]:
+    return {node.name for node in ast.parse(path.read_text()).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def library_files() -> list[Path]:
+    return [path for folder in ("es_service", "workers") for path in sorted((REPO / folder).rglob("*.py"))]
+
+
+def test_the_update_rule_is_in_one_file():
+    """es_service/strategy.py alone defines the update rule's parts, and only it (and backprop, which is
+    not ES) steps a torch optimizer; member kinds own their estimates' arithmetic as methods."""
+    owners: dict[str, set[str]] = {}
+    for path in library_files():
+        for name in top_level_definitions(path) & UPDATE_RULE:
+            owners.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    assert owners == {name: {"es_service/strategy.py"} for name in UPDATE_RULE}
+    stepping = {str(path.relative_to(REPO)) for path in library_files() if "torch.optim" in path.read_text()}
+    assert stepping == {"es_service/strategy.py", "es_service/backprop.py"}
+
+
+FILE_LINE_LIMIT = 400
+
+
+def test_no_library_file_is_over_400_lines():
+    """A file a reader can hold: split by concept (config/, kinds.py, problem.py) before it grows past this."""
+    lengths = {str(path.relative_to(REPO)): len(path.read_text().splitlines()) for path in library_files()}
+    assert {name: lines for name, lines in lengths.items() if lines > FILE_LINE_LIMIT} == {}
 
 
 def test_the_checks_can_fail(tmp_path):

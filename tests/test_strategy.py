@@ -8,7 +8,7 @@ import torch
 
 from es_service import plan as planning
 from es_service import strategy
-from es_workers import members, network, noise
+from es_workers import kinds, members, network, noise
 
 
 def test_centered_ranks_span_and_order():
@@ -33,7 +33,7 @@ def test_grad_estimate_equals_explicit_sum():
     table = noise.make_table(0, noise.NUM_PARAMS + 5000)
     offsets = np.array([0, 17, 4999, 17, 3], dtype=np.int64)
     weights = np.array([0.5, -0.25, 0.125, 1.0, -1.0])
-    got = strategy.grad_estimate(table, offsets, weights, noise_std=0.1, pop_size=10)
+    got = kinds.Whole().estimate(table, offsets, weights, 0.1, 10, None)
     expected = sum(w * table[o : o + noise.NUM_PARAMS].double() for w, o in zip(weights, offsets)) / (10 * 0.1)
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_sign_convention_on_a_quadratic():
             for sign in (1.0, -1.0):
                 fitness.append(-float(((adam.theta.detach()[:k] + sign * 0.1 * eps - target) ** 2).sum()))
         weights = strategy.slice_weights(strategy.centered_ranks(np.array(fitness)), antithetic=True)
-        grad = strategy.grad_estimate(table, offsets, weights, 0.1, 16)
+        grad = kinds.Whole().estimate(table, offsets, weights, 0.1, 16, None)
         assert float(grad[:k] @ (target - adam.theta.detach()[:k])) > 0  # an ascent direction
         adam.step(grad, 0.05)
     assert float(torch.linalg.vector_norm(adam.theta.detach()[:k] - target)) < 0.7 * start
@@ -161,7 +161,7 @@ def test_low_rank_grad_estimate_equals_the_sum_of_dense_perturbations(rank):
     table = noise.make_table(2, noise.NUM_PARAMS + 5000)
     offsets = np.array([0, 17, 4999, 17, 3], dtype=np.int64)
     weights = np.array([0.5, -0.25, 0.125, 1.0, -1.0])
-    got = strategy.grad_estimate(table, offsets, weights, noise_std=0.1, pop_size=10, rank=rank)
+    got = kinds.whole_kind(rank).estimate(table, offsets, weights, 0.1, 10, None)
     length = members.noise_length(rank)
     expected = sum(w * members.low_rank_dense(table[o : o + length].double(), rank) for w, o in zip(weights, offsets))
     assert torch.allclose(got.double(), expected / (10 * 0.1), atol=1e-5)
@@ -177,7 +177,7 @@ def test_low_rank_estimate_is_a_gradient_on_average():
     rows = noise.windows(table)[:, : members.noise_length(1)].index_select(0, torch.as_tensor(offsets))
     # F(+) - F(-) over 2 sigma, one slice at a time: stacked, the 4,000 dense perturbations would take 10.7 GB
     slopes = torch.tensor([float(members.low_rank_dense(row, 1) @ target) for row in rows])
-    got = strategy.grad_estimate(table, offsets, slopes.numpy(), noise_std=1.0, pop_size=len(offsets), rank=1)
+    got = kinds.LowRank(rank=1).estimate(table, offsets, slopes.numpy(), 1.0, len(offsets), None)
     cosine = float(torch.nn.functional.cosine_similarity(got, target, dim=0))
     assert cosine > 0.5 * (len(offsets) / noise.NUM_PARAMS) ** 0.5  # chance is ~0; the expected value ~0.077
 
@@ -194,7 +194,7 @@ def test_low_rank_estimate_does_not_depend_on_the_thread_count():
         estimates = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            estimates.append(strategy.grad_estimate(table, offsets, weights, 0.02, 1024, rank=1))
+            estimates.append(kinds.LowRank(rank=1).estimate(table, offsets, weights, 0.02, 1024, None))
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(saved)

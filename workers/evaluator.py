@@ -19,19 +19,15 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from es_workers import layer_members, members, network, noise
 
-OUTPUT_LAYER_CHUNK = (
-    64  # layer-3 members per batched matmul: fixed, so a layer-3 member's bits never depend on the tile
-)
-# Unit members per batched pass on CPU, at fixed places in their population (see _unit_chunks); the
-# fastest sizes on the 2-core development CPU (layer 1: 16, 120-140 us a member; layer 2: 32, about 50)
-UNIT_CHUNK = {1: 16, 2: 32}
-ACTIVITY_CHUNK = {1: 16, 2: 32, 3: 20}  # activity members per pass on CPU, likewise (layer 3: all 20)
+if TYPE_CHECKING:
+    from es_workers.kinds import Kind
 
 
 def set_process_arithmetic(arithmetic: str) -> None:
@@ -87,34 +83,12 @@ class PopulationEvaluator:
     def run_tile(self, theta: torch.Tensor, task: TileTask) -> TileResult:
         """The tile's results: its member kind's evaluation on its shard."""
         started = time.perf_counter()
-        if task.activity:
-            loss_sums, correct, image_losses = self.evaluate_activity(
-                theta, task.layer, task.signs, task.noise_std, task.image_indices, task.unit_from
-            )
-            return TileResult(
-                task.generation,
-                task.tile_id,
-                loss_sums,
-                correct,
-                time.perf_counter() - started,
-                image_losses=image_losses,
-            )
-        if task.layer:
-            loss_sums, correct = self.evaluate_layer(
-                theta,
-                task.layer,
-                task.offsets,
-                task.signs,
-                task.noise_std,
-                task.image_indices,
-                task.subspace,
-                task.unit_from,
-            )
-        else:
-            loss_sums, correct = self.evaluate(
-                theta, task.offsets, task.signs, task.noise_std, task.image_indices, task.rank, task.shared_first_layer
-            )
-        return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
+        results = task.kind.evaluate(
+            self, theta, task.offsets, task.signs, task.noise_std, task.image_indices, task.first
+        )
+        image_losses = results[2] if task.kind.per_image else None
+        elapsed = time.perf_counter() - started
+        return TileResult(task.generation, task.tile_id, *results[:2], elapsed, image_losses=image_losses)
 
     def batch(self, image_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(image_indices, dtype=np.int64)).to(self.device)
@@ -150,48 +124,15 @@ class PopulationEvaluator:
         """(B, 10) logits of one member from plain matmuls, its weights read straight from the table."""
         return members.member_forward(x, theta, self.windows[offset], scale, self.arithmetic, self.fused)
 
-    def evaluate(
-        self,
-        theta: torch.Tensor,
-        offsets: np.ndarray,
-        signs: np.ndarray,
-        noise_std: float,
-        image_indices: np.ndarray,
-        rank: int = 0,
-        shared_first_layer: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Loss sums (float64) and correct counts (int64) of each member on the given images; ``rank``
-        r >= 1 makes the members low-rank (members.low_rank_forward); ``shared_first_layer`` computes
-        full-rank members' first layer from shared products (members.shared_first_layer_forward)."""
-        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        if shared_first_layer or rank:
-            xw1 = self.shared_xw1(theta, x, image_indices)
-        if shared_first_layer:
-            return self._evaluate_shared_first_layer(theta, offsets, scales, x, y, xw1)
-        if rank:
-            one, many = self._low_rank_forwards(theta, offsets, scales, x, rank, xw1)
-        else:
-            one = lambda j: self.member_logits(theta, int(offsets[j]), scales[j], x)  # noqa: E731
-            many = lambda part: self.logits(theta, offsets[part], scales[part], x)  # noqa: E731
-        # CPU: single-threaded plain mm, one member per thread (intermediates stay in cache); CUDA: batched.
-        if self.batched:
-            step = self.chunk_size(len(y), rank)
-            results = [self._score(many(slice(start, start + step)), y) for start in range(0, len(offsets), step)]
-        else:
-            results = self.map_members(
-                lambda j: self._score(one(j), y), len(offsets), first_alone=self._first_of_shape((rank, *x.shape))
-            )
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
     def shared_xw1(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> torch.Tensor:
         """x @ W1, which every low-rank or shared-first-layer member on these images shares."""
-        return self._kept_for(
+        return self.kept_for(
             "xw1", theta, images_key(x, image_indices), lambda: torch.mm(x, network.unflatten(theta)[0])
         )
 
     def hidden_basis(self, theta: torch.Tensor, subspace: int) -> torch.Tensor:
         """layer_members.hidden_basis of theta's W1: what layer-2 unit members in a subspace share."""
-        return self._kept_for(
+        return self.kept_for(
             "hidden_basis",
             theta,
             subspace,
@@ -211,22 +152,9 @@ class PopulationEvaluator:
             h2 = ops.hidden2(z2, b2)
             return xw1, h1, z2, h2, torch.mm(h2, w3)
 
-        return self._kept_for("center", theta, images_key(x, image_indices), compute)
+        return self.kept_for("center", theta, images_key(x, image_indices), compute)
 
-    def _layer_shared(self, theta, x, image_indices, layer: int, unit: bool, subspace: int) -> tuple:
-        """What a tile of layer members shares, for ``evaluate_layer``: x U (or x) and x W1 for layer 1,
-        the center's h1 and h1 W2 for layer 2; unit members add the center's activations up to the next
-        layer's pre-activation (h1 and h1 W2 for layer 1; h2 and h2 W3 for layer 2, whose h1 is then
-        taken in layer 2's subspace when it has one)."""
-        xw1, h1, z2, h2, z3 = self.center(theta, x, image_indices)
-        if layer == 1:
-            shared = (x @ self.basis if subspace else x, xw1)
-            return (*shared, h1, z2) if unit else shared
-        if not unit:
-            return (h1, z2)
-        return (h1 @ self.hidden_basis(theta, subspace) if subspace else h1, z2, h2, z3)
-
-    def _kept_for(self, name: str, theta: torch.Tensor, key, compute):
+    def kept_for(self, name: str, theta: torch.Tensor, key, compute):
         """``compute()``, kept for the next tile while the same theta object, unmodified (its version
         counter), comes with the same key: a generation's later tiles on this worker reuse it. The same
         ops on the same inputs either way, so no bit depends on the reuse."""
@@ -239,52 +167,7 @@ class PopulationEvaluator:
         self._kept[name] = (theta, key, value)
         return value
 
-    def _evaluate_shared_first_layer(self, theta, offsets: np.ndarray, scales: torch.Tensor, x, y, xw1):
-        """``evaluate`` with x W1 given and x E1 computed once per run of members sharing a slice (an
-        antithetic pair): on CPU one run per thread; on CUDA per chunk, one batched matmul per distinct slice."""
-        if self.batched:
-            results = []
-            step = max(1, self.chunk_size(len(y)) // 2 * 2)  # even: chunks of whole pairs
-            for start in range(0, len(offsets), step):
-                part = slice(start, start + step)
-                chunk = offsets[part]
-                pairs = len(chunk) % 2 == 0 and np.array_equal(chunk[0::2], chunk[1::2])
-                distinct, which = (chunk[0::2], None) if pairs else np.unique(chunk, return_inverse=True)
-                xe1 = torch.matmul(x, members.first_layer_noise(noise.slices(self.table, distinct, network.W1_SIZE)))
-                if pairs:
-                    xe1 = xe1.unsqueeze(1)
-                elif len(distinct) < len(chunk):
-                    xe1 = xe1.index_select(0, torch.as_tensor(which.reshape(-1), device=self.device))
-                tail = self.perturbed(theta, offsets[part], scales[part], start=network.W1_SIZE)
-                results.append(
-                    self._score(
-                        members.shared_first_layer_forward(xw1, xe1, tail, scales[part], self.arithmetic, self.fused), y
-                    )
-                )
-        else:
-            starts = np.flatnonzero(np.diff(offsets, prepend=-1))  # runs of equal offsets, e.g. a pair
-            stops = np.append(starts[1:], len(offsets))
-
-            def run(k: int) -> list:
-                xe1 = torch.mm(x, members.first_layer_noise(self.windows[int(offsets[starts[k]])]))
-                return [
-                    self._score(
-                        members.shared_first_layer_member(
-                            xw1, xe1, theta, self.windows[int(offsets[j])], scales[j], self.arithmetic, self.fused
-                        ),
-                        y,
-                    )
-                    for j in range(starts[k], stops[k])
-                ]
-
-            results = [
-                r
-                for group in self.map_members(run, len(starts), first_alone=self._first_of_shape(("shared", *x.shape)))
-                for r in group
-            ]
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
-    def _inputs(self, theta: torch.Tensor, signs: np.ndarray, noise_std: float, image_indices: np.ndarray):
+    def inputs(self, theta: torch.Tensor, signs: np.ndarray, noise_std: float, image_indices: np.ndarray):
         """theta, the images x, labels y and each member's sign * sigma, on this device."""
         theta = theta.to(self.device, dtype=torch.float32)
         if theta.shape != (network.NUM_PARAMS,):
@@ -293,134 +176,7 @@ class PopulationEvaluator:
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         return theta, x, y, scales
 
-    def evaluate_output_layer(
-        self, theta: torch.Tensor, offsets: np.ndarray, signs: np.ndarray, noise_std: float, image_indices: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for layer-3 members (members.output_layer_forward): the center's hidden layer once per
-        theta and minibatch (``center``, kept for later tiles), then one small batched matmul per
-        fixed chunk of OUTPUT_LAYER_CHUNK members (on CPU one chunk per thread, with single-threaded ops, like
-        members), so no result depends on the thread count."""
-        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        rows = noise.slices(self.table, offsets, network.OUTPUT_LAYER_SIZE)
-        h2 = self.center(theta, x, image_indices)[3]
-
-        def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
-            part = slice(k * OUTPUT_LAYER_CHUNK, (k + 1) * OUTPUT_LAYER_CHUNK)
-            return self._score(
-                members.output_layer_forward(h2, theta, rows[part], scales[part], self.arithmetic, self.fused), y
-            )
-
-        chunks = -(-len(offsets) // OUTPUT_LAYER_CHUNK)
-        results = (
-            [chunk(k) for k in range(chunks)]
-            if self.batched
-            else self.map_members(chunk, chunks, first_alone=self._first_of_shape(("output layer", *x.shape)))
-        )
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
-    def evaluate_layer(
-        self,
-        theta: torch.Tensor,
-        layer: int,
-        offsets: np.ndarray,
-        signs: np.ndarray,
-        noise_std: float,
-        image_indices: np.ndarray,
-        subspace: int = 0,
-        unit_from: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``evaluate`` for layer members (es_workers.layer_members), which move layer 1, 2 or 3 only;
-        ``unit_from``: they are unit members, and the first is that member of its layer's population.
-        What the members share (``_layer_shared``) is computed once per theta and minibatch and kept for
-        the generation's later tiles; then one member per thread on CPU, batched on CUDA."""
-        if layer == 3:
-            return self.evaluate_output_layer(theta, offsets, signs, noise_std, image_indices)
-        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        unit = unit_from is not None
-        length = layer_members.noise_length(layer, subspace, unit)
-        units = layer_members.unit_indices(unit_from, len(offsets), self.device) if unit else None
-        columns = 0 if self.basis is None else self.basis.shape[1]
-        if subspace and layer == 2 and not unit:
-            raise ValueError("layer-2 members move in a subspace only as unit members (es.w2.kind: unit)")
-        if subspace and (columns < subspace or (layer == 1 and columns != subspace)):
-            raise ValueError(
-                f"layer-{layer} members in a {subspace}-dimensional subspace need the evaluator's basis of "
-                f"{'that many' if layer == 1 else 'at least that many'} principal components (it has {columns})"
-            )
-        shared = self._kept_for(
-            f"layer {layer}",
-            theta,
-            (unit, subspace, images_key(x, image_indices)),
-            lambda: self._layer_shared(theta, x, image_indices, layer, unit, subspace),
-        )
-
-        def forward(rows, member_scales, member_units):
-            if unit:
-                if layer == 1:
-                    return layer_members.unit_first_layer_forward(
-                        *shared, theta, rows, member_units, member_scales, subspace, self.arithmetic, self.fused
-                    )
-                return layer_members.unit_second_layer_forward(
-                    *shared, theta, rows, member_units, member_scales, subspace, self.arithmetic, self.fused
-                )
-            if layer == 1:
-                return layer_members.first_layer_forward(
-                    *shared, theta, rows, member_scales, subspace, self.arithmetic, self.fused
-                )
-            return layer_members.second_layer_forward(*shared, theta, rows, member_scales, self.arithmetic, self.fused)
-
-        if self.batched:
-            step = self.chunk_size(len(y), rank=1)
-            results = [
-                self._score(
-                    forward(
-                        noise.slices(self.table, offsets[start : start + step], length),
-                        scales[start : start + step],
-                        None if units is None else units[start : start + step],
-                    ),
-                    y,
-                )
-                for start in range(0, len(offsets), step)
-            ]
-        elif unit:
-            results = self._unit_chunks(forward, offsets, scales, length, unit_from, y, layer)
-        else:
-            results = self.map_members(
-                lambda j: self._score(forward(self.windows[int(offsets[j]), :length], scales[j], None), y),
-                len(offsets),
-                first_alone=self._first_of_shape((f"layer {layer}", *x.shape)),
-            )
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
-    def evaluate_activity(
-        self,
-        theta: torch.Tensor,
-        layer: int,
-        signs: np.ndarray,
-        noise_std: float,
-        image_indices: np.ndarray,
-        unit_from: int,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(loss sums, correct counts, per-image losses (m, B) float32) of activity members of ``layer``
-        (layer_members.activity_forward), members ``unit_from`` on of the layer's population: pair i moves
-        unit i's pre-activation by +sigma, then by -sigma. Every image's loss goes back, not only their
-        sum: the estimate reads each image's slope. In chunks at fixed places of the population, as unit
-        members (``_unit_chunks``), so a member's bits never depend on its tile."""
-        theta, x, y, scales = self._inputs(theta, signs, noise_std, image_indices)
-        center = self.center(theta, x, image_indices)
-        units = layer_members.UNITS[layer]
-
-        def forward(member_scales, first):
-            member_units = layer_members.unit_indices(first, len(member_scales), self.device, units)
-            return layer_members.activity_forward(
-                layer, center, theta, member_units, member_scales, self.arithmetic, self.fused
-            )
-
-        size = ACTIVITY_CHUNK[layer] if not self.batched else max(2, self.chunk_size(len(y), rank=1) // 2 * 2)
-        results = self._chunks(forward, scales, unit_from, size, y, f"activity {layer}", per_image=True)
-        return tuple(np.concatenate([r[k] for r in results]) for k in range(3))
-
-    def _chunks(self, forward, scales, unit_from: int, size: int, y, name: str, rows=None, per_image=False) -> list:
+    def chunks(self, forward, scales, unit_from: int, size: int, y, name: str, rows=None, per_image=False) -> list:
         """Members [unit_from, unit_from + len(scales)) of a population, ``size`` at a time, each chunk at a
         fixed place in it (members [c * size, (c + 1) * size)), a tile's part of one padded with unmoved
         members (scale 0; ``rows(low, high)``: their noise rows, zero-padded likewise). A member's row then
@@ -445,44 +201,17 @@ class PopulationEvaluator:
                 padded = torch.zeros(size, chunk_rows.shape[1], device=self.device)
                 padded[mine] = chunk_rows
                 logits = forward(padded, member_scales, first)
-            return tuple(part[mine] for part in self._score(logits, y, per_image))
+            return tuple(part[mine] for part in self.score(logits, y, per_image))
 
         if self.batched:
             return [run(k) for k in range(len(chunks))]
-        return self.map_members(run, len(chunks), first_alone=self._first_of_shape((name, *y.shape)))
+        return self.map_members(run, len(chunks), first_alone=self.first_of_shape((name, *y.shape)))
 
-    def _unit_chunks(self, forward, offsets, scales, length: int, unit_from: int, y, layer: int) -> list:
-        """CPU unit members: UNIT_CHUNK[layer] at a time at fixed places (``_chunks``), their table rows
-        gathered per chunk."""
-        return self._chunks(
-            lambda rows, member_scales, first: forward(
-                rows, member_scales, layer_members.unit_indices(first, len(rows), self.device)
-            ),
-            scales,
-            unit_from,
-            UNIT_CHUNK[layer],
-            y,
-            f"units {layer}",
-            rows=lambda low, high: noise.slices(self.table, offsets[low:high], length),
-        )
-
-    def _first_of_shape(self, key: tuple) -> bool:
+    def first_of_shape(self, key: tuple) -> bool:
         """True the first time: a new shape compiles, and must do so in one thread only."""
         first = key not in self._compiled_for
         self._compiled_for.add(key)
         return first
-
-    def _low_rank_forwards(self, theta, offsets, scales, x, rank: int, xw1: torch.Tensor):
-        """(one member j's logits, the logits of members[part]) for low-rank members sharing x W1."""
-        length = members.noise_length(rank)
-
-        def forward(rows, member_scales):
-            return members.low_rank_forward(x, xw1, theta, rows, member_scales, rank, self.arithmetic, self.fused)
-
-        return (
-            lambda j: forward(self.windows[int(offsets[j]), :length], scales[j]),
-            lambda part: forward(noise.slices(self.table, offsets[part], length), scales[part]),
-        )
 
     def map_members(self, fn, count: int, first_alone: bool = False) -> list:
         """``[fn(0), ..., fn(count - 1)]`` the CPU way: single-threaded torch ops, over ``self.threads``
@@ -500,7 +229,7 @@ class PopulationEvaluator:
                 )
             return first + list(self._pool.map(fn, range(len(first), count)))
 
-    def _score(self, logits: torch.Tensor, y: torch.Tensor, per_image: bool = False) -> tuple[np.ndarray, ...]:
+    def score(self, logits: torch.Tensor, y: torch.Tensor, per_image: bool = False) -> tuple[np.ndarray, ...]:
         """(loss sums, correct counts) per member; ``per_image``: and every image's loss, (m, B) float32."""
         if logits.dim() == 2:
             logits = logits.unsqueeze(0)
@@ -536,20 +265,10 @@ class TileTask:
     signs: np.ndarray
     noise_std: float
     image_indices: np.ndarray
-    rank: int = 0
-    shared_first_layer: bool = False
-    layer: int = 0
-    """0: whole members; 1, 2 or 3: layer members, which move that layer only (es_workers.layer_members);
-    ``rank`` and ``shared_first_layer`` do not apply to them."""
-    subspace: int = 0
-    """Layer members' input subspace (layer 1: the images' principal components; layer-2 unit members:
-    their image in the first hidden layer); 0: none."""
-    unit_from: int | None = None
-    """Unit members of layer 1 or 2 (es_workers.layer_members): the tile's first member's index in its
-    layer's population, which says the unit each member moves; None: not unit members."""
-    activity: bool = False
-    """Activity members of ``layer`` (es_workers.layer_members.activity_forward), from ``unit_from`` on;
-    their result carries every image's loss."""
+    kind: Kind
+    """What the members are (es_workers.kinds, or a problem's own): how they move theta and are scored."""
+    first: int = 0
+    """The tile's first member's index in its member group (unit and activity members: the unit it moves)."""
     batch_range: tuple[int, int] | None = None
     """Set where the generation's minibatch travels once per worker instead of with every tile (Ray):
     the shard's [start, stop) in it, and ``image_indices`` is empty until ``with_batch``."""

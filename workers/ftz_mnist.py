@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from es_workers import network
 from es_workers.evaluator import PopulationEvaluator, center_accuracies, set_process_arithmetic
+from es_workers.kinds import Center
 from es_workers.problem import Problem
 
 
@@ -63,6 +65,10 @@ class FtzMnist(Problem):
             for name, (images, labels) in self.eval_sets.items()
         }
         return center_accuracies(theta, sets, self.arithmetic, fused=self.fused)
+
+    def center(self, theta: torch.Tensor, batch_indices: np.ndarray) -> Center:
+        basis = None if self.basis is None else self.basis.to(theta.device)
+        return Center(theta, basis, self.train_images, batch_indices, self.arithmetic)
 
     def prepare_process(self) -> None:
         set_process_arithmetic(self.arithmetic)

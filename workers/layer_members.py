@@ -302,7 +302,7 @@ def activity_estimate(layer_input: torch.Tensor, slopes: torch.Tensor) -> torch.
         return torch.cat([weight.flatten(), slopes.sum(dim=0)]).div_(-batch)
 
 
-def estimate(
+def weighted_moves(
     rows: torch.Tensor,
     weights: torch.Tensor,
     layer: int,
@@ -317,7 +317,7 @@ def estimate(
     if layer == 3:
         return torch.mv(rows.T, weights)
     if unit:
-        return _unit_estimate(rows, weights, layer, subspace, basis)
+        return _unit_weighted_moves(rows, weights, layer, subspace, basis)
     a, b, e = factors(rows, layer, subspace)
     with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():
         weight = torch.mm(a.squeeze(-1).T, b.squeeze(-1) * weights[:, None])
@@ -326,10 +326,10 @@ def estimate(
         return torch.cat([weight.flatten(), torch.mv(e.T, weights)])
 
 
-def _unit_estimate(
+def _unit_weighted_moves(
     rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int, basis: torch.Tensor | None
 ) -> torch.Tensor:
-    """``estimate`` for unit members: pair i's weighted factor lands in column i mod 512."""
+    """``weighted_moves`` for unit members: pair i's weighted factor lands in column i mod 512."""
     a, e = unit_factors(rows)
     pad = -rows.shape[0] % HIDDEN
     with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():

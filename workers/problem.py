@@ -19,6 +19,7 @@ import torch
 
 from es_workers import noise
 from es_workers.evaluator import TileResult, TileTask
+from es_workers.kinds import Whole
 from es_workers.network import single_threaded
 
 
@@ -49,6 +50,11 @@ class Problem:
         """What is logged of the center theta every eval.every generations (e.g. a test accuracy)."""
         return {}
 
+    def center(self, theta: torch.Tensor, batch_indices: np.ndarray):
+        """What member kinds' estimates read at the center beyond the noise (es_workers.kinds.Center);
+        whole members read nothing."""
+        return None
+
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """theta's named blocks, which checkpoints record and check on loading."""
@@ -75,8 +81,8 @@ class WholeMembers:
         self.basis = None
 
     def run_tile(self, theta: torch.Tensor, task: TileTask) -> TileResult:
-        if task.layer or task.rank or task.shared_first_layer:
-            raise ValueError("a Problem's members move every parameter: no layer, low-rank or shared-first-layer ones")
+        if type(task.kind) is not Whole:
+            raise ValueError(f"a Problem's members move every parameter by full-rank noise, not {task.kind}")
         started = time.perf_counter()
         theta = theta.to(self.device)
         indices = torch.as_tensor(task.image_indices).to(self.device)
