@@ -63,7 +63,7 @@ GPU = {  # docs/performance.md, docs/results/2026-11-26-h100/device_check.json
     "date": "2026-11-26",
     "batch_size": 1024,
     "member_s": 0.07606064599999485 / 2048,  # fused evaluator, 2048 members x 1024 images
-    "estimate_per_slice_s": 0.004005829500002278 / 1024,  # grad_estimate from 1024 slices on the GPU
+    "estimate_per_slice_s": 0.004005829500002278 / 1024,  # the whole kind's estimate from 1024 slices on the GPU
     "adam_s": 0.0002962889999977847,
 }
 

@@ -45,8 +45,8 @@ class Replica:
     ):
         self.config = config
         self.generation = generation
-        self.adam = OpenES(config, problem).optimizer(theta, optimizer_state)
         self.attach(table, problem)
+        self.adam = self.strategy.optimizer(theta, optimizer_state)
         self._fingerprint: int | None = None
 
     @property

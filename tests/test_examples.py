@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,12 @@ def theta_of(run_dir) -> torch.Tensor:
     return checkpoint.load(run_dir / "checkpoint.pt", Spirals().layout)["theta"]
 
 
-def test_the_public_names():
+def test_the_public_names_load_on_first_use():
     assert {"Config", "Problem", "OpenES", "train", "resume", "load_config"} <= set(es_service.__all__)
+    assert all(getattr(es_service, name) is not None for name in es_service.__all__)
+    code = "import sys, es_service, es_service.config; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert light.stdout.strip() == "[]"  # the CLI's light commands and config checks stay light
 
 
 def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):

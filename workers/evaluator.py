@@ -176,8 +176,8 @@ class PopulationEvaluator:
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         return theta, x, y, scales
 
-    def chunks(self, forward, scales, unit_from: int, size: int, y, name: str, rows=None, per_image=False) -> list:
-        """Members [unit_from, unit_from + len(scales)) of a population, ``size`` at a time, each chunk at a
+    def chunks(self, forward, scales, begin: int, size: int, y, name: str, rows=None, per_image=False) -> list:
+        """Members [begin, begin + len(scales)) of a population, ``size`` at a time, each chunk at a
         fixed place in it (members [c * size, (c + 1) * size)), a tile's part of one padded with unmoved
         members (scale 0; ``rows(low, high)``: their noise rows, zero-padded likewise). A member's row then
         sits at the same place of a same-shaped batch whatever its tile, so its bits never depend on its
@@ -185,19 +185,19 @@ class PopulationEvaluator:
         if not len(scales):
             empty = (np.zeros(0), np.zeros(0, dtype=np.int64))
             return [(*empty, np.zeros((0, len(y)), dtype=np.float32)) if per_image else empty]
-        stop = unit_from + len(scales)
-        chunks = range(unit_from // size, (stop - 1) // size + 1)
+        stop = begin + len(scales)
+        chunks = range(begin // size, (stop - 1) // size + 1)
 
         def run(k: int) -> tuple:
             first = chunks[k] * size
-            low, high = max(unit_from, first), min(stop, first + size)
+            low, high = max(begin, first), min(stop, first + size)
             mine = slice(low - first, high - first)
             member_scales = torch.zeros(size, device=self.device)
-            member_scales[mine] = scales[low - unit_from : high - unit_from]
+            member_scales[mine] = scales[low - begin : high - begin]
             if rows is None:
                 logits = forward(member_scales, first)
             else:
-                chunk_rows = rows(low - unit_from, high - unit_from)
+                chunk_rows = rows(low - begin, high - begin)
                 padded = torch.zeros(size, chunk_rows.shape[1], device=self.device)
                 padded[mine] = chunk_rows
                 logits = forward(padded, member_scales, first)
