@@ -23,20 +23,14 @@ from benchmarks.common import device_facts, interleaved_times, write_json
 from es_service import plan as planning
 from es_service.backprop import logits_fn
 from es_service.config import Config, load
-from es_service.driver import Trainer, TrainState
-from es_service.executors import LocalExecutor
+from es_service.driver import Trainer
 from es_service.runs import load_data, seed_problem
-from es_workers import network, noise
+from es_workers import network
 
 
 def es_step(config: Config, data, run_dir: Path):
     """A function that runs the next generation of ``config`` through the service's own Trainer."""
-    table = noise.make_table(planning.noise_seed(config.seed), config.noise.table_size)
-    problem = seed_problem(config, data)
-    executor = LocalExecutor(problem, table)
-    state = TrainState(planning.seed_theta(config.seed), None, 0)
-    trainer = Trainer(config, run_dir, problem, table, planning.noise_seed(config.seed), executor, state)
-    return lambda: trainer.step()
+    return Trainer.in_process(config, run_dir, seed_problem(config, data)).step
 
 
 def backprop_step(config: Config, data):

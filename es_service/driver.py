@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from es_service import checkpoint
+from es_service import plan as planning
 from es_service.config import Config
 from es_service.metrics import MetricsLog
 from es_service.replica import Replica
 from es_service.rundir import CHECKPOINT_NAME
 from es_service.stopping import Interrupted, StopSignals
 from es_service.strategy import OpenES
-from es_workers import layer_members
+from es_workers import layer_members, noise
 from es_workers.problem import Problem
 
 
@@ -64,6 +65,21 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.metrics.truncate_after(self.generation)
         self.last_accuracy: dict[str, float] = {}
+
+    @classmethod
+    def in_process(
+        cls, config: Config, run_dir: Path, problem: Problem, state: TrainState | None = None, merge_tiles: bool = True
+    ) -> Trainer:
+        """A trainer with this process's executor on the CPU (``merge_tiles``: one call per shard), from
+        the config's initialisation unless ``state``: for tests, benchmarks and notebooks."""
+        from es_service.executors import LocalExecutor
+
+        noise_seed = planning.noise_seed(config.seed)
+        executor = LocalExecutor(
+            problem, noise.make_table(noise_seed, config.noise.table_size), merge_tiles=merge_tiles
+        )
+        state = state or TrainState(problem.init_theta(planning.init_seed(config.seed)), None, 0)
+        return cls(config, run_dir, problem, executor.table, noise_seed, executor, state)
 
     @property
     def theta(self) -> torch.Tensor:

@@ -26,12 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-from es_service import plan as planning
 from es_service.config import Config, from_dict
-from es_service.driver import Trainer, TrainState
-from es_service.executors import LocalExecutor
+from es_service.driver import Trainer
 from es_service.runs import seed_problem
-from es_workers import noise
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_DATA_LIMIT_MB = 1536
@@ -351,12 +348,6 @@ def ray_head(num_cpus: int = 3) -> Iterator[RayHead]:
 
 def run_local(config, mnist, run_dir, generations=None, state=None, merge_tiles=True):
     run_dir.mkdir(parents=True, exist_ok=True)
-    noise_seed = planning.noise_seed(config.seed)
-    table = noise.make_table(noise_seed, config.noise.table_size)
-    problem = seed_problem(config, mnist)
-    executor = LocalExecutor(problem, table, "cpu", merge_tiles=merge_tiles)
-    if state is None:
-        state = TrainState(planning.seed_theta(config.seed), None, 0)
-    trainer = Trainer(config, run_dir, problem, table, noise_seed, executor, state)
+    trainer = Trainer.in_process(config, run_dir, seed_problem(config, mnist), state, merge_tiles)
     trainer.run(stop_after=generations)
     return trainer
