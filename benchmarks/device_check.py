@@ -32,7 +32,7 @@ from es_workers.evaluator import PopulationEvaluator
 
 def _members(count: int, table_size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    offsets = rng.integers(0, noise.max_offset(table_size) + 1, size=count).astype(np.int64)
+    offsets = rng.integers(0, noise.max_offset(table_size, network.NUM_PARAMS) + 1, size=count).astype(np.int64)
     signs = np.where(np.arange(count) % 2 == 0, 1.0, -1.0).astype(np.float32)
     return offsets, signs, rng
 

@@ -125,9 +125,9 @@ def bench_shape(
     medians of the per-round ratios. Low rank or a shared first layer: full-rank evaluation takes a turn too."""
     device = evaluator.device
     rng = np.random.default_rng(0)
-    offsets = np.repeat(rng.integers(0, noise.max_offset(evaluator.table.numel()) + 1, size=(pop + 1) // 2), 2)[
-        :pop
-    ].astype(np.int64)  # antithetic pairs, as the planner lays them out
+    offsets = np.repeat(
+        rng.integers(0, noise.max_offset(evaluator.table.numel(), network.NUM_PARAMS) + 1, size=(pop + 1) // 2), 2
+    )[:pop].astype(np.int64)  # antithetic pairs, as the planner lays them out
     signs = np.where(np.arange(pop) % 2 == 0, 1.0, -1.0).astype(np.float32)
     indices = rng.choice(evaluator.images.shape[0], size=images, replace=False).astype(np.int64)
     theta = network.init_theta(0).to(device)

@@ -20,7 +20,7 @@ def evaluator(mnist):
 
 def _members(count, seed=0):
     rng = np.random.default_rng(seed)
-    offsets = rng.integers(0, noise.max_offset(1 << 20) + 1, size=count).astype(np.int64)
+    offsets = rng.integers(0, noise.max_offset(1 << 20, network.NUM_PARAMS) + 1, size=count).astype(np.int64)
     signs = np.where(np.arange(count) % 2 == 0, 1.0, -1.0).astype(np.float32)
     return offsets, signs
 
@@ -257,7 +257,9 @@ def test_shared_first_layer_batched_path_agrees_with_the_member_loop(mnist):
         for fused in (False, True)
     }
     theta = network.init_theta(0)
-    offsets = np.append(np.repeat(_members(3, seed=9)[0], 2), noise.max_offset(1 << 20))  # the last offset too
+    offsets = np.append(
+        np.repeat(_members(3, seed=9)[0], 2), noise.max_offset(1 << 20, network.NUM_PARAMS)
+    )  # the last offset too
     signs = np.append(np.tile(np.array([1.0, -1.0], np.float32), 3), np.float32(-1.0))
     images = np.arange(500, 756, dtype=np.int64)
     expected = kinds.whole_kind(shared_first_layer=True).evaluate(loop, theta, offsets, signs, 0.03, images)

@@ -148,7 +148,7 @@ def test_layer_estimate_is_a_gradient_on_average():
     table = noise.make_table(4, 1 << 21)
     gradient = torch.outer(torch.linspace(-1, 1, 512), torch.linspace(1, 2, 512)).double()
     sigma, pairs = 0.01, 1000
-    offsets = np.random.default_rng(0).integers(0, noise.max_offset(1 << 21) + 1, size=pairs)
+    offsets = np.random.default_rng(0).integers(0, noise.max_offset(1 << 21, network.NUM_PARAMS) + 1, size=pairs)
     weights = np.empty(pairs)
     for k, offset in enumerate(offsets):
         a, b, _ = layer_members.factors(table[offset : offset + layer_members.noise_length(2)], 2)
@@ -172,7 +172,7 @@ def test_evaluator_layer_members_do_not_depend_on_threads_or_tile_mates(mnist, l
     theta = network.init_theta(0)
     basis = layer_members.image_basis(mnist.train_images[:5000], 32) if subspace else None
     rng = np.random.default_rng(1)
-    offsets = np.repeat(rng.integers(0, noise.max_offset(1 << 20) + 1, size=5), 2).astype(np.int64)
+    offsets = np.repeat(rng.integers(0, noise.max_offset(1 << 20, network.NUM_PARAMS) + 1, size=5), 2).astype(np.int64)
     signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), 5)
     images = np.arange(3000, 3064, dtype=np.int64)
     results = []
@@ -275,7 +275,7 @@ def test_unit_estimate_is_the_weighted_sum_of_each_units_moves(mnist, layer, sub
     table = noise.make_table(2, 1 << 20)
     basis = layer_basis(mnist, network.init_theta(0), layer, subspace)
     rng = np.random.default_rng(3)
-    offsets = rng.integers(0, noise.max_offset(1 << 20) + 1, size=515)
+    offsets = rng.integers(0, noise.max_offset(1 << 20, network.NUM_PARAMS) + 1, size=515)
     weights = rng.normal(size=515)
     center = kinds.Center(network.init_theta(0), layer_basis(mnist, None, 1, subspace))  # the images' components
     got = kinds.Unit(layer=layer, subspace=subspace).estimate(table, offsets, weights, 0.02, 1030, center)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from es_service import plan as planning
+from es_workers import network
 from tests.helpers import TINY, tiny_config
 
 
@@ -23,7 +24,7 @@ def test_antithetic_members_share_offsets_with_opposite_signs():
     plan = planning.make_plan(tiny_config(), 0, 60000)
     assert np.array_equal(plan.member_offsets[0::2], plan.member_offsets[1::2])
     assert plan.member_signs.tolist() == [1.0, -1.0] * 4
-    assert plan.member_offsets.max() <= planning.noise.max_offset(1 << 20)
+    assert plan.member_offsets.max() <= planning.noise.max_offset(1 << 20, network.NUM_PARAMS)
     plain = planning.make_plan(tiny_config("es.antithetic=false"), 0, 60000)
     assert (plain.member_signs == 1).all() and len(plain.slice_offsets) == 8
 

@@ -30,25 +30,25 @@ def test_slice_weights_antithetic_pairs():
 
 
 def test_grad_estimate_equals_explicit_sum():
-    table = noise.make_table(0, noise.NUM_PARAMS + 5000)
+    table = noise.make_table(0, network.NUM_PARAMS + 5000)
     offsets = np.array([0, 17, 4999, 17, 3], dtype=np.int64)
     weights = np.array([0.5, -0.25, 0.125, 1.0, -1.0])
     got = kinds.Whole().estimate(table, offsets, weights, 0.1, 10, None)
-    expected = sum(w * table[o : o + noise.NUM_PARAMS].double() for w, o in zip(weights, offsets)) / (10 * 0.1)
+    expected = sum(w * table[o : o + network.NUM_PARAMS].double() for w, o in zip(weights, offsets)) / (10 * 0.1)
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
 def test_noise_windows_are_zero_copy_slices():
-    table = noise.make_table(1, noise.NUM_PARAMS + 10)
-    view = noise.windows(table)
-    assert view.data_ptr() == table.data_ptr() and view.shape == (11, noise.NUM_PARAMS)
-    assert torch.equal(view[7], table[7 : 7 + noise.NUM_PARAMS])
+    table = noise.make_table(1, network.NUM_PARAMS + 10)
+    view = noise.windows(table, network.NUM_PARAMS)
+    assert view.data_ptr() == table.data_ptr() and view.shape == (11, network.NUM_PARAMS)
+    assert torch.equal(view[7], table[7 : 7 + network.NUM_PARAMS])
     assert torch.equal(noise.make_table(1, 100), noise.make_table(1, 100))
 
 
 def test_sign_convention_on_a_quadratic():
     """Fitness F(theta) = -|theta[:k] - target|^2 is maximised: ES + Adam must move theta[:k] to target."""
-    n, k = noise.NUM_PARAMS, 10
+    n, k = network.NUM_PARAMS, 10
     table = noise.make_table(2, n + 100_000)
     target = torch.ones(k)
     adam = strategy.AdamES(torch.zeros(n), learning_rate=0.05, weight_decay=0.0)
@@ -158,7 +158,7 @@ def test_normalized_shaping_keeps_differences_and_puts_nonfinite_last():
 
 @pytest.mark.parametrize("rank", [1, 4])
 def test_low_rank_grad_estimate_equals_the_sum_of_dense_perturbations(rank):
-    table = noise.make_table(2, noise.NUM_PARAMS + 5000)
+    table = noise.make_table(2, network.NUM_PARAMS + 5000)
     offsets = np.array([0, 17, 4999, 17, 3], dtype=np.int64)
     weights = np.array([0.5, -0.25, 0.125, 1.0, -1.0])
     got = kinds.whole_kind(rank).estimate(table, offsets, weights, 0.1, 10, None)
@@ -171,15 +171,17 @@ def test_low_rank_estimate_is_a_gradient_on_average():
     """E[(a^T G b) a b^T] = G for independent standard normal a, b: over many rank-1 slices the estimate of
     a linear fitness <G, theta> points along G (the same property the full-rank estimate has)."""
     table = noise.make_table(3, 1 << 22)
-    target = torch.randn(noise.NUM_PARAMS, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(network.NUM_PARAMS, generator=torch.Generator().manual_seed(4))
     rng = np.random.default_rng(5)
-    offsets = rng.integers(0, noise.max_offset(table.numel()) + 1, size=4000)
-    rows = noise.windows(table)[:, : members.noise_length(1)].index_select(0, torch.as_tensor(offsets))
+    offsets = rng.integers(0, noise.max_offset(table.numel(), network.NUM_PARAMS) + 1, size=4000)
+    rows = noise.windows(table, network.NUM_PARAMS)[:, : members.noise_length(1)].index_select(
+        0, torch.as_tensor(offsets)
+    )
     # F(+) - F(-) over 2 sigma, one slice at a time: stacked, the 4,000 dense perturbations would take 10.7 GB
     slopes = torch.tensor([float(members.low_rank_dense(row, 1) @ target) for row in rows])
     got = kinds.LowRank(rank=1).estimate(table, offsets, slopes.numpy(), 1.0, len(offsets), None)
     cosine = float(torch.nn.functional.cosine_similarity(got, target, dim=0))
-    assert cosine > 0.5 * (len(offsets) / noise.NUM_PARAMS) ** 0.5  # chance is ~0; the expected value ~0.077
+    assert cosine > 0.5 * (len(offsets) / network.NUM_PARAMS) ** 0.5  # chance is ~0; the expected value ~0.077
 
 
 def test_low_rank_estimate_does_not_depend_on_the_thread_count():
@@ -187,7 +189,7 @@ def test_low_rank_estimate_does_not_depend_on_the_thread_count():
     (a driver on 2 cores and one on 16 would walk different thetas): the estimate runs single-threaded."""
     table = noise.make_table(1, 1 << 22)
     rng = np.random.default_rng(0)
-    offsets = rng.integers(0, noise.max_offset(table.numel()) + 1, size=512)
+    offsets = rng.integers(0, noise.max_offset(table.numel(), network.NUM_PARAMS) + 1, size=512)
     weights = rng.standard_normal(512)
     saved = torch.get_num_threads()
     try:

@@ -67,7 +67,7 @@ class PopulationEvaluator:
         self.memory_fraction = memory_fraction
         self.batched = self.device.type != "cpu" if batched is None else batched
         self.table = table.to(self.device, dtype=torch.float32)
-        self.windows = noise.windows(self.table)
+        self.windows = noise.windows(self.table, network.NUM_PARAMS)
         self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
         self.labels = labels.to(self.device, dtype=torch.int64)
         # CPU members run one per thread, each with single-threaded ops: MKL's result for one matmul

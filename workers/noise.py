@@ -2,15 +2,14 @@
 Reinforcement Learning"; OpenAI's evolution-strategies-starter).
 
 One float32 table of standard normals generated from a seed. Member i's perturbation is the slice
-``table[offset_i : offset_i + NUM_PARAMS]``; only offsets travel between processes. No Ray, no I/O.
+``table[offset_i : offset_i + length]``, ``length`` what its kind reads (theta's length for a whole
+member); only offsets travel between processes. It knows no network. No Ray, no I/O.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from es_workers.network import NUM_PARAMS
 
 
 def make_table(seed: int, size: int) -> torch.Tensor:
@@ -19,18 +18,18 @@ def make_table(seed: int, size: int) -> torch.Tensor:
     return torch.randn(size, generator=generator, dtype=torch.float32)
 
 
-def max_offset(table_size: int, length: int = NUM_PARAMS) -> int:
+def max_offset(table_size: int, length: int) -> int:
     """Largest valid start (inclusive) of a slice of ``length`` floats (theta's)."""
     return table_size - length
 
 
-def windows(table: torch.Tensor, length: int = NUM_PARAMS) -> torch.Tensor:
+def windows(table: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-copy (table_size - length + 1, length) view: row k is the slice starting at k (its first
     ``length`` floats)."""
     return table.as_strided((table.numel() - length + 1, length), (1, 1))
 
 
-def slices(table: torch.Tensor, offsets: np.ndarray | torch.Tensor, length: int = NUM_PARAMS) -> torch.Tensor:
+def slices(table: torch.Tensor, offsets: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
     """The perturbation rows for ``offsets``, their first ``length`` floats (a low-rank member reads
     fewer), gathered into one (len(offsets), length) tensor."""
     index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(table.device)
