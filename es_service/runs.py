@@ -1,37 +1,22 @@
-"""What ES runs and backprop runs share: their errors, data, starting theta and run directory.
+"""What ES runs and backprop runs share: their errors, data, problem and starting theta.
 
-A run directory (es_service/rundir.py) holds config.yaml (resolved), run.json (status, device,
-timings), metrics.jsonl, checkpoint.pt and learning_curve.png. It appears whole (built in a temporary
-sibling, then renamed), is never replaced without ``force``, and then only once everything that can
-fail before the first generation (config, data, executor, cluster) has been built. One process at a
-time writes it (its lock).
+A run directory's life (checking, creating, status, resuming) is es_service/lifecycle.py.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
-import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from es_service import checkpoint, rundir
+from es_service import checkpoint
 from es_service import plan as planning
-from es_service.config import Config, ConfigError, shown
+from es_service.config import Config, ConfigError
 from es_service.data import Mnist, load_mnist
-from es_service.metrics import read as read_metrics
-from es_service.plot import plot_runs
-from es_service.rundir import CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, PLOT_NAME, RUN_INFO_NAME
-from es_service.stopping import Interrupted
 from es_workers.evaluator import set_process_arithmetic
 from es_workers.ftz_mnist import FtzMnist
 from es_workers.problem import Problem
-
-FINAL_ACCURACIES = ("train_accuracy", "test_accuracy", "validation_accuracy")  # what run.json's "final" keeps
 
 
 class UsageError(RuntimeError):
@@ -116,107 +101,3 @@ def initial_theta(
         "generation": state["generation"],
         "theta_sha256": digest,
     }
-
-
-def check_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse, before anything is loaded, a --run-dir that cannot become this run's directory."""
-    try:
-        _check_run_dir(run_dir, force)
-    except OSError as err:  # a name too long, a loop of links: the path cannot be looked at, let alone made
-        fix = "pass a shorter path" if err.errno == errno.ENAMETOOLONG else "pass another --run-dir"
-        raise UsageError(f"--run-dir {shown(str(run_dir))}: {err.strerror}; {fix}") from None
-
-
-def _check_run_dir(run_dir: Path, force: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {str(run_dir)!r} is a file; pass the path of a directory (it is created)")
-    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())
-    if not existing.is_dir():
-        raise UsageError(
-            f"--run-dir {str(run_dir)!r} lies under the file {str(existing)!r}; pass a path in a directory"
-        )
-    folder = existing if existing != run_dir else run_dir.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--run-dir {str(run_dir)!r}: {str(folder)!r} is not writable by this user; "
-            "pass a --run-dir in a writable directory"
-        )
-    if run_dir.exists() and not force:
-        raise UsageError(
-            f"run directory {str(run_dir)!r} already exists; pick another --run-dir, "
-            f"resume it with `es-service resume {run_dir}`, or pass --force to replace it"
-        )
-    if run_dir.exists() and Path.cwd().is_relative_to(run_dir.resolve()):
-        raise UsageError(
-            f"--run-dir {str(run_dir)!r} is (or holds) the directory this command runs in, which --force "
-            "cannot replace; run the command from outside it, e.g. after `cd ..`"
-        )
-    if run_dir.name in ("", ".."):
-        raise UsageError(
-            f"--run-dir {str(run_dir)!r} does not end in a directory name; pass the run's path, e.g. runs/NAME"
-        )
-    if run_dir.is_symlink():
-        raise UsageError(
-            f"--run-dir {str(run_dir)!r} is a symbolic link, which a run directory never replaces; pass "
-            f"the path it points to instead, --run-dir {run_dir.resolve()}"
-        )
-    if run_dir.exists() and not (run_dir / RUN_INFO_NAME).exists() and any(run_dir.iterdir()):
-        raise UsageError(
-            f"{str(run_dir)!r} exists and is not a run directory; refusing to replace it even with --force"
-        )
-    if (run_dir / LOCK_NAME).exists():
-        rundir.Lock(run_dir).release()  # refuse now, not after loading everything, when a process writes it
-
-
-def write_config(folder: Path, config: Config) -> None:
-    rundir.atomic_write(Path(folder) / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-
-
-def create_run_dir(run_dir: Path, config: Config, state: dict | None, force: bool, **info) -> rundir.Lock:
-    """Build the directory in a temporary sibling and rename it into place (never half-written), replacing
-    an old run when ``force``; returns its lock, held."""
-
-    def fill(folder: Path) -> None:
-        write_config(folder, config)
-        rundir.write_run_info(
-            folder,
-            **{
-                "status": "created",
-                "created": time.time(),
-                "torch": torch.__version__,
-                "config_digest": config.digest(),
-                "noise_seed": planning.noise_seed(config.seed),
-                **info,
-            },
-        )
-        if state is not None:
-            checkpoint.save(state, folder / CHECKPOINT_NAME)
-
-    return rundir.create(run_dir, fill, force)
-
-
-def run_info(run_dir: Path) -> dict:
-    """run.json's fields; refuses a run directory whose run.json is missing or damaged."""
-    info = rundir.read_run_info(run_dir)
-    if info is None:
-        raise UsageError(
-            f"{str(run_dir / RUN_INFO_NAME)!r} is missing or damaged, and {str(run_dir)!r} cannot be "
-            "continued without it: start the run again with --force"
-        )
-    return info
-
-
-def record_stop(run_dir: Path, err: BaseException, **fields) -> None:
-    """Note in run.json that the run was interrupted or failed, and why."""
-    rundir.write_run_info(
-        run_dir, status="interrupted" if isinstance(err, Interrupted) else "failed", error=str(err), **fields
-    )
-
-
-def plot(run_dir: Path) -> None:
-    """Draw the run's learning curve; a failure is a warning, never the run's."""
-    try:
-        plot_runs([(run_dir.name, read_metrics(run_dir / METRICS_NAME))], run_dir / PLOT_NAME)
-    except Exception as err:
-        # stderr: stdout carries the run's JSON summary
-        print(f"es-service: warning: could not draw the learning curve: {err}", file=sys.stderr, flush=True)

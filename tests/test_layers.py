@@ -109,17 +109,25 @@ def driver_side_graph() -> dict[str, set[str]]:
 
 
 def test_run_management_runs_one_way():
-    """cli -> runner -> backprop_runs -> runs -> rundir: run plumbing never reaches back up."""
+    """cli -> runner -> backprop_runs -> lifecycle -> runs, rundir: lifecycle alone creates, locks and
+    records a run directory, decides how one resumes and never trains; run plumbing never reaches back up."""
     graph = driver_side_graph()
 
     def below(module: str, seen: frozenset = frozenset()) -> set[str]:
         return set().union(*({step} | below(step, seen | {step}) for step in graph[module] if step not in seen))
 
-    assert {"backprop_runs", "runs"} <= graph["runner"] and "runs" in graph["backprop_runs"]
-    for module in ("runs", "backprop", "backprop_runs", "driver", "replica", "executors", "ray_executor"):
+    assert {"backprop_runs", "lifecycle"} <= graph["runner"] and "lifecycle" in graph["backprop_runs"]
+    for module in ("lifecycle", "runs", "backprop", "backprop_runs", "driver", "replica", "executors", "ray_executor"):
         assert not below(module) & {"runner", "cli"}, module
-    assert not below("runs") & {"backprop", "backprop_runs"}
+    assert not below("lifecycle") & {"backprop", "backprop_runs", "driver", "executors", "ray_executor"}
+    assert not below("runs") & {"lifecycle", "backprop", "backprop_runs"}
     assert graph["rundir"] == set()
+    writers = {
+        path.name
+        for path in (REPO / "es_service").rglob("*.py")
+        if any(call in path.read_text() for call in ("write_run_info(", "rundir.create(", "Lock("))
+    }
+    assert writers == {"rundir.py", "lifecycle.py"}
 
 
 def test_no_cycle_between_driver_side_modules():
