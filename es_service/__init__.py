@@ -21,17 +21,18 @@ _EXPORTS = {
     "load_config": ("es_service.config", "load"),
     "OpenES": ("es_service.strategy", "OpenES"),
     "Problem": ("es_workers.problem", "Problem"),
+    "ProblemError": ("es_workers.problem", "ProblemError"),
     "train": ("es_service.api", "train"),
     "resume": ("es_service.api", "resume"),
 }
-__all__ = ["Config", "ConfigError", "OpenES", "Problem", "load_config", "resume", "train"]
+__all__ = ["Config", "ConfigError", "OpenES", "Problem", "ProblemError", "load_config", "resume", "train"]
 
 if TYPE_CHECKING:
     from es_service.api import resume, train
     from es_service.config import Config, ConfigError
     from es_service.config import load as load_config
     from es_service.strategy import OpenES
-    from es_workers.problem import Problem
+    from es_workers.problem import Problem, ProblemError
 
 
 def __getattr__(name: str):

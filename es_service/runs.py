@@ -16,7 +16,8 @@ from es_service.config import Config, ConfigError
 from es_service.data import Mnist, load_mnist
 from es_workers.evaluator import set_process_arithmetic
 from es_workers.ftz_mnist import FtzMnist
-from es_workers.problem import Problem
+from es_workers.problem import Problem, checked_theta
+from es_workers.problem import check as problem_check
 
 
 class UsageError(RuntimeError):
@@ -58,14 +59,16 @@ def prepared_problem(config: Config, problem: Problem | None) -> tuple[Problem, 
         set_process_arithmetic(config.network.arithmetic)
         data = load_data(config)
         return seed_problem(config, data), data
-    check_problem_config(config)
+    check_problem(config, problem)
     problem.prepare_process()
     return problem, None
 
 
-def check_problem_config(config: Config) -> None:
-    """Refuse what only the seed's network has: a problem's members move every parameter, by full-rank
-    noise, and its fitness is its loss."""
+def check_problem(config: Config, problem: Problem) -> None:
+    """Refuse a problem of one's own the config cannot run (es_workers.problem.check), and what only the
+    seed's network has: a problem's members move every parameter, by full-rank noise, and its fitness
+    is its loss."""
+    problem_check(problem, config.noise.table_size)
     es = config.es
     unsupported = [
         (es.rank != 0, "es.rank: low-rank members", "es.rank=0"),
@@ -89,7 +92,8 @@ def initial_theta(
     if init_from is None:
         if problem is None:
             return planning.seed_theta(config.seed), None
-        return problem.init_theta(planning.init_seed(config.seed)), None
+        check_problem(config, problem)
+        return checked_theta(problem, planning.init_seed(config.seed)), None
     try:
         state = checkpoint.load(init_from) if problem is None else checkpoint.load(init_from, problem.layout)
     except checkpoint.CheckpointError as err:

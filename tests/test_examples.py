@@ -84,3 +84,38 @@ def test_a_problem_of_ones_own_trains_to_the_same_theta_on_ray(tmp_path, ray_clu
     es_service.train(config("local", generations=6), Spirals(), tmp_path / "local")
     es_service.train(config("ray", generations=6), Spirals(), tmp_path / "ray")
     assert torch.equal(theta_of(tmp_path / "ray"), theta_of(tmp_path / "local"))
+
+
+class Shapeless(Spirals):
+    """A problem whose parts return the wrong things, one at a time."""
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault = fault
+
+    def init_theta(self, seed: int) -> torch.Tensor:
+        theta = super().init_theta(seed)
+        return theta.double() if self.fault == "float64 theta" else theta
+
+    def losses(self, params: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        losses = super().losses(params, indices)
+        return losses.mean(dim=1) if self.fault == "one loss per member" else losses
+
+
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("float64 theta", r"Shapeless.init_theta returned torch.float64 \(1218,\); return a float32 tensor of shape"),
+        ("one loss per member", r"Shapeless.losses returned \(1,\) for 1 member on 128 examples; return a tensor"),
+    ],
+)
+def test_a_problem_that_returns_the_wrong_shapes_is_named(tmp_path, fault, message):
+    with pytest.raises(es_service.ProblemError, match=message):
+        es_service.train(config("local", generations=2), Shapeless(fault), tmp_path / "run")
+
+
+def test_a_noise_table_too_small_for_the_problem_is_refused_before_the_run_starts(tmp_path):
+    wide = Spirals(hidden=1024)  # 1,054,722 parameters: more than the example's table of 2**20 floats
+    with pytest.raises(es_service.ProblemError, match="noise.table_size 1048576 is not larger than Spirals's 1054722"):
+        es_service.train(config("local"), wide, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

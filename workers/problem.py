@@ -23,6 +23,10 @@ from es_workers.kinds import Whole
 from es_workers.network import single_threaded
 
 
+class ProblemError(ValueError):
+    """A problem the service cannot run, with what is wrong and what to do."""
+
+
 class Problem:
     """A fitness to maximise: minus the mean loss over a minibatch of training examples.
 
@@ -68,6 +72,34 @@ class Problem:
         return WholeMembers(self, table, device)
 
 
+def check(problem: Problem, table_size: int) -> None:
+    """Refuse, before anything runs, a problem whose sizes the service cannot use."""
+    name = type(problem).__name__
+    for field in ("num_params", "num_examples"):
+        value = getattr(problem, field, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProblemError(f"{name}.{field} is {value!r}; set it to a positive integer")
+    if table_size <= problem.num_params:
+        raise ProblemError(
+            f"noise.table_size {table_size} is not larger than {name}'s {problem.num_params} parameters; "
+            f"set noise.table_size to at least {2 * problem.num_params} (a slice of theta's length starts anywhere in it)"
+        )
+
+
+def checked_theta(problem: Problem, seed: int) -> torch.Tensor:
+    """``problem.init_theta(seed)``, refused unless a finite float32 vector of num_params entries."""
+    theta = problem.init_theta(seed)
+    expected = (problem.num_params,)
+    if not isinstance(theta, torch.Tensor) or theta.dtype != torch.float32 or tuple(theta.shape) != expected:
+        got = f"{theta.dtype} {tuple(theta.shape)}" if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ProblemError(
+            f"{type(problem).__name__}.init_theta returned {got}; return a float32 tensor of shape {expected}"
+        )
+    if not bool(torch.isfinite(theta).all()):
+        raise ProblemError(f"{type(problem).__name__}.init_theta returned inf or nan; return finite values")
+    return theta.detach().cpu()
+
+
 class WholeMembers:
     """Runs tiles of whole members (theta + sign * sigma * slice) of any ``Problem``, one member at a
     time with single-threaded ops, so a member's loss never depends on its tile mates or on the
@@ -78,7 +110,6 @@ class WholeMembers:
         self.device = torch.device(device)
         self.table = table.to(self.device, dtype=torch.float32)
         self.windows = noise.windows(self.table, problem.num_params)
-        self.basis = None
 
     def run_tile(self, theta: torch.Tensor, task: TileTask) -> TileResult:
         if type(task.kind) is not Whole:
@@ -92,6 +123,12 @@ class WholeMembers:
                 scale = torch.tensor(float(sign) * task.noise_std, device=self.device)
                 params = theta + scale * self.windows[int(offset)]
                 losses = self.problem.losses(params.unsqueeze(0), indices)
+                if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (1, len(indices)):
+                    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                    raise ProblemError(
+                        f"{type(self.problem).__name__}.losses returned {shape} for 1 member on {len(indices)} "
+                        f"examples; return a tensor of shape (members, examples), one loss per example"
+                    )
                 loss_sums[j] = math.fsum(losses.reshape(-1).double().cpu().tolist())
         correct = np.zeros(len(task.offsets), dtype=np.int64)
         return TileResult(task.generation, task.tile_id, loss_sums, correct, time.perf_counter() - started)
