@@ -133,7 +133,7 @@ class Trainer:
             "fitness_max": float(fitness[finite].max()) if finite.any() else None,
             "fitness_mean": float(fitness[finite].mean()) if finite.any() else None,
             "fitness_min": float(fitness[finite].min()) if finite.any() else None,
-            "batch_accuracy_mean": float(batch_accuracy.mean()),
+            "batch_accuracy_mean": float(batch_accuracy.mean()) if self.problem.counts_correct else None,
             "batch_size": len(plan.batch_indices),
             "noise_std": plan.noise_std,
             "learning_rate": plan.learning_rate,

@@ -54,6 +54,7 @@ def test_a_problem_of_ones_own_learns_in_process(tmp_path):
     assert result["test_accuracy"] > 0.9, result  # chance is 0.5
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["fitness_mean"] > records[0]["fitness_mean"]
+    assert records[-1]["batch_accuracy_mean"] is None  # the problem counts no correct predictions
 
 
 def test_a_problem_of_ones_own_resumes_to_the_uninterrupted_theta(tmp_path):

@@ -36,6 +36,7 @@ class FtzMnist(Problem):
 
     num_params = network.NUM_PARAMS
     layout = network.PARAM_SHAPES
+    counts_correct = True
 
     def __init__(
         self,

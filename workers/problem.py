@@ -39,6 +39,9 @@ class Problem:
     """Length of theta."""
     num_examples: int
     """Training examples: each generation's minibatch is drawn from indices 0 .. num_examples - 1."""
+    counts_correct: bool = False
+    """Its evaluator counts each member's correct predictions (the seed's network does); without them
+    a generation's record has no batch accuracy."""
 
     def init_theta(self, seed: int) -> torch.Tensor:
         """theta at generation 0 for a 63-bit ``seed``: (num_params,) float32 on the CPU."""
