@@ -66,6 +66,12 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         help="stop after the generation that passes this wall time, then checkpoint",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--problem",
+        metavar="MODULE:CLASS",
+        help="train a Problem of your own (built with no arguments, e.g. examples.spirals:Spirals) instead of "
+        "the seed's network; resume reads it from run.json",
+    )
 
 
 def _init_from_option(parser: argparse.ArgumentParser) -> None:
@@ -135,18 +141,31 @@ def _overrides(args) -> list[str]:
 def _dispatch(args) -> dict:
     from es_service import backprop_runs, jobs, runner
     from es_service.config import load
+    from es_service.problems import load_problem
+    from es_service.rundir import read_run_info
 
     if args.command in jobs.COMMANDS:
         return jobs.dispatch(args)
     if args.command == "train":
         config = load(args.config, _overrides(args))
         run_dir = Path(args.run_dir) if args.run_dir else runner.default_run_dir(args.config)
+        problem = load_problem(args.problem) if args.problem else None
         return runner.train(
-            config, run_dir, args.force, args.address, args.stop_after, args.time_budget, args.quiet, args.init_from
+            config,
+            run_dir,
+            args.force,
+            args.address,
+            args.stop_after,
+            args.time_budget,
+            args.quiet,
+            args.init_from,
+            problem,
         )
     if args.command == "resume":
+        spec = args.problem or (read_run_info(Path(args.run_dir)) or {}).get("problem")
+        problem = load_problem(spec) if spec else None
         return runner.resume(
-            Path(args.run_dir), _overrides(args), args.address, args.stop_after, args.time_budget, args.quiet
+            Path(args.run_dir), _overrides(args), args.address, args.stop_after, args.time_budget, args.quiet, problem
         )
     if args.command == "eval":
         return runner.evaluate_checkpoint(Path(args.checkpoint), args.data_dir, args.device)

@@ -23,6 +23,7 @@ from es_service.config import Config, WarmStartConfig, check_fits_memory, shown
 from es_service.driver import Trainer, TrainState
 from es_service.executors import LocalExecutor
 from es_service.lifecycle import Run
+from es_service.problems import name_of
 from es_service.progress import Progress
 from es_service.rundir import CHECKPOINT_NAME
 from es_service.runs import RunFailed, UsageError, initial_theta, load_data, prepared_problem, resolve
@@ -159,13 +160,14 @@ def train(
         print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
         config = config.model_copy(update={"warm_start": WarmStartConfig()})
     theta, origin = initial_theta(config, init_from, problem)
+    named = {} if problem is None else {"problem": name_of(problem)}  # what resume builds again
     problem, data = prepared_problem(config, problem)
     run, noise_seed = Run(run_dir, config), planning.noise_seed(config.seed)
     with started_executor(config, noise_seed, problem, address) as executor:
         if config.warm_start.epochs:  # the directory holds the stages; its ES checkpoint comes after them
             with run.create(force, status="warm start"):
                 return _warm_start_then_train(run, data, problem, executor, stop_after, time_budget_s, quiet)
-        with run.create(force, _es_start(config, theta, problem), init_from=origin):
+        with run.create(force, _es_start(config, theta, problem), init_from=origin, **named):
             state = TrainState(theta, None, 0)
             return _train(run, state, noise_seed, problem, executor, stop_after, time_budget_s, quiet)
 

@@ -14,7 +14,9 @@ import torch
 
 import es_service
 from es_service import checkpoint
+from es_service.problems import EXAMPLE
 from examples.spirals import Spirals, config
+from tests.helpers import cli, error_line, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,4 +121,32 @@ def test_a_noise_table_too_small_for_the_problem_is_refused_before_the_run_start
     wide = Spirals(hidden=1024)  # 1,054,722 parameters: more than the example's table of 2**20 floats
     with pytest.raises(es_service.ProblemError, match="noise.table_size 1048576 is not larger than Spirals's 1054722"):
         es_service.train(config("local"), wide, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.e2e
+def test_the_cli_trains_and_resumes_a_problem_named_on_the_command_line(tmp_path):
+    """`--problem MODULE:CLASS` from the folder that holds it; run.json records it and resume reads it."""
+    path = write_config(tmp_path / "spirals.yaml", config("local", generations=12))
+    run_dir = tmp_path / "parts"
+    cli("train", "--config", path, "--run-dir", run_dir, "--problem", EXAMPLE, "--stop-after", "5", cwd=ROOT)
+    assert json.loads((run_dir / "run.json").read_text())["problem"] == EXAMPLE
+    cli("resume", run_dir, "--quiet", cwd=ROOT)
+    es_service.train(config("local", generations=12), Spirals(), tmp_path / "whole")
+    assert torch.equal(theta_of(run_dir), theta_of(tmp_path / "whole"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("spirals", "--problem 'spirals': expected MODULE:CLASS, e.g. examples.spirals:Spirals"),
+        ("examples.nowhere:Spirals", "--problem 'examples.nowhere:Spirals': cannot import 'examples.nowhere'"),
+        ("examples.spirals:config", "examples.spirals.config is not a subclass of es_service.Problem"),
+    ],
+)
+def test_a_problem_the_cli_cannot_build_is_refused_in_one_line(tmp_path, spec, message):
+    path = write_config(tmp_path / "spirals.yaml", config("local", generations=2))
+    refused = cli("train", "--config", path, "--run-dir", tmp_path / "run", "--problem", spec, cwd=ROOT, check=False)
+    assert refused.returncode == 2 and message in error_line(refused)
     assert not (tmp_path / "run").exists()
