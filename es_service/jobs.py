@@ -94,6 +94,12 @@ def add_commands(commands) -> None:
         "(default: a fresh directory holding only the config)",
     )
     submit.add_argument("--data-dir", help="MNIST folder on the head node, passed to `train --data-dir`")
+    submit.add_argument(
+        "--problem",
+        metavar="MODULE:CLASS",
+        help="a Problem of your own, passed to `train --problem`: its module in --working-dir (or installed "
+        "on the head); the workers get it by value",
+    )
     submit.add_argument("--submission-id", help="job id to use (default es-<random>); must be new on the cluster")
     submit.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
     _connection_options(submit)
@@ -192,6 +198,12 @@ def build_submission(args) -> tuple[str, dict, dict, str, str]:
 
     config_path = Path(args.config)
     overrides = list(args.overrides)
+    if args.problem is not None:
+        module, colon, name = args.problem.partition(":")
+        if not (module and colon and name):
+            raise JobsError(
+                f"--problem {args.problem!r}: expected MODULE:CLASS, e.g. examples.spirals:Spirals", EXIT_BAD_INPUT
+            )
     try:
         load(config_path, overrides + ([f"data_dir={args.data_dir}"] if args.data_dir else []))
     except ConfigError as err:
@@ -231,6 +243,8 @@ def build_submission(args) -> tuple[str, dict, dict, str, str]:
         command += " " + shlex.join(["--set", text])
     if args.data_dir:
         command += " " + shlex.join(["--data-dir", args.data_dir])
+    if args.problem:
+        command += " " + shlex.join(["--problem", args.problem])
     env_vars = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_GRACE_S)
     # eager_install off: otherwise every node that joins sets the job's working_dir up again, and fake

@@ -399,3 +399,52 @@ def test_working_dir_upload_leaves_credentials_out(head, tmp_path):
     bad.write_text(config.read_text())
     result = cli("submit", "--address", head.address, bad, "--working-dir", upload, "--no-wait", check=False)
     assert result.returncode == 2 and "rename it" in result.stderr, result
+
+
+LEAST_SQUARES = """
+import torch
+from es_service import Problem
+
+
+class LeastSquares(Problem):
+    num_params, num_examples = 20, 1000
+
+    def __init__(self):
+        self.x = torch.randn(1000, 20, generator=torch.Generator().manual_seed(0))
+        self.y = self.x @ torch.linspace(-1.0, 1.0, 20)
+
+    def init_theta(self, seed):
+        return torch.zeros(20)
+
+    def losses(self, params, indices):
+        return (params @ self.x[indices].T - self.y[indices]).square()
+
+    def metrics(self, theta):
+        return {"mse": float((self.x @ theta - self.y).square().mean())}
+"""
+
+
+def test_a_problem_of_ones_own_runs_as_a_job_from_its_working_dir(head, tmp_path):
+    """The module exists only in the uploaded folder: the job's driver imports it from there, and the
+    worker actors, which start in the installed package's folder, get its class by value."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "least_squares_problem.py").write_text(LEAST_SQUARES)
+    settings = {
+        "generations": 30,
+        "es": {"pop_size": 32, "batch_size": 100, "learning_rate": 0.05},
+        "eval": {"every": 10},
+    }
+    config = write_config(folder / "ls.yaml", {**settings, "workers": {"executor": "ray", "count": 1}})
+    run_dir = tmp_path / "runs" / "ls"
+    spec = "least_squares_problem:LeastSquares"
+    args = ("submit", "--address", head.address, config, "--working-dir", folder, "--problem", spec)
+    result = cli(*args, "--run-dir", run_dir, env=cli_env(RAY_AUTH_TOKEN=head.token))
+    assert "SUCCEEDED" in result.stderr, result.stderr
+    assert json.loads((run_dir / "run.json").read_text())["problem"] == spec
+    records = metrics_lines(run_dir)
+    assert records[-1]["generation"] == 30 and records[-1]["workers_alive"] == 1
+    mse = [record["mse"] for record in records if "mse" in record]  # at theta = 0 it is 7.60
+    assert len(mse) == 3 and mse[-1] < mse[0] < 7.60, mse
+    bad = cli("submit", "--address", head.address, config, "--problem", "least_squares_problem", check=False)
+    assert bad.returncode == 2 and "expected MODULE:CLASS" in bad.stderr
