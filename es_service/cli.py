@@ -211,11 +211,15 @@ def _main(argv: list[str] | None) -> int:
     from es_service.rundir import LockedError, WriteError
     from es_service.runs import RunFailed, UsageError
     from es_service.stopping import Interrupted
+    from es_workers.problem import ProblemError
 
     try:
         result = _dispatch(args)
     except (ConfigError, DataError, CheckpointError, UsageError, ReportError, MetricsError, LockedError) as err:
         print(f"es-service: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ProblemError as err:  # from a Ray worker it comes wrapped, its message in the cause
+        print(f"es-service: error: {getattr(err, 'cause', err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as err:
         print(f"es-service: {err}; continue with `es-service resume`", file=sys.stderr)

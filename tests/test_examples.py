@@ -150,3 +150,41 @@ def test_a_problem_the_cli_cannot_build_is_refused_in_one_line(tmp_path, spec, m
     refused = cli("train", "--config", path, "--run-dir", tmp_path / "run", "--problem", spec, cwd=ROOT, check=False)
     assert refused.returncode == 2 and message in error_line(refused)
     assert not (tmp_path / "run").exists()
+
+
+FLAT_LOSSES = """
+import torch
+from es_service import Problem
+
+
+class FlatLosses(Problem):
+    num_params, num_examples = 4, 100
+
+    def init_theta(self, seed):
+        return torch.zeros(4)
+
+    def losses(self, params, indices):
+        return params.square().sum(dim=1)  # one loss per member, not per example
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_problems_wrong_losses_from_the_cli_are_one_line(tmp_path, executor):
+    """On Ray the error comes back from a worker actor that got the class by value; it is still one line."""
+    (tmp_path / "flat_losses.py").write_text(FLAT_LOSSES)
+    settings = {"generations": 2, "es": {"pop_size": 4, "batch_size": 10}, "noise": {"table_size": 1 << 20}}
+    path = write_config(tmp_path / "flat.yaml", {**settings, "workers": {"executor": executor, "count": 1}})
+    refused = cli(
+        "train",
+        "--config",
+        path,
+        "--run-dir",
+        tmp_path / "run",
+        "--problem",
+        "flat_losses:FlatLosses",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "FlatLosses.losses returned (1,) for 1 member on 10 examples" in error_line(refused)
