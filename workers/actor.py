@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 
 import numpy as np
 import torch
 
 from es_workers.evaluator import TileResult, TileTask
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # object-store arrays are read-only; we never write to them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+from es_workers.problem import shared_tensor
 
 
 class PopulationWorker:
@@ -38,7 +32,7 @@ class PopulationWorker:
         problem = ray.get(refs["problem"])
         problem.prepare_process()  # before any parallel torch op: e.g. the flush flag is per thread
         torch.set_num_threads(threads)
-        table = _tensor(ray.get(refs["table"]))
+        table = shared_tensor(ray.get(refs["table"]))
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
         self.evaluator = problem.evaluator(table, self.device)
@@ -69,7 +63,7 @@ class PopulationWorker:
             import ray
 
             theta = ray.get(theta_holder[0])
-            self._theta = _tensor(theta).to(self.evaluator.device)
+            self._theta = shared_tensor(theta).to(self.evaluator.device)
             self._generation = task.generation
         return self.evaluator.run_tile(self._theta, self._with_batch(batch_holder, task))
 

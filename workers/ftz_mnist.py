@@ -8,23 +8,13 @@ measured on, the arithmetic, and layer 1's search basis where its members have o
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
 from es_workers import network
 from es_workers.evaluator import PopulationEvaluator, center_accuracies, set_process_arithmetic
 from es_workers.kinds import Center
-from es_workers.problem import Problem
-
-
-def _tensor(value) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(value)
+from es_workers.problem import Problem, shared_tensor
 
 
 class FtzMnist(Problem):
@@ -47,12 +37,13 @@ class FtzMnist(Problem):
         basis: torch.Tensor | None = None,
         eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
-        self.train_images = _tensor(train_images)
-        self.train_labels = _tensor(train_labels)
+        self.train_images = shared_tensor(train_images)
+        self.train_labels = shared_tensor(train_labels)
         self.arithmetic = arithmetic
         self.fused = fused
-        self.basis = None if basis is None else _tensor(basis)
+        self.basis = None if basis is None else shared_tensor(basis)
         self.eval_sets = eval_sets or {}
+        self._on_device, self._eval_device = self.eval_sets, torch.device("cpu")
         self.num_examples = self.train_images.shape[0]
 
     def init_theta(self, seed: int) -> torch.Tensor:
@@ -61,11 +52,11 @@ class FtzMnist(Problem):
     def metrics(self, theta: torch.Tensor) -> dict[str, float]:
         """Each eval set's accuracy and, flushing, the test set's with denormals kept
         (es_workers.evaluator.center_accuracies), on theta's device."""
-        sets = {
-            name: (images.to(theta.device), labels.to(theta.device))
-            for name, (images, labels) in self.eval_sets.items()
-        }
-        return center_accuracies(theta, sets, self.arithmetic, fused=self.fused)
+        if self._eval_device != theta.device:  # copied once per device, not at every evaluation
+            sets = self.eval_sets.items()
+            self._on_device = {name: (x.to(theta.device), y.to(theta.device)) for name, (x, y) in sets}
+            self._eval_device = theta.device
+        return center_accuracies(theta, self._on_device, self.arithmetic, fused=self.fused)
 
     def center(self, theta: torch.Tensor, batch_indices: np.ndarray) -> Center:
         basis = None if self.basis is None else self.basis.to(theta.device)

@@ -138,7 +138,7 @@ class LowRank(Kind):
         """sum_k weights_k * members.low_rank_dense(slice_k): per layer one (fan_in, K r) @ (K r, fan_out)
         matmul of the stacked factors (the K dense perturbations are never built) and one for the biases.
         On CPU single-threaded: from 256 slices on, MKL's two-thread GEMM gave other bits than one."""
-        weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+        weight_tensor = noise.weight_vector(weights, table.device)
         rows = noise.slices(table, offsets, self.noise_length())
         parts = []
         with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
@@ -310,7 +310,7 @@ class LayerRank1(Kind):
 
     def estimate(self, table, offsets, weights, noise_std: float, count: int, center: Center) -> torch.Tensor:
         rows = noise.slices(table, offsets, self.noise_length())
-        weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+        weight_tensor = noise.weight_vector(weights, table.device)
         basis = center.basis
         if self.layer == 2 and self.subspace:
             basis = layer_members.hidden_basis(network.unflatten(center.theta)[0], center.basis, self.subspace)

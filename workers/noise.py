@@ -42,11 +42,16 @@ fixed. On CPU small chunks stay memory-friendly (8 rows: ~3x faster than 64 on t
 CUDA larger chunks mean fewer launches."""
 
 
+def weight_vector(weights, device: torch.device) -> torch.Tensor:
+    """An update's float32 weights (numpy or a sequence) as a tensor on ``device``."""
+    return torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(device)
+
+
 def weighted_sum(table, offsets, weights, noise_std: float, count: int, length: int) -> torch.Tensor:
     """(1 / (count * sigma)) sum_k weights_k table[offset_k : offset_k + length], on the table's device:
     slices gathered from a zero-copy strided view a fixed number of rows at a time, one matrix-vector
     product per chunk, no Python loop over members."""
-    weight_tensor = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(table.device)
+    weight_tensor = weight_vector(weights, table.device)
     total = torch.zeros(length, dtype=torch.float32, device=table.device)
     chunk = GRAD_CHUNK_ROWS.get(table.device.type, 64)
     for start in range(0, len(offsets), chunk):

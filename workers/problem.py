@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -21,6 +22,16 @@ from es_workers import noise
 from es_workers.evaluator import TileResult, TileTask
 from es_workers.kinds import Whole
 from es_workers.network import single_threaded
+
+
+def shared_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor over ``value`` without a copy: object-store arrays are read-only, and nothing here writes
+    to them (torch's warning about that is silenced)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
 
 
 class ProblemError(ValueError):
