@@ -42,13 +42,15 @@ def straight_through(flushing: Callable, linear: Callable) -> Callable:
     return epilogue
 
 
-def logits_fn(arithmetic: str, gradient: str) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
+def logits_fn(
+    arithmetic: str, gradient: str, arch: network.Architecture = network.SEED
+) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
     """``f(x, params) -> logits`` whose autograd is the named gradient (the values are the forward's)."""
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient {gradient!r}; allowed: {', '.join(GRADIENTS)}")
     if gradient == "masked" or arithmetic == "linear":
-        return lambda x, params: network.forward(x, params, arithmetic)
-    flushing, linear = network.epilogues(arithmetic), network.epilogues("linear")
+        return lambda x, params: network.forward(x, params, arithmetic, arch=arch)
+    flushing, linear = network.epilogues(arithmetic, arch=arch), network.epilogues("linear")
     ops = network.Epilogues(*(straight_through(f, g) for f, g in zip(vars(flushing).values(), vars(linear).values())))
     return lambda x, params: network.forward_with(x, params, ops)
 
@@ -73,16 +75,16 @@ def train_backprop(
     passes its checkpoint's theta, ``optimizer_state`` and epoch as ``start_epoch``: the epochs it skips
     draw their orders all the same, so the result is the uninterrupted run's, bit for bit. SIGTERM and
     SIGINT stop it within a minibatch with Interrupted; the last whole epoch's checkpoint stays."""
-    arithmetic = config.network.arithmetic
-    logits_of = logits_fn(arithmetic, gradient)
+    arithmetic, arch = config.network.arithmetic, config.network.architecture()
+    logits_of = logits_fn(arithmetic, gradient, arch)
     if theta is None:
-        theta = planning.seed_theta(config.seed)
+        theta = planning.seed_theta(config.seed, arch)
     theta = theta.detach().clone().to(device)
     theta.requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    images = data.train_images.reshape(-1, 784).to(device)
+    images = data.train_images.reshape(-1, arch.inputs).to(device)
     labels = data.train_labels.to(device)
     eval_sets = data.eval_sets(device)
     generator = torch.Generator().manual_seed(planning.derive_seed(config.seed, planning.STREAM_GENERATION))
@@ -107,7 +109,7 @@ def train_backprop(
                     )
                 )
                 index = order[start : start + batch_size]
-                logits = logits_of(images[index].float() / 255.0, network.unflatten(theta))
+                logits = logits_of(images[index].float() / 255.0, network.unflatten(theta, arch=arch))
                 loss = torch.nn.functional.cross_entropy(logits, labels[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -118,7 +120,7 @@ def train_backprop(
                     "generation": epoch,
                     "wall_s": time.perf_counter() - epoch_start,
                     "fitness_mean": -total_loss / images.shape[0],
-                    **center_accuracies(theta.detach(), eval_sets, arithmetic),
+                    **center_accuracies(theta.detach(), eval_sets, arithmetic, arch=arch),
                     "time": time.time(),
                 }
             log.append(record)  # then the checkpoint: a line past it is dropped and redone by a resume

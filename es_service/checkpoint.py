@@ -17,7 +17,6 @@ import torch
 
 from es_service import rundir
 from es_service.config import Config, ConfigError, digest_of, from_dict
-from es_workers import network
 
 FORMAT_VERSION = 1
 
@@ -36,8 +35,10 @@ def build(
     optimizer_state: dict,
     generation: int,
     noise_seed: int,
-    layout: Layout = network.PARAM_SHAPES,
+    layout: Layout | None = None,
 ) -> dict[str, Any]:
+    """A checkpoint's contents; ``layout``: theta's (None: the config's network's)."""
+    layout = layout or config.network.architecture().param_shapes
     return {
         "format_version": FORMAT_VERSION,
         "theta": theta.detach().cpu().clone(),
@@ -49,6 +50,13 @@ def build(
         "config_digest": config.digest(),
         "layout": _listed(layout),
     }
+
+
+def _config(path: Path, state: dict[str, Any]) -> Config:
+    try:
+        return from_dict(state["config"])
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {err}") from None
 
 
 def _listed(layout: Layout) -> list:
@@ -64,9 +72,9 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     rundir.atomic_write(path, buffer.getbuffer())
 
 
-def load(path: str | Path, layout: Layout = network.PARAM_SHAPES) -> dict[str, Any]:
-    """Read and check a checkpoint of a theta laid out as ``layout`` (the seed's network's by default);
-    raise CheckpointError naming the problem and the fix."""
+def load(path: str | Path, layout: Layout | None = None) -> dict[str, Any]:
+    """Read and check a checkpoint of a theta laid out as ``layout`` (None: the seed's network, shaped
+    as the checkpoint's config says); raise CheckpointError naming the problem and the fix."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
@@ -87,16 +95,17 @@ def load(path: str | Path, layout: Layout = network.PARAM_SHAPES) -> dict[str, A
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} is not an es-service checkpoint of format {FORMAT_VERSION}")
+    if layout is None:
+        arch = _config(path, state).network.architecture()
+        layout, expected = arch.param_shapes, arch.layer_sizes
+    else:
+        expected = [name for name, _ in layout]
     theta, num_params = state.get("theta"), sum(math.prod(shape) for _, shape in layout)
     if state.get("layout") != _listed(layout) or not isinstance(theta, torch.Tensor) or theta.shape != (num_params,):
-        expected = network.LAYER_SIZES if layout == network.PARAM_SHAPES else [name for name, _ in layout]
         raise CheckpointError(f"checkpoint {str(path)!r} has a parameter layout other than this network's {expected}")
     if theta.dtype != torch.float32:
         raise CheckpointError(f"checkpoint {str(path)!r}: theta is {theta.dtype}, expected torch.float32")
-    try:
-        config = from_dict(state["config"])
-    except (ConfigError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {err}") from None
+    config = _config(path, state)
     if digest_of(state["config"]) != state.get("config_digest"):
         raise CheckpointError(
             f"checkpoint {str(path)!r}: its config does not match its digest (edited by hand?); "

@@ -58,6 +58,8 @@ def _type(annotation: typing.Any) -> str:
     """int, float \\| null, or a choice's values: tf-ftz \\| linear \\| cpu-ftz."""
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"list of {_type(typing.get_args(annotation)[0])}"
     names = [arg.__name__ if arg is not type(None) else "null" for arg in typing.get_args(annotation) or [annotation]]
     return " \\| ".join(names)
 

@@ -31,10 +31,10 @@ def init_seed(seed: int) -> int:
     return derive_seed(seed, STREAM_INIT)
 
 
-def seed_theta(seed: int) -> torch.Tensor:
-    """The seed's network's initialisation for a run whose config says ``seed``: every run, ES or
-    backprop, starts here."""
-    return network.init_theta(init_seed(seed))
+def seed_theta(seed: int, arch: network.Architecture = network.SEED) -> torch.Tensor:
+    """The seed's network's initialisation (of shape ``arch``) for a run whose config says ``seed``:
+    every run, ES or backprop, starts here."""
+    return network.init_theta(init_seed(seed), arch)
 
 
 def noise_seed(seed: int) -> int:
@@ -145,10 +145,11 @@ def scheduled(start: float, final: float | None, progress: float, schedule: str)
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def make_plan(config: Config, generation: int, num_train: int, num_params: int = network.NUM_PARAMS) -> GenerationPlan:
+def make_plan(config: Config, generation: int, num_train: int, num_params: int | None = None) -> GenerationPlan:
     """The plan of ``generation``: ``num_train`` examples to draw its minibatch from, ``num_params``
-    floats in a member's noise slice (theta's length)."""
-    es = config.es
+    floats in a member's noise slice (theta's length; None: the config's network's)."""
+    es, arch = config.es, config.network.architecture()
+    num_params = num_params or arch.num_params
     rng = np.random.default_rng([derive_seed(config.seed, STREAM_GENERATION), generation])
     num_slices = es.pop_size // 2 if es.antithetic else es.pop_size
     slice_offsets = rng.integers(0, noise.max_offset(config.noise.table_size, num_params) + 1, size=num_slices)
@@ -179,9 +180,9 @@ def make_plan(config: Config, generation: int, num_train: int, num_params: int =
         member_signs=member_signs,
         batch_indices=batch_indices,
         kinds=(
-            kinds.whole_kind(es.rank, es.shared_first_layer, num_params),
+            kinds.whole_kind(es.rank, es.shared_first_layer, num_params, arch),
             *(
-                kinds.layer_kind(layer, members.kind, members.subspace if layer < 3 else 0)
+                kinds.layer_kind(layer, members.kind, members.subspace if layer < 3 else 0, arch)
                 for layer, members in zip((1, 2, 3), layers)
             ),
         ),

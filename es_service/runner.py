@@ -243,5 +243,7 @@ def evaluate_checkpoint(path: Path, data_dir: str | None = None, device: str = "
         "generation": state["generation"],
         "arithmetic": config.network.arithmetic,
         "device": device,
-        **center_accuracies(state["theta"], data.eval_sets(device), config.network.arithmetic),
+        **center_accuracies(
+            state["theta"], data.eval_sets(device), config.network.arithmetic, arch=config.network.architecture()
+        ),
     }

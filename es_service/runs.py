@@ -47,8 +47,15 @@ def seed_problem(config: Config, data: Mnist) -> FtzMnist:
     """The seed's network on ``data`` as ``config`` describes it."""
     eval_sets = data.eval_sets("cpu", config.eval.train_size)
     basis = planning.layer1_basis(config, data.train_images)
+    network = config.network
     return FtzMnist(
-        data.train_images, data.train_labels, config.network.arithmetic, config.workers.fused, basis, eval_sets
+        data.train_images,
+        data.train_labels,
+        network.arithmetic,
+        config.workers.fused,
+        basis,
+        eval_sets,
+        network.architecture(),
     )
 
 
@@ -77,6 +84,8 @@ def check_problem(config: Config, problem: Problem) -> None:
         (es.fitness == "accuracy", "es.fitness 'accuracy'", "es.fitness=cross_entropy (the problem's loss)"),
         (bool(config.warm_start.epochs), "warm_start: a backprop warm start", "warm_start.epochs=0"),
         (bool(config.validation_size), "validation_size", "validation_size=0 (hold data out in the problem)"),
+        (es.weight_norm_cap is not None, "es.weight_norm_cap (it caps W1, W2 and W3)", "es.weight_norm_cap=null"),
+        (any(members.step_scale != 1 for members in es.layers()), "es.wL.step_scale", "es.wL.step_scale=1"),
     ]
     for wrong, what, fix in unsupported:
         if wrong:
@@ -91,7 +100,7 @@ def initial_theta(
     new run starts its own optimizer and schedules."""
     if init_from is None:
         if problem is None:
-            return planning.seed_theta(config.seed), None
+            return planning.seed_theta(config.seed, config.network.architecture()), None
         check_problem(config, problem)
         return checked_theta(problem, planning.init_seed(config.seed)), None
     try:

@@ -80,7 +80,7 @@ def activity_slopes(image_losses: np.ndarray, noise_std: float) -> np.ndarray:
     return np.where(np.isfinite(slopes), slopes, 0.0).astype(np.float32)
 
 
-def cap_weight_norms(theta: torch.Tensor, multiplier: float) -> None:
+def cap_weight_norms(theta: torch.Tensor, multiplier: float, arch: network.Architecture = network.SEED) -> None:
     """Scale each weight matrix whose Frobenius norm exceeds ``multiplier`` times its expected He-init
     norm sqrt(2 * fan_out) (network.init_theta draws N(0, 2 / fan_in)) back onto that cap, in place.
 
@@ -91,7 +91,7 @@ def cap_weight_norms(theta: torch.Tensor, multiplier: float) -> None:
     The norm is summed in float64 on one thread, so the result does not depend on the thread count.
     """
     with torch.no_grad(), network.single_threaded():
-        for weights in network.unflatten(theta)[0::2]:  # views of W1, W2, W3
+        for weights in network.unflatten(theta, arch=arch)[0::2]:  # views of W1, W2, W3
             cap = multiplier * math.sqrt(2.0 * weights.shape[1])
             norm = float(torch.linalg.vector_norm(weights, dtype=torch.float64))
             if norm > cap:
@@ -115,8 +115,10 @@ class AdamES:
         weight_norm_cap: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         layer_step_scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        arch: network.Architecture = network.SEED,
     ):
         self.theta = torch.nn.Parameter(theta.detach().clone(), requires_grad=False)
+        self.arch = arch
         self.weight_norm_cap = weight_norm_cap
         self.layer_step_scales = {
             layer: scale for layer, scale in zip(layer_members.LAYERS, layer_step_scales) if scale != 1.0
@@ -129,8 +131,8 @@ class AdamES:
             self.optimizer = torch.optim.Adam([self.theta], lr=learning_rate, betas=betas)
 
     @classmethod
-    def from_config(cls, theta: torch.Tensor, es: ESConfig) -> AdamES:
-        """The optimizer an ``ESConfig`` describes."""
+    def from_config(cls, theta: torch.Tensor, es: ESConfig, arch: network.Architecture = network.SEED) -> AdamES:
+        """The optimizer an ``ESConfig`` describes (``arch``: the network whose layers it caps and scales)."""
         return cls(
             theta,
             es.learning_rate,
@@ -139,6 +141,7 @@ class AdamES:
             weight_norm_cap=es.weight_norm_cap,
             betas=(es.adam_beta1, es.adam_beta2),
             layer_step_scales=tuple(layer.step_scale for layer in es.layers()),
+            arch=arch,
         )
 
     def step(self, grad: torch.Tensor, learning_rate: float) -> float:
@@ -153,11 +156,11 @@ class AdamES:
         self.optimizer.step()
         self.theta.grad = None
         for layer, scale in self.layer_step_scales.items():  # Adam's whole step, decay included, scales with lr
-            start, stop = layer_members.param_range(layer)
+            start, stop = layer_members.param_range(layer, self.arch)
             now, then = self.theta.detach()[start:stop], before[start:stop]
             now.copy_(then if scale == 0 else then + scale * (now - then))
         if self.weight_norm_cap is not None:
-            cap_weight_norms(self.theta.detach(), self.weight_norm_cap)
+            cap_weight_norms(self.theta.detach(), self.weight_norm_cap, self.arch)
         return float(torch.linalg.vector_norm(self.theta.detach() - before))
 
     def state_dict(self) -> dict:
@@ -252,7 +255,7 @@ class OpenES:
 
     def optimizer(self, theta: torch.Tensor, state: dict | None = None) -> AdamES:
         """Adam over ``theta`` as es.* says (``state``: a checkpoint's)."""
-        adam = AdamES.from_config(theta, self.config.es)
+        adam = AdamES.from_config(theta, self.config.es, self.config.network.architecture())
         if state is not None:
             adam.load_state_dict(state)
         return adam

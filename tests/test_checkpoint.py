@@ -238,6 +238,7 @@ def test_a_checkpoint_from_before_newer_fields_still_loads(tmp_path, config, tra
         for name in ("fitness_shaping", "rank"):
             del state["config"]["es"][name]
         del state["config"]["es"]["w3"]["kind"]  # newer still
+        del state["config"]["network"]["layer_sizes"], state["config"]["network"]["scale_exponent"]  # newest
         data = json.loads(json.dumps(state["config"]))  # the old writer's digest, literally
         data.pop("workers"), data.pop("data_dir"), data.pop("generations")
         data["eval"] = data["checkpoint"] = None

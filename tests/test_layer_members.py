@@ -404,7 +404,7 @@ def moved_forward(x, theta, layer: int, unit: int, shift: float, arithmetic: str
 
 def activity_members(theta, layer: int, mnist, arithmetic: str, sigma: float, images, unit_from: int = 0, count=None):
     evaluator = PopulationEvaluator(torch.zeros(1 << 20), mnist.train_images, mnist.train_labels, arithmetic, "cpu")
-    count = 2 * layer_members.UNITS[layer] - unit_from if count is None else count
+    count = 2 * network.SEED.units(layer) - unit_from if count is None else count
     signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), (unit_from + count + 1) // 2)[
         unit_from : unit_from + count
     ]

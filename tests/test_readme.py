@@ -50,7 +50,7 @@ def test_reference_defaults_match_the_code():
             value = getattr(value, part)
         shown = (
             {None: "null", True: "true", False: "false"}.get(value, value)
-            if not isinstance(value, (int, float)) or isinstance(value, bool)
+            if not isinstance(value, (int, float, list)) or isinstance(value, bool)
             else value
         )
         default = reference_row(text, path)[2]

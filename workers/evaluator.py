@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from es_workers import layer_members, members, network, noise
+from es_workers.architecture import Architecture
 
 if TYPE_CHECKING:
     from es_workers.kinds import Kind
@@ -56,8 +57,10 @@ class PopulationEvaluator:
         batched: bool | None = None,
         threads: int | None = None,
         basis: torch.Tensor | None = None,
+        arch: Architecture = network.SEED,
     ):
         self.device = torch.device(device)
+        self.arch = arch
         if arithmetic == "cpu-ftz" and self.device.type != "cpu":
             raise ValueError("cpu-ftz is CPU only: torch.set_flush_denormal does nothing on CUDA; use tf-ftz")
         if arithmetic not in ("tf-ftz", "linear", "cpu-ftz"):
@@ -67,8 +70,8 @@ class PopulationEvaluator:
         self.memory_fraction = memory_fraction
         self.batched = self.device.type != "cpu" if batched is None else batched
         self.table = table.to(self.device, dtype=torch.float32)
-        self.windows = noise.windows(self.table, network.NUM_PARAMS)
-        self.images = images.reshape(-1, 784).to(self.device, dtype=torch.uint8)
+        self.windows = noise.windows(self.table, arch.num_params)
+        self.images = images.reshape(-1, arch.inputs).to(self.device, dtype=torch.uint8)
         self.labels = labels.to(self.device, dtype=torch.int64)
         # CPU members run one per thread, each with single-threaded ops: MKL's result for one matmul
         # changes with its thread count, a member's must not (Ray workers and --executor local differ)
@@ -82,6 +85,8 @@ class PopulationEvaluator:
 
     def run_tile(self, theta: torch.Tensor, task: TileTask) -> TileResult:
         """The tile's results: its member kind's evaluation on its shard."""
+        if task.kind.arch != self.arch:
+            raise ValueError(f"a tile of {task.kind.arch} for an evaluator of {self.arch}")
         started = time.perf_counter()
         results = task.kind.evaluate(
             self, theta, task.offsets, task.signs, task.noise_std, task.image_indices, task.first
@@ -95,7 +100,7 @@ class PopulationEvaluator:
         return self.images.index_select(0, index).float() / 255.0, self.labels.index_select(0, index)
 
     def perturbed(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """(n, NUM_PARAMS - start) perturbed parameters for the batched path: theta + (sign * sigma) * slice
+        """(n, P - start) perturbed parameters for the batched path: theta + (sign * sigma) * slice
         from parameter ``start`` on, rounded in that order (as ``members.perturb``), built on this device
         from the cached table; fused, in one pass (gather, scale and add in one kernel)."""
         index = torch.as_tensor(np.asarray(offsets, dtype=np.int64)).to(self.device)
@@ -109,25 +114,28 @@ class PopulationEvaluator:
         if self.device.type != "cuda":
             return 64
         free, _ = torch.cuda.mem_get_info(self.device)
-        if rank:  # no per-member weights: the noise rows and ~6 activations of 512 per image
-            per_member = 4 * (members.noise_length(rank) + batch_size * (6 * 512 + 2 * 10 + 3 * rank))
+        inputs, outputs, hidden = self.arch.inputs, self.arch.outputs, max(self.arch.layer_sizes[1:3])
+        if rank:  # no per-member weights: the noise rows and ~6 hidden activations per image
+            per_member = 4 * (
+                members.noise_length(rank, self.arch) + batch_size * (6 * hidden + 2 * outputs + 3 * rank)
+            )
         else:  # x may be expanded per member
-            per_member = 4 * (network.NUM_PARAMS + batch_size * (784 + 4 * 512 + 2 * 10))
+            per_member = 4 * (self.arch.num_params + batch_size * (inputs + 4 * hidden + 2 * outputs))
         return max(1, int(free * self.memory_fraction // per_member))
 
     def logits(self, theta: torch.Tensor, offsets: np.ndarray, scales: torch.Tensor, x: torch.Tensor):
         """(n, B, 10) logits of n members from batched matmuls."""
-        params = network.unflatten(self.perturbed(theta, offsets, scales))
-        return network.forward(x, params, self.arithmetic, self.fused)
+        params = network.unflatten(self.perturbed(theta, offsets, scales), arch=self.arch)
+        return network.forward(x, params, self.arithmetic, self.fused, self.arch)
 
     def member_logits(self, theta: torch.Tensor, offset: int, scale: torch.Tensor, x: torch.Tensor):
         """(B, 10) logits of one member from plain matmuls, its weights read straight from the table."""
-        return members.member_forward(x, theta, self.windows[offset], scale, self.arithmetic, self.fused)
+        return members.member_forward(x, theta, self.windows[offset], scale, self.arithmetic, self.fused, self.arch)
 
     def shared_xw1(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> torch.Tensor:
         """x @ W1, which every low-rank or shared-first-layer member on these images shares."""
         return self.kept_for(
-            "xw1", theta, images_key(x, image_indices), lambda: torch.mm(x, network.unflatten(theta)[0])
+            "xw1", theta, images_key(x, image_indices), lambda: torch.mm(x, network.unflatten(theta, arch=self.arch)[0])
         )
 
     def hidden_basis(self, theta: torch.Tensor, subspace: int) -> torch.Tensor:
@@ -136,7 +144,7 @@ class PopulationEvaluator:
             "hidden_basis",
             theta,
             subspace,
-            lambda: layer_members.hidden_basis(network.unflatten(theta)[0], self.basis, subspace),
+            lambda: layer_members.hidden_basis(network.unflatten(theta, arch=self.arch)[0], self.basis, subspace),
         )
 
     def center(self, theta: torch.Tensor, x: torch.Tensor, image_indices: np.ndarray) -> tuple:
@@ -144,8 +152,8 @@ class PopulationEvaluator:
         x W1, h1, z2 = h1 W2, h2 and z3 = h2 W3; kept like ``shared_xw1``."""
 
         def compute():
-            _, b1, w2, b2, w3, _ = network.unflatten(theta)
-            ops = network.epilogues(self.arithmetic, self.fused)
+            _, b1, w2, b2, w3, _ = network.unflatten(theta, arch=self.arch)
+            ops = network.epilogues(self.arithmetic, self.fused, self.arch)
             xw1 = self.shared_xw1(theta, x, image_indices)
             h1 = ops.hidden1(xw1, b1)
             z2 = torch.mm(h1, w2)
@@ -170,8 +178,8 @@ class PopulationEvaluator:
     def inputs(self, theta: torch.Tensor, signs: np.ndarray, noise_std: float, image_indices: np.ndarray):
         """theta, the images x, labels y and each member's sign * sigma, on this device."""
         theta = theta.to(self.device, dtype=torch.float32)
-        if theta.shape != (network.NUM_PARAMS,):
-            raise ValueError(f"theta must have shape ({network.NUM_PARAMS},), got {tuple(theta.shape)}")
+        if theta.shape != (self.arch.num_params,):
+            raise ValueError(f"theta must have shape ({self.arch.num_params},), got {tuple(theta.shape)}")
         x, y = self.batch(image_indices)
         scales = torch.as_tensor(np.asarray(signs, dtype=np.float32) * np.float32(noise_std)).to(self.device)
         return theta, x, y, scales
@@ -314,14 +322,15 @@ def accuracy(
     arithmetic: str,
     chunk: int = 2000,
     fused: bool = False,
+    arch: Architecture = network.SEED,
 ) -> float:
     """Accuracy of the unperturbed network ``theta`` on uint8 ``images`` (computed on their device)."""
-    params = network.unflatten(theta.to(images.device, dtype=torch.float32))
-    images = images.reshape(-1, 784)
+    params = network.unflatten(theta.to(images.device, dtype=torch.float32), arch=arch)
+    images = images.reshape(-1, arch.inputs)
     correct = 0
     for start in range(0, images.shape[0], chunk):
         x = images[start : start + chunk].float() / 255.0
-        predicted = network.forward(x, params, arithmetic, fused).argmax(dim=-1)
+        predicted = network.forward(x, params, arithmetic, fused, arch).argmax(dim=-1)
         correct += int((predicted == labels[start : start + chunk].to(images.device)).sum())
     return correct / images.shape[0]
 
@@ -336,14 +345,15 @@ def center_accuracies(
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
     arithmetic: str,
     fused: bool = False,
+    arch: Architecture = network.SEED,
 ) -> dict[str, float]:
     """``{name}_accuracy`` of ``theta`` on each (images, labels) set, and for a flushing arithmetic
     ``test_accuracy_unflushed``: the same theta on ``sets["test"]`` with denormals kept. Where that
     matches ``test_accuracy``, the flushes no longer matter and the net has gone linear."""
     result = {
-        f"{name}_accuracy": accuracy(theta, images, labels, arithmetic, fused=fused)
+        f"{name}_accuracy": accuracy(theta, images, labels, arithmetic, fused=fused, arch=arch)
         for name, (images, labels) in sets.items()
     }
     if arithmetic != "linear":
-        result["test_accuracy_unflushed"] = accuracy(theta, *sets["test"], "linear", fused=fused)
+        result["test_accuracy_unflushed"] = accuracy(theta, *sets["test"], "linear", fused=fused, arch=arch)
     return result

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from es_workers import layer_members, members, network, noise
+from es_workers.architecture import Architecture
 from es_workers.evaluator import images_key
+from es_workers.network import SEED
 
 OUTPUT_LAYER_CHUNK = 64  # layer-3 members per batched matmul: fixed, so a member's bits never depend on the tile
 # Unit members per batched pass on CPU, at fixed places in their population (``PopulationEvaluator.chunks``);
@@ -43,8 +45,9 @@ class Center:
         images: torch.Tensor | None = None,
         batch_indices: np.ndarray | None = None,
         arithmetic: str = "tf-ftz",
+        arch: Architecture = SEED,
     ):
-        self.theta, self.basis, self.arithmetic = theta, basis, arithmetic
+        self.theta, self.basis, self.arithmetic, self.arch = theta, basis, arithmetic, arch
         self.images, self.batch_indices = images, batch_indices
 
     @functools.cached_property
@@ -53,23 +56,25 @@ class Center:
         if self.images is None:
             raise ValueError("activity members' estimate needs the training images")
         index = torch.as_tensor(self.batch_indices).to(self.images.device)
-        x = self.images.reshape(-1, layer_members.INPUTS).index_select(0, index).to(self.theta.device).float() / 255.0
+        x = self.images.reshape(-1, self.arch.inputs).index_select(0, index).to(self.theta.device).float() / 255.0
         with network.single_threaded() if self.theta.device.type == "cpu" else contextlib.nullcontext():
-            return layer_members.center_inputs(x, self.theta, self.arithmetic)
+            return layer_members.center_inputs(x, self.theta, self.arithmetic, self.arch)
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of member: ``layer`` 0 moves every parameter, 1 to 3 that layer's weight and bias."""
+    """One kind of member: ``layer`` 0 moves every parameter, 1 to 3 that layer's weight and bias, of
+    the network ``arch`` (the evaluator that runs it must hold the same)."""
 
     layer: int = 0
+    arch: Architecture = SEED
     per_image: ClassVar[bool] = False
     """Its tiles return every image's loss, and its update carries per-image slopes."""
 
     @property
     def param_range(self) -> tuple[int, int]:
         """[start, stop) of the parameters its members move."""
-        return (0, network.NUM_PARAMS) if self.layer == 0 else layer_members.param_range(self.layer)
+        return (0, self.noise_length()) if self.layer == 0 else layer_members.param_range(self.layer, self.arch)
 
     def noise_length(self) -> int:
         """Table floats one noise slice of it reads."""
@@ -89,10 +94,11 @@ class Kind:
 class Whole(Kind):
     """theta + sign * sigma * slice, one table slice of every parameter (members.member_forward)."""
 
-    length: int = network.NUM_PARAMS
+    length: int | None = None
+    """Its members' parameter count, theta's (None: arch's)."""
 
     def noise_length(self) -> int:
-        return self.length
+        return self.arch.num_params if self.length is None else self.length
 
     def evaluate(self, ev, theta, offsets, signs, noise_std, image_indices, first: int = 0) -> tuple:
         theta, x, y, scales = ev.inputs(theta, signs, noise_std, image_indices)
@@ -101,7 +107,7 @@ class Whole(Kind):
         return _whole_results(ev, one, many, offsets, x, y, 0)
 
     def estimate(self, table, offsets, weights, noise_std: float, count: int, center: Center) -> torch.Tensor:
-        return noise.weighted_sum(table, offsets, weights, noise_std, count, self.length)
+        return noise.weighted_sum(table, offsets, weights, noise_std, count, self.noise_length())
 
 
 def _whole_results(ev, one, many, offsets, x, y, rank: int) -> tuple:
@@ -120,7 +126,7 @@ class LowRank(Kind):
     rank: int = 1
 
     def noise_length(self) -> int:
-        return members.noise_length(self.rank)
+        return members.noise_length(self.rank, self.arch)
 
     def evaluate(self, ev, theta, offsets, signs, noise_std, image_indices, first: int = 0) -> tuple:
         theta, x, y, scales = ev.inputs(theta, signs, noise_std, image_indices)
@@ -128,7 +134,9 @@ class LowRank(Kind):
         length = self.noise_length()
 
         def forward(rows, member_scales):
-            return members.low_rank_forward(x, xw1, theta, rows, member_scales, self.rank, ev.arithmetic, ev.fused)
+            return members.low_rank_forward(
+                x, xw1, theta, rows, member_scales, self.rank, ev.arithmetic, ev.fused, self.arch
+            )
 
         one = lambda j: forward(ev.windows[int(offsets[j]), :length], scales[j])  # noqa: E731
         many = lambda part: forward(noise.slices(ev.table, offsets[part], length), scales[part])  # noqa: E731
@@ -142,7 +150,7 @@ class LowRank(Kind):
         rows = noise.slices(table, offsets, self.noise_length())
         parts = []
         with network.single_threaded() if table.device.type == "cpu" else contextlib.nullcontext():
-            for a, b, e in members.low_rank_factors(rows, self.rank):
+            for a, b, e in members.low_rank_factors(rows, self.rank, self.arch):
                 number, fan_in, _ = a.shape
                 stacked_a = a.permute(1, 0, 2).reshape(fan_in, number * self.rank)
                 stacked_b = (b * weight_tensor[:, None, None]).permute(0, 2, 1).reshape(number * self.rank, -1)
@@ -168,24 +176,27 @@ class SharedFirstLayer(Whole):
                 chunk = offsets[part]
                 pairs = len(chunk) % 2 == 0 and np.array_equal(chunk[0::2], chunk[1::2])
                 distinct, which = (chunk[0::2], None) if pairs else np.unique(chunk, return_inverse=True)
-                xe1 = torch.matmul(x, members.first_layer_noise(noise.slices(ev.table, distinct, network.W1_SIZE)))
+                e1 = members.first_layer_noise(noise.slices(ev.table, distinct, self.arch.w1_size), self.arch)
+                xe1 = torch.matmul(x, e1)
                 if pairs:
                     xe1 = xe1.unsqueeze(1)
                 elif len(distinct) < len(chunk):
                     xe1 = xe1.index_select(0, torch.as_tensor(which.reshape(-1), device=ev.device))
-                tail = ev.perturbed(theta, offsets[part], scales[part], start=network.W1_SIZE)
-                logits = members.shared_first_layer_forward(xw1, xe1, tail, scales[part], ev.arithmetic, ev.fused)
+                tail = ev.perturbed(theta, offsets[part], scales[part], start=self.arch.w1_size)
+                logits = members.shared_first_layer_forward(
+                    xw1, xe1, tail, scales[part], ev.arithmetic, ev.fused, self.arch
+                )
                 results.append(ev.score(logits, y))
             return _joined(results)
         starts = np.flatnonzero(np.diff(offsets, prepend=-1))  # runs of equal offsets, e.g. a pair
         stops = np.append(starts[1:], len(offsets))
 
         def run(k: int) -> list:
-            xe1 = torch.mm(x, members.first_layer_noise(ev.windows[int(offsets[starts[k]])]))
+            xe1 = torch.mm(x, members.first_layer_noise(ev.windows[int(offsets[starts[k]])], self.arch))
             return [
                 ev.score(
                     members.shared_first_layer_member(
-                        xw1, xe1, theta, ev.windows[int(offsets[j])], scales[j], ev.arithmetic, ev.fused
+                        xw1, xe1, theta, ev.windows[int(offsets[j])], scales[j], ev.arithmetic, ev.fused, self.arch
                     ),
                     y,
                 )
@@ -204,20 +215,21 @@ class Output(Kind):
     layer: int = 3
 
     def noise_length(self) -> int:
-        return network.OUTPUT_LAYER_SIZE
+        return self.arch.output_layer_size
 
     def evaluate(self, ev, theta, offsets, signs, noise_std, image_indices, first: int = 0) -> tuple:
         """The center's hidden layer once per theta and minibatch (kept for later tiles), then one small
         batched matmul per fixed chunk (on CPU one chunk per thread, with single-threaded ops), so no
         result depends on the thread count."""
         theta, x, y, scales = ev.inputs(theta, signs, noise_std, image_indices)
-        rows = noise.slices(ev.table, offsets, network.OUTPUT_LAYER_SIZE)
+        rows = noise.slices(ev.table, offsets, self.noise_length())
         h2 = ev.center(theta, x, image_indices)[3]
 
         def chunk(k: int) -> tuple[np.ndarray, np.ndarray]:
             part = slice(k * OUTPUT_LAYER_CHUNK, (k + 1) * OUTPUT_LAYER_CHUNK)
             return ev.score(
-                members.output_layer_forward(h2, theta, rows[part], scales[part], ev.arithmetic, ev.fused), y
+                members.output_layer_forward(h2, theta, rows[part], scales[part], ev.arithmetic, ev.fused, self.arch),
+                y,
             )
 
         chunks = -(-len(offsets) // OUTPUT_LAYER_CHUNK)
@@ -226,7 +238,7 @@ class Output(Kind):
         return _joined(ev.map_members(chunk, chunks, first_alone=ev.first_of_shape(("output layer", *x.shape))))
 
     def estimate(self, table, offsets, weights, noise_std: float, count: int, center: Center) -> torch.Tensor:
-        return noise.weighted_sum(table, offsets, weights, noise_std, count, network.OUTPUT_LAYER_SIZE)
+        return noise.weighted_sum(table, offsets, weights, noise_std, count, self.noise_length())
 
 
 @dataclass(frozen=True)
@@ -239,7 +251,7 @@ class LayerRank1(Kind):
     unit: ClassVar[bool] = False
 
     def noise_length(self) -> int:
-        return layer_members.noise_length(self.layer, self.subspace, self.unit)
+        return layer_members.noise_length(self.layer, self.subspace, self.unit, self.arch)
 
     def _shared(self, ev, theta, x, image_indices) -> tuple:
         """What a tile shares: x U (or x) and x W1 for layer 1, the center's h1 and h1 W2 for layer 2."""
@@ -249,9 +261,9 @@ class LayerRank1(Kind):
     def _forward(self, ev, theta, shared, rows, scales, units):
         if self.layer == 1:
             return layer_members.first_layer_forward(
-                *shared, theta, rows, scales, self.subspace, ev.arithmetic, ev.fused
+                *shared, theta, rows, scales, self.subspace, ev.arithmetic, ev.fused, self.arch
             )
-        return layer_members.second_layer_forward(*shared, theta, rows, scales, ev.arithmetic, ev.fused)
+        return layer_members.second_layer_forward(*shared, theta, rows, scales, ev.arithmetic, ev.fused, self.arch)
 
     def evaluate(self, ev, theta, offsets, signs, noise_std, image_indices, first: int = 0) -> tuple:
         """What the members share is computed once per theta and minibatch and kept for the generation's
@@ -267,30 +279,23 @@ class LayerRank1(Kind):
             )
         key = (self.unit, self.subspace, images_key(x, image_indices))
         shared = ev.kept_for(f"layer {self.layer}", theta, key, lambda: self._shared(ev, theta, x, image_indices))
-        units = layer_members.unit_indices(first, len(offsets), ev.device) if self.unit else None
+        width = self.arch.units(self.layer)
+        units = layer_members.unit_indices(first, len(offsets), ev.device, width) if self.unit else None
         forward = lambda rows, member_scales, member_units: self._forward(  # noqa: E731
             ev, theta, shared, rows, member_scales, member_units
         )
         if ev.batched:
             step = ev.chunk_size(len(y), rank=1)
+            parts = [slice(start, start + step) for start in range(0, len(offsets), step)]
+            rows = lambda part: noise.slices(ev.table, offsets[part], length)  # noqa: E731
             return _joined(
-                [
-                    ev.score(
-                        forward(
-                            noise.slices(ev.table, offsets[start : start + step], length),
-                            scales[start : start + step],
-                            None if units is None else units[start : start + step],
-                        ),
-                        y,
-                    )
-                    for start in range(0, len(offsets), step)
-                ]
+                [ev.score(forward(rows(p), scales[p], None if units is None else units[p]), y) for p in parts]
             )
         if self.unit:  # UNIT_CHUNK at a time at fixed places, their table rows gathered per chunk
             return _joined(
                 ev.chunks(
                     lambda rows, member_scales, at: forward(
-                        rows, member_scales, layer_members.unit_indices(at, len(rows), ev.device)
+                        rows, member_scales, layer_members.unit_indices(at, len(rows), ev.device, width)
                     ),
                     scales,
                     first,
@@ -313,8 +318,10 @@ class LayerRank1(Kind):
         weight_tensor = noise.weight_vector(weights, table.device)
         basis = center.basis
         if self.layer == 2 and self.subspace:
-            basis = layer_members.hidden_basis(network.unflatten(center.theta)[0], center.basis, self.subspace)
-        estimate = layer_members.weighted_moves(rows, weight_tensor, self.layer, self.subspace, basis, self.unit)
+            w1 = network.unflatten(center.theta, arch=self.arch)[0]
+            basis = layer_members.hidden_basis(w1, center.basis, self.subspace)
+        layer, subspace = self.layer, self.subspace
+        estimate = layer_members.weighted_moves(rows, weight_tensor, layer, subspace, basis, self.unit, self.arch)
         return estimate / (count * noise_std)
 
 
@@ -335,7 +342,7 @@ class Unit(LayerRank1):
 
     def _forward(self, ev, theta, shared, rows, scales, units):
         forward = layer_members.unit_first_layer_forward if self.layer == 1 else layer_members.unit_second_layer_forward
-        return forward(*shared, theta, rows, units, scales, self.subspace, ev.arithmetic, ev.fused)
+        return forward(*shared, theta, rows, units, scales, self.subspace, ev.arithmetic, ev.fused, self.arch)
 
 
 @dataclass(frozen=True)
@@ -355,12 +362,12 @@ class Activity(Kind):
         on its tile."""
         theta, x, y, scales = ev.inputs(theta, signs, noise_std, image_indices)
         center = ev.center(theta, x, image_indices)
-        units = layer_members.UNITS[self.layer]
+        units = self.arch.units(self.layer)
 
         def forward(member_scales, at):
             member_units = layer_members.unit_indices(at, len(member_scales), ev.device, units)
             return layer_members.activity_forward(
-                self.layer, center, theta, member_units, member_scales, ev.arithmetic, ev.fused
+                self.layer, center, theta, member_units, member_scales, ev.arithmetic, ev.fused, self.arch
             )
 
         size = ACTIVITY_CHUNK[self.layer] if not ev.batched else max(2, ev.chunk_size(len(y), rank=1) // 2 * 2)
@@ -372,17 +379,21 @@ class Activity(Kind):
         return layer_members.activity_estimate(center.layer_inputs[self.layer - 1], slopes.T)
 
 
-def whole_kind(rank: int = 0, shared_first_layer: bool = False, length: int = network.NUM_PARAMS) -> Kind:
-    """The whole members' kind: with a shared first layer, else low-rank at ``rank`` > 0, else full rank."""
+def whole_kind(
+    rank: int = 0, shared_first_layer: bool = False, length: int | None = None, arch: Architecture = SEED
+) -> Kind:
+    """The whole members' kind: with a shared first layer, else low-rank at ``rank`` > 0, else full rank
+    (``length``: a problem's parameter count; None: arch's)."""
     if shared_first_layer:
-        return SharedFirstLayer(length=length)
-    return LowRank(rank=rank) if rank else Whole(length=length)
+        return SharedFirstLayer(length=length, arch=arch)
+    return LowRank(rank=rank, arch=arch) if rank else Whole(length=length, arch=arch)
 
 
-def layer_kind(layer: int, kind: str = "rank1", subspace: int = 0) -> Kind:
+def layer_kind(layer: int, kind: str = "rank1", subspace: int = 0, arch: Architecture = SEED) -> Kind:
     """A layer's members' kind from its config: rank1 (layer 3: a full move), unit or activity."""
     if kind == "activity":
-        return Activity(layer=layer)
+        return Activity(layer=layer, arch=arch)
     if layer == 3:
-        return Output()
-    return Unit(layer=layer, subspace=subspace) if kind == "unit" else LayerRank1(layer=layer, subspace=subspace)
+        return Output(arch=arch)
+    chosen = Unit if kind == "unit" else LayerRank1
+    return chosen(layer=layer, subspace=subspace, arch=arch)

@@ -46,40 +46,40 @@ import math
 import torch
 
 from es_workers import members, network
+from es_workers.architecture import Architecture
+from es_workers.network import SEED
 
 LAYERS = (1, 2, 3)
-INPUTS, HIDDEN, OUTPUTS = network.LAYER_SIZES[0], network.LAYER_SIZES[1], network.LAYER_SIZES[-1]
-UNITS = dict(zip(LAYERS, network.LAYER_SIZES[1:]))  # each layer's units: what its activity members move
 
 
-def param_range(layer: int) -> tuple[int, int]:
+def param_range(layer: int, arch: Architecture = SEED) -> tuple[int, int]:
     """[start, stop) of the layer's weight and bias in theta (they are adjacent: W_l then b_l)."""
     start = 0
-    for index, (name, shape) in enumerate(network.PARAM_SHAPES):
+    shapes = arch.param_shapes
+    for index, (name, shape) in enumerate(shapes):
         if name == f"W{layer}":
-            size = math.prod(shape) + math.prod(network.PARAM_SHAPES[index + 1][1])
+            size = math.prod(shape) + math.prod(shapes[index + 1][1])
             return start, start + size
         start += math.prod(shape)
     raise ValueError(f"no layer {layer}; layers are {LAYERS}")
 
 
-def noise_length(layer: int, subspace: int = 0, unit: bool = False) -> int:
+def noise_length(layer: int, subspace: int = 0, unit: bool = False, arch: Architecture = SEED) -> int:
     """Table floats one member of ``layer`` reads: its factors (a, b) and its bias move e; a unit
     member: its column's factor a (k floats in a k-dimensional subspace) and its unit's bias move e."""
-    if unit and layer in (1, 2):
-        return (subspace or (INPUTS if layer == 1 else HIDDEN)) + 1
-    if layer == 1:
-        return (subspace or INPUTS) + 2 * HIDDEN
-    if layer == 2:
-        return 3 * HIDDEN
+    if layer not in LAYERS:
+        raise ValueError(f"no layer {layer}; layers are {LAYERS}")
     if layer == 3:
-        return network.OUTPUT_LAYER_SIZE
-    raise ValueError(f"no layer {layer}; layers are {LAYERS}")
+        return arch.output_layer_size
+    fan_in, units = arch.fan_in(layer), arch.units(layer)
+    if unit:
+        return (subspace or fan_in) + 1
+    return (subspace or fan_in) + 2 * units
 
 
-def input_scale(subspace: int, fan_in: int = INPUTS) -> float:
+def input_scale(subspace: int, fan_in: int = SEED.inputs) -> float:
     """c: sqrt(fan_in / k), so a move in a k-dimensional subspace has the mean squared entry sigma^2
-    (1 with no subspace). fan_in: 784 for layer 1, 512 for layer 2."""
+    (1 with no subspace). fan_in: the layer's inputs (the seed's: 784 for layer 1, 512 for layer 2)."""
     return math.sqrt(fan_in / subspace) if subspace else 1.0
 
 
@@ -104,10 +104,11 @@ def image_basis(images: torch.Tensor, subspace: int, power: float = 0.0) -> torc
     along it), normalised so the scales' mean square is 1: a member's coefficients a ~ N(0, I) then
     move W1 along U diag(s) a, a search distribution with variance lambda_m^(2p) (up to one factor)
     along component m, and the same mean squared entry as with p = 0."""
-    if not 1 <= subspace <= INPUTS:
-        raise ValueError(f"subspace {subspace}: use 1 to {INPUTS} principal components")
+    pixels = math.prod(images.shape[1:])
+    if not 1 <= subspace <= pixels:
+        raise ValueError(f"subspace {subspace}: use 1 to {pixels} principal components")
     with network.single_threaded():
-        x = images.reshape(-1, INPUTS).double() / 255.0
+        x = images.reshape(-1, pixels).double() / 255.0
         values, vectors = torch.linalg.eigh(x.T @ x)
         basis = vectors[:, -subspace:].flip(-1)
         peak = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
@@ -118,12 +119,14 @@ def image_basis(images: torch.Tensor, subspace: int, power: float = 0.0) -> torc
         return basis.float().contiguous()
 
 
-def factors(noise: torch.Tensor, layer: int, subspace: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factors(
+    noise: torch.Tensor, layer: int, subspace: int = 0, arch: Architecture = SEED
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views (a (..., m, 1), b (..., n, 1), e (..., n)) of rank-1 members' table rows (layers 1 and 2)."""
-    size_a = (subspace or INPUTS) if layer == 1 else HIDDEN
+    size_a, units = (subspace or arch.fan_in(layer)) if layer == 1 else arch.fan_in(layer), arch.units(layer)
     a = noise[..., :size_a]
-    b = noise[..., size_a : size_a + HIDDEN]
-    e = noise[..., size_a + HIDDEN : size_a + 2 * HIDDEN]
+    b = noise[..., size_a : size_a + units]
+    e = noise[..., size_a + units : size_a + 2 * units]
     return a.unsqueeze(-1), b.unsqueeze(-1), e
 
 
@@ -140,17 +143,22 @@ def first_layer_forward(
     subspace: int,
     arithmetic: str,
     fused: bool = False,
+    arch: Architecture = SEED,
 ) -> torch.Tensor:
     """Logits of layer-1 members: noise (L,) with a 0-d scale (one member, (B, 10)) or (n, L) with
     scales (n,) ((n, B, 10)). ``xu = x U`` (x itself with no subspace) and ``xw1 = x W1`` are shared."""
-    _, b1, w2, b2, w3, b3 = network.unflatten(theta)
-    a, b, e = factors(noise, 1, subspace)
+    _, b1, w2, b2, w3, b3 = network.unflatten(theta, arch=arch)
+    a, b, e = factors(noise, 1, subspace, arch)
     batched = noise.dim() == 2
     scale = _scale(scales, batched)
-    moved = members.low_rank_epilogues(arithmetic, fused)
-    ops = network.epilogues(arithmetic, fused)
+    moved = members.low_rank_epilogues(arithmetic, fused, arch)
+    ops = network.epilogues(arithmetic, fused, arch)
     h1 = moved.hidden1(
-        xw1, *members.low_rank_correction(xu, a, b, scale * input_scale(subspace)), b1, network._bias(e, batched), scale
+        xw1,
+        *members.low_rank_correction(xu, a, b, scale * input_scale(subspace, arch.inputs)),
+        b1,
+        network._bias(e, batched),
+        scale,
     )
     h2 = ops.hidden2(torch.matmul(h1, w2), b2)
     return ops.logits(torch.matmul(h2, w3), b3)
@@ -164,20 +172,21 @@ def second_layer_forward(
     scales: torch.Tensor,
     arithmetic: str,
     fused: bool = False,
+    arch: Architecture = SEED,
 ) -> torch.Tensor:
     """Logits of layer-2 members (shapes as ``first_layer_forward``) from the center's first hidden
     layer ``h1`` and ``h1w2 = h1 W2``, both shared."""
-    _, _, _, b2, w3, b3 = network.unflatten(theta)
-    a, b, e = factors(noise, 2)
+    _, _, _, b2, w3, b3 = network.unflatten(theta, arch=arch)
+    a, b, e = factors(noise, 2, arch=arch)
     batched = noise.dim() == 2
     scale = _scale(scales, batched)
-    moved = members.low_rank_epilogues(arithmetic, fused)
+    moved = members.low_rank_epilogues(arithmetic, fused, arch)
     h2 = moved.hidden2(h1w2, *members.low_rank_correction(h1, a, b, scale), b2, network._bias(e, batched), scale)
-    return network.epilogues(arithmetic, fused).logits(torch.matmul(h2, w3), b3)
+    return network.epilogues(arithmetic, fused, arch).logits(torch.matmul(h2, w3), b3)
 
 
 def unit_indices(
-    first_member: int, count: int, device: torch.device | str = "cpu", units: int = HIDDEN
+    first_member: int, count: int, device: torch.device | str = "cpu", units: int = SEED.units(1)
 ) -> torch.Tensor:
     """The unit each of ``count`` members from ``first_member`` on moves: pair i moves unit i mod ``units``."""
     return torch.div(torch.arange(first_member, first_member + count, device=device), 2, rounding_mode="floor") % units
@@ -200,33 +209,35 @@ def unit_first_layer_forward(
     subspace: int,
     arithmetic: str,
     fused: bool = False,
+    arch: Architecture = SEED,
 ) -> torch.Tensor:
     """(m, B, 10) logits of m layer-1 unit members (noise (m, K + 1), units and scales (m,)). Shared by
     the tile: ``xu = x U`` (x with no subspace), the center's ``z1 = x W1``, ``h1`` and ``z2 = h1 W2``.
     Member i adds ``scales_i * c * x U a_i`` to column units_i of z1 and ``scales_i * e_i`` to that bias;
     layer 2's pre-activation moves by the outer product of that unit's change with its row of W2."""
-    b1 = network.unflatten(theta)[1]
+    b1 = network.unflatten(theta, arch=arch)[1]
     a, e = unit_factors(noise)
-    column = z1[:, units].T + (scales * input_scale(subspace))[:, None] * torch.mm(a, xu.T)
-    return _first_layer_unit_moved(column, (b1[units] + scales * e)[:, None], units, h1, z2, theta, arithmetic, fused)
+    column = z1[:, units].T + (scales * input_scale(subspace, arch.inputs))[:, None] * torch.mm(a, xu.T)
+    bias = (b1[units] + scales * e)[:, None]
+    return _first_layer_unit_moved(column, bias, units, h1, z2, theta, arithmetic, fused, arch)
 
 
-def _first_layer_unit_moved(column, bias, units, h1, z2, theta, arithmetic: str, fused: bool) -> torch.Tensor:
+def _first_layer_unit_moved(column, bias, units, h1, z2, theta, arithmetic, fused, arch) -> torch.Tensor:
     """(m, B, 10) logits with first-layer unit units_i's pre-activation (before its flush) set to
     column_i (m, B) and its bias to bias_i: layer 2's pre-activation moves by the outer product of the
     unit's change with its row of W2."""
-    _, _, w2, b2, w3, b3 = network.unflatten(theta)
-    ops = network.epilogues(arithmetic, fused)
+    _, _, w2, b2, w3, b3 = network.unflatten(theta, arch=arch)
+    ops = network.epilogues(arithmetic, fused, arch)
     change = ops.hidden1(column, bias) - h1[:, units].T
     h2 = ops.hidden2_moved(z2, change, w2[units], b2)  # fused: one kernel, no (m, B, 512) temporary
     return ops.logits(torch.matmul(h2, w3), b3)
 
 
-def _second_layer_unit_moved(column, bias, units, h2, z3, theta, arithmetic: str, fused: bool) -> torch.Tensor:
+def _second_layer_unit_moved(column, bias, units, h2, z3, theta, arithmetic, fused, arch) -> torch.Tensor:
     """(m, B, 10) logits with second-layer unit units_i's pre-activation set to column_i and its bias to
     bias_i: the logits' pre-activation moves by the unit's change times its row of W3."""
-    w3, b3 = network.unflatten(theta)[4:]
-    ops = network.epilogues(arithmetic, fused)
+    w3, b3 = network.unflatten(theta, arch=arch)[4:]
+    ops = network.epilogues(arithmetic, fused, arch)
     change = ops.hidden2(column, bias) - h2[:, units].T
     return ops.logits(network.moved(z3, change, w3[units]), b3)
 
@@ -243,14 +254,16 @@ def unit_second_layer_forward(
     subspace: int,
     arithmetic: str,
     fused: bool = False,
+    arch: Architecture = SEED,
 ) -> torch.Tensor:
     """(m, B, 10) logits of m layer-2 unit members, from the center's ``h1q = h1 Q`` (``h1`` itself with
     no subspace; Q: ``hidden_basis``), ``z2 = h1 W2``, ``h2`` and ``z3 = h2 W3`` (shared by the tile):
     member i adds ``scales_i * c * h1 Q a_i`` to column units_i of z2."""
-    b2 = network.unflatten(theta)[3]
+    b2 = network.unflatten(theta, arch=arch)[3]
     a, e = unit_factors(noise)
-    column = z2[:, units].T + (scales * input_scale(subspace, HIDDEN))[:, None] * torch.mm(a, h1q.T)
-    return _second_layer_unit_moved(column, (b2[units] + scales * e)[:, None], units, h2, z3, theta, arithmetic, fused)
+    column = z2[:, units].T + (scales * input_scale(subspace, arch.fan_in(2)))[:, None] * torch.mm(a, h1q.T)
+    bias = (b2[units] + scales * e)[:, None]
+    return _second_layer_unit_moved(column, bias, units, h2, z3, theta, arithmetic, fused, arch)
 
 
 def activity_forward(
@@ -261,31 +274,35 @@ def activity_forward(
     scales: torch.Tensor,
     arithmetic: str,
     fused: bool = False,
+    arch: Architecture = SEED,
 ) -> torch.Tensor:
     """(m, B, 10) logits of m activity members of ``layer``: member i moves unit units_i's pre-activation
     (the matmul output, before its flush) by scales_i on every image, and nothing else. ``center``: the
     unperturbed network's (x W1, h1, z2 = h1 W2, h2, z3 = h2 W3) on the images, shared by the tile.
     Layer 1's and 2's are unit members whose column moves by a constant; layer 3's move one logit."""
     xw1, h1, z2, h2, z3 = center
-    _, b1, _, b2, _, b3 = network.unflatten(theta)
+    _, b1, _, b2, _, b3 = network.unflatten(theta, arch=arch)
     shift = scales[:, None]
     if layer == 1:
         return _first_layer_unit_moved(
-            xw1[:, units].T + shift, b1[units, None], units, h1, z2, theta, arithmetic, fused
+            xw1[:, units].T + shift, b1[units, None], units, h1, z2, theta, arithmetic, fused, arch
         )
     if layer == 2:
         return _second_layer_unit_moved(
-            z2[:, units].T + shift, b2[units, None], units, h2, z3, theta, arithmetic, fused
+            z2[:, units].T + shift, b2[units, None], units, h2, z3, theta, arithmetic, fused, arch
         )
-    one_hot = torch.nn.functional.one_hot(units, OUTPUTS).to(z3.dtype)  # z + s * 0 is z, bit for bit
-    return network.epilogues(arithmetic, fused).logits(network.moved(z3, shift.expand(-1, z3.shape[0]), one_hot), b3)
+    one_hot = torch.nn.functional.one_hot(units, arch.outputs).to(z3.dtype)  # z + s * 0 is z, bit for bit
+    logits = network.epilogues(arithmetic, fused, arch).logits
+    return logits(network.moved(z3, shift.expand(-1, z3.shape[0]), one_hot), b3)
 
 
-def center_inputs(x: torch.Tensor, theta: torch.Tensor, arithmetic: str) -> tuple[torch.Tensor, ...]:
+def center_inputs(
+    x: torch.Tensor, theta: torch.Tensor, arithmetic: str, arch: Architecture = SEED
+) -> tuple[torch.Tensor, ...]:
     """Each layer's input at the center, (x, h1, h2) in the scaled frame: what an activity estimate
     multiplies its per-image slopes by (eager epilogues, equal bit for bit to the fused ones)."""
-    w1, b1, w2, b2 = network.unflatten(theta)[:4]
-    ops = network.epilogues(arithmetic)
+    w1, b1, w2, b2 = network.unflatten(theta, arch=arch)[:4]
+    ops = network.epilogues(arithmetic, arch=arch)
     h1 = ops.hidden1(torch.mm(x, w1), b1)
     return x, h1, ops.hidden2(torch.mm(h1, w2), b2)
 
@@ -309,6 +326,7 @@ def weighted_moves(
     subspace: int = 0,
     basis: torch.Tensor | None = None,
     unit: bool = False,
+    arch: Architecture = SEED,
 ) -> torch.Tensor:
     """sum_k weights_k * (layer's move of member k), flat in theta's order for that layer (weight, then
     bias). ``basis``: the input subspace's basis (layer 1: U; layer-2 unit members: ``hidden_basis``). Rank-1 layers: one (m, K) @ (K, n) matmul of the stacked factors, then U (784 x k) once; unit
@@ -317,25 +335,31 @@ def weighted_moves(
     if layer == 3:
         return torch.mv(rows.T, weights)
     if unit:
-        return _unit_weighted_moves(rows, weights, layer, subspace, basis)
-    a, b, e = factors(rows, layer, subspace)
+        return _unit_weighted_moves(rows, weights, layer, subspace, basis, arch)
+    a, b, e = factors(rows, layer, subspace, arch)
     with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():
         weight = torch.mm(a.squeeze(-1).T, b.squeeze(-1) * weights[:, None])
         if layer == 1 and subspace:
-            weight = torch.mm(basis, weight).mul_(input_scale(subspace))
+            weight = torch.mm(basis, weight).mul_(input_scale(subspace, arch.inputs))
         return torch.cat([weight.flatten(), torch.mv(e.T, weights)])
 
 
 def _unit_weighted_moves(
-    rows: torch.Tensor, weights: torch.Tensor, layer: int, subspace: int, basis: torch.Tensor | None
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    layer: int,
+    subspace: int,
+    basis: torch.Tensor | None,
+    arch: Architecture,
 ) -> torch.Tensor:
-    """``weighted_moves`` for unit members: pair i's weighted factor lands in column i mod 512."""
+    """``weighted_moves`` for unit members: pair i's weighted factor lands in column i mod (the layer's units)."""
     a, e = unit_factors(rows)
-    pad = -rows.shape[0] % HIDDEN
+    units = arch.units(layer)
+    pad = -rows.shape[0] % units
     with network.single_threaded() if rows.device.type == "cpu" else contextlib.nullcontext():
         weighted = torch.nn.functional.pad(torch.cat([a, e[:, None]], dim=1) * weights[:, None], (0, 0, 0, pad))
-        per_unit = weighted.reshape(-1, HIDDEN, a.shape[1] + 1).sum(dim=0)  # (512, K + 1)
+        per_unit = weighted.reshape(-1, units, a.shape[1] + 1).sum(dim=0)  # (units, K + 1)
         weight = per_unit[:, :-1].T.contiguous()
         if subspace:
-            weight = torch.mm(basis, weight).mul_(input_scale(subspace, INPUTS if layer == 1 else HIDDEN))
+            weight = torch.mm(basis, weight).mul_(input_scale(subspace, arch.fan_in(layer)))
         return torch.cat([weight.flatten(), per_unit[:, -1]])

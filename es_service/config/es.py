@@ -168,8 +168,7 @@ class ESConfig(Section):
 
     @model_validator(mode="after")
     def _who_moves_each_layer(self) -> ESConfig:
-        """The whole members, the layer's own, or nobody (then the layer is frozen); activity members are
-        one pair per unit."""
+        """The whole members, the layer's own, or nobody (then the layer is frozen)."""
         require(
             not (self.antithetic and self.pop_size % 2),
             f"es.pop_size: {self.pop_size} is odd but es.antithetic is true; use an even population",
@@ -179,12 +178,6 @@ class ESConfig(Section):
                 members.pop_size or self.pop_size or members.step_scale == 0,
                 f"es.pop_size: 0 leaves layer {layer} with no members; set es.w{layer}.pop_size > 0, es.pop_size > 0, "
                 f"or freeze it with es.w{layer}.step_scale: 0",
-            )
-        for layer, (members, units) in enumerate(zip(self.layers(), (512, 512, 10)), start=1):
-            require(
-                members.kind != "activity" or members.pop_size == 2 * units,
-                f"es.w{layer}.pop_size: {members.pop_size} with es.w{layer}.kind activity: its members are one "
-                f"antithetic pair per unit; set es.w{layer}.pop_size: {2 * units}",
             )
         return self
 

@@ -28,16 +28,18 @@ def memory_needed(config: Config) -> tuple[int, str]:
     import os
 
     from es_workers.members import noise_length
-    from es_workers.network import NUM_PARAMS
 
-    es = config.es
+    es, arch = config.es, config.network.architecture()
+    inputs, outputs, hidden = arch.inputs, arch.outputs, max(arch.layer_sizes[1:3])
     batch = max(es.batch_size, es.batch_size_final or 0)
     shards = -(-batch // es.shard_size) if es.shard_size else 1
     members = es.pop_size + sum(layer.pop_size for layer in es.layers())
     shares = {
         "noise.table_size": 4 * config.noise.table_size,
-        "es.pop_size": members * (8 * (4 + 2 * shards) + (4 * noise_length(es.rank) if es.rank else 0)),
-        "es.batch_size": min(members, os.cpu_count() or 1) * 4 * (NUM_PARAMS + batch * (784 + 4 * 512 + 20)),
+        "es.pop_size": members * (8 * (4 + 2 * shards) + (4 * noise_length(es.rank, arch) if es.rank else 0)),
+        "es.batch_size": min(members, os.cpu_count() or 1)
+        * 4
+        * (arch.num_params + batch * (inputs + 4 * hidden + 2 * outputs)),
     }
     return sum(shares.values()) + MNIST_BYTES, max(shares, key=shares.get)
 

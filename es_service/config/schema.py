@@ -14,14 +14,13 @@ import math
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from es_service.config.base import (
     AT_LEAST_ONE,
     IMAGES,
     POSITIVE,
     TRAINING_IMAGES,
-    Refused,
     Section,
     at_most,
     check,
@@ -49,24 +48,47 @@ Epochs = Annotated[
 ]
 
 
+MAX_HIDDEN = 16384  # a 16384-16384 hidden pair is 268M parameters: a table of 2**31 still holds it
+SEED_LAYER_SIZES = (784, 512, 512, 10)
+
+
+def _mnist_shaped(sizes: list[int]) -> bool:
+    return (
+        len(sizes) == 4 and sizes[0] == 784 and sizes[-1] == 10 and all(1 <= size <= MAX_HIDDEN for size in sizes[1:-1])
+    )
+
+
 class NetworkConfig(Section):
     arithmetic: Arithmetic = "tf-ftz"
     """tf-ftz: explicit flush in every elementwise op (portable); linear: no flushing; cpu-ftz:
     torch.set_flush_denormal, CPU only."""
+    layer_sizes: Annotated[
+        list[int],
+        rule(
+            _mnist_shaped, f"use [784, H1, H2, 10]: MNIST's pixels, two hidden layers of 1 to {MAX_HIDDEN}, 10 classes"
+        ),
+    ] = list(SEED_LAYER_SIZES)
+    """Inputs, the two hidden layers' widths and outputs (the seed's: [784, 512, 512, 10])."""
+    scale_exponent: Annotated[int, rule(lambda exponent: 1 <= exponent <= 127, "use an integer from 1 to 127")] = 125
+    """e: activations are carried at 2**-e (h1 = (x W1 + b1) / 2**e), at float32's underflow edge for the
+    seed's 125, where flush-to-zero makes the linear network nonlinear."""
+
+    def architecture(self):
+        """The network's shape as the workers take it (es_workers.architecture.Architecture)."""
+        from es_workers.architecture import Architecture
+
+        return Architecture(tuple(self.layer_sizes), self.scale_exponent)
+
+    @property
+    def num_params(self) -> int:
+        sizes = self.layer_sizes
+        return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
 
 
 class NoiseConfig(Section):
     table_size: Annotated[int, rule(lambda size: size <= 1 << 31, "at most 2**31 entries (8 GiB)")] = 1 << 25
-    """Float32 entries in the shared noise table (must exceed the parameter count, 669,706; at most 2**31)."""
-
-    @field_validator("table_size")
-    @classmethod
-    def _holds_theta(cls, size: int) -> int:
-        from es_workers.network import NUM_PARAMS  # torch: imported when a config is checked, not with the schema
-
-        if size <= NUM_PARAMS:
-            raise Refused(f"{size}; must exceed the parameter count {NUM_PARAMS} (2**25 = 33554432 is a good default)")
-        return size
+    """Float32 entries in the shared noise table (must exceed the parameter count, 669,706 for the
+    seed's layer sizes; at most 2**31)."""
 
 
 class WorkersConfig(Section):
@@ -220,6 +242,33 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _layers_fit_the_network(self) -> Config:
+        """Activity members are one pair per unit of their layer; layer 2's subspace lies in its inputs."""
+        sizes = self.network.layer_sizes
+        for layer, members in enumerate(self.es.layers(), start=1):
+            require(
+                members.kind != "activity" or members.pop_size == 2 * sizes[layer],
+                f"es.w{layer}.pop_size: {members.pop_size} with es.w{layer}.kind activity: its members are one "
+                f"antithetic pair per unit; set es.w{layer}.pop_size: {2 * sizes[layer]}",
+            )
+        require(
+            self.es.w2.subspace <= sizes[1],
+            f"es.w2.subspace: {self.es.w2.subspace} is more than layer 2's {sizes[1]} inputs "
+            f"(network.layer_sizes {sizes}); use 0 (all) or 1 to {sizes[1]}",
+        )
+        return self
+
+    @model_validator(mode="after")
+    def _table_holds_theta(self) -> Config:
+        size, params = self.noise.table_size, self.network.num_params
+        require(
+            size > params,
+            f"noise.table_size: {size}; must exceed the parameter count {params} of network.layer_sizes "
+            f"{list(self.network.layer_sizes)} (2**25 = 33554432 is a good default)",
+        )
+        return self
+
+    @model_validator(mode="after")
     def _train_size_fits(self) -> Config:
         training_images = TRAINING_IMAGES - self.validation_size
         require(
@@ -237,7 +286,11 @@ class Config(Section):
         return digest_of(self.to_dict())
 
 
-ADDED_FIELDS = {"w3.kind": "full"}
+ADDED_FIELDS = {
+    "es.w3.kind": "full",
+    "network.layer_sizes": list(SEED_LAYER_SIZES),
+    "network.scale_exponent": 125,
+}
 """Trajectory fields added after runs were recorded, with their default: hashed only when set."""
 
 
@@ -252,8 +305,10 @@ def digest_of(data: dict[str, Any]) -> str:
     data["checkpoint"] = None
     es = data.get("es", {})
     for name, default in ADDED_FIELDS.items():  # runs that leave a newer field at its default keep their digest
-        section, field = name.rsplit(".", 1)
-        parent = es.get(section, {}) if section != "es" else es
+        *sections, field = name.split(".")
+        parent = data
+        for section in sections:
+            parent = parent.get(section, {}) if isinstance(parent, dict) else {}
         if isinstance(parent, dict) and parent.get(field, default) == default:
             parent.pop(field, None)
     if all(es.get(name) is None for name in ("noise_std_final", "learning_rate_final", "batch_size_final")):
