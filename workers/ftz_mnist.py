@@ -14,7 +14,7 @@ import torch
 from es_workers import network
 from es_workers.architecture import Architecture
 from es_workers.evaluator import PopulationEvaluator, center_accuracies, set_process_arithmetic
-from es_workers.kinds import Center
+from es_workers.layer_members import Center
 from es_workers.problem import Problem, shared_tensor
 
 

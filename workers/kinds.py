@@ -11,7 +11,6 @@ puts it together. A kind is a small frozen value: it pickles into every tile. No
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,6 +20,7 @@ import torch
 from es_workers import layer_members, members, network, noise
 from es_workers.architecture import Architecture
 from es_workers.evaluator import images_key
+from es_workers.layer_members import Center
 from es_workers.network import SEED
 
 OUTPUT_LAYER_CHUNK = 64  # layer-3 members per batched matmul: fixed, so a member's bits never depend on the tile
@@ -32,33 +32,6 @@ ACTIVITY_CHUNK = {1: 16, 2: 32, 3: 20}  # activity members per pass on CPU, like
 
 def _joined(results: list) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate([r[k] for r in results]) for k in range(len(results[0])))
-
-
-class Center:
-    """What layer kinds' estimates read at the generation's center: theta, layer 1's basis (on theta's
-    device), and the training images (uint8) with the minibatch's indices, in the network's arithmetic."""
-
-    def __init__(
-        self,
-        theta: torch.Tensor,
-        basis: torch.Tensor | None = None,
-        images: torch.Tensor | None = None,
-        batch_indices: np.ndarray | None = None,
-        arithmetic: str = "tf-ftz",
-        arch: Architecture = SEED,
-    ):
-        self.theta, self.basis, self.arithmetic, self.arch = theta, basis, arithmetic, arch
-        self.images, self.batch_indices = images, batch_indices
-
-    @functools.cached_property
-    def layer_inputs(self) -> tuple[torch.Tensor, ...]:
-        """Each layer's input at the center on the minibatch (layer_members.center_inputs), once."""
-        if self.images is None:
-            raise ValueError("activity members' estimate needs the training images")
-        index = torch.as_tensor(self.batch_indices).to(self.images.device)
-        x = self.images.reshape(-1, self.arch.inputs).index_select(0, index).to(self.theta.device).float() / 255.0
-        with network.single_threaded() if self.theta.device.type == "cpu" else contextlib.nullcontext():
-            return layer_members.center_inputs(x, self.theta, self.arithmetic, self.arch)
 
 
 @dataclass(frozen=True)
@@ -74,7 +47,7 @@ class Kind:
     @property
     def param_range(self) -> tuple[int, int]:
         """[start, stop) of the parameters its members move."""
-        return (0, self.noise_length()) if self.layer == 0 else layer_members.param_range(self.layer, self.arch)
+        return (0, self.arch.num_params) if self.layer == 0 else layer_members.param_range(self.layer, self.arch)
 
     def noise_length(self) -> int:
         """Table floats one noise slice of it reads."""
@@ -99,6 +72,10 @@ class Whole(Kind):
 
     def noise_length(self) -> int:
         return self.arch.num_params if self.length is None else self.length
+
+    @property
+    def param_range(self) -> tuple[int, int]:
+        return 0, self.noise_length()
 
     def evaluate(self, ev, theta, offsets, signs, noise_std, image_indices, first: int = 0) -> tuple:
         theta, x, y, scales = ev.inputs(theta, signs, noise_std, image_indices)

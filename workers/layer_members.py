@@ -41,8 +41,10 @@ No Ray, no I/O.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
+import numpy as np
 import torch
 
 from es_workers import members, network
@@ -363,3 +365,30 @@ def _unit_weighted_moves(
         if subspace:
             weight = torch.mm(basis, weight).mul_(input_scale(subspace, arch.fan_in(layer)))
         return torch.cat([weight.flatten(), per_unit[:, -1]])
+
+
+class Center:
+    """What layer kinds' estimates read at the generation's center: theta, layer 1's basis (on theta's
+    device), and the training images (uint8) with the minibatch's indices, in the network's arithmetic."""
+
+    def __init__(
+        self,
+        theta: torch.Tensor,
+        basis: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        batch_indices: np.ndarray | None = None,
+        arithmetic: str = "tf-ftz",
+        arch: Architecture = SEED,
+    ):
+        self.theta, self.basis, self.arithmetic, self.arch = theta, basis, arithmetic, arch
+        self.images, self.batch_indices = images, batch_indices
+
+    @functools.cached_property
+    def layer_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Each layer's input at the center on the minibatch (layer_members.center_inputs), once."""
+        if self.images is None:
+            raise ValueError("activity members' estimate needs the training images")
+        index = torch.as_tensor(self.batch_indices).to(self.images.device)
+        x = self.images.reshape(-1, self.arch.inputs).index_select(0, index).to(self.theta.device).float() / 255.0
+        with network.single_threaded() if self.theta.device.type == "cpu" else contextlib.nullcontext():
+            return center_inputs(x, self.theta, self.arithmetic, self.arch)

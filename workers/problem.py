@@ -69,7 +69,7 @@ class Problem:
         return {}
 
     def center(self, theta: torch.Tensor, batch_indices: np.ndarray):
-        """What member kinds' estimates read at the center beyond the noise (es_workers.kinds.Center);
+        """What member kinds' estimates read at the center beyond the noise (es_workers.layer_members.Center);
         whole members read nothing."""
         return None
 

@@ -24,24 +24,33 @@ _EXPECTED = {
     "string_type": "a string",
     "model_type": "a mapping of fields",
     "dict_type": "a mapping of fields",
+    "list_type": "a list",
 }
 
 
-def _model_at(loc: list[str] | tuple[str, ...]) -> type[BaseModel]:
+def _model_at(loc: list[str] | tuple[str, ...]) -> type[BaseModel] | None:
+    """The section at ``loc``; None inside a field that is not a section (a list's items)."""
     section = Config
     for part in loc:
-        section = section.model_fields[part].annotation
-    return section
+        fields = getattr(section, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        section = fields[part].annotation
+    return section if hasattr(section, "model_fields") else None
+
+
+def _rank(loc, depth: int, unknown: bool) -> tuple[int, Any]:
+    part, section = loc[depth], _model_at(loc[:depth])
+    if unknown and depth == len(loc) - 1:
+        return 0, part
+    return 1, part if section is None else list(section.model_fields).index(part)  # a list's items: by index
 
 
 def _position(problem: dict[str, Any]) -> list[tuple[int, Any]]:
     """Where a reader meets the problem going through the file: a section's unknown keys first (a
     misspelt key explains the errors after it), by name, then its fields in order, depth first."""
     loc, unknown = problem["loc"], problem["type"] == "extra_forbidden"
-    return [
-        (0, part) if unknown and depth == len(loc) - 1 else (1, list(_model_at(loc[:depth]).model_fields).index(part))
-        for depth, part in enumerate(loc)
-    ]
+    return [_rank(loc, depth, unknown) for depth in range(len(loc))]
 
 
 def _order(problem: dict[str, Any]) -> tuple[bool, list[tuple[int, Any]]]:

@@ -26,6 +26,7 @@ from es_service.config.base import (
     check,
     require,
     rule,
+    shown,
 )
 from es_service.config.es import ESConfig
 
@@ -64,8 +65,12 @@ class NetworkConfig(Section):
     torch.set_flush_denormal, CPU only."""
     layer_sizes: Annotated[
         list[int],
-        rule(
-            _mnist_shaped, f"use [784, H1, H2, 10]: MNIST's pixels, two hidden layers of 1 to {MAX_HIDDEN}, 10 classes"
+        check(
+            _mnist_shaped,
+            lambda sizes: (
+                f"{shown(sizes)}; use [784, H1, H2, 10]: MNIST's pixels, two hidden layers of 1 to "
+                f"{MAX_HIDDEN}, 10 classes"
+            ),
         ),
     ] = list(SEED_LAYER_SIZES)
     """Inputs, the two hidden layers' widths and outputs (the seed's: [784, 512, 512, 10])."""
