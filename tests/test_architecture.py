@@ -3,13 +3,17 @@ every member kind, the epilogues, a run, its checkpoint and its resume."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import es_service
 from es_service import checkpoint
+from es_service.backprop import train_backprop
 from es_service.config import ConfigError, from_dict
+from es_service.runner import evaluate_checkpoint
 from es_workers import kinds, network, noise
 from es_workers.architecture import Architecture
 from es_workers.evaluator import PopulationEvaluator
@@ -145,6 +149,17 @@ def test_a_run_of_another_architecture_trains_checkpoints_and_resumes(tmp_path, 
     es_service.resume(tmp_path / "parts")
     resumed = checkpoint.load(tmp_path / "parts" / "checkpoint.pt")["theta"]
     assert torch.equal(resumed, state["theta"])
+    evaluated = evaluate_checkpoint(tmp_path / "whole" / "checkpoint.pt", device="cpu")  # `es-service eval`
+    assert evaluated["test_accuracy"] == whole["test_accuracy"]
+
+
+def test_backprop_trains_another_architecture(tmp_path, mnist):
+    """The warm start's backprop builds the configured network: its autograd sees the widths and the
+    exponent (a masked gradient through flushes at 2**-120)."""
+    data = dataclasses.replace(mnist, train_images=mnist.train_images[:2000], train_labels=mnist.train_labels[:2000])
+    record = train_backprop(from_dict(small_config(tmp_path)), tmp_path, data, "cpu", epochs=1, batch_size=100)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["theta"].shape == (SMALL.num_params,) and record["test_accuracy"] > 0.5
 
 
 def test_the_seed_configs_digest_does_not_name_the_new_fields():
