@@ -50,6 +50,18 @@ def test_flush_divide_is_the_native_divide_then_flush_at_every_exponent(exponent
     assert torch.equal(network.flush_divide(values, exponent), native)
 
 
+def test_the_linear_network_is_the_same_at_every_exponent(mnist):
+    """Without flushes the scale cancels: h1 = (x W1 + b1) / s, h2 = h1 W2 + b2 / s, o = (h2 W3 + b3 / s) s
+    is x W1 W2 W3 + ...; the scaled frame computes it without s at all, so every exponent's bits agree,
+    and the exact float64 map agrees with them up to rounding."""
+    x = mnist.test_images[:64].reshape(-1, 784).float() / 255.0
+    params = network.unflatten(network.init_theta(1, SMALL), arch=SMALL)
+    logits = [network.forward(x, params, "linear", arch=Architecture(SMALL.layer_sizes, e)) for e in (1, 120, 127)]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])
+    exact = network.exact_linear_logits(x, params, SMALL)
+    assert torch.allclose(logits[0].double(), exact, rtol=1e-4, atol=1e-4)
+
+
 def _members(pairs: int, length: int, table_size: int):
     offsets = np.random.default_rng(5).integers(0, table_size - length, size=pairs)
     return offsets, np.repeat(offsets, 2), np.tile(np.array([1.0, -1.0], dtype=np.float32), pairs)
