@@ -1,7 +1,9 @@
 """The run configuration: its schema (schema.py, es.py, with what every section shares in base.py),
-reading it from YAML and ``--set`` (load.py), and whether a run fits in memory (memory.py)."""
+reading it from YAML and ``--set`` (load.py), its digest (digest.py), and whether a run fits in memory
+(memory.py)."""
 
 from es_service.config.base import ConfigError, shown
+from es_service.config.digest import digest_of
 from es_service.config.es import ESConfig
 from es_service.config.load import from_dict, load, parse_override
 from es_service.config.memory import check_fits_memory
@@ -12,7 +14,6 @@ from es_service.config.schema import (
     Config,
     WarmStartConfig,
     WorkersConfig,
-    digest_of,
 )
 
 __all__ = [

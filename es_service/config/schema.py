@@ -8,8 +8,6 @@ the bad value and what is allowed. The es section and its layer members are in e
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import typing
 from typing import Annotated, Any, Literal
@@ -28,6 +26,7 @@ from es_service.config.base import (
     rule,
     shown,
 )
+from es_service.config.digest import digest_of
 from es_service.config.es import ESConfig
 
 Arithmetic = Literal["tf-ftz", "linear", "cpu-ftz"]
@@ -289,33 +288,3 @@ class Config(Section):
     def digest(self) -> str:
         """Hash of the fields that define the trajectory of theta (not where or how fast it runs)."""
         return digest_of(self.to_dict())
-
-
-ADDED_FIELDS = {
-    "es.w3.kind": "full",
-    "network.layer_sizes": list(SEED_LAYER_SIZES),
-    "network.scale_exponent": 125,
-}
-"""Trajectory fields added after runs were recorded, with their default: hashed only when set."""
-
-
-def digest_of(data: dict[str, Any]) -> str:
-    """``Config.digest`` of a config dict as it was written. A checkpoint from before a field existed
-    holds a dict without it, and its digest was taken without it: hashing the dict as stored (not
-    the Config it loads into, which fills in the new field's default) keeps old checkpoints loadable."""
-    data = json.loads(json.dumps(data))
-    data.pop("workers", None)
-    data.pop("data_dir", None)
-    data["eval"] = None
-    data["checkpoint"] = None
-    es = data.get("es", {})
-    for name, default in ADDED_FIELDS.items():  # runs that leave a newer field at its default keep their digest
-        *sections, field = name.split(".")
-        parent = data
-        for section in sections:
-            parent = parent.get(section, {}) if isinstance(parent, dict) else {}
-        if isinstance(parent, dict) and parent.get(field, default) == default:
-            parent.pop(field, None)
-    if all(es.get(name) is None for name in ("noise_std_final", "learning_rate_final", "batch_size_final")):
-        data.pop("generations", None)  # schedules stretch over `generations`; otherwise it only says when to stop
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
