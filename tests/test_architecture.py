@@ -212,10 +212,10 @@ def test_activity_members_count_the_configured_units():
 @pytest.mark.ray
 def test_a_run_of_another_architecture_gives_the_in_process_theta_on_ray(tmp_path, ray_cluster):
     """Ray's workers rebuild the network from the problem they are sent (its widths and exponent), and
-    with replay step their replica of theta with the configured optimizer: theta bit for bit."""
-    sync = "replay"  # its workers also run the update, so it covers what broadcast does and more
+    with replay step their replica of theta with the configured optimizer: theta bit for bit (replay
+    covers what broadcast does, and the replicas' update)."""
     local = es_service.train(from_dict(small_config(tmp_path, generations=4)), run_dir=tmp_path / "local")
-    workers = {"executor": "ray", "fused": False, "count": 2, "theta_sync": sync}
+    workers = {"executor": "ray", "fused": False, "count": 2, "theta_sync": "replay"}
     on_ray = es_service.train(
         from_dict(small_config(tmp_path, generations=4, workers=workers)), run_dir=tmp_path / "ray"
     )
