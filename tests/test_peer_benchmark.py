@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,8 @@ def test_rounds_alternate_the_sides_and_time_every_generation():
     assert calls == ["a", "a", "b", "b"] * 3
     assert set(times) == {"a", "b"}
     for side in times.values():
-        assert [len(seconds) for seconds in side] == [2, 2, 2]
-        assert all(s >= 0 for seconds in side for s in seconds)
+        assert [len(generations) for generations in side] == [2, 2, 2]  # one time recorded per generation
+        assert all(isinstance(time, float) for generations in side for time in generations)
 
 
 def test_summary_takes_medians_over_all_generations_and_ratios_per_round():
@@ -106,9 +107,9 @@ def test_a_tiny_measurement_writes_both_medians_their_ratio_and_the_device(ray_c
     assert (setting["pop_size"], setting["batch_size"], setting["workers"]) == (8, 256, 2)
     assert (setting["rounds"], setting["generations_per_round"], setting["arithmetic"]) == (1, 2, "tf-ftz")
     for side in ("evotorch", "ours"):
-        assert data[side]["median_s"] > 0, side
-        assert [len(seconds) for seconds in data[side]["times_s"]] == [2], side
-        assert all(s > 0 for s in data[side]["times_s"][0]), side
+        recorded = data[side]["times_s"]  # the record's bookkeeping, not a speed
+        assert [len(generations) for generations in recorded] == [2], side
+        assert data[side]["median_s"] == statistics.median(recorded[0]), side
     # EvoTorch sends each actor its center and standard deviations; ours sends theta once per worker
     assert data["evotorch"]["bytes_sent_per_generation"] >= 2 * 2 * THETA_BYTES
     assert data["ours"]["bytes_sent_per_generation"] >= THETA_BYTES
