@@ -157,11 +157,12 @@ def shared_first_layer_forward(
             "allowed (use tf-ftz or linear)"
         )
     scale = scales.reshape(-1, 1, 1) if tail.dim() == 2 else scales
-    hidden1 = _corrected(eager_epilogues(arithmetic, arch).hidden1)
-    return cached(
-        ("shared first layer", arithmetic, fused, arch),
-        lambda: _shared_first_layer(Compiled(hidden1) if fused else hidden1, epilogues(arithmetic, fused, arch), arch),
-    )(xw1, xe1, tail, scale)
+
+    def build() -> Callable:  # once per process and key, not per call
+        hidden1 = _corrected(eager_epilogues(arithmetic, arch).hidden1)
+        return _shared_first_layer(Compiled(hidden1) if fused else hidden1, epilogues(arithmetic, fused, arch), arch)
+
+    return cached(("shared first layer", arithmetic, fused, arch), build)(xw1, xe1, tail, scale)
 
 
 def _shared_first_layer_member(arithmetic: str, arch: Architecture) -> Callable:
