@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from es_workers.architecture import Architecture
+from es_workers.architecture import SEED, Architecture
 from es_workers.compiled import Compiled, cached
 
-SEED = Architecture()
 SCALE = 2.0**SEED.scale_exponent
 MIN_NORMAL = 2.0**-126
 LAYER_SIZES = SEED.layer_sizes

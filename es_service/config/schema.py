@@ -28,6 +28,7 @@ from es_service.config.base import (
 )
 from es_service.config.digest import digest_of
 from es_service.config.es import ESConfig
+from es_workers.architecture import MAX_EXPONENT, MIN_EXPONENT, SEED, Architecture
 
 Arithmetic = Literal["tf-ftz", "linear", "cpu-ftz"]
 Executor = Literal["ray", "local"]
@@ -49,7 +50,6 @@ Epochs = Annotated[
 
 
 MAX_HIDDEN = 16384  # a 16384-16384 hidden pair is 268M parameters: a table of 2**31 still holds it
-SEED_LAYER_SIZES = (784, 512, 512, 10)
 
 
 def _mnist_shaped(sizes: list[int]) -> bool:
@@ -71,22 +71,21 @@ class NetworkConfig(Section):
                 f"{MAX_HIDDEN}, 10 classes"
             ),
         ),
-    ] = list(SEED_LAYER_SIZES)
+    ] = list(SEED.layer_sizes)
     """Inputs, the two hidden layers' widths and outputs (the seed's: [784, 512, 512, 10])."""
-    scale_exponent: Annotated[int, rule(lambda exponent: 1 <= exponent <= 127, "use an integer from 1 to 127")] = 125
+    scale_exponent: Annotated[
+        int,
+        rule(
+            lambda exponent: MIN_EXPONENT <= exponent <= MAX_EXPONENT,
+            f"use an integer from {MIN_EXPONENT} to {MAX_EXPONENT}",
+        ),
+    ] = SEED.scale_exponent
     """e: activations are carried at 2**-e (h1 = (x W1 + b1) / 2**e), at float32's underflow edge for the
     seed's 125, where flush-to-zero makes the linear network nonlinear."""
 
-    def architecture(self):
-        """The network's shape as the workers take it (es_workers.architecture.Architecture)."""
-        from es_workers.architecture import Architecture
-
+    def architecture(self) -> Architecture:
+        """The network's shape as the workers take it."""
         return Architecture(tuple(self.layer_sizes), self.scale_exponent)
-
-    @property
-    def num_params(self) -> int:
-        sizes = self.layer_sizes
-        return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
 
 
 class NoiseConfig(Section):
@@ -264,7 +263,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _table_holds_theta(self) -> Config:
-        size, params = self.noise.table_size, self.network.num_params
+        size, params = self.noise.table_size, self.network.architecture().num_params
         require(
             size > params,
             f"noise.table_size: {size}; must exceed the parameter count {params} of network.layer_sizes "
