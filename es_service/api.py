@@ -31,7 +31,8 @@ def train(
     """Train ``problem`` (default: the seed's network on MNIST) as ``config`` (a Config or a YAML
     file) says, in ``run_dir`` (default runs/<config>-<time>); returns the last generation and the
     center's metrics. ``force`` replaces an existing run directory; ``address``: a Ray cluster's
-    (with ``workers.executor: ray``; default a local embedded Ray); ``stop_after`` generations or
+    (with ``workers.executor: ray``; default a local embedded Ray, shut down on return; a Ray you
+    started with ``ray.init`` is used and left running); ``stop_after`` generations or
     ``time_budget_s`` seconds, then checkpoint; ``init_from``: start from a checkpoint's theta."""
     if not isinstance(config, Config):
         config_path, config = Path(config), load(config)

@@ -79,30 +79,46 @@ def build_executor(config: Config, problem: Problem, table: torch.Tensor, addres
             else resolve(config.workers.device, "workers.device", "use --set workers.device=cpu (or auto)")
         )
         return LocalExecutor(problem, table, device)
-    import ray
-
     from es_service.ray_executor import RayExecutor
 
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):  # a cluster (inside a Ray job RAY_ADDRESS is set)
-            _check_reachable(address or os.environ["RAY_ADDRESS"], "--address" if address else "$RAY_ADDRESS")
-            kwargs = {"address": address} if address else {}
-        else:  # a private embedded Ray: never join some other `ray start` cluster on this machine
-            kwargs = {"address": "local", "include_dashboard": False}
-        ray.init(logging_level="WARNING", log_to_driver=True, **kwargs)
     autoscale = bool(address or os.environ.get("RAY_ADDRESS"))
     return RayExecutor(problem, table, config.workers, autoscale)
+
+
+@contextlib.contextmanager
+def connected_ray(address: str | None):
+    """Ray, up for as long as the block runs: a cluster's address (--address, or $RAY_ADDRESS as inside
+    a Ray job), else a private embedded Ray. One this opened is shut down on the way out, before the
+    caller prints its last line: an embedded Ray's raylet streams its warnings to this process until
+    then. A Ray the caller had already started is left as it was."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        _check_reachable(address or os.environ["RAY_ADDRESS"], "--address" if address else "$RAY_ADDRESS")
+        kwargs = {"address": address} if address else {}
+    else:  # never join some other `ray start` cluster on this machine
+        kwargs = {"address": "local", "include_dashboard": False}
+    ray.init(logging_level="WARNING", log_to_driver=True, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @contextlib.contextmanager
 def started_executor(config: Config, noise_seed: int, problem: Problem, address: str | None):
     """The executor (with its noise table, and a connection to the cluster), closed on the way out."""
     check_fits_memory(config)
-    executor = build_executor(config, problem, noise.make_table(noise_seed, config.noise.table_size), address)
-    try:
+    table = noise.make_table(noise_seed, config.noise.table_size)
+    with contextlib.ExitStack() as stack:
+        if config.workers.executor == "ray":
+            stack.enter_context(connected_ray(address))
+        executor = build_executor(config, problem, table, address)
+        stack.callback(executor.close)
         yield executor
-    finally:
-        executor.close()
 
 
 def _train(

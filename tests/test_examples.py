@@ -84,9 +84,36 @@ def test_what_only_the_seed_network_has_is_refused_for_a_problem(tmp_path):
 
 @pytest.mark.ray
 def test_a_problem_of_ones_own_trains_to_the_same_theta_on_ray(tmp_path, ray_cluster):
+    import ray
+
     es_service.train(config("local", generations=6), Spirals(), tmp_path / "local")
     es_service.train(config("ray", generations=6), Spirals(), tmp_path / "ray")
     assert torch.equal(theta_of(tmp_path / "ray"), theta_of(tmp_path / "local"))
+    assert ray.is_initialized()  # a Ray the caller started is used and left running
+
+
+EMBEDDED = """
+import sys, ray, es_service
+from examples.spirals import Spirals, config
+run = config("ray", generations=2)
+try:
+    es_service.train(run, Spirals(), sys.argv[1] + "/trained")
+finally:
+    print("after train, Ray is up:", ray.is_initialized())
+es_service.resume(sys.argv[1] + "/trained", Spirals(), overrides=["generations=3"])
+print("after resume, Ray is up:", ray.is_initialized())
+"""
+
+
+@pytest.mark.ray
+def test_an_embedded_ray_the_library_started_is_shut_down_before_it_returns(tmp_path):
+    """Until it is shut down an embedded Ray's raylet prints its warnings into the caller's output (after
+    the CLI's last line, once); in a fresh process, so that no test's Ray is up already."""
+    done = subprocess.run(
+        [sys.executable, "-c", EMBEDDED, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["after train, Ray is up: False", "after resume, Ray is up: False"]
 
 
 class Shapeless(Spirals):
