@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 import warnings
 from collections.abc import Callable
 
@@ -45,7 +46,7 @@ class Compiled:
         # inductor on a CPU-only machine warns that it found no CUDA runtime: true, and of no use here
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.eager = fn
-        self.compiled = torch.compile(fn, dynamic=None)
+        self.compiled = torch.compile(_own_code(fn), dynamic=None)
         self.failed = False
 
     def __call__(self, *args):
@@ -56,3 +57,15 @@ class Compiled:
                 warnings.warn(f"torch.compile failed ({type(err).__name__}); using eager", stacklevel=2)
                 self.failed = True
         return self.eager(*args)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps its compiled graphs per code object, at most 8
+    (torch._dynamo.config.recompile_limit), and guards a closure's captured functions: the closures one
+    factory makes (an epilogue per layer, exponent and arithmetic) would share one code object, and the
+    ninth would run eager, with a warning. A copy of the code gives each its own entries."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
