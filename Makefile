@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test test-fast lint install clean
 
+# --no-cache-dir: pip's cache would keep a second copy of torch's CUDA wheels (about 3 GB) on disk
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,tracking]"
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[dev,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)
