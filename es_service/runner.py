@@ -81,8 +81,12 @@ def build_executor(config: Config, problem: Problem, table: torch.Tensor, addres
         return LocalExecutor(problem, table, device)
     from es_service.ray_executor import RayExecutor
 
-    autoscale = bool(address or os.environ.get("RAY_ADDRESS"))
-    return RayExecutor(problem, table, config.workers, autoscale)
+    return RayExecutor(problem, table, config.workers, autoscale=cluster_address(address) is not None)
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to join: --address, else $RAY_ADDRESS (as inside a Ray job); None for an embedded Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 @contextlib.contextmanager
@@ -96,8 +100,8 @@ def connected_ray(address: str | None):
     if ray.is_initialized():
         yield
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        _check_reachable(address or os.environ["RAY_ADDRESS"], "--address" if address else "$RAY_ADDRESS")
+    if cluster := cluster_address(address):
+        _check_reachable(cluster, "--address" if address else "$RAY_ADDRESS")
         kwargs = {"address": address} if address else {}
     else:  # never join some other `ray start` cluster on this machine
         kwargs = {"address": "local", "include_dashboard": False}
@@ -175,9 +179,10 @@ def train(
     if init_from is not None and config.warm_start.epochs:
         print("warm_start skipped: --init-from gives ES its starting theta", flush=True)
         config = config.model_copy(update={"warm_start": WarmStartConfig()})
-    theta, origin = initial_theta(config, init_from, problem)
-    named = {} if problem is None else {"problem": name_of(problem)}  # what resume builds again
-    problem, data = prepared_problem(config, problem)
+    own = problem  # None: the seed's network on MNIST
+    problem, data = prepared_problem(config, own)  # checks a problem of one's own against the config
+    theta, origin = initial_theta(config, init_from, own)
+    named = {} if own is None else {"problem": name_of(own)}  # what resume builds again
     run, noise_seed = Run(run_dir, config), planning.noise_seed(config.seed)
     with started_executor(config, noise_seed, problem, address) as executor:
         if config.warm_start.epochs:  # the directory holds the stages; its ES checkpoint comes after them

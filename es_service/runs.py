@@ -97,11 +97,10 @@ def initial_theta(
 ) -> tuple[torch.Tensor, dict | None]:
     """The initialisation for the config's seed (the seed's network's, or ``problem``'s), or the theta
     of the checkpoint ``init_from`` (with where it came from, for run.json). Only theta is taken: the
-    new run starts its own optimizer and schedules."""
+    new run starts its own optimizer and schedules. ``problem`` has been through prepared_problem."""
     if init_from is None:
         if problem is None:
             return planning.seed_theta(config.seed, config.network.architecture()), None
-        check_problem(config, problem)
         return checked_theta(problem, planning.init_seed(config.seed)), None
     try:
         state = checkpoint.load(init_from) if problem is None else checkpoint.load(init_from, problem.layout)
