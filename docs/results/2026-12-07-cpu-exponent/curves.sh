@@ -8,9 +8,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 D = "docs/results/2026-12-07-cpu-exponent"
 runs = json.load(open(f"{D}/summary.json"))["runs"]
-labels = {"ws1500_e124": "e = 124", "ws1500_e125": "e = 125 (the seed's)", "ws1500_linear": "linear (no flushes)"}
+labels = {
+    "ws1500_e124": "e = 124",
+    "ws1500_e125": "e = 125 (the seed's)",
+    "ws1500_e126": "e = 126",
+    "ws1500_linear": "linear (no flushes)",
+}
 fig, axis = plt.subplots(figsize=(7, 4.2))
-for color, (name, label) in zip(("C0", "C1", "C2"), labels.items()):
+for color, (name, label) in zip(("C0", "C1", "C3", "C2"), labels.items()):
     for seed, style in ((0, "-"), (1, "--")):
         run = runs.get(name if seed == 0 else f"{name}_s1")
         if run is None:
