@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import torch
 
 from benchmarks import diagnostics
@@ -32,8 +31,6 @@ def test_the_service_estimate_points_along_the_masked_gradient(mnist):
     assert len(result["per_generation"]) == 2
     assert result["mean"]["W3"] > 0.1
     assert abs(result["mean"]["W2"]) < 0.05  # 8 whole rank-1 members: W2's estimate is noise
-    per_generation = [row["seconds"] for row in result["per_generation"]]  # recorded, not compared with any speed
-    assert result["seconds"] == float(np.median(per_generation))
 
 
 def test_alignment_of_activity_members_reads_the_images(mnist):
@@ -43,7 +40,7 @@ def test_alignment_of_activity_members_reads_the_images(mnist):
         "es.pop_size=0", "es.w1.step_scale=0", "es.w2.step_scale=0", "es.w3.pop_size=20", "es.w3.kind=activity"
     )
     result = diagnostics.alignment(config, planning.seed_theta(config.seed), mnist)
-    assert result["mean"]["W3"] > 0.5 and isinstance(result["seconds"], float)
+    assert result["mean"]["W3"] > 0.5
     assert set(result["mean"]) == {"W3"}  # b3 starts at 0, which the flushes pass no gradient
 
 

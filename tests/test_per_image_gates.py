@@ -62,6 +62,6 @@ def test_gates_rows_and_table():
     assert [row["estimator"] for row in rows] == [name]
     assert rows[0]["family"] == gates.ACTIVITY
     measured = rows[0]["init"]
-    assert measured["cosines"]["W3"] > 0.3 and isinstance(measured["seconds"], float)  # recorded, not a speed
+    assert measured["cosines"]["W3"] > 0.3
     lines = gates.table(rows, ["init"]).splitlines()
     assert len(lines) == 3 and lines[2].startswith(f"| {name} | {gates.ACTIVITY} |")
