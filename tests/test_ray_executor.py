@@ -231,7 +231,11 @@ def test_a_drifted_replica_is_caught_within_its_generation_and_changes_nothing(r
     assert mismatches[DRIFT_AT] >= 1 and sum(mismatches) == mismatches[DRIFT_AT], mismatches
     assert records[DRIFT_AT]["replica_resyncs"] >= 1
     assert records[DRIFT_AT]["tiles_reissued"] == mismatches[DRIFT_AT]
-    assert [r["replica_resyncs"] for r in records[DRIFT_AT + 1 :]] == [0] * (len(records) - DRIFT_AT - 1)
+    # a worker caught drifting gets its snapshot with its next tile, which may be the next generation's
+    # (when the others finished this one's tiles first); one snapshot per mismatch at most, then none
+    resyncs = [r["replica_resyncs"] for r in records]
+    assert 1 <= resyncs[DRIFT_AT] + resyncs[DRIFT_AT + 1] <= mismatches[DRIFT_AT], (resyncs, mismatches)
+    assert resyncs[DRIFT_AT + 2 :] == [0] * (len(records) - DRIFT_AT - 2), resyncs
 
 
 def test_replay_sends_each_worker_scalars_not_theta(ray_cluster, mnist, tmp_path):
