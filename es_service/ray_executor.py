@@ -64,6 +64,8 @@ class _Worker:
     in_flight: int = 0
     synced: int | None = None
     """The generation whose theta this worker holds once its dispatched tiles have run (None: none)."""
+    snapshots: int = 0
+    """Snapshots sent to it: a mismatch on a tile sent before the latest snapshot needs no other."""
 
 
 class _Broadcast:
@@ -103,6 +105,7 @@ class _ReplaySync:
             snapshot = self.snapshot_ref
             sent += self.snapshot_nbytes
             outcome.replica_resyncs += 1
+            worker.snapshots += 1
         return worker.handle.evaluate_replay.remote([self.update_ref, snapshot], batch, task), sent
 
 
@@ -220,7 +223,7 @@ class RayExecutor:
         batch = [ray.put(plan.batch_indices)]  # once per generation, not with every tile
         queue = collections.deque(plan.tiles)
         done: set[int] = set()
-        in_flight: dict = {}  # ref -> (tile, wid, started)
+        in_flight: dict = {}  # ref -> (tile, wid, started, snapshots sent to the worker by then)
         failures_before = self.failures
         no_worker_since = None
         while len(done) < len(plan.tiles):
@@ -242,7 +245,7 @@ class RayExecutor:
             for ref in ready:
                 self._collect(ref, in_flight, queue, done, outcome, sync)
             self._expire(in_flight, queue, done, outcome)
-        for _, wid, _ in in_flight.values():  # duplicates still running: let them finish
+        for _, wid, *_ in in_flight.values():  # duplicates still running: let them finish
             if wid in self.workers:
                 self.workers[wid].in_flight -= 1
         outcome.workers_alive = self.alive
@@ -265,14 +268,14 @@ class RayExecutor:
                     ref, sent = sync.dispatch(worker, task, batch, outcome)
                     if worker.synced != plan.generation:
                         sent += plan.batch_indices.nbytes
-                    in_flight[ref] = (tile, wid, time.monotonic())
+                    in_flight[ref] = (tile, wid, time.monotonic(), worker.snapshots)
                     worker.in_flight += 1
                     worker.synced = plan.generation
                     outcome.bytes_to_workers += sent
                     sent_to[wid] += sent
 
     def _collect(self, ref, in_flight, queue, done, outcome, sync) -> None:
-        tile, wid, _ = in_flight.pop(ref)
+        tile, wid, _, snapshots = in_flight.pop(ref)
         if wid in self.workers:
             self.workers[wid].in_flight -= 1
         try:
@@ -289,8 +292,8 @@ class RayExecutor:
             return  # a late duplicate of a tile handed out again
         if self.replay and result.fingerprint != sync.fingerprint:
             outcome.replica_mismatches += 1  # scored on another theta: score it again, resync that worker
-            if wid in self.workers:
-                self.workers[wid].synced = None
+            if wid in self.workers and self.workers[wid].snapshots == snapshots:
+                self.workers[wid].synced = None  # (unless a snapshot already followed this tile)
             queue.appendleft(tile)
             outcome.tiles_reissued += 1
             self.events.append((time.monotonic(), "resync", tile.tile_id))
@@ -302,7 +305,7 @@ class RayExecutor:
 
     def _expire(self, in_flight, queue, done, outcome) -> None:
         now = time.monotonic()
-        for ref, (tile, wid, started) in list(in_flight.items()):
+        for ref, (tile, wid, started, _) in list(in_flight.items()):
             if now - started > self.config.tile_timeout_s and tile.tile_id not in done:
                 in_flight.pop(ref)
                 self._drop(wid)  # hung or lost: replace it
