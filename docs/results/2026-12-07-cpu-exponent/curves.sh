@@ -14,7 +14,7 @@ labels = {
     "ws1500_e126": "e = 126",
     "ws1500_linear": "linear (no flushes)",
 }
-fig, axis = plt.subplots(figsize=(7, 4.2))
+fig, axis = plt.subplots(figsize=(9.5, 4.2))
 for color, (name, label) in zip(("C0", "C1", "C3", "C2"), labels.items()):
     for seed, style in ((0, "-"), (1, "--")):
         run = runs.get(name if seed == 0 else f"{name}_s1")
@@ -25,7 +25,7 @@ for color, (name, label) in zip(("C0", "C1", "C3", "C2"), labels.items()):
 axis.set_xlabel("generation")
 axis.set_ylabel("validation accuracy (10,000 held-out images)")
 axis.grid(alpha=0.3)
-axis.legend()
+axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
 axis.set_title("ES alone, unit members (configs/mnist_es_weight_space.yaml), 1500 generations\n"
                "seeds 0 (solid) and 1 (dashed), 2-core CPU, 2026-12-07", fontsize=10)
 fig.tight_layout()
