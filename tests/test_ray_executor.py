@@ -214,7 +214,10 @@ class DriftingWorker(PopulationWorker):
         replica = self._replica
         if task.generation == DRIFT_AT and sync_holder[1] is None and replica and replica.generation == DRIFT_AT - 1:
             replica.theta[0] += 1e-3
-        return super().evaluate_replay(sync_holder, batch_holder, task)
+        result = super().evaluate_replay(sync_holder, batch_holder, task)
+        if result.fingerprint != sync_holder[2]:  # drifted: no time spent scoring what will be discarded
+            assert result.loss_sums.size == 0 and result.correct.size == 0, "a drifted replica scored a tile"
+        return result
 
 
 def test_a_drifted_replica_is_caught_within_its_generation_and_changes_nothing(ray_cluster, mnist, tmp_path):

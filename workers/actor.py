@@ -68,21 +68,25 @@ class PopulationWorker:
         return self.evaluator.run_tile(self._theta, self._with_batch(batch_holder, task))
 
     def evaluate_replay(self, sync_holder: list, batch_holder: list, task: TileTask) -> TileResult:
-        """``sync_holder``: [the previous generation's update, a snapshot], ObjectRefs or None, in a list
-        so Ray fetches neither unless needed. A snapshot replaces the replica; else a replica one
-        generation behind applies the update. The result carries the replica's fingerprint;
-        a replica still not at the tile's generation returns no scores and no fingerprint."""
+        """``sync_holder``: [the previous generation's update, a snapshot] (ObjectRefs or None, in a list
+        so Ray fetches neither unless needed) and the driver's fingerprint of this generation's theta.
+        A snapshot replaces the replica; else a replica one generation behind applies the update. The
+        result carries the replica's fingerprint. A replica still not at the tile's generation returns
+        no scores and no fingerprint; one whose fingerprint is not the driver's (it drifted) returns
+        its fingerprint and no scores, which the driver would discard."""
         import ray
 
-        update_ref, snapshot_ref = sync_holder
+        update_ref, snapshot_ref, expected = sync_holder
         if snapshot_ref is not None:
             self._replica = ray.get(snapshot_ref).attach(self._cpu_table, self._problem)
             self._generation = -1
         elif update_ref is not None and self._replica is not None and self._replica.generation == task.generation - 1:
             self._replica.apply(ray.get(update_ref))
+        empty = TileResult(task.generation, task.tile_id, np.empty(0), np.empty(0, dtype=np.int64))
         if self._replica is None or self._replica.generation != task.generation:
-            empty = np.empty(0)
-            return TileResult(task.generation, task.tile_id, empty, empty.astype(np.int64))
+            return empty
+        if self._replica.fingerprint() != expected:
+            return dataclasses.replace(empty, fingerprint=self._replica.fingerprint())
         if task.generation != self._generation:
             self._theta = self._replica.theta.to(self.evaluator.device)
             self._generation = task.generation
