@@ -6,8 +6,8 @@ are alive; workers return loss sums and correct counts. theta reaches them one o
 worker fetches it; ``replay`` sends each worker only the previous generation's update (O(P) scalars)
 for its replica, a snapshot (theta + Adam + generation) to a worker that has none, and checks each
 result's fingerprint against the driver's theta: a mismatch discards the tile, reissues it and
-resyncs that worker (the worker checks it too, and scores nothing on a replica that drifted). A tile whose worker dies or times out goes back to the queue; late duplicates are
-ignored. The pool is
+resyncs that worker (the worker checks it too, and scores nothing on a replica that drifted). A tile
+whose worker dies or times out goes back to the queue; late duplicates are ignored. The pool is
 kept at a target derived from the cluster's resources (GPUs, else CPUs) within the config's bounds;
 new actors join only once they report ready, so a slow start never stalls a generation.
 """

@@ -82,13 +82,16 @@ class PopulationWorker:
             self._generation = -1
         elif update_ref is not None and self._replica is not None and self._replica.generation == task.generation - 1:
             self._replica.apply(ray.get(update_ref))
-        empty = TileResult(task.generation, task.tile_id, np.empty(0), np.empty(0, dtype=np.int64))
         if self._replica is None or self._replica.generation != task.generation:
-            return empty
+            return _no_scores(task, None)
         if self._replica.fingerprint() != expected:
-            return dataclasses.replace(empty, fingerprint=self._replica.fingerprint())
+            return _no_scores(task, self._replica.fingerprint())
         if task.generation != self._generation:
             self._theta = self._replica.theta.to(self.evaluator.device)
             self._generation = task.generation
         result = self.evaluator.run_tile(self._theta, self._with_batch(batch_holder, task))
         return dataclasses.replace(result, fingerprint=self._replica.fingerprint())
+
+
+def _no_scores(task: TileTask, fingerprint: int | None) -> TileResult:
+    return TileResult(task.generation, task.tile_id, np.empty(0), np.empty(0, dtype=np.int64), fingerprint=fingerprint)
